@@ -1,0 +1,32 @@
+# Two entry points do all set-up on a fresh machine:
+#   make demo   - build the embedded default and run the main job
+#   make test   - install everything and run the test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint bench-prefill clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# Pin torch first: the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m model_worker.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+bench-prefill: $(STAMP)
+	$(PY) benchmarks/prefill.py --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""memory_service: placeholder package; implemented by its own issue."""

@@ -1,0 +1,1 @@
+"""runtime: placeholder package; implemented by its own issue."""
