@@ -1,0 +1,117 @@
+"""Multi-head latent attention (DeepSeek-V2/V3) for prefill, in naive and absorbed form.
+
+Per token the layer keeps one compressed entry: the RMS-normalised latent c_kv [kv_lora_rank] and the
+rotated shared key k_rope [qk_rope_head_dim] (576 values for V3). The naive path expands the latent to
+per-head keys/values with kv_b; the absorbed path folds kv_b's key part into the query and its value
+part after attention, so attention runs directly over the latents (what the decode kernel does). Both
+compute the same function. Paged caching and decode live in the engine, not here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_worker.config import ModelConfig
+from model_worker.layers.linear import Linear
+from model_worker.layers.norm import RMSNorm
+from model_worker.layers.rope import RotaryEmbedding, softmax_scale
+
+
+@dataclass
+class LatentKV:
+    """The per-layer cache entries of a prefill: latent [B, T, kv_lora_rank], k_rope [B, T, rope_dim]."""
+
+    latent: torch.Tensor
+    k_rope: torch.Tensor
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention; module names match HF checkpoints (`self_attn.*`)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        qk_dim = config.qk_head_dim
+        bias = config.attention_bias
+        if config.q_lora_rank is None:
+            self.q_proj = Linear(config.hidden_size, self.n_heads * qk_dim)
+        else:
+            self.q_a_proj = Linear(config.hidden_size, config.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = Linear(config.q_lora_rank, self.n_heads * qk_dim)
+        self.kv_a_proj_with_mqa = Linear(config.hidden_size, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim))
+        self.o_proj = Linear(self.n_heads * self.v_dim, config.hidden_size, bias=bias)
+        self.scale = softmax_scale(config)
+        self.absorbed = False  # a setting: prefill through the absorbed path
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D] -> q [B, T, H, nope + rope]."""
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return q.view(*x.shape[:2], self.n_heads, self.nope_dim + self.rope_dim)
+
+    def latent_kv(self, x: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor) -> LatentKV:
+        """x [B, T, D] -> the cache entries of these tokens."""
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return LatentKV(self.kv_a_layernorm(latent), rope.rotate(k_rope, cos, sin))
+
+    def kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b split per head: w_uk [H, nope, r] (latent -> k_nope), w_uv [H, v, r] (latent -> v)."""
+        weight = _dense_weight(self.kv_b_proj).view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return weight[:, : self.nope_dim], weight[:, self.nope_dim :]
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, LatentKV]:
+        """x [B, T, D]; cos/sin [B, T, rope/2]; mask bool [B, 1, T, T] (True = may attend).
+        Returns the attention output [B, T, D] and this layer's latent KV entries."""
+        q = self._query(x)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_rope = rope.rotate(q_rope, cos, sin)  # [B, T, H, rope]
+        kv = self.latent_kv(x, rope, cos, sin)
+        if self.absorbed:
+            out = self._attend_absorbed(q_nope, q_rope, kv, mask)
+        else:
+            out = self._attend_naive(q_nope, q_rope, kv, mask)
+        return self.o_proj(out.flatten(2)), kv
+
+    def _attend_naive(self, q_nope, q_rope, kv: LatentKV, mask) -> torch.Tensor:
+        """Expand the latent to per-head k_nope and v, then standard attention. -> [B, T, H, v]."""
+        B, S = kv.latent.shape[:2]
+        k_nope, v = self.kv_b_proj(kv.latent).view(B, S, self.n_heads, -1).split([self.nope_dim, self.v_dim], -1)
+        k_rope = kv.k_rope.unsqueeze(2).expand(B, S, self.n_heads, self.rope_dim)
+        q = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)  # [B, H, T, qk]
+        k = torch.cat((k_nope, k_rope), dim=-1).transpose(1, 2)  # [B, H, S, qk]
+        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, scale=self.scale)
+        return out.transpose(1, 2)
+
+    def _attend_absorbed(self, q_nope, q_rope, kv: LatentKV, mask) -> torch.Tensor:
+        """Attention over latents: q_lat = q_nope . W_UK; score = q_lat . c + q_rope . k_rope. -> [B, T, H, v]."""
+        w_uk, w_uv = self.kv_b_weights()
+        q_lat = torch.einsum("bthn,hnr->bthr", q_nope, w_uk.to(q_nope.dtype))  # [B, T, H, r]
+        scores = torch.einsum("bthr,bsr->bhts", q_lat, kv.latent)
+        scores = scores + torch.einsum("bthe,bse->bhts", q_rope, kv.k_rope)
+        scores = (scores.float() * self.scale).masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1).to(kv.latent.dtype)
+        o_lat = torch.einsum("bhts,bsr->bthr", probs, kv.latent)  # [B, T, H, r]
+        return torch.einsum("bthr,hvr->bthv", o_lat, w_uv.to(o_lat.dtype))
+
+
+def _dense_weight(linear: Linear) -> torch.Tensor:
+    """The layer's weight as a float tensor [out, in], dequantizing FP8 block-scaled storage."""
+    if getattr(linear, "weight_scale_inv", None) is None:
+        return linear.weight
+    from kernels.quant import dequantize_fp8_weight
+
+    return dequantize_fp8_weight(linear.weight, linear.weight_scale_inv, dtype=torch.float32)
