@@ -17,6 +17,9 @@ BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediat
 
 V3_VARIANTS = {
     "moe_grouped": dict(n_group=4, topk_group=2, rope_interleave=True),
+    "dense_bigger": dict(hidden_size=256, intermediate_size=384, num_attention_heads=4, kv_lora_rank=128,
+                         q_lora_rank=192, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32,
+                         first_k_dense_replace=3, n_group=4, topk_group=2),
     "no_q_lora": dict(q_lora_rank=None, n_group=2, topk_group=1, rope_interleave=False),
     "yarn": dict(n_group=4, topk_group=2, rope_interleave=True,
                  rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
@@ -44,8 +47,10 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(1.0 + 0.2 * noise)
             elif "e_score_correction_bias" in name:
                 param.copy_(0.5 * noise)
+            elif param.dim() == 2 and "embed_tokens" not in name:
+                param.copy_(noise / param.shape[-1] ** 0.5)  # unit gain per projection
             else:
-                param.copy_(noise * 0.12)
+                param.copy_(noise * 0.5)
 
 
 def write_hf_checkpoint(tmp_path: Path, family: str, variant: str, seed: int = 0):
