@@ -107,9 +107,7 @@ def _arithmetic_facts() -> list[str]:
 def _check_arguments(vocab_size: int, corpus: list[str]) -> None:
     minimum = _BYTE_ALPHABET + len(SPECIAL_TOKENS)
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < minimum:
-        raise ValueError(
-            f"vocab_size must be an int >= {minimum} (bytes + special tokens), got {vocab_size!r}"
-        )
+        raise ValueError(f"vocab_size must be an int >= {minimum} (bytes + special tokens), got {vocab_size!r}")
     if not corpus or not all(isinstance(t, str) for t in corpus):
         raise ValueError("corpus must be a non-empty iterable of str")
 

@@ -42,7 +42,7 @@ CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # Files that mean "a tokenizer in a format we refuse to read" (never unpickled, never converted here).
 _UNSUPPORTED_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model")
-_UNSUPPORTED_SUFFIXES = (".pkl", ".pickle", ".tiktoken", ".bin", ".pt")
+_UNSUPPORTED_SUFFIXES = (".pkl", ".pickle", ".tiktoken")
 
 # Tool calls in the default template are written as text between these markers, as
 # {"name": ..., "arguments": ...} JSON; a tool's result comes back between the output markers.
@@ -127,9 +127,7 @@ def _tojson(
     sort_keys: bool = False,
 ) -> str:
     """JSON without Jinja's HTML escaping, as Hugging Face templates expect."""
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 class _TemplateNamespace(jinja2.utils.Namespace):
@@ -153,9 +151,7 @@ class _TemplateNamespace(jinja2.utils.Namespace):
 
 
 def _compile_chat_template(source: str, where: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -173,9 +169,7 @@ def _plain_content(content: Any, where: str) -> str | None:
     if isinstance(content, list):
         texts = []
         for j, part in enumerate(content):
-            if not (
-                isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)
-            ):
+            if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 raise ValueError(f"{where}[{j}] must be a {{'type': 'text', 'text': str}} part, got {part!r}")
             texts.append(part["text"])
         return "".join(texts)
@@ -235,17 +229,14 @@ def _chat_templates(path: Path, config: Mapping[str, Any]) -> dict[str, str]:
     if isinstance(value, str):
         return {"default": value}
     if isinstance(value, list) and all(
-        isinstance(t, Mapping) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
-        for t in value
+        isinstance(t, Mapping) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in value
     ):
         return {t["name"]: t["template"] for t in value}
     raise ValueError(f"{CONFIG_FILE} field 'chat_template' must be a str or a list of {{name, template}}")
 
 
 def _missing_tokenizer_error(path: Path) -> FileNotFoundError:
-    found = sorted(
-        p.name for p in path.iterdir() if p.name in _UNSUPPORTED_FILES or p.suffix in _UNSUPPORTED_SUFFIXES
-    )
+    found = sorted(p.name for p in path.iterdir() if p.name in _UNSUPPORTED_FILES or p.suffix in _UNSUPPORTED_SUFFIXES)
     message = f"no {TOKENIZER_FILE} in {path}"
     if found:
         message += (
@@ -288,9 +279,7 @@ class Tokenizer:
         templates = dict(chat_templates) if chat_templates else {"default": DEFAULT_CHAT_TEMPLATE}
         if "default" not in templates:
             raise ValueError(f"chat templates of {source} have no 'default' entry: {sorted(templates)}")
-        self._chat_templates = {
-            name: _compile_chat_template(t, f"{source}:{name}") for name, t in templates.items()
-        }
+        self._chat_templates = {name: _compile_chat_template(t, f"{source}:{name}") for name, t in templates.items()}
         self.chat_template: str = templates["default"]
         self._token_map: np.ndarray | None = None
 
@@ -355,10 +344,7 @@ class Tokenizer:
             encodings = self._backend.encode_batch(list(texts), add_special_tokens=False)
             ids = [list(e.ids) for e in encodings]
             return [self._with_special_tokens(i) for i in ids] if add_special_tokens else ids
-        return [
-            list(e.ids)
-            for e in self._backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
-        ]
+        return [list(e.ids) for e in self._backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids` (a list, numpy array or 1-D tensor of ints in [0, vocab_size))."""
@@ -384,13 +370,9 @@ class Tokenizer:
         Raises TypeError/ValueError for malformed messages or when the template rejects them.
         """
         checked = _checked_messages(messages)
-        if tools is not None and (
-            not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools)
-        ):
+        if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools)):
             raise TypeError("tools must be a list of dicts (JSON schemas) or None")
-        template = self._chat_templates.get(
-            "tool_use" if tools else "default", self._chat_templates["default"]
-        )
+        template = self._chat_templates.get("tool_use" if tools else "default", self._chat_templates["default"])
         special = {
             k: v
             for k, v in (
@@ -417,9 +399,7 @@ class Tokenizer:
         self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
     ) -> list[int]:
         """Token ids of the rendered conversation (the template already holds BOS; none is added)."""
-        return self.encode(
-            self.apply_chat_template(messages, add_generation_prompt, tools), add_special_tokens=False
-        )
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools), add_special_tokens=False)
 
     # --- Engram -------------------------------------------------------------------------------------
 
@@ -431,9 +411,7 @@ class Tokenizer:
         the text itself when that normalizes to "". Computed once, then cached (read-only).
         """
         if self._token_map is None:
-            texts = self._backend.decode_batch(
-                [[i] for i in range(self.vocab_size)], skip_special_tokens=False
-            )
+            texts = self._backend.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
             key_to_compressed: dict[str | None, int] = {}
             token_map = np.empty(self.vocab_size, dtype=np.int64)
             for token_id, text in enumerate(texts):

@@ -21,16 +21,22 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from model_worker.demo_tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, build_demo_tokenizer
-from model_worker.tokenizer import Tokenizer, load_tokenizer, normalize_for_engram
+from model_worker.tokenizer import (
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    TOOL_OUTPUT_CLOSE,
+    TOOL_OUTPUT_OPEN,
+    Tokenizer,
+    load_tokenizer,
+    normalize_for_engram,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Independent rendition of the Engram normalization (MODEL_SPEC.md), with unicodedata.
 # Rust-side conventions made explicit: marks of every category (Mn, Mc, Me) are stripped, lowercase is
 # per character (no Greek final sigma), Strip trims the Unicode White_Space property.
 
-_WHITE_SPACE = (
-    "\t\n\v\f\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
-)
+_WHITE_SPACE = "\t\n\v\f\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
 
 
 def spec_normalize(text: str) -> str:
@@ -70,9 +76,7 @@ def _random_strings(n: int, seed: int = 0) -> list[str]:
 def test_engram_normalizer_matches_unicodedata_rendition_of_the_spec():
     texts = _HANDPICKED + _random_strings(3000)
     mismatches = [
-        (t, normalize_for_engram(t), spec_normalize(t))
-        for t in texts
-        if normalize_for_engram(t) != spec_normalize(t)
+        (t, normalize_for_engram(t), spec_normalize(t)) for t in texts if normalize_for_engram(t) != spec_normalize(t)
     ]
     assert mismatches == []
 
@@ -251,20 +255,14 @@ def test_decode_accepts_numpy_and_torch_ids(demo):
 def _variant_copy(variant_dir: Path, out: Path, file_adds_bos: bool, **config) -> Path:
     backend = Backend.from_file(str(variant_dir / "tokenizer.json"))
     backend.post_processor = (
-        processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", 0)])
-        if file_adds_bos
-        else None
+        processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", 0)]) if file_adds_bos else None
     )
     backend.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": "<|bos|>", "eos_token": "<|eos|>", **config})
-    )
+    (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|bos|>", "eos_token": "<|eos|>", **config}))
     return out
 
 
-@pytest.mark.parametrize(
-    "flags", [{}, {"add_bos_token": False}, {"add_bos_token": True, "add_eos_token": True}]
-)
+@pytest.mark.parametrize("flags", [{}, {"add_bos_token": False}, {"add_bos_token": True, "add_eos_token": True}])
 def test_file_post_processor_decides_bos_like_transformers(variant_dir, tmp_path, flags):
     from transformers import PreTrainedTokenizerFast
 
@@ -330,12 +328,17 @@ def test_default_template_matches_transformers(demo, hf_demo, name, add_generati
 
 def test_default_template_lays_out_deepseek_turns(demo):
     rendered = demo.apply_chat_template(_CONVERSATIONS["plain"])
-    assert rendered == (
-        f"{BOS}You are brief.<|User|>Hi there<|Assistant|>Hello!{EOS}<|User|>What is 2+2?<|Assistant|>"
-    )
+    assert rendered == (f"{BOS}You are brief.<|User|>Hi there<|Assistant|>Hello!{EOS}<|User|>What is 2+2?<|Assistant|>")
     ids = demo.encode_chat(_CONVERSATIONS["plain"])
     assert ids.count(demo.bos_token_id) == 1 and ids[0] == demo.bos_token_id
     assert demo.token_to_id("<|User|>") in ids and ids[-1] == demo.token_to_id("<|Assistant|>")
+
+
+def test_default_template_writes_tool_calls_and_outputs_between_the_published_markers(demo):
+    rendered = demo.apply_chat_template(_CONVERSATIONS["tool_round"], tools=_TOOLS)
+    call = f'{TOOL_CALL_OPEN}{{"name": "calc", "arguments": {{"expression": "6*7"}}}}{TOOL_CALL_CLOSE}'
+    assert f"<|Assistant|>{call}{EOS}{TOOL_OUTPUT_OPEN}42{TOOL_OUTPUT_CLOSE}" in rendered
+    assert rendered.startswith(f"{BOS}## Tools\n") and json.dumps(_TOOLS[0]) in rendered
 
 
 # Multi-line on purpose: whitespace control (trim_blocks, lstrip_blocks) must match transformers.
@@ -378,9 +381,7 @@ def test_template_raise_exception_becomes_value_error(chatml_dir):
 
 def test_chat_template_jinja_file_is_used(chatml_dir):
     (chatml_dir / "chat_template.jinja").write_text("{{ messages[0]['content'] | upper }}")
-    assert (
-        Tokenizer.from_pretrained(chatml_dir).apply_chat_template([{"role": "user", "content": "hi"}]) == "HI"
-    )
+    assert Tokenizer.from_pretrained(chatml_dir).apply_chat_template([{"role": "user", "content": "hi"}]) == "HI"
 
 
 def test_missing_template_falls_back_to_the_default(variant):
@@ -414,12 +415,8 @@ def test_malformed_messages_raise_clear_errors(demo, messages, error, match):
 
 
 def test_text_parts_are_joined_into_content(demo):
-    parts = [
-        {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}
-    ]
-    assert demo.apply_chat_template(parts) == demo.apply_chat_template(
-        [{"role": "user", "content": "Hi there"}]
-    )
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}]
+    assert demo.apply_chat_template(parts) == demo.apply_chat_template([{"role": "user", "content": "Hi there"}])
 
 
 # --------------------------------------------------------------------------------------------------
