@@ -13,6 +13,7 @@ caching, decode and scheduling belong to the engine.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,22 +66,22 @@ class DecoderLayer(nn.Module):
             self.engram = EngramModule(config.hidden_size, config.hc_mult, config.engram_hash_cols,
                                        config.engram_head_dim, config.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor, engram_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, LatentKV]:
-        """h [B, T, D] (plain) or [B, T, n, D] (mHC); engram_rows [B, T, cols * head_dim] for Engram layers."""
+    def forward(self, h: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor],
+                engram_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """h [B, T, D] (plain) or [B, T, n, D] (mHC); `attend` maps the normed sublayer input [B, T, D] to
+        the attention output (whole-sequence prefill or paged, the caller decides); engram_rows
+        [B, T, cols * head_dim] for Engram layers."""
         if self.engram is not None:
             streams = h if self.attn_hc is not None else h.unsqueeze(2)
             streams = self.engram(streams, engram_rows.to(h.dtype))
             h = streams if self.attn_hc is not None else streams.squeeze(2)
         if self.attn_hc is None:
-            attn_out, kv = self.self_attn(self.input_layernorm(h), rope, cos, sin, mask)
-            h = h + attn_out
-            return h + self.mlp(self.post_attention_layernorm(h)), kv
+            h = h + attend(self.input_layernorm(h))
+            return h + self.mlp(self.post_attention_layernorm(h))
         collapsed, post, comb = self.attn_hc(h)
-        attn_out, kv = self.self_attn(self.input_layernorm(collapsed), rope, cos, sin, mask)
-        h = self.attn_hc.expand(attn_out, h, post, comb)
+        h = self.attn_hc.expand(attend(self.input_layernorm(collapsed)), h, post, comb)
         collapsed, post, comb = self.ffn_hc(h)
-        return self.ffn_hc.expand(self.mlp(self.post_attention_layernorm(collapsed)), h, post, comb), kv
+        return self.ffn_hc.expand(self.mlp(self.post_attention_layernorm(collapsed)), h, post, comb)
 
 
 class Backbone(nn.Module):
@@ -119,6 +120,12 @@ class CausalLM(nn.Module):
         """Run prefill attention in absorbed (latent-space) form instead of expanding kv_b."""
         for layer in self.model.layers:
             layer.self_attn.absorbed = enabled
+
+    def set_latent_rounding(self, dtype: torch.dtype | None) -> None:
+        """Round each layer's cache entries (latent, k_rope) through dtype, as a cache of that dtype stores
+        them: full-recompute references then match a cached engine exactly."""
+        for layer in self.model.layers:
+            layer.self_attn.latent_dtype = dtype
 
     def keep_fp32_names(self) -> set[str]:
         """Parameters that stay fp32 whatever the model dtype (router and mHC weights, as upstream)."""
@@ -171,19 +178,49 @@ class CausalLM(nn.Module):
             positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         engram_rows = self._engram_rows(input_ids, valid)  # issued before any layer runs
         body = self.model
-        h = body.embed_tokens(input_ids)
-        if self.config.uses_mhc:
-            h = expand_to_streams(h, self.config.hc_mult)
+        h = self.embed(input_ids)
         mask = self._attention_mask(valid)
         cos, sin = body.rotary_emb.cos_sin(positions)
-        kv_entries = []
+        kv_entries: list[LatentKV] = []
+
+        def attend(layer: DecoderLayer) -> Callable[[torch.Tensor], torch.Tensor]:
+            def run(x: torch.Tensor) -> torch.Tensor:
+                out, kv = layer.self_attn(x, body.rotary_emb, cos, sin, mask)
+                kv_entries.append(kv)
+                return out
+
+            return run
+
         for layer in body.layers:
-            h, kv = layer(h, body.rotary_emb, cos, sin, mask, engram_rows.get(layer.layer_id))
-            kv_entries.append(kv)
-        if body.hc_head is not None:
-            h = body.hc_head(h)
-        logits = self.lm_head(body.norm(h)).float()
-        return PrefillOutput(logits=logits, kv=kv_entries)
+            h = layer(h, attend(layer), engram_rows.get(layer.layer_id))
+        return PrefillOutput(logits=self.head(h), kv=kv_entries)
+
+    @torch.inference_mode()
+    def forward_step(self, input_ids: torch.Tensor, positions: torch.Tensor, paged_for_layer: Callable[[int], object],
+                     engram_rows: Callable[[int], torch.Tensor], logits_index: torch.Tensor) -> torch.Tensor:
+        """One engine step over a flat token batch of several sequences.
+        input_ids, positions [N]; paged_for_layer(layer_id) -> that layer's PagedAttention;
+        engram_rows(layer_id) -> [N, cols * head_dim]; logits_index [S] -> logits [S, vocab] fp32."""
+        body = self.model
+        h = self.embed(input_ids[None])
+        cos, sin = body.rotary_emb.cos_sin(positions[None])
+        for layer in body.layers:
+            paged = paged_for_layer(layer.layer_id)
+            rows = engram_rows(layer.layer_id)[None] if layer.engram is not None else None
+            h = layer(h, lambda x, mla=layer.self_attn, paged=paged: mla.forward_paged(x, body.rotary_emb, cos, sin,
+                                                                                      paged), rows)
+        return self.head(h[:, logits_index])[0]
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final residual (streams collapsed under mHC) -> logits fp32 [..., vocab]."""
+        if self.model.hc_head is not None:
+            h = self.model.hc_head(h)
+        return self.lm_head(self.model.norm(h)).float()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, T] -> the initial residual: [B, T, D], or [B, T, n, D] copied to the mHC streams."""
+        h = self.model.embed_tokens(input_ids)
+        return expand_to_streams(h, self.config.hc_mult) if self.config.uses_mhc else h
 
     def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):

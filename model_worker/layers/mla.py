@@ -10,6 +10,7 @@ compute the same function. Paged caching and decode live in the engine, not here
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,18 @@ from model_worker.config import ModelConfig
 from model_worker.layers.linear import Linear
 from model_worker.layers.norm import RMSNorm
 from model_worker.layers.rope import RotaryEmbedding, softmax_scale
+
+
+class PagedAttention(Protocol):
+    """One layer's view of the engine's paged latent cache for the current step (see engine/runner)."""
+
+    def write(self, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
+        """Store the step's new entries: latent [N, r], k_rope [N, rope]."""
+        ...
+
+    def attend(self, q_lat: torch.Tensor, q_rope: torch.Tensor, scale: float) -> torch.Tensor:
+        """q_lat [N, H, r], q_rope [N, H, rope] -> o_lat [N, H, r] fp32 over each token's causal context."""
+        ...
 
 
 @dataclass
@@ -53,6 +66,7 @@ class MLA(nn.Module):
         self.o_proj = Linear(self.n_heads * self.v_dim, config.hidden_size, bias=bias)
         self.scale = softmax_scale(config)
         self.absorbed = False  # a setting: prefill through the absorbed path
+        self.latent_dtype: torch.dtype | None = None  # a setting: round cache entries as a cache would store them
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, D] -> q [B, T, H, nope + rope]."""
@@ -65,7 +79,11 @@ class MLA(nn.Module):
     def latent_kv(self, x: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor) -> LatentKV:
         """x [B, T, D] -> the cache entries of these tokens."""
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        return LatentKV(self.kv_a_layernorm(latent), rope.rotate(k_rope, cos, sin))
+        latent, k_rope = self.kv_a_layernorm(latent), rope.rotate(k_rope, cos, sin)
+        if self.latent_dtype is not None:
+            latent = latent.to(self.latent_dtype).to(latent.dtype)
+            k_rope = k_rope.to(self.latent_dtype).to(k_rope.dtype)
+        return LatentKV(latent, k_rope)
 
     def kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b split per head: w_uk [H, nope, r] (latent -> k_nope), w_uv [H, v, r] (latent -> v)."""
@@ -85,6 +103,21 @@ class MLA(nn.Module):
         else:
             out = self._attend_naive(q_nope, q_rope, kv, mask)
         return self.o_proj(out.flatten(2)), kv
+
+    def forward_paged(self, x: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor,
+                      paged: PagedAttention) -> torch.Tensor:
+        """Flat step batch x [1, N, D] (tokens of several sequences); the new latents go into the paged
+        cache, then attention runs over each sequence's cached context in absorbed form. -> [1, N, D]."""
+        q = self._query(x)[0]  # [N, H, qk]
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_rope = rope.rotate(q_rope[None], cos, sin)[0].float()  # [N, H, rope]
+        kv = self.latent_kv(x, rope, cos, sin)
+        paged.write(kv.latent[0], kv.k_rope[0])
+        w_uk, w_uv = self.kv_b_weights()
+        q_lat = torch.einsum("nhd,hdr->nhr", q_nope.float(), w_uk.float())  # [N, H, r]
+        o_lat = paged.attend(q_lat, q_rope, self.scale)  # [N, H, r] fp32
+        out = torch.einsum("nhr,hvr->nhv", o_lat, w_uv.float()).to(x.dtype)  # [N, H, v]
+        return self.o_proj(out.flatten(1))[None]
 
     def _attend_naive(self, q_nope, q_rope, kv: LatentKV, mask) -> torch.Tensor:
         """Expand the latent to per-head k_nope and v, then standard attention. -> [B, T, H, v]."""
