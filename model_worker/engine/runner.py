@@ -1,0 +1,167 @@
+"""ModelRunner: turns a scheduled batch into tensors and runs one model step over the paged cache.
+
+A step is a flat batch of tokens from several sequences: decode tokens (one per sequence) and prefill
+chunks (several tokens). Every token's latent goes into its cache slot; then decode tokens attend
+through the paged MLA decode kernel and prefill chunks attend over their sequence's gathered context
+(causal within the chunk). Engram rows for the step are looked up on a background thread as soon as
+the step's tokens are known, before any layer runs, so the fetch overlaps the layers below the first
+Engram layer. The runner returns the logits of each sequence whose computation reached its last
+token; sampling is the engine's job.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels.mla_decode import paged_mla_decode
+from model_worker.engine.kv_cache import PagedLatentCache
+from model_worker.engine.scheduler import ScheduledBatch
+from model_worker.engine.sequence import Sequence
+from model_worker.model import CausalLM
+
+
+@dataclass
+class PrefillSpan:
+    """A chunk of `length` new tokens at flat rows [start, start + length), ending at context_len."""
+
+    start: int
+    length: int
+    context_len: int
+    block_table: torch.Tensor  # int32 [num_pages]
+
+
+@dataclass
+class StepPlan:
+    """Tensors of one step. N = new tokens in the step."""
+
+    input_ids: torch.Tensor  # int64 [N]
+    positions: torch.Tensor  # int64 [N]
+    slot_mapping: torch.Tensor  # int64 [N]
+    decode_rows: torch.Tensor  # int64 [Bd] flat rows of decode tokens
+    decode_block_tables: torch.Tensor  # int32 [Bd, max_pages]
+    decode_context_lens: torch.Tensor  # int32 [Bd]
+    prefill_spans: list[PrefillSpan] = field(default_factory=list)
+    logits_rows: list[int] = field(default_factory=list)  # flat row of the last token, per sampled seq
+    sampled_seqs: list[Sequence] = field(default_factory=list)
+
+
+def build_plan(batch: ScheduledBatch, block_size: int, device: torch.device) -> StepPlan:
+    """Flatten the scheduled sequences' new tokens into step tensors."""
+    ids, positions, slots = [], [], []
+    decode_rows, decode_tables, decode_lens, spans = [], [], [], []
+    logits_rows, sampled = [], []
+    max_pages = max((len(seq.block_table) for seq in batch.seqs), default=1)
+    for seq, n_new in zip(batch.seqs, batch.num_new_tokens):
+        start, flat = seq.num_computed_tokens, len(ids)
+        ctx_len = start + n_new
+        table = seq.block_table
+        for pos in range(start, ctx_len):
+            ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+        if n_new == 1 and start > 0:
+            decode_rows.append(flat)
+            decode_tables.append(table + [0] * (max_pages - len(table)))
+            decode_lens.append(ctx_len)
+        else:
+            spans.append(PrefillSpan(flat, n_new, ctx_len, torch.tensor(table, dtype=torch.int32, device=device)))
+        if ctx_len == seq.num_tokens:
+            logits_rows.append(flat + n_new - 1)
+            sampled.append(seq)
+    as_long = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
+    return StepPlan(
+        input_ids=as_long(ids), positions=as_long(positions), slot_mapping=as_long(slots),
+        decode_rows=as_long(decode_rows),
+        decode_block_tables=torch.tensor(decode_tables or [[0]], dtype=torch.int32, device=device)[: len(decode_rows)],
+        decode_context_lens=torch.tensor(decode_lens, dtype=torch.int32, device=device),
+        prefill_spans=spans, logits_rows=logits_rows, sampled_seqs=sampled)
+
+
+class LayerPagedAttention:
+    """`PagedAttention` (model_worker.layers.mla) for one layer in one step."""
+
+    def __init__(self, cache: PagedLatentCache, layer: int, plan: StepPlan):
+        self.cache, self.layer, self.plan = cache, layer, plan
+
+    def write(self, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
+        self.cache.write(self.layer, self.plan.slot_mapping, latent, k_rope)
+
+    def attend(self, q_lat: torch.Tensor, q_rope: torch.Tensor, scale: float) -> torch.Tensor:
+        """q_lat [N, H, r], q_rope [N, H, rope] -> o_lat [N, H, r] fp32."""
+        plan, cache = self.plan, self.cache
+        out = torch.empty(q_lat.shape, dtype=torch.float32, device=q_lat.device)
+        if len(plan.decode_rows):
+            rows = plan.decode_rows
+            out[rows] = paged_mla_decode(
+                q_lat[rows], q_rope[rows], cache.layer_storage(self.layer), plan.decode_block_tables,
+                plan.decode_context_lens, scale, cache.kv_lora_rank, cache.rope_dim, fmt=cache.fmt,
+                block_size=cache.block_size)
+        for span in plan.prefill_spans:
+            rows = slice(span.start, span.start + span.length)
+            latent, k_rope = cache.gather(self.layer, span.block_table, span.context_len)  # [L, r], [L, rope]
+            out[rows] = _causal_latent_attention(q_lat[rows].float(), q_rope[rows].float(), latent, k_rope, scale)
+        return out
+
+
+def _causal_latent_attention(q_lat, q_rope, latent, k_rope, scale: float) -> torch.Tensor:
+    """Queries are the last n of L context tokens. q_lat [n, H, r], q_rope [n, H, e], latent [L, r],
+    k_rope [L, e] -> [n, H, r]."""
+    n, L = q_lat.shape[0], latent.shape[0]
+    scores = (torch.einsum("nhr,lr->hnl", q_lat, latent) + torch.einsum("nhe,le->hnl", q_rope, k_rope)) * scale
+    query_pos = torch.arange(L - n, L, device=latent.device)[:, None]
+    allowed = torch.arange(L, device=latent.device)[None, :] <= query_pos  # [n, L]
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    return torch.einsum("hnl,lr->nhr", probs, latent)
+
+
+class ModelRunner:
+    """Runs one step of the model for a ScheduledBatch; owns the paged cache."""
+
+    def __init__(self, model: CausalLM, cache: PagedLatentCache):
+        self.model = model
+        self.cache = cache
+        self.device = next(model.parameters()).device
+        self._engram_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-prefetch") \
+            if model.config.uses_engram else None
+        self.computed_tokens = 0  # tokens run through the model since start (prefix-cache hits excluded)
+
+    def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
+        """-> (sequences to sample for, their logits [S, vocab] fp32)."""
+        plan = build_plan(batch, self.cache.block_size, self.device)
+        engram = self._prefetch_engram_rows(batch)
+        logits_index = torch.tensor(plan.logits_rows, dtype=torch.int64, device=self.device)
+        logits = self.model.forward_step(
+            plan.input_ids, plan.positions, lambda layer: LayerPagedAttention(self.cache, layer, plan),
+            lambda layer: engram[layer].result(), logits_index)
+        self.computed_tokens += len(plan.input_ids)
+        return plan.sampled_seqs, logits
+
+    def _prefetch_engram_rows(self, batch: ScheduledBatch) -> dict[int, Future]:
+        """Start the Engram lookups of every Engram layer for this step's tokens. -> {layer: Future[N, C*hd]}."""
+        if self._engram_pool is None:
+            return {}
+        model, cfg = self.model, self.model.config
+        context = cfg.engram_max_ngram_size - 1
+        windows, keep = [], []
+        for seq, n_new in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            lo = max(0, start - context)
+            windows.append(seq.token_ids[lo : start + n_new])
+            keep.append((start - lo, n_new))
+
+        def lookup(layer_id: int) -> torch.Tensor:
+            rows = []
+            for window, (skip, n_new) in zip(windows, keep):
+                ids = torch.tensor([window], dtype=torch.int64, device=self.device)
+                hash_ids = model.engram_hasher.hash(layer_id, model.model.engram_token_map[ids])[0, skip:]
+                rows.append(model.engram_tables.lookup(layer_id, hash_ids).flatten(-2))  # [n, C*hd]
+            return torch.cat(rows)
+
+        return {layer: self._engram_pool.submit(lookup, layer) for layer in cfg.engram_layer_ids}
+
+    def close(self) -> None:
+        if self._engram_pool is not None:
+            self._engram_pool.shutdown(wait=False)
