@@ -12,31 +12,14 @@ check that both computed the same thing).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-V3_100M = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, moe_intermediate_size=384,
-               num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=384,
-               kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=16,
-               n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1,
-               max_position_embeddings=4096, rope_interleave=True, tie_word_embeddings=False)
-
-
-def _time(fn, repeats: int) -> float:
-    """Median wall time of fn() over `repeats` runs after one warm-up."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_line, median_time, save_hf_v3  # noqa: E402
 
 
 def _rel_rms(logits: torch.Tensor, reference: torch.Tensor) -> float:
@@ -47,8 +30,8 @@ def _compare(ours, theirs, ids: torch.Tensor, repeats: int, reference: torch.Ten
     """(our tokens/s, transformers tokens/s, our error, their error); errors are relative RMS logit
     differences from the fp32 transformers run, so bf16 rounding shows up on both sides alike."""
     with torch.inference_mode():
-        t_ours = _time(lambda: ours(ids), repeats)
-        t_theirs = _time(lambda: theirs(ids, use_cache=False).logits, repeats)
+        t_ours = median_time(lambda: ours(ids), repeats)
+        t_theirs = median_time(lambda: theirs(ids, use_cache=False).logits, repeats)
         ours_err = _rel_rms(ours(ids), reference)
         theirs_err = _rel_rms(theirs(ids, use_cache=False).logits, reference)
     return ids.numel() / t_ours, ids.numel() / t_theirs, ours_err, theirs_err
@@ -64,18 +47,13 @@ def main() -> None:
     seq = args.seq or (128 if args.quick else 512)
     repeats = 2 if args.quick else 5
 
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
     from model_worker import load_model
 
-    torch.manual_seed(0)
-    hf_config = DeepseekV3Config(**V3_100M)
-    hf_model = DeepseekV3ForCausalLM(hf_config).eval()
-    n_params = sum(p.numel() for p in hf_model.parameters())
-    ids = torch.randint(0, hf_config.vocab_size, (batch, seq))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        hf_model.save_pretrained(Path(tmp))
+        hf_model = save_hf_v3(Path(tmp))
+        n_params = sum(p.numel() for p in hf_model.parameters())
+        ids = torch.randint(0, hf_model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
             reference = hf_model(ids, use_cache=False).logits.float()
         for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -83,8 +61,7 @@ def main() -> None:
             rows.append((dtype_name, *_compare(ours, hf_model.to(dtype), ids, repeats, reference)))
 
     print(f"prefill, DeepSeek-V3-shaped model: {n_params / 1e6:.1f}M parameters, batch {batch} x {seq} tokens")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(machine_line())
     print("error = relative RMS logit difference from transformers in fp32")
     print(f"{'dtype':<6}{'ours tok/s':>12}{'transformers tok/s':>20}{'ratio':>8}{'ours error':>12}{'their error':>13}")
     for name, ours_tps, theirs_tps, ours_err, theirs_err in rows:

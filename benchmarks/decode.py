@@ -1,0 +1,136 @@
+"""Decode throughput: our engine vs transformers' `generate`, and against the memory-bandwidth roofline.
+
+Same DeepSeek-V3-shaped weights (~100M parameters, fp32) for both. Each of C concurrent requests has
+a short random prompt and generates N tokens greedily (EOS ignored). Reported: generated tokens/s of
+ours (bf16 and FP8 latent cache) and of transformers' `generate` at the same batch size, the ratio, and
+at concurrency 1 the fraction of the roofline: this machine's weight-read bandwidth (measured in the
+same run with a large fp32 matrix-vector product) divided by the weight bytes one decode token reads
+(embedding row, attention, dense/shared MLPs, the routed experts it uses, LM head). Peak RSS last.
+
+    python benchmarks/decode.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_line, median_time, peak_rss_mib, save_hf_v3  # noqa: E402
+
+
+def weight_read_bandwidth(mib: int = 256) -> float:
+    """Bytes/s of an fp32 matrix-vector product over a matrix much larger than the caches."""
+    cols = 4096
+    rows = mib * 2**20 // (4 * cols)
+    matrix, vector = torch.randn(rows, cols), torch.randn(cols)
+    seconds = median_time(lambda: matrix @ vector, repeats=7, warmup=2)
+    return matrix.numel() * 4 / seconds
+
+
+def active_bytes_per_token(model) -> int:
+    """fp32 weight bytes one decode token reads: everything but the embedding table (one row) and the
+    routed experts it does not use."""
+    cfg = model.config
+    total = 0
+    for name, param in model.named_parameters():
+        if "embed_tokens" in name:
+            total += param.shape[1] * param.element_size()
+        elif ".mlp.experts." in name:
+            total += param.numel() * param.element_size() * cfg.num_experts_per_tok / cfg.n_routed_experts
+        else:
+            total += param.numel() * param.element_size()
+    return int(total)
+
+
+def ours_tokens_per_s(model, tokenizer, concurrency: int, new_tokens: int, kv_dtype: str) -> float:
+    from model_worker.engine.engine import EngineConfig, LLMEngine
+    from model_worker.engine.sampling import SamplingParams
+
+    engine = LLMEngine(model, tokenizer, EngineConfig(kv_cache_dtype=kv_dtype, max_num_seqs=max(64, concurrency)))
+    gen = torch.Generator().manual_seed(1)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    prompts = [torch.randint(0, model.config.vocab_size, (16,), generator=gen).tolist() for _ in range(concurrency)]
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"w{i}", prompt, params)
+    while engine.has_unfinished():  # warm-up run, also fills the batch
+        engine.step()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    engine.step()  # prefill step (excluded: this measures decode)
+    start, produced = time.perf_counter(), 0
+    while engine.has_unfinished():
+        produced += sum(len(out.new_token_ids) for out in engine.step())
+    return produced / (time.perf_counter() - start)
+
+
+def transformers_tokens_per_s(hf_model, concurrency: int, new_tokens: int, vocab: int) -> float:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (concurrency, 16), generator=gen)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        hf_model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+        first = time.perf_counter()
+        hf_model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
+        prefill = time.perf_counter() - first
+        start = time.perf_counter()
+        hf_model.generate(ids, **kwargs)
+        elapsed = time.perf_counter() - start - prefill
+    return concurrency * (new_tokens - 1) / elapsed
+
+
+class _ByteTokenizer:
+    """Minimal tokenizer for the engine's detokenizer: the benchmark only counts tokens."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size, self.eos_token_id = vocab_size, None
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(0x4E00 + (int(i) % 20000)) for i in ids)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    new_tokens = 16 if args.quick else 64
+    levels = [1, 16] if args.quick else [1, 16, 64]
+
+    from model_worker import load_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model = save_hf_v3(Path(tmp))
+        ours = load_model(tmp)
+    vocab = hf_model.config.vocab_size
+    tokenizer = _ByteTokenizer(vocab)
+    bandwidth = weight_read_bandwidth()
+    active = active_bytes_per_token(ours)
+    roofline = bandwidth / active
+    n_params = sum(p.numel() for p in ours.parameters())
+    rows = []
+    for concurrency in levels:
+        theirs = transformers_tokens_per_s(hf_model, concurrency, new_tokens, vocab)
+        bf16 = ours_tokens_per_s(ours, tokenizer, concurrency, new_tokens, "bf16")
+        fp8 = ours_tokens_per_s(ours, tokenizer, concurrency, new_tokens, "fp8")
+        rows.append((concurrency, bf16, fp8, theirs))
+
+    print(f"decode, DeepSeek-V3-shaped model: {n_params / 1e6:.1f}M parameters fp32, {new_tokens} new tokens per "
+          f"request, greedy")
+    print(machine_line())
+    print(f"weight-read bandwidth (fp32 matvec, 256 MiB): {bandwidth / 1e9:.2f} GB/s; active weight bytes per token: "
+          f"{active / 1e6:.1f} MB; roofline at batch 1: {roofline:.1f} tok/s")
+    print(f"{'concurrent':>10}{'ours bf16 tok/s':>17}{'ours fp8 tok/s':>16}{'transformers tok/s':>20}"
+          f"{'bf16/hf':>9}{'fp8/hf':>8}{'bf16/roofline':>15}")
+    for concurrency, bf16, fp8, theirs in rows:
+        roof = f"{bf16 / roofline:>15.2f}" if concurrency == 1 else f"{'':>15}"
+        print(f"{concurrency:>10}{bf16:>17.1f}{fp8:>16.1f}{theirs:>20.1f}{bf16 / theirs:>9.2f}{fp8 / theirs:>8.2f}{roof}")
+    print(f"peak RSS: {peak_rss_mib():.0f} MiB (whole process: both models, caches)")
+
+
+if __name__ == "__main__":
+    main()
