@@ -128,7 +128,8 @@ def main() -> None:
           f"{'bf16/hf':>9}{'fp8/hf':>8}{'bf16/roofline':>15}")
     for concurrency, bf16, fp8, theirs in rows:
         roof = f"{bf16 / roofline:>15.2f}" if concurrency == 1 else f"{'':>15}"
-        print(f"{concurrency:>10}{bf16:>17.1f}{fp8:>16.1f}{theirs:>20.1f}{bf16 / theirs:>9.2f}{fp8 / theirs:>8.2f}{roof}")
+        print(f"{concurrency:>10}{bf16:>17.1f}{fp8:>16.1f}{theirs:>20.1f}{bf16 / theirs:>9.2f}"
+              f"{fp8 / theirs:>8.2f}{roof}")
     print(f"peak RSS: {peak_rss_mib():.0f} MiB (whole process: both models, caches)")
 
 

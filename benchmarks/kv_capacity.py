@@ -39,14 +39,13 @@ def latent_capacity(dims: dict, fmt: str, budget: int, block_size: int = 64) -> 
     return tokens, allocated / tokens / layers
 
 
-def per_head_capacity(dims: dict, budget: int, block_size: int = 64) -> tuple[int, float]:
-    """Same budget as expanded per-head keys (nope + rope) and values in bf16, paged the same way."""
+def per_head_capacity(dims: dict, budget: int) -> tuple[int, float]:
+    """Same budget as expanded per-head keys (nope + rope) and values in bf16, counted per token (a
+    64-token page of V3's per-head cache is 320 MB, so pages would round small budgets down to zero)."""
     layers, heads = dims["num_hidden_layers"], dims["num_attention_heads"]
     width = heads * (dims["qk_nope_head_dim"] + dims["qk_rope_head_dim"] + dims["v_head_dim"])
-    per_block = layers * block_size * width * 2
-    blocks = budget // per_block
-    storage = [torch.empty(blocks, block_size, width, dtype=torch.bfloat16) for _ in range(layers)]
-    tokens = blocks * block_size
+    tokens = budget // (layers * width * 2)
+    storage = [torch.empty(tokens, width, dtype=torch.bfloat16) for _ in range(layers)]
     return tokens, sum(t.nbytes for t in storage) / max(tokens, 1) / layers
 
 
@@ -56,7 +55,7 @@ def main() -> None:
     parser.add_argument("--budget-mib", type=int, default=None)
     args = parser.parse_args()
     budget = (args.budget_mib or (256 if args.quick else 1024)) * 2**20
-    print(f"KV capacity in a {budget / 2**20:.0f} MiB budget (pages of 64 tokens)")
+    print(f"KV capacity in a {budget / 2**20:.0f} MiB budget (latent caches in pages of 64 tokens)")
     print(machine_line())
     print(f"{'model':<14}{'cache':<22}{'bytes/token/layer':>18}{'tokens':>10}{'vs per-head':>13}")
     for name, dims in (("DeepSeek-V3", V3_FULL), ("bench ~100M", V3_100M)):

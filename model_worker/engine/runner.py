@@ -150,11 +150,11 @@ class ModelRunner:
             start = seq.num_computed_tokens
             lo = max(0, start - context)
             windows.append(seq.token_ids[lo : start + n_new])
-            keep.append((start - lo, n_new))
+            keep.append(start - lo)
 
         def lookup(layer_id: int) -> torch.Tensor:
             rows = []
-            for window, (skip, n_new) in zip(windows, keep):
+            for window, skip in zip(windows, keep):
                 ids = torch.tensor([window], dtype=torch.int64, device=self.device)
                 hash_ids = model.engram_hasher.hash(layer_id, model.model.engram_token_map[ids])[0, skip:]
                 rows.append(model.engram_tables.lookup(layer_id, hash_ids).flatten(-2))  # [n, C*hd]
