@@ -63,6 +63,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_v3(Path(tmp))
         model = load_model(tmp)
+    run_conversation(model, 2, True, system_len, observation_len, action_len)  # warm-up, discarded
     cached = run_conversation(model, steps, True, system_len, observation_len, action_len)
     plain = run_conversation(model, steps, False, system_len, observation_len, action_len)
     print(f"agent conversation: {steps} steps, system prompt {system_len} tokens, +{action_len} action and "
