@@ -45,6 +45,8 @@ class OrchestratorSettings:
     max_concurrent_sessions: int = 8
     context_margin_tokens: int = 64  # head-room kept below the context window
     summary_max_tokens: int = 192
+    max_string_chars: int | None = 200  # bounds on constrained actions, so a weak model's output fits
+    max_items: int | None = 8  # the per-step token budget
 
 
 @dataclass
@@ -191,12 +193,15 @@ class Orchestrator:
     def _messages(self, run: _Run, memories: list[dict]) -> list[dict]:
         schemas = self.tools.schemas(run.agent.tools)
         return build_messages(run.agent, run.state.task, [s.model_dump() for s in run.steps], memories, schemas,
-                              run.state.summary, run.state.summarized_through)
+                              run.state.summary, run.state.summarized_through,
+                              max_calls=run.agent.limits.max_tool_calls_per_step)
 
     async def _ask_for_action(self, run: _Run, memories: list[dict]):
         """-> (action, raw text, usage), or an error string after the bounded repair attempts."""
         agent, sid = run.agent, run.state.session_id
-        schema = action_schema(self.tools.schemas(agent.tools))
+        max_calls = agent.limits.max_tool_calls_per_step
+        schema = action_schema(self.tools.schemas(agent.tools), max_calls,
+                               max_string_chars=self.settings.max_string_chars, max_items=self.settings.max_items)
         messages = self._messages(run, memories)
         problem = ""
         for _attempt in range(agent.limits.max_parse_repairs + 1):
@@ -207,11 +212,10 @@ class Orchestrator:
             reply = await self.model.complete(messages, json_schema=schema,
                                               max_tokens=agent.limits.max_tokens_per_step, on_delta=on_delta)
             try:
-                return parse_action(reply.text, agent.tools), reply.text, reply.usage
+                return parse_action(reply.text, agent.tools, max_calls=max_calls), reply.text, reply.usage
             except ActionParseError as exc:
                 problem = f"{exc} (output: {reply.text[:200]!r})"
-                messages = [*messages, {"role": "assistant", "content": reply.text},
-                            repair_prompt(reply.text, str(exc))]
+                messages = [*messages, repair_prompt(reply.text, str(exc))]
         return f"model output could not be parsed after {agent.limits.max_parse_repairs} repairs: {problem}"
 
     async def _call_tool(self, run: _Run, index: int, call_index: int, call: dict) -> dict:
