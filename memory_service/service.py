@@ -15,11 +15,14 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 
 from memory_service.agent_memory.store import AgentMemoryStore
-from memory_service.engram_tables import EngramTableStore
+
+if TYPE_CHECKING:
+    from memory_service.engram_tables import EngramTableStore
 
 
 class MemoryService:
