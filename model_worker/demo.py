@@ -31,7 +31,7 @@ def demo_config(vocab_size: int, compressed_vocab_size: int, pad_token_id: int) 
         moe_intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, q_lora_rank=128,
         kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32, n_routed_experts=8,
         n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=2, topk_group=1,
-        max_position_embeddings=1024, hc_mult=4, engram_layer_ids=[1, 3], engram_max_ngram_size=3,
+        max_position_embeddings=4096, hc_mult=4, engram_layer_ids=[1, 3], engram_max_ngram_size=3,
         engram_n_heads=4, engram_head_dim=64, engram_vocab_size=4093,
         engram_num_embeddings=compressed_vocab_size, engram_pad_token_id=pad_token_id,
         engram_table_dtype="fp8", bos_token_id=0, eos_token_id=1, pad_token_id=pad_token_id))

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     heartbeat_s: float = 3.0
     finished_session_ttl_s: int = 7 * 86400
     max_concurrent_sessions: int = 8
+    max_action_string_chars: int = 48  # bound on strings in constrained actions (keeps a weak model's
+    # output inside the per-step token budget)
 
     def resolved_database_url(self) -> str:
         if self.database_url:
