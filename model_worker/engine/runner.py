@@ -140,25 +140,37 @@ class ModelRunner:
         return plan.sampled_seqs, logits
 
     def _prefetch_engram_rows(self, batch: ScheduledBatch) -> dict[int, Future]:
-        """Start the Engram lookups of every Engram layer for this step's tokens. -> {layer: Future[N, C*hd]}."""
+        """Start the Engram lookups of every Engram layer for this step's tokens. -> {layer: Future[N, C*hd]}.
+
+        All sequences are hashed in one call and looked up in one call per layer: each sequence contributes a
+        window of its new tokens plus the (max_ngram - 1) tokens before them, right-padded (padding comes
+        after real tokens, so it never enters a real token's n-grams)."""
         if self._engram_pool is None:
             return {}
         model, cfg = self.model, self.model.config
         context = cfg.engram_max_ngram_size - 1
-        windows, keep = [], []
+        windows, kept = [], []
         for seq, n_new in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
             lo = max(0, start - context)
             windows.append(seq.token_ids[lo : start + n_new])
-            keep.append(start - lo)
+            kept.append((start - lo, n_new))
+        width = max(len(w) for w in windows)
+        ids = torch.zeros(len(windows), width, dtype=torch.int64)
+        valid = torch.zeros(len(windows), width, dtype=torch.bool)
+        rows, cols = [], []
+        for i, (window, (skip, n_new)) in enumerate(zip(windows, kept)):
+            ids[i, : len(window)] = torch.tensor(window, dtype=torch.int64)
+            valid[i, : len(window)] = True
+            rows += [i] * n_new
+            cols += range(skip, skip + n_new)
+        ids, valid = ids.to(self.device), valid.to(self.device)
+        compressed = model.model.engram_token_map[ids]
+        pick = (torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device))
 
         def lookup(layer_id: int) -> torch.Tensor:
-            rows = []
-            for window, skip in zip(windows, keep):
-                ids = torch.tensor([window], dtype=torch.int64, device=self.device)
-                hash_ids = model.engram_hasher.hash(layer_id, model.model.engram_token_map[ids])[0, skip:]
-                rows.append(model.engram_tables.lookup(layer_id, hash_ids).flatten(-2))  # [n, C*hd]
-            return torch.cat(rows)
+            hash_ids = model.engram_hasher.hash(layer_id, compressed, valid)[pick]  # [N, C]
+            return model.engram_tables.lookup(layer_id, hash_ids).flatten(-2)  # [N, C * head_dim]
 
         return {layer: self._engram_pool.submit(lookup, layer) for layer in cfg.engram_layer_ids}
 
