@@ -72,6 +72,10 @@ class Orchestrator:
         self.settings = settings or OrchestratorSettings()
 
     # ---- public API -------------------------------------------------------------------------------
+    async def cancel(self, session_id: str, reason: str = "cancelled by request") -> None:
+        """Stop a session at its next step boundary (a step in flight finishes and is committed first)."""
+        await self.store.request_cancel(session_id, reason)
+
     async def submit(self, tenant: str, agent: str, task: str, *, session_id: str | None = None) -> SessionState:
         """Create (idempotently by session_id) a pending session for a registered agent."""
         if agent not in self.agents:
@@ -142,6 +146,10 @@ class Orchestrator:
             return
         state = run.state
         index = state.step_count
+        cancelled = await self.store.cancel_requested(state.session_id)
+        if cancelled is not None:
+            await self._fail(run, cancelled, status="cancelled")
+            return
         limit_error = self._limit_exceeded(run)
         if limit_error:
             await self._fail(run, limit_error)
@@ -303,12 +311,12 @@ class Orchestrator:
                     usage=usage, started_ms=now_ms(), committed_ms=now_ms())
         await self._commit(run, step, {"status": "completed", "final_answer": str(action.get("answer", ""))})
 
-    async def _fail(self, run: _Run, reason: str) -> None:
+    async def _fail(self, run: _Run, reason: str, *, status: str = "failed") -> None:
         state = run.state
         step = Step(step_id=f"{state.session_id}:{state.step_count}", index=state.step_count, kind="error",
                     model_output=None, action=None, observations=[], retrieved_memories=[], usage={},
                     started_ms=now_ms(), committed_ms=now_ms())
-        await self._commit(run, step, {"status": "failed", "error": reason})
+        await self._commit(run, step, {"status": status, "error": reason})
 
     async def _commit(self, run: _Run, step: Step, patch: dict) -> None:
         await self.store.append_step(run.state.session_id, step, self.owner, run.token, state_patch=patch)

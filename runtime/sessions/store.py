@@ -294,6 +294,22 @@ class SessionStore:
             return None
         return {"intent": json.loads(intent), "result": None if result is None else json.loads(result)}
 
+    # -- cancellation ---------------------------------------------------------------------------------
+    async def request_cancel(self, session_id: str, reason: str = "cancelled by request") -> None:
+        """Ask for the session to stop: the orchestrator running it (or the next to pick it up) commits a
+        terminal `cancelled` step before its next step. Stored beside the tool records, so it expires with
+        the session's other keys."""
+        keys = self._session(session_id)
+        await self.state(session_id)  # SessionNotFound for an unknown id
+        payload = json.dumps({"reason": str(reason)[:500]})
+        await self._retrying("request_cancel", lambda _a: self._redis.hsetnx(keys.tools, "cancel", payload))
+
+    async def cancel_requested(self, session_id: str) -> str | None:
+        """The cancellation reason, or None."""
+        keys = self._session(session_id)
+        raw = await self._retrying("cancel_requested", lambda _a: self._redis.hget(keys.tools, "cancel"))
+        return None if raw is None else json.loads(raw)["reason"]
+
     # -- events ---------------------------------------------------------------------------------------
     async def emit(self, session_id: str, event_type: str, data: dict) -> str:
         """Append an event to the session's stream; returns its id (usable as SSE Last-Event-ID)."""
