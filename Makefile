@@ -1,5 +1,5 @@
 # Two entry points do all set-up on a fresh machine:
-#   make demo   - build the embedded default and run the main job
+#   make demo   - run the main job (an agent task) on embedded defaults
 #   make test   - install everything and run the test suite
 PYTHON ?= python3.11
 VENV   ?= .venv
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m model_worker.demo
+	$(PY) -m runtime.cli run "What is 17 times 23? Remember the result."
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
