@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -30,3 +31,17 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if not triton_available():
         return False
     return all(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
+
+
+def dispatched(reference: Callable, triton_impl: Callable) -> Callable:
+    """The dispatcher of one op: `triton_impl` when every tensor argument is on CUDA (see use_triton),
+    else `reference`. Both take the same arguments; the dispatcher keeps the reference's signature."""
+
+    @functools.wraps(reference)
+    def op(*args, **kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        return (triton_impl if use_triton(*tensors) else reference)(*args, **kwargs)
+
+    op.__name__ = op.__qualname__ = reference.__name__.removesuffix("_ref")
+    op.__doc__ = f"`{reference.__name__}` semantics; the Triton kernel on CUDA tensors, the reference elsewhere."
+    return op

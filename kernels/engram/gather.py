@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import dispatched
 
 SCALE_BLOCK = 32  # values per e8m0 scale
 PLAIN_TABLE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -80,13 +80,4 @@ def engram_gather_triton(
     return launch_engram_gather(table, scales, ids, out_dtype)
 
 
-def engram_gather(
-    table: torch.Tensor,
-    scales: torch.Tensor | None,
-    ids: torch.Tensor,
-    out_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Rows table[ids] via Triton on CUDA, else the torch reference.  ids [...] -> [..., D]"""
-    tensors = [t for t in (table, scales, ids) if t is not None]
-    impl = engram_gather_triton if use_triton(*tensors) else engram_gather_ref
-    return impl(table, scales, ids, out_dtype)
+engram_gather = dispatched(engram_gather_ref, engram_gather_triton)

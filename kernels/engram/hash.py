@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import dispatched
 
 
 def check_hash_args(
@@ -107,15 +107,4 @@ def engram_hash_triton(
     return launch_engram_hash(compressed_ids, multipliers, primes, offsets, pad_id, valid_mask, n_heads)
 
 
-def engram_hash(
-    compressed_ids: torch.Tensor,
-    multipliers: torch.Tensor,
-    primes: torch.Tensor,
-    offsets: torch.Tensor,
-    pad_id: int,
-    valid_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Hash ids via Triton on CUDA, else the torch reference.  [B, T] -> [B, T, n_hash_cols]"""
-    tensors = [t for t in (compressed_ids, multipliers, primes, offsets, valid_mask) if t is not None]
-    impl = engram_hash_triton if use_triton(*tensors) else engram_hash_ref
-    return impl(compressed_ids, multipliers, primes, offsets, pad_id, valid_mask)
+engram_hash = dispatched(engram_hash_ref, engram_hash_triton)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import dispatched
 from kernels.gemm.fp8_gemm_kernel import fp8_gemm_triton
 from kernels.gemm.fp8_operands import SCALE_BLOCK, check_fp8_gemm_operands
 
@@ -36,14 +36,4 @@ def fp8_gemm_ref(
     return out.to(out_dtype)
 
 
-def fp8_gemm(
-    a_q: torch.Tensor,
-    a_scale: torch.Tensor,
-    w_q: torch.Tensor,
-    w_scale: torch.Tensor,
-    out_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """`fp8_gemm_ref` semantics; runs the Triton kernel on CUDA tensors."""
-    if use_triton(a_q, a_scale, w_q, w_scale):
-        return fp8_gemm_triton(a_q, a_scale, w_q, w_scale, out_dtype)
-    return fp8_gemm_ref(a_q, a_scale, w_q, w_scale, out_dtype)
+fp8_gemm = dispatched(fp8_gemm_ref, fp8_gemm_triton)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import dispatched
 from kernels.mhc._checks import (
     FLOAT_DTYPES,
     require_dtype,
@@ -59,8 +59,4 @@ def mhc_post_triton(
     return launch_mhc_post(f_out, x, post, comb)
 
 
-def mhc_post(f_out: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """Expand the sublayer output and mix the residual streams, with Triton on CUDA, else the reference."""
-    if use_triton(f_out, x, post, comb):
-        return mhc_post_triton(f_out, x, post, comb)
-    return mhc_post_ref(f_out, x, post, comb)
+mhc_post = dispatched(mhc_post_ref, mhc_post_triton)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import dispatched
 from kernels.mhc._checks import (
     FLOAT_DTYPES,
     require_dtype,
@@ -46,8 +46,4 @@ def mhc_pre_triton(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     return launch_mhc_pre(x, pre)
 
 
-def mhc_pre(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    """Collapse n streams into one with Triton on CUDA, else the reference."""
-    if use_triton(x, pre):
-        return mhc_pre_triton(x, pre)
-    return mhc_pre_ref(x, pre)
+mhc_pre = dispatched(mhc_pre_ref, mhc_pre_triton)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import dispatched
 from kernels.mhc._checks import (
     require_dtype,
     require_positive_int,
@@ -90,15 +90,4 @@ def mhc_split_triton(
     return launch_mhc_split(mixes, scale, base, hc_mult, sinkhorn_iters, float(eps))
 
 
-def mhc_split(
-    mixes: torch.Tensor,
-    scale: torch.Tensor,
-    base: torch.Tensor,
-    hc_mult: int,
-    sinkhorn_iters: int = 20,
-    eps: float = 1e-6,
-) -> MhcWeights:
-    """Split mixes into (pre, post, comb) with Triton on CUDA, else the reference."""
-    if use_triton(mixes, scale, base):
-        return mhc_split_triton(mixes, scale, base, hc_mult, sinkhorn_iters, eps)
-    return mhc_split_ref(mixes, scale, base, hc_mult, sinkhorn_iters, eps)
+mhc_split = dispatched(mhc_split_ref, mhc_split_triton)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import dispatched
 from kernels.mla_decode.layout import LatentCacheLayout, unpack_tokens
 from kernels.quant.fp8_format import check_float
 
@@ -146,19 +146,4 @@ def paged_mla_decode_triton(
     return launch_paged_mla_decode(q_lat, q_rope, cache, block_table, context_lens, float(scale), layout, block_size)
 
 
-def paged_mla_decode(
-    q_lat: torch.Tensor,
-    q_rope: torch.Tensor,
-    cache: torch.Tensor,
-    block_table: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-    kv_lora_rank: int,
-    rope_dim: int,
-    fmt: str = "bf16",
-    block_size: int = 64,
-) -> torch.Tensor:
-    """Paged decode attention via Triton on CUDA, else the torch reference. -> o_lat [B, H, r] fp32"""
-    on_gpu = use_triton(q_lat, q_rope, cache, block_table, context_lens)
-    impl = paged_mla_decode_triton if on_gpu else paged_mla_decode_ref
-    return impl(q_lat, q_rope, cache, block_table, context_lens, scale, kv_lora_rank, rope_dim, fmt, block_size)
+paged_mla_decode = dispatched(paged_mla_decode_ref, paged_mla_decode_triton)

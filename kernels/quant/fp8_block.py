@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import dispatched
 from kernels.quant.fp8_block_kernel import dequantize_fp8_block_triton, quantize_fp8_block_triton
 from kernels.quant.fp8_format import (
     AMAX_FLOOR,
@@ -60,19 +60,7 @@ def dequantize_fp8_block_ref(
     return (q.float() * per_value).to(dtype)
 
 
-def quantize_fp8_block(
-    x: torch.Tensor, block: int = 128, scale_fmt: str = "fp32"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_fp8_block_ref` semantics; runs the Triton kernel on CUDA tensors."""
-    if use_triton(x):
-        return quantize_fp8_block_triton(x, block, scale_fmt)
-    return quantize_fp8_block_ref(x, block, scale_fmt)
+quantize_fp8_block = dispatched(quantize_fp8_block_ref, quantize_fp8_block_triton)
 
 
-def dequantize_fp8_block(
-    q: torch.Tensor, scale: torch.Tensor, block: int = 128, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """`dequantize_fp8_block_ref` semantics; runs the Triton kernel on CUDA tensors."""
-    if use_triton(q, scale):
-        return dequantize_fp8_block_triton(q, scale, block, dtype)
-    return dequantize_fp8_block_ref(q, scale, block, dtype)
+dequantize_fp8_block = dispatched(dequantize_fp8_block_ref, dequantize_fp8_block_triton)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import dispatched
 from kernels.quant.fp8_format import (
     AMAX_FLOOR,
     FP8_DTYPE,
@@ -57,10 +57,4 @@ def dequantize_fp8_weight_ref(
     return (w_q.float() * per_value).to(dtype)
 
 
-def dequantize_fp8_weight(
-    w_q: torch.Tensor, scale_inv: torch.Tensor, block: int = 128, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """`dequantize_fp8_weight_ref` semantics; runs the Triton kernel on CUDA tensors."""
-    if use_triton(w_q, scale_inv):
-        return dequantize_fp8_weight_triton(w_q, scale_inv, block, dtype)
-    return dequantize_fp8_weight_ref(w_q, scale_inv, block, dtype)
+dequantize_fp8_weight = dispatched(dequantize_fp8_weight_ref, dequantize_fp8_weight_triton)
