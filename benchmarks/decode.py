@@ -33,6 +33,13 @@ def weight_read_bandwidth(mib: int = 256) -> float:
     return matrix.numel() * 4 / seconds
 
 
+def matmul_flops() -> float:
+    """FLOP/s of an fp32 GEMM shaped like a batch-16 decode projection (the compute ceiling)."""
+    a, w = torch.randn(16, 4096), torch.randn(4096, 4096)
+    seconds = median_time(lambda: a @ w, repeats=15, warmup=3)
+    return 2 * a.shape[0] * w.numel() / seconds
+
+
 def active_bytes_per_token(model) -> int:
     """fp32 weight bytes one decode token reads: everything but the embedding table (one row) and the
     routed experts it does not use."""
@@ -111,6 +118,8 @@ def main() -> None:
     bandwidth = weight_read_bandwidth()
     active = active_bytes_per_token(ours)
     roofline = bandwidth / active
+    flops = matmul_flops()
+    compute_bound = flops / (2 * active / 4)  # tokens/s if every active fp32 weight costs one multiply-add
     n_params = sum(p.numel() for p in ours.parameters())
     rows = []
     for concurrency in levels:
@@ -124,6 +133,8 @@ def main() -> None:
     print(machine_line())
     print(f"weight-read bandwidth (fp32 matvec, 256 MiB): {bandwidth / 1e9:.2f} GB/s; active weight bytes per token: "
           f"{active / 1e6:.1f} MB; roofline at batch 1: {roofline:.1f} tok/s")
+    print(f"fp32 GEMM (16 x 4096 @ 4096 x 4096): {flops / 1e9:.1f} GFLOP/s; compute bound on decode at any batch: "
+          f"{compute_bound:.0f} tok/s")
     print(f"{'concurrent':>10}{'ours bf16 tok/s':>17}{'ours fp8 tok/s':>16}{'transformers tok/s':>20}"
           f"{'bf16/hf':>9}{'fp8/hf':>8}{'bf16/roofline':>15}")
     for concurrency, bf16, fp8, theirs in rows:
