@@ -51,3 +51,21 @@ def test_agent_loop_runs_end_to_end_with_the_real_worker_and_memory(tmp_path, re
     for step in steps:
         if step.kind == "action":
             assert step.action["type"] == "tool_calls" and len(step.observations) == len(step.action["calls"])
+
+
+def test_cli_runs_a_task_and_shows_the_session(tmp_path, redis_url, monkeypatch, capsys):
+    from runtime.cli import main
+
+    model_dir = tmp_path / "model"
+    save_model(tiny_model(seed=3, max_position_embeddings=4096), model_dir)
+    build_demo_tokenizer(model_dir)
+    for name, value in {"DATA_DIR": tmp_path / "data", "REDIS_URL": redis_url, "MODEL_PATH": model_dir,
+                        "EMBEDDER": "hashing"}.items():
+        monkeypatch.setenv(f"ENGRAM_{name}", str(value))
+    assert main(["run", "Add 2 and 2."]) == 0
+    out = capsys.readouterr().out
+    session_id = out.split("session ", 1)[1].split()[0]
+    assert main(["show", session_id]) == 0
+    shown = capsys.readouterr().out
+    assert shown.splitlines()[0] == out.splitlines()[0]  # the same session, read back from Redis
+    assert "note: the demo checkpoint" not in out  # a configured model path is not the demo
