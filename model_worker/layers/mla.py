@@ -86,8 +86,17 @@ class MLA(nn.Module):
         return LatentKV(latent, k_rope)
 
     def kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """kv_b split per head: w_uk [H, nope, r] (latent -> k_nope), w_uv [H, v, r] (latent -> v)."""
-        weight = _dense_weight(self.kv_b_proj).view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        """kv_b split per head: w_uk [H, nope, r] (latent -> k_nope), w_uv [H, v, r] (latent -> v).
+        A float kv_b is viewed as is; an FP8 one is dequantized once and kept (it is read every step)."""
+        kv_b = self.kv_b_proj
+        if kv_b.is_fp8:
+            key = (kv_b.weight.data_ptr(), kv_b.weight_scale_inv.data_ptr())
+            if getattr(self, "_kv_b_cache", (None,))[0] != key:
+                self._kv_b_cache = (key, kv_b.dense_weight())
+            weight = self._kv_b_cache[1]
+        else:
+            weight = kv_b.weight
+        weight = weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return weight[:, : self.nope_dim], weight[:, self.nope_dim :]
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor,
@@ -140,11 +149,3 @@ class MLA(nn.Module):
         o_lat = torch.einsum("bhts,bsr->bthr", probs, kv.latent)  # [B, T, H, r]
         return torch.einsum("bthr,hvr->bthv", o_lat, w_uv.to(o_lat.dtype))
 
-
-def _dense_weight(linear: Linear) -> torch.Tensor:
-    """The layer's weight as a float tensor [out, in], dequantizing FP8 block-scaled storage."""
-    if getattr(linear, "weight_scale_inv", None) is None:
-        return linear.weight
-    from kernels.quant import dequantize_fp8_weight
-
-    return dequantize_fp8_weight(linear.weight, linear.weight_scale_inv, dtype=torch.float32)

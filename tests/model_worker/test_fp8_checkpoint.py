@@ -88,3 +88,13 @@ def test_fp8_gemm_path_quantizes_activations_per_token(tmp_path):
     a_q, a_scale = quantize_fp8_block_ref(x, block=128)
     expected = fp8_gemm_ref(a_q, a_scale, layer.weight, layer.weight_scale_inv)
     assert torch.allclose(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_absorbed_kv_b_of_an_fp8_layer_is_the_dequantized_weight_computed_once(tmp_path):
+    src, _ = write_hf_checkpoint(tmp_path, "v3", "moe_grouped")
+    _quantize_checkpoint(src, tmp_path / "fp8")
+    gemm = load_model(tmp_path / "fp8", fp8_mode="gemm").model.layers[0].self_attn
+    deq = load_model(tmp_path / "fp8", fp8_mode="dequantize").model.layers[0].self_attn
+    for got, want in zip(gemm.kv_b_weights(), deq.kv_b_weights()):
+        assert torch.equal(got, want)
+    assert gemm.kv_b_weights()[0].data_ptr() == gemm.kv_b_weights()[0].data_ptr()  # cached, not redone per step
