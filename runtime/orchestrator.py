@@ -160,12 +160,13 @@ class Orchestrator:
         memories: list[dict] = []
         model_output, usage = None, {}
         if action is None:
-            if await self._maybe_summarize(run):
-                return
             memories = await self._retrieve(run)
+            messages = self._messages(run, memories)  # built and measured once, then sent as is
+            if await self._maybe_summarize(run, messages):
+                return
             if memories:
                 await self.store.emit(sid, "memory_hits", {"index": index, "memories": memories})
-            outcome = await self._ask_for_action(run, memories)
+            outcome = await self._ask_for_action(run, messages)
             if isinstance(outcome, str):
                 await self._fail(run, outcome)
                 return
@@ -219,13 +220,12 @@ class Orchestrator:
                               run.state.summary, run.state.summarized_through,
                               max_calls=run.agent.limits.max_tool_calls_per_step)
 
-    async def _ask_for_action(self, run: _Run, memories: list[dict]):
+    async def _ask_for_action(self, run: _Run, messages: list[dict]):
         """-> (action, raw text, usage), or an error string after the bounded repair attempts."""
         agent, sid = run.agent, run.state.session_id
         max_calls = agent.limits.max_tool_calls_per_step
         schema = action_schema(self.tools.schemas(agent.tools), max_calls,
                                max_string_chars=self.settings.max_string_chars, max_items=self.settings.max_items)
-        messages = self._messages(run, memories)
         problem = ""
         for _attempt in range(agent.limits.max_parse_repairs + 1):
 
@@ -263,11 +263,12 @@ class Orchestrator:
         await self.store.emit(sid, "tool_result", {"index": index, "call_index": call_index, **outcome})
         return {**observation, **outcome}
 
-    async def _maybe_summarize(self, run: _Run) -> bool:
-        """When the prompt would not fit, fold the oldest unsummarized turns into a summary step.
-        Returns True when a summary step was committed (the caller's step is then over)."""
+    async def _maybe_summarize(self, run: _Run, messages: list[dict]) -> bool:
+        """When this step's prompt (retrieved memories included) would not fit, fold the oldest
+        unsummarized turns into a summary step. Returns True when a summary step was committed (the
+        caller's step is then over; the next step retrieves and builds its prompt again)."""
         budget = self.model.context_window - run.agent.limits.max_tokens_per_step - self.settings.context_margin_tokens
-        if self.model.count_tokens(self._messages(run, [])) <= budget:
+        if self.model.count_tokens(messages) <= budget:
             return False
         state = run.state
         pending = [s for s in run.steps if s.index >= state.summarized_through and s.kind == "action"]
