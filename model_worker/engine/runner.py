@@ -127,7 +127,8 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         # Overlapping the Engram fetch with compute pays off when the layers run on a GPU (or the rows come
         # from another process). On a CPU-only host a second thread of torch work fights the intra-op
-        # thread pool: a step took 17 ms with the background fetch vs 7.5 ms inline (2 cores, demo model).
+        # thread pool: benchmarks/engram_lookup.py measured an Engram cost of 65% with the background fetch
+        # and 8% inline (2 cores).
         self._engram_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-prefetch") \
             if model.config.uses_engram and self.device.type == "cuda" else None
         self.computed_tokens = 0  # tokens run through the model since start (prefix-cache hits excluded)

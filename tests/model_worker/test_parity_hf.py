@@ -38,18 +38,12 @@ def _max_error_vs_hf(ours, hf_model, prompts, side: str) -> float:
     return worst
 
 
-@pytest.mark.parametrize("variant", sorted(V3_VARIANTS))
-def test_v3_checkpoint_logits_match_transformers(tmp_path, variant):
-    path, hf_model = write_hf_checkpoint(tmp_path, "v3", variant)
-    ours = load_model(path)
-    prompts = _prompts(ours.config.vocab_size)
-    assert _max_error_vs_hf(ours, hf_model, prompts, "right") <= 1e-4
-    assert _max_error_vs_hf(ours, hf_model, prompts, "left") <= 1e-4
+CHECKPOINTS = [("v3", v) for v in sorted(V3_VARIANTS)] + [("v2", v) for v in sorted(V2_VARIANTS)]
 
 
-@pytest.mark.parametrize("variant", sorted(V2_VARIANTS))
-def test_v2_checkpoint_logits_match_transformers(tmp_path, variant):
-    path, hf_model = write_hf_checkpoint(tmp_path, "v2", variant)
+@pytest.mark.parametrize("family,variant", CHECKPOINTS)
+def test_checkpoint_logits_match_transformers(tmp_path, family, variant):
+    path, hf_model = write_hf_checkpoint(tmp_path, family, variant)
     ours = load_model(path)
     prompts = _prompts(ours.config.vocab_size)
     assert _max_error_vs_hf(ours, hf_model, prompts, "right") <= 1e-4

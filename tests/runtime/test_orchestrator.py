@@ -65,19 +65,23 @@ def _orchestrator(redis_url, prefix, db_url, model, agent=AGENT, owner=None, **s
     return orchestrator, store, memory
 
 
+async def _run_one(orch, store, memory, task: str, *, cancel: str | None = None):
+    """Submit one session, (optionally request cancellation,) run it; -> (final state, steps)."""
+    state = await orch.submit("t", AGENT.name, task)
+    if cancel is not None:
+        await orch.cancel(state.session_id, cancel)
+    final = await orch.run_session(state.session_id)
+    _, steps = await store.load(state.session_id)
+    await store.close()
+    memory.close()
+    return final, steps
+
+
 def test_unparseable_output_fails_cleanly_after_bounded_repairs(tmp_path, redis_url, key_prefix):
     model = GarbageModel()
 
-    async def scenario():
-        orch, store, memory = _orchestrator(redis_url, key_prefix, f"sqlite:///{tmp_path}/m.db", model)
-        state = await orch.submit("t", AGENT.name, "say hi")
-        final = await orch.run_session(state.session_id)
-        _, steps = await store.load(state.session_id)
-        await store.close()
-        memory.close()
-        return final, steps
-
-    final, steps = asyncio.run(scenario())
+    parts = _orchestrator(redis_url, key_prefix, f"sqlite:///{tmp_path}/m.db", model)
+    final, steps = asyncio.run(_run_one(*parts, "say hi"))
     assert final.status == "failed"
     assert "could not be parsed after 2 repairs" in final.error and "not valid JSON" in final.error
     assert model.calls == 1 + AGENT.limits.max_parse_repairs
@@ -112,17 +116,8 @@ def test_long_history_is_summarized_not_dropped(tmp_path, redis_url, key_prefix)
 
 
 def test_cancel_stops_the_session_at_a_step_boundary(tmp_path, redis_url, key_prefix):
-    async def scenario():
-        orch, store, memory = _orchestrator(redis_url, key_prefix, f"sqlite:///{tmp_path}/m.db", ScriptedModel())
-        state = await orch.submit("t", AGENT.name, "task-cancel")
-        await orch.cancel(state.session_id, "user pressed stop")
-        final = await orch.run_session(state.session_id)
-        _, steps = await store.load(state.session_id)
-        await store.close()
-        memory.close()
-        return final, steps
-
-    final, steps = asyncio.run(scenario())
+    parts = _orchestrator(redis_url, key_prefix, f"sqlite:///{tmp_path}/m.db", ScriptedModel())
+    final, steps = asyncio.run(_run_one(*parts, "task-cancel", cancel="user pressed stop"))
     assert final.status == "cancelled" and final.error == "user pressed stop"
     assert [s.kind for s in steps] == ["error"]
 
