@@ -71,9 +71,12 @@ class PagedLatentCache:
         """The [num_blocks, block_size, row_width] tensor of one layer, as the decode kernel reads it."""
         return self._storage[self._check_layer(layer)]
 
-    def write(self, layer: int, slot_mapping: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
+    def write(self, layer: int, slot_mapping: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+              check_slots: bool = True) -> None:
         """Store N tokens: slot_mapping int64 [N] (block_id * block_size + offset), latent [N, r],
-        k_rope [N, rope] (any float dtype). FP8 quantizes per tile of the latent; rope stays bf16."""
+        k_rope [N, rope] (any float dtype). FP8 quantizes per tile of the latent; rope stays bf16.
+        check_slots=False skips the slot range check (a host sync), for callers that checked the step's
+        slots once for all layers (`check_slot_range`)."""
         storage = self.layer_storage(layer)
         rows = pack_tokens(self.layout, latent, k_rope)  # [N, row_width]; validates latent and k_rope
         if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dtype not in (torch.int64, torch.int32):
@@ -83,10 +86,17 @@ class PagedLatentCache:
             raise ValueError(f"slot_mapping must have shape [N] = [{rows.shape[0]}], got {tuple(slot_mapping.shape)}")
         if rows.shape[0] == 0:
             return
+        if check_slots:
+            self.check_slot_range(slot_mapping)
+        storage.view(self.num_slots, -1)[slot_mapping.to(storage.device).long()] = rows.to(storage.device)
+
+    def check_slot_range(self, slot_mapping: torch.Tensor) -> None:
+        """Raise unless every slot lies in [0, num_slots)."""
+        if slot_mapping.numel() == 0:
+            return
         low, high = (int(v) for v in torch.aminmax(slot_mapping))
         if low < 0 or high >= self.num_slots:
             raise ValueError(f"slot_mapping: slots must lie in [0, {self.num_slots}), got min {low} max {high}")
-        storage.view(self.num_slots, -1)[slot_mapping.to(storage.device).long()] = rows.to(storage.device)
 
     def gather(
         self, layer: int, block_table: Sequence[int] | torch.Tensor, length: int

@@ -3,10 +3,12 @@
 A step is a flat batch of tokens from several sequences: decode tokens (one per sequence) and prefill
 chunks (several tokens). Every token's latent goes into its cache slot; then decode tokens attend
 through the paged MLA decode kernel and prefill chunks attend over their sequence's gathered context
-(causal within the chunk). Engram rows for the step are looked up as soon as the step's tokens are
-known, before any layer runs: on a background thread when the model runs on a GPU, so the fetch
-overlaps the layers below the first Engram layer; inline on CPU-only hosts, where a second thread of
-torch work only competes with the intra-op thread pool. The runner returns the logits of each sequence
+(causal within the chunk). The decode kernel is the Triton one on GPU; elsewhere the batched-torch
+form (`paged_mla_decode_gathered`) runs, with the step's page walk built once and shared by all
+layers. Engram rows for the step are looked up as soon as the step's tokens are known, before any
+layer runs: on a background thread when the model runs on a GPU, so the fetch overlaps the layers
+below the first Engram layer; inline on CPU-only hosts, where a second thread of torch work only
+competes with the intra-op thread pool. The runner returns the logits of each sequence
 whose computation reached its last token; sampling is the engine's job.
 """
 
@@ -17,7 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.mla_decode import paged_mla_decode
+from kernels.dispatch import use_triton
+from kernels.mla_decode import DecodeGather, paged_mla_decode, paged_mla_decode_gathered
 from model_worker.engine.kv_cache import PagedLatentCache
 from model_worker.engine.scheduler import ScheduledBatch
 from model_worker.engine.sequence import Sequence
@@ -44,9 +47,19 @@ class StepPlan:
     decode_rows: torch.Tensor  # int64 [Bd] flat rows of decode tokens
     decode_block_tables: torch.Tensor  # int32 [Bd, max_pages]
     decode_context_lens: torch.Tensor  # int32 [Bd]
+    decode_max_len: int  # longest decode context (0 without decode tokens)
+    all_decode: bool  # every token of the step is a decode token, in flat order
     prefill_spans: list[PrefillSpan] = field(default_factory=list)
     logits_rows: list[int] = field(default_factory=list)  # flat row of the last token, per sampled seq
     sampled_seqs: list[Sequence] = field(default_factory=list)
+    _gather: DecodeGather | None = None
+
+    def decode_gather(self, block_size: int) -> DecodeGather:
+        """The decode tokens' page walk, built on first use and shared by every layer of the step."""
+        if self._gather is None:
+            self._gather = DecodeGather.build(self.decode_block_tables, self.decode_context_lens, block_size,
+                                              self.decode_max_len)
+        return self._gather
 
 
 def build_plan(batch: ScheduledBatch, block_size: int, device: torch.device) -> StepPlan:
@@ -78,6 +91,7 @@ def build_plan(batch: ScheduledBatch, block_size: int, device: torch.device) -> 
         decode_rows=as_long(decode_rows),
         decode_block_tables=torch.tensor(decode_tables or [[0]], dtype=torch.int32, device=device)[: len(decode_rows)],
         decode_context_lens=torch.tensor(decode_lens, dtype=torch.int32, device=device),
+        decode_max_len=max(decode_lens, default=0), all_decode=not spans,
         prefill_spans=spans, logits_rows=logits_rows, sampled_seqs=sampled)
 
 
@@ -88,18 +102,22 @@ class LayerPagedAttention:
         self.cache, self.layer, self.plan = cache, layer, plan
 
     def write(self, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
-        self.cache.write(self.layer, self.plan.slot_mapping, latent, k_rope)
+        self.cache.write(self.layer, self.plan.slot_mapping, latent, k_rope, check_slots=False)  # checked per step
 
     def attend(self, q_lat: torch.Tensor, q_rope: torch.Tensor, scale: float) -> torch.Tensor:
         """q_lat [N, H, r], q_rope [N, H, rope] -> o_lat [N, H, r] fp32."""
         plan, cache = self.plan, self.cache
         out = torch.empty(q_lat.shape, dtype=torch.float32, device=q_lat.device)
         if len(plan.decode_rows):
-            rows = plan.decode_rows
-            out[rows] = paged_mla_decode(
-                q_lat[rows], q_rope[rows], cache.layer_storage(self.layer), plan.decode_block_tables,
-                plan.decode_context_lens, scale, cache.kv_lora_rank, cache.rope_dim, fmt=cache.fmt,
-                block_size=cache.block_size)
+            rows = slice(None) if plan.all_decode else plan.decode_rows
+            storage = cache.layer_storage(self.layer)
+            if use_triton(storage):
+                out[rows] = paged_mla_decode(
+                    q_lat[rows], q_rope[rows], storage, plan.decode_block_tables, plan.decode_context_lens, scale,
+                    cache.kv_lora_rank, cache.rope_dim, fmt=cache.fmt, block_size=cache.block_size)
+            else:
+                out[rows] = paged_mla_decode_gathered(q_lat[rows], q_rope[rows], storage,
+                                                      plan.decode_gather(cache.block_size), scale, cache.layout)
         for span in plan.prefill_spans:
             rows = slice(span.start, span.start + span.length)
             latent, k_rope = cache.gather(self.layer, span.block_table, span.context_len)  # [L, r], [L, rope]
@@ -136,6 +154,7 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
         """-> (sequences to sample for, their logits [S, vocab] fp32)."""
         plan = build_plan(batch, self.cache.block_size, self.device)
+        self.cache.check_slot_range(plan.slot_mapping)  # once for every layer's write
         engram = self._prefetch_engram_rows(batch)
         logits_index = torch.tensor(plan.logits_rows, dtype=torch.int64, device=self.device)
         logits = self.model.forward_step(

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_worker.config import ModelConfig
+from model_worker.layers.fused import ConcatenatedWeight
 from model_worker.layers.linear import Linear
 from model_worker.layers.norm import RMSNorm
 from model_worker.layers.rope import RotaryEmbedding, softmax_scale
@@ -64,26 +65,27 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
         self.kv_b_proj = Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim))
         self.o_proj = Linear(self.n_heads * self.v_dim, config.hidden_size, bias=bias)
+        # q_a and kv_a both read the layer input: one GEMM when their weights can be fused.
+        self._q_a_kv_a = ConcatenatedWeight(self.q_a_proj, self.kv_a_proj_with_mqa) \
+            if config.q_lora_rank is not None else None
         self.scale = softmax_scale(config)
         self.absorbed = False  # a setting: prefill through the absorbed path
         self.latent_dtype: torch.dtype | None = None  # a setting: round cache entries as a cache would store them
 
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, D] -> q [B, T, H, nope + rope]."""
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
+    def _project(self, x: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, LatentKV]:
+        """x [B, T, D] -> (q [B, T, H, nope + rope] before rotation, the tokens' cache entries)."""
+        if self._q_a_kv_a is not None:
+            q_a, kv_a = self._q_a_kv_a(x)
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        return q.view(*x.shape[:2], self.n_heads, self.nope_dim + self.rope_dim)
-
-    def latent_kv(self, x: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor) -> LatentKV:
-        """x [B, T, D] -> the cache entries of these tokens."""
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+            q, kv_a = self.q_proj(x), self.kv_a_proj_with_mqa(x)
+        latent, k_rope = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent, k_rope = self.kv_a_layernorm(latent), rope.rotate(k_rope, cos, sin)
         if self.latent_dtype is not None:
             latent = latent.to(self.latent_dtype).to(latent.dtype)
             k_rope = k_rope.to(self.latent_dtype).to(k_rope.dtype)
-        return LatentKV(latent, k_rope)
+        return q.view(*x.shape[:2], self.n_heads, self.nope_dim + self.rope_dim), LatentKV(latent, k_rope)
 
     def kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b split per head: w_uk [H, nope, r] (latent -> k_nope), w_uv [H, v, r] (latent -> v).
@@ -103,10 +105,9 @@ class MLA(nn.Module):
                 mask: torch.Tensor) -> tuple[torch.Tensor, LatentKV]:
         """x [B, T, D]; cos/sin [B, T, rope/2]; mask bool [B, 1, T, T] (True = may attend).
         Returns the attention output [B, T, D] and this layer's latent KV entries."""
-        q = self._query(x)
+        q, kv = self._project(x, rope, cos, sin)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_rope = rope.rotate(q_rope, cos, sin)  # [B, T, H, rope]
-        kv = self.latent_kv(x, rope, cos, sin)
         if self.absorbed:
             out = self._attend_absorbed(q_nope, q_rope, kv, mask)
         else:
@@ -117,16 +118,15 @@ class MLA(nn.Module):
                       paged: PagedAttention) -> torch.Tensor:
         """Flat step batch x [1, N, D] (tokens of several sequences); the new latents go into the paged
         cache, then attention runs over each sequence's cached context in absorbed form. -> [1, N, D]."""
-        q = self._query(x)[0]  # [N, H, qk]
-        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_rope = rope.rotate(q_rope[None], cos, sin)[0].float()  # [N, H, rope]
-        kv = self.latent_kv(x, rope, cos, sin)
+        q, kv = self._project(x, rope, cos, sin)
+        q_nope, q_rope = q[0].split([self.nope_dim, self.rope_dim], dim=-1)  # [N, H, nope], [N, H, rope]
+        q_rope = rope.rotate(q_rope[None], cos, sin)[0].float()
         paged.write(kv.latent[0], kv.k_rope[0])
         w_uk, w_uv = self.kv_b_weights()
-        q_lat = torch.einsum("nhd,hdr->nhr", q_nope.float(), w_uk.float())  # [N, H, r]
+        q_lat = torch.bmm(q_nope.float().transpose(0, 1), w_uk.float()).transpose(0, 1)  # [N, H, r]
         o_lat = paged.attend(q_lat, q_rope, self.scale)  # [N, H, r] fp32
-        out = torch.einsum("nhr,hvr->nhv", o_lat, w_uv.float()).to(x.dtype)  # [N, H, v]
-        return self.o_proj(out.flatten(1))[None]
+        out = torch.bmm(o_lat.transpose(0, 1), w_uv.float().transpose(1, 2)).transpose(0, 1)  # [N, H, v]
+        return self.o_proj(out.reshape(out.shape[0], -1).to(x.dtype))[None]
 
     def _attend_naive(self, q_nope, q_rope, kv: LatentKV, mask) -> torch.Tensor:
         """Expand the latent to per-head k_nope and v, then standard attention. -> [B, T, H, v]."""

@@ -3,8 +3,9 @@
 Routing follows MODEL_SPEC.md: V3 selects with sigmoid scores + e_score_correction_bias, group-limited
 (group score = sum of its top-2 biased scores), and weights the chosen experts by their unbiased scores
 (normalised when norm_topk_prob) times routed_scaling_factor. V2 uses softmax scores with greedy or
-group-limited greedy top-k. Expert dispatch here is a per-expert gather/scatter loop, adequate for
-prefill on CPU; grouped GEMMs on GPU are the engine's concern.
+group-limited greedy top-k. Float experts run as stacked weights through one grouped GEMM per
+projection (tokens sorted by expert); FP8 experts, which cannot be stacked, run one by one. An MLP's
+gate and up projections run as one GEMM (`layers.fused`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_worker.config import ModelConfig
+from model_worker.layers.fused import ConcatenatedWeight, StackedWeight, grouped_linear, grouped_mm_available
 from model_worker.layers.linear import Linear
 
 
@@ -25,9 +27,11 @@ class MLP(nn.Module):
         self.gate_proj = Linear(hidden_size, intermediate_size)
         self.up_proj = Linear(hidden_size, intermediate_size)
         self.down_proj = Linear(intermediate_size, hidden_size)
+        self._gate_up = ConcatenatedWeight(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self._gate_up(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Router(nn.Module):
@@ -90,25 +94,42 @@ class MoE(nn.Module):
         self.shared_experts = None
         if config.n_shared_experts:
             self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+        self._stacked_gate_up = StackedWeight([[e.gate_proj, e.up_proj] for e in self.experts])  # [E, 2I, D]
+        self._stacked_down = StackedWeight([[e.down_proj] for e in self.experts])  # [E, D, I]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]."""
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = self.gate(flat)  # [N, k]
-        out = torch.zeros_like(flat)
-        token_ids = torch.arange(flat.shape[0], device=x.device).unsqueeze(1).expand_as(ids)
-        order = ids.flatten().argsort(stable=True)
-        counts = torch.bincount(ids.flatten(), minlength=len(self.experts)).tolist()
-        tokens_sorted = token_ids.flatten()[order]
-        weights_sorted = weights.flatten()[order]
-        start = 0
-        for expert_id, count in enumerate(counts):
-            if count == 0:
-                continue
-            rows = tokens_sorted[start : start + count]
-            expert_out = self.experts[expert_id](flat[rows]) * weights_sorted[start : start + count, None].to(x.dtype)
-            out.index_add_(0, rows, expert_out)
-            start += count
+        order = ids.flatten().argsort(stable=True)  # (token, expert) pairs sorted by expert
+        counts = torch.bincount(ids.flatten(), minlength=len(self.experts))  # [E]
+        token = order // ids.shape[1]  # [N*k] token of each sorted pair
+        pair_weight = weights.flatten()[order, None].to(flat.dtype)  # [N*k, 1]
+        gate_up, down = self._stacked_gate_up.get(), self._stacked_down.get()
+        if gate_up is not None and down is not None and grouped_mm_available(flat) and len(order) >= len(counts):
+            # Most experts have tokens: one grouped GEMM per projection over the stacked weights.
+            hidden = _swiglu(grouped_linear(flat[token], gate_up, counts))
+            expert_out = grouped_linear(hidden, down, counts)  # [N*k, D]
+        else:
+            # Few tokens (decode) or unstackable (FP8) experts: run only the experts that have tokens.
+            expert_out = flat.new_empty(len(order), flat.shape[-1])
+            start = 0
+            for expert_id, count in enumerate(counts.tolist()):
+                if count:
+                    rows = slice(start, start + count)
+                    if gate_up is not None and down is not None:
+                        expert_out[rows] = F.linear(_swiglu(F.linear(flat[token[rows]], gate_up[expert_id])),
+                                                    down[expert_id])
+                    else:
+                        expert_out[rows] = self.experts[expert_id](flat[token[rows]])
+                    start += count
+        out = torch.zeros_like(flat).index_add_(0, token, expert_out * pair_weight)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view_as(x)
+
+
+def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] (gate then up) -> silu(gate) * up [..., I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

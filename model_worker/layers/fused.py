@@ -1,0 +1,96 @@
+"""Inference-time weight fusion: fewer, larger GEMMs for the same weights.
+
+Decode runs one or a few tokens per sequence, so a step is dominated by per-call overhead and weight
+reads, not arithmetic. Two fusions cut the number of calls without changing the function:
+
+- `ConcatenatedWeight`: float Linears that read the same input (an MLP's gate and up projections, MLA's
+  q_a and kv_a) become one [sum(out), in] weight and one GEMM whose output is split.
+- `StackedWeight`: a MoE's routed experts become [E, out, in] tensors, run by `grouped_linear` as one
+  grouped GEMM over the tokens sorted by expert.
+
+The fused tensor is built on first use and the member parameters are re-pointed to views of it, so
+checkpoint names, `state_dict()` and memory use stay as they were. Anything that gives a member new
+storage (`cast`, `.to(device)`, a weight update, switching to FP8) is noticed by comparing data
+pointers on every call, and the fusion is rebuilt or, for FP8 or biased members, skipped (callers then
+run the members one by one).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from model_worker.layers.linear import Linear
+
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
+class _FusedWeight:
+    """One [G, sum(out), in] tensor for G groups of Linears (a group's members concatenated along out).
+    `get()` -> that tensor, or None when the members cannot be fused."""
+
+    def __init__(self, groups: list[list[Linear]]):
+        self._groups = groups
+        self._members = [lin for group in groups for lin in group]
+        self._key: tuple[int, ...] | None = None
+        self._tensor: torch.Tensor | None = None
+
+    def _fusable(self) -> bool:
+        first = self._members[0]
+        widths = {sum(lin.out_features for lin in group) for group in self._groups}
+        return len(widths) == 1 and all(
+            not lin.is_fp8 and lin.bias is None and not lin.weight.is_meta and lin.weight.dtype == first.weight.dtype
+            and lin.weight.device == first.weight.device and lin.in_features == first.in_features
+            for lin in self._members)
+
+    def get(self) -> torch.Tensor | None:
+        key = tuple(lin.weight.data_ptr() for lin in self._members)
+        if key == self._key:
+            return self._tensor
+        self._tensor = self._key = None
+        if not self._fusable():
+            return None
+        # Built outside inference mode so the parameters stay ordinary tensors (loading and weight
+        # updates write into them in place later).
+        with torch.inference_mode(False), torch.no_grad():
+            fused = torch.stack([torch.cat([lin.weight.detach() for lin in group]) for group in self._groups])
+            for g, group in enumerate(self._groups):
+                offset = 0
+                for lin in group:
+                    lin.weight.data = fused[g, offset : offset + lin.out_features]
+                    offset += lin.out_features
+        self._tensor = fused
+        self._key = tuple(lin.weight.data_ptr() for lin in self._members)
+        return fused
+
+
+class ConcatenatedWeight(_FusedWeight):
+    """Linears reading the same input, as one [sum(out), in] weight: one GEMM, output split per member."""
+
+    def __init__(self, *linears: Linear):
+        super().__init__([list(linears)])
+        self.sizes = [lin.out_features for lin in linears]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [..., in] -> one output per member, [..., out_i] each (fused GEMM when possible)."""
+        weight = self.get()
+        if weight is None:
+            return tuple(lin(x) for lin in self._members)
+        return F.linear(x, weight[0]).split(self.sizes, dim=-1)
+
+
+class StackedWeight(_FusedWeight):
+    """One group of Linears per expert (e.g. [gate, up]), as an [E, sum(out), in] tensor for grouped GEMMs."""
+
+
+def grouped_mm_available(x: torch.Tensor) -> bool:
+    """Whether `grouped_linear` can run x's dtype as one grouped GEMM (torch >= 2.8: fp32/bf16)."""
+    return _HAS_GROUPED_MM and x.dtype in (torch.float32, torch.bfloat16)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x grouped by expert, each group times its expert's weight, as one grouped GEMM.
+
+    x [M, in] sorted by group; weight [E, out, in]; counts int [E] rows per group, summing to M
+    -> [M, out]. Requires `grouped_mm_available(x)`."""
+    return F.grouped_mm(x, weight.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
