@@ -1,13 +1,17 @@
 """Decode throughput: our engine vs transformers' `generate`, and against the memory-bandwidth roofline.
 
-Same DeepSeek-V3-shaped weights (~100M parameters, fp32) for both. Each of C concurrent requests has
-a short random prompt and generates N tokens greedily (EOS ignored). Reported: generated tokens/s of
-ours (bf16 and FP8 latent cache) and of transformers' `generate` at the same batch size, the ratio, and
-at concurrency 1 the fraction of the roofline: this machine's weight-read bandwidth (measured in the
-same run with a large fp32 matrix-vector product) divided by the weight bytes one decode token reads
-(embedding row, attention, dense/shared MLPs, the routed experts it uses, LM head). Peak RSS last.
+Same DeepSeek-V3-shaped weights (~100M parameters; fp32, or bf16 with --weights bf16) for both. Each
+of C concurrent requests has a short random prompt and generates N tokens greedily (EOS ignored).
+Reported: generated tokens/s of ours (bf16 and FP8 latent cache) and of transformers' `generate` at
+the same batch size, the ratio, and at concurrency 1 the fraction of the roofline: this machine's
+weight-read bandwidth (measured in the same run with a large fp32 matrix-vector product) divided by
+the weight bytes one decode token reads (embedding row, attention, dense/shared MLPs, the routed
+experts it uses, LM head). Peak RSS last.
 
-    python benchmarks/decode.py [--quick]
+The GEMM-only ceiling column bounds what any engine built on torch's CPU GEMMs can reach here (see
+`gemm_floor_tokens_per_s`).
+
+    python benchmarks/decode.py [--quick] [--weights fp32|bf16]
 """
 
 from __future__ import annotations
@@ -53,6 +57,46 @@ def active_bytes_per_token(model) -> int:
         else:
             total += param.numel() * param.element_size()
     return int(total)
+
+
+def gemm_floor_tokens_per_s(model, concurrency: int, repeats: int = 5) -> float:
+    """Decode tokens/s if a step cost nothing but its weight GEMMs, with torch's own kernels.
+
+    One pass runs every Linear of the model (and the LM head) once, in model order, as F.linear on
+    [C, in] random rows: C = concurrency for attention, dense MLPs, shared experts and the head; for
+    the routed experts the step's C * k (token, expert) pairs spread evenly over the E experts (only
+    C * k experts, one row each, when C * k < E). The embedding gather, attention over the cache,
+    routing, norms, sampling and the engine are left out, so no decode step at this concurrency can be
+    faster than this on this machine with these kernels. Median pass time over `repeats`.
+    """
+    import torch.nn.functional as F
+
+    from model_worker.layers.linear import Linear
+
+    cfg = model.config
+    pairs = concurrency * (cfg.num_experts_per_tok or 0)
+    per_expert = max(1, round(pairs / cfg.n_routed_experts)) if cfg.n_routed_experts else 0
+    work = []  # (weight [out, in], rows)
+    for name, module in model.named_modules():
+        if not isinstance(module, (Linear, torch.nn.Linear)):
+            continue
+        weight = module.dense_weight() if isinstance(module, Linear) else module.weight
+        if ".mlp.experts." in name:
+            expert = int(name.split(".mlp.experts.")[1].split(".")[0])
+            if pairs < cfg.n_routed_experts and expert >= pairs:
+                continue  # this expert gets no token in the step
+            work.append((weight, per_expert))
+        else:
+            work.append((weight, concurrency))
+    shapes = {(rows, w.shape[1], w.dtype) for w, rows in work}
+    inputs = {(rows, width, dtype): torch.randn(rows, width, dtype=dtype) for rows, width, dtype in shapes}
+
+    def one_pass():
+        for weight, rows in work:
+            F.linear(inputs[(rows, weight.shape[1], weight.dtype)], weight)
+
+    with torch.inference_mode():
+        return concurrency / median_time(one_pass, repeats=repeats, warmup=1)
 
 
 def ours_tokens_per_s(model, tokenizer, concurrency: int, new_tokens: int, kv_dtype: str) -> float:
@@ -104,6 +148,8 @@ class _ByteTokenizer:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--weights", choices=["fp32", "bf16"], default="fp32",
+                        help="weight dtype of both models")
     args = parser.parse_args()
     new_tokens = 16 if args.quick else 64
     levels = [1, 16] if args.quick else [1, 16, 64]
@@ -113,6 +159,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf_model = save_hf_v3(Path(tmp))
         ours = load_model(tmp)
+    if args.weights == "bf16":
+        hf_model, ours = hf_model.to(torch.bfloat16), ours.cast(torch.bfloat16)
     vocab = hf_model.config.vocab_size
     tokenizer = _ByteTokenizer(vocab)
     bandwidth = weight_read_bandwidth()
@@ -126,21 +174,25 @@ def main() -> None:
         theirs = transformers_tokens_per_s(hf_model, concurrency, new_tokens, vocab)
         bf16 = ours_tokens_per_s(ours, tokenizer, concurrency, new_tokens, "bf16")
         fp8 = ours_tokens_per_s(ours, tokenizer, concurrency, new_tokens, "fp8")
-        rows.append((concurrency, bf16, fp8, theirs))
+        floor = gemm_floor_tokens_per_s(ours, concurrency)
+        rows.append((concurrency, bf16, fp8, theirs, floor))
 
-    print(f"decode, DeepSeek-V3-shaped model: {n_params / 1e6:.1f}M parameters fp32, {new_tokens} new tokens per "
-          f"request, greedy")
+    print(f"decode, DeepSeek-V3-shaped model: {n_params / 1e6:.1f}M parameters {args.weights}, {new_tokens} new "
+          f"tokens per request, greedy")
     print(machine_line())
     print(f"weight-read bandwidth (fp32 matvec, 256 MiB): {bandwidth / 1e9:.2f} GB/s; active weight bytes per token: "
           f"{active / 1e6:.1f} MB; roofline at batch 1: {roofline:.1f} tok/s")
-    print(f"fp32 GEMM (16 x 4096 @ 4096 x 4096): {flops / 1e9:.1f} GFLOP/s; compute bound on decode at any batch: "
-          f"{compute_bound:.0f} tok/s")
+    if args.weights == "fp32":
+        print(f"fp32 GEMM (16 x 4096 @ 4096 x 4096): {flops / 1e9:.1f} GFLOP/s; compute bound on decode at any "
+              f"batch: {compute_bound:.0f} tok/s")
+    print("GEMM ceiling: tokens/s if a step cost only its weight GEMMs (torch kernels; gemm_floor_tokens_per_s)")
     print(f"{'concurrent':>10}{'ours bf16 tok/s':>17}{'ours fp8 tok/s':>16}{'transformers tok/s':>20}"
-          f"{'bf16/hf':>9}{'fp8/hf':>8}{'bf16/roofline':>15}")
-    for concurrency, bf16, fp8, theirs in rows:
+          f"{'bf16/hf':>9}{'fp8/hf':>8}{'bf16/roofline':>15}{'GEMM ceiling':>14}{'ceiling/hf':>12}"
+          f"{'ours/ceiling':>14}")
+    for concurrency, bf16, fp8, theirs, floor in rows:
         roof = f"{bf16 / roofline:>15.2f}" if concurrency == 1 else f"{'':>15}"
         print(f"{concurrency:>10}{bf16:>17.1f}{fp8:>16.1f}{theirs:>20.1f}{bf16 / theirs:>9.2f}"
-              f"{fp8 / theirs:>8.2f}{roof}")
+              f"{fp8 / theirs:>8.2f}{roof}{floor:>14.1f}{floor / theirs:>12.2f}{bf16 / floor:>14.2f}")
     print(f"peak RSS: {peak_rss_mib():.0f} MiB (whole process: both models, caches)")
 
 

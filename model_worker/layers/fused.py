@@ -12,7 +12,7 @@ The fused tensor is built on first use and the member parameters are re-pointed 
 checkpoint names, `state_dict()` and memory use stay as they were. Anything that gives a member new
 storage (`cast`, `.to(device)`, a weight update, switching to FP8) is noticed by comparing data
 pointers on every call, and the fusion is rebuilt or, for FP8 or biased members, skipped (callers then
-run the members one by one).
+run the members one by one); the previous fused tensor is released on that call.
 """
 
 from __future__ import annotations
@@ -83,9 +83,15 @@ class StackedWeight(_FusedWeight):
     """One group of Linears per expert (e.g. [gate, up]), as an [E, sum(out), in] tensor for grouped GEMMs."""
 
 
-def grouped_mm_available(x: torch.Tensor) -> bool:
-    """Whether `grouped_linear` can run x's dtype as one grouped GEMM (torch >= 2.8: fp32/bf16)."""
-    return _HAS_GROUPED_MM and x.dtype in (torch.float32, torch.bfloat16)
+def grouped_mm_available(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether `grouped_linear` can run these as one grouped GEMM: torch >= 2.8 with fp32/bf16 on CPU;
+    on CUDA bf16 only, with every dimension a multiple of 8 (16-byte aligned strides)."""
+    if not _HAS_GROUPED_MM:
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16)
+    dims = [x.shape[-1], *(d for w in weights for d in w.shape[1:])]
+    return x.is_cuda and x.dtype == torch.bfloat16 and all(d % 8 == 0 for d in dims)
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

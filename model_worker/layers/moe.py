@@ -106,7 +106,8 @@ class MoE(nn.Module):
         token = order // ids.shape[1]  # [N*k] token of each sorted pair
         pair_weight = weights.flatten()[order, None].to(flat.dtype)  # [N*k, 1]
         gate_up, down = self._stacked_gate_up.get(), self._stacked_down.get()
-        if gate_up is not None and down is not None and grouped_mm_available(flat) and len(order) >= len(counts):
+        stacked = gate_up is not None and down is not None
+        if stacked and len(order) >= len(counts) and grouped_mm_available(flat, gate_up, down):
             # Most experts have tokens: one grouped GEMM per projection over the stacked weights.
             hidden = _swiglu(grouped_linear(flat[token], gate_up, counts))
             expert_out = grouped_linear(hidden, down, counts)  # [N*k, D]
@@ -117,7 +118,7 @@ class MoE(nn.Module):
             for expert_id, count in enumerate(counts.tolist()):
                 if count:
                     rows = slice(start, start + count)
-                    if gate_up is not None and down is not None:
+                    if stacked:
                         expert_out[rows] = F.linear(_swiglu(F.linear(flat[token[rows]], gate_up[expert_id])),
                                                     down[expert_id])
                     else:

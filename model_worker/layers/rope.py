@@ -86,8 +86,11 @@ class RotaryEmbedding(nn.Module):
             cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
         x32 = x.float()
         if self.interleaved:
-            even, odd = x32[..., 0::2], x32[..., 1::2]
-            out = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+            # Pairs (x0, x1) as complex numbers times cos + i sin: (even*cos - odd*sin, odd*cos + even*sin).
+            if x32.storage_offset() % 2 or any(stride % 2 for stride in x32.stride()[:-1]) or x32.stride(-1) != 1:
+                x32 = x32.contiguous()
+            pairs = torch.view_as_complex(x32.unflatten(-1, (-1, 2)))
+            out = torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
         else:
             half = x32.shape[-1] // 2
             first, second = x32[..., :half], x32[..., half:]

@@ -1,6 +1,6 @@
 """Paged MLA decode attention: the reference against dense softmax attention over each sequence's
-context, and the Triton kernel (run by the interpreter on CPU) against the reference, for bf16 and
-FP8 (FlashMLA V3.2 layout) pages, ragged lengths and shuffled block tables."""
+context, and the Triton kernel (run by the interpreter on CPU) and the gathered torch form against the
+reference, for bf16 and FP8 (FlashMLA V3.2 layout) pages, ragged lengths and shuffled block tables."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from kernels.mla_decode import (
+    DecodeGather,
     LatentCacheLayout,
     pack_tokens,
     paged_mla_decode,
+    paged_mla_decode_gathered,
     paged_mla_decode_ref,
     paged_mla_decode_triton,
     unpack_tokens,
@@ -170,3 +172,73 @@ def test_triton_rejects_a_page_size_it_cannot_tile():
     with pytest.raises(ValueError, match="block_size"):
         paged_mla_decode_triton(q_lat, q_rope, cache, torch.zeros(1, 1, dtype=torch.int32),
                                 torch.ones(1, dtype=torch.int32), 0.1, 64, 16, block_size=24)
+
+
+# ---- gathered (batched torch) form, the engine's CPU decode path ----------------------------------
+
+
+def _run_gathered(q_lat, q_rope, cache, block_table, lens, layout, scale=0.125):
+    gather = DecodeGather.build(block_table, lens, BLOCK, int(lens.max()))
+    return paged_mla_decode_gathered(q_lat, q_rope, cache, gather, scale, layout)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+@pytest.mark.parametrize("rank,rope,heads", [(64, 16, 5), (128, 32, 3), (96, 8, 2)])
+def test_gathered_matches_reference_on_ragged_lengths_and_shuffled_pages(fmt, rank, rope, heads):
+    """Same function as the reference: ragged contexts (1, page-1, page, page+1, several pages) in shuffled pages."""
+    layout = LatentCacheLayout(rank, rope, fmt)
+    cache, block_table, lens, _ = _paged_context(layout, RAGGED_LENS, num_blocks=13, seed=rank + rope)
+    q_lat, q_rope = _queries(len(RAGGED_LENS), heads, layout, seed=15)
+    want = _run(paged_mla_decode_ref, q_lat, q_rope, cache, block_table, lens, layout)
+    got = _run_gathered(q_lat, q_rope, cache, block_table, lens, layout)
+    assert got.dtype == torch.float32 and got.shape == q_lat.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_gathered_matches_reference_for_v3_dims(fmt):
+    """kv_lora_rank 512, rope 64 (FP8: 656-byte rows with 4 scale tiles)."""
+    layout = LatentCacheLayout(512, 64, fmt)
+    cache, block_table, lens, _ = _paged_context(layout, (5, 70), num_blocks=4, seed=16)
+    q_lat, q_rope = _queries(2, 3, layout, seed=17)
+    want = _run(paged_mla_decode_ref, q_lat, q_rope, cache, block_table, lens, layout, scale=0.05)
+    got = _run_gathered(q_lat, q_rope, cache, block_table, lens, layout, scale=0.05)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_gathered_never_reads_unused_pages_or_stale_slots(fmt):
+    """block_table is -1 past each sequence's pages and every other slot holds NaN: the output is finite
+    and equals the reference, also with the shortest context far below max_len."""
+    layout = LatentCacheLayout(64, 16, fmt)
+    lens_list = (1, 130, 2, 65)
+    cache, block_table, lens, _ = _paged_context(layout, lens_list, num_blocks=9, seed=18)
+    assert (block_table == -1).any()
+    q_lat, q_rope = _queries(len(lens_list), 4, layout, seed=19)
+    gather = DecodeGather.build(block_table, lens, BLOCK, int(lens.max()))
+    assert ((gather.slots >= 0) & (gather.slots < cache.shape[0] * BLOCK)).all()
+    got = paged_mla_decode_gathered(q_lat, q_rope, cache, gather, 0.125, layout)
+    assert torch.isfinite(got).all()
+    want = _run(paged_mla_decode_ref, q_lat, q_rope, cache, block_table, lens, layout)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gathered_reuses_one_page_walk_for_several_layers_and_bf16_queries():
+    """One DecodeGather (built once per step) serves every layer's cache: each layer = the reference."""
+    layout = LatentCacheLayout(64, 16, "fp8")
+    cache, block_table, lens, slots = _paged_context(layout, (30, 100, 7), num_blocks=6, seed=20)
+    other = cache.clone()  # a second layer: same pages, different latents
+    g = torch.Generator().manual_seed(21)
+    for seq_slots in slots:
+        n = len(seq_slots)
+        other.view(-1, layout.row_width)[seq_slots] = pack_tokens(
+            layout, torch.randn(n, 64, generator=g), torch.randn(n, 16, generator=g))
+    gather = DecodeGather.build(block_table, lens, BLOCK, int(lens.max()))
+    q_lat, q_rope = _queries(3, 2, layout, seed=22, dtype=torch.bfloat16)
+    outs = []
+    for layer_cache in (cache, other):
+        want = _run(paged_mla_decode_ref, q_lat, q_rope, layer_cache, block_table, lens, layout)
+        got = paged_mla_decode_gathered(q_lat, q_rope, layer_cache, gather, 0.125, layout)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        outs.append(got)
+    assert not torch.allclose(outs[0], outs[1])  # the layers really differ

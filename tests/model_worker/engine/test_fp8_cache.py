@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from model_worker import build_random_model
 from model_worker.engine.block_manager import BlockManager
 from model_worker.engine.kv_cache import PagedLatentCache
 from model_worker.engine.runner import ModelRunner
 from model_worker.engine.scheduler import Scheduler
 from model_worker.engine.sequence import Sequence
-from tests.model_worker.engine.engine_fixtures import greedy, make_engine, random_prompt, run_to_completion, tiny_model
+from tests.model_worker.engine.engine_fixtures import (
+    demo_tokenizer,
+    greedy,
+    make_engine,
+    random_prompt,
+    run_to_completion,
+    tiny_config,
+)
 
 NEW_TOKENS = 128
 
@@ -41,16 +50,24 @@ def _teacher_forced_logits(model, fmt: str, sequences: dict[str, list[int]], pro
     return {rid: torch.stack(rows) for rid, rows in logits.items()}
 
 
-def test_fp8_cache_error_is_bounded_by_its_precision_and_top1_mostly_agrees():
+@pytest.mark.parametrize("std,patch,min_agreement,max_error_ratio", [
+    # The default random model (weights ~ N(0, 0.02^2), transformers' initializer_range), whole
+    # architecture: MLA + MoE + mHC + Engram. The issue's bar: top-1 agreement >= 99%.
+    (0.02, {}, 0.99, 32),
+    # Stress: weights 10x larger, dense. Attention then dominates the residual stream and top-1 margins
+    # are a fraction of a logit (median 0.33), so FP8 rounding flips more of them.
+    (0.2, {"n_routed_experts": None}, 0.90, 24),
+], ids=["default-init-moe", "std0.2-dense-stress"])
+def test_fp8_cache_top1_agreement_and_error_bounded_by_its_precision(std, patch, min_agreement, max_error_ratio):
     """8 prompts x 128 teacher-forced tokens through both cache formats, against an fp32 full recompute.
 
-    A dense model isolates the cache: with MoE, tiny logit perturbations flip expert choices and the
-    comparison measures routing chaos instead. Random weights give near-uniform logits (top-1 margins
-    of a fraction of a logit), so the top-1 bound here (90%) is well below what trained models show; the
-    error-ratio bound is the sharp check: e4m3 keeps 3 mantissa bits to bf16's 7, so the FP8 cache's logit
-    error may be about 2^4 = 16x the bf16 cache's, and a wrong scale or layout would be far beyond that.
+    The error-ratio bound is the sharp check: e4m3 keeps 3 mantissa bits to bf16's 7, so the FP8 cache's
+    logit error may be about 2^4 = 16x the bf16 cache's (more where a perturbation flips an expert
+    choice); a wrong scale or layout would be far beyond that.
     """
-    model = tiny_model(seed=1, n_routed_experts=None)
+    config = tiny_config(**patch)
+    token_map = torch.tensor(demo_tokenizer().compressed_token_map(), dtype=torch.int64)
+    model = build_random_model(config, seed=1, token_map=token_map, std=std)
     engine = make_engine(model)
     prompts = {f"p{i}": random_prompt(10 + 13 * i, seed=60 + i) for i in range(8)}
     for request_id, prompt in prompts.items():
@@ -69,10 +86,11 @@ def test_fp8_cache_error_is_bounded_by_its_precision_and_top1_mostly_agrees():
         total += NEW_TOKENS
         err_bf16 = max(err_bf16, (bf16[rid] - full).abs().max().item())
         err_fp8 = max(err_fp8, (fp8[rid] - full).abs().max().item())
-    print(f"\nFP8 vs bf16 cache, teacher-forced: top-1 agreement {agree}/{total} = {agree / total:.4f}; "
-          f"max |logit error| vs fp32 recompute: fp8 {err_fp8:.4f}, bf16 {err_bf16:.4f}")
-    assert err_bf16 < err_fp8 <= 24 * err_bf16
-    assert agree / total >= 0.90
+    print(f"\nFP8 vs bf16 cache (weights std {std}), teacher-forced: top-1 agreement {agree}/{total} = "
+          f"{agree / total:.4f}; max |logit error| vs fp32 recompute: fp8 {err_fp8:.4f}, bf16 {err_bf16:.4f} "
+          f"({err_fp8 / err_bf16:.1f}x)")
+    assert err_bf16 < err_fp8 <= max_error_ratio * err_bf16
+    assert agree / total >= min_agreement
 
 
 def test_fp8_layout_costs_656_bytes_per_token_per_layer_for_v3_dims():
