@@ -43,8 +43,12 @@ class _FusedWeight:
             and lin.weight.device == first.weight.device and lin.in_features == first.in_features
             for lin in self._members)
 
+    def _current_key(self) -> tuple[int, ...]:
+        # Straight from each module's parameter dict: nn.Module attribute lookup costs more than the check.
+        return tuple(lin._parameters["weight"].data_ptr() for lin in self._members)
+
     def get(self) -> torch.Tensor | None:
-        key = tuple(lin.weight.data_ptr() for lin in self._members)
+        key = self._current_key()
         if key == self._key:
             return self._tensor
         self._tensor = self._key = None
@@ -60,7 +64,7 @@ class _FusedWeight:
                     lin.weight.data = fused[g, offset : offset + lin.out_features]
                     offset += lin.out_features
         self._tensor = fused
-        self._key = tuple(lin.weight.data_ptr() for lin in self._members)
+        self._key = self._current_key()
         return fused
 
 

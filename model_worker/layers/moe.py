@@ -101,12 +101,14 @@ class MoE(nn.Module):
         """x [B, T, D] -> [B, T, D]."""
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = self.gate(flat)  # [N, k]
+        gate_up, down = self._stacked_gate_up.get(), self._stacked_down.get()
+        stacked = gate_up is not None and down is not None
+        if stacked and flat.shape[0] == 1:
+            return self._one_token(flat, weights, ids, gate_up, down).view_as(x)
         order = ids.flatten().argsort(stable=True)  # (token, expert) pairs sorted by expert
         counts = torch.bincount(ids.flatten(), minlength=len(self.experts))  # [E]
         token = order // ids.shape[1]  # [N*k] token of each sorted pair
         pair_weight = weights.flatten()[order, None].to(flat.dtype)  # [N*k, 1]
-        gate_up, down = self._stacked_gate_up.get(), self._stacked_down.get()
-        stacked = gate_up is not None and down is not None
         if stacked and len(order) >= len(counts) and grouped_mm_available(flat, gate_up, down):
             # Most experts have tokens: one grouped GEMM per projection over the stacked weights.
             hidden = _swiglu(grouped_linear(flat[token], gate_up, counts))
@@ -128,6 +130,13 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view_as(x)
+
+    def _one_token(self, flat, weights, ids, gate_up, down) -> torch.Tensor:
+        """Decode of a single sequence: its k experts in turn, no sorting or scattering. flat [1, D] -> [1, D]."""
+        out = self.shared_experts(flat) if self.shared_experts is not None else torch.zeros_like(flat)
+        for expert_id, weight in zip(ids[0].tolist(), weights[0].tolist()):
+            out = out + F.linear(_swiglu(F.linear(flat, gate_up[expert_id])), down[expert_id]) * weight
+        return out
 
 
 def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
