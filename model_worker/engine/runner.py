@@ -107,22 +107,27 @@ class LayerPagedAttention:
     def attend(self, q_lat: torch.Tensor, q_rope: torch.Tensor, scale: float) -> torch.Tensor:
         """q_lat [N, H, r], q_rope [N, H, rope] -> o_lat [N, H, r] fp32."""
         plan, cache = self.plan, self.cache
+        if plan.all_decode:
+            return self._decode(q_lat, q_rope, scale)
         out = torch.empty(q_lat.shape, dtype=torch.float32, device=q_lat.device)
         if len(plan.decode_rows):
-            rows = slice(None) if plan.all_decode else plan.decode_rows
-            storage = cache.layer_storage(self.layer)
-            if use_triton(storage):
-                out[rows] = paged_mla_decode(
-                    q_lat[rows], q_rope[rows], storage, plan.decode_block_tables, plan.decode_context_lens, scale,
-                    cache.kv_lora_rank, cache.rope_dim, fmt=cache.fmt, block_size=cache.block_size)
-            else:
-                out[rows] = paged_mla_decode_gathered(q_lat[rows], q_rope[rows], storage,
-                                                      plan.decode_gather(cache.block_size), scale, cache.layout)
+            rows = plan.decode_rows
+            out[rows] = self._decode(q_lat[rows], q_rope[rows], scale)
         for span in plan.prefill_spans:
             rows = slice(span.start, span.start + span.length)
             latent, k_rope = cache.gather(self.layer, span.block_table, span.context_len)  # [L, r], [L, rope]
             out[rows] = _causal_latent_attention(q_lat[rows].float(), q_rope[rows].float(), latent, k_rope, scale)
         return out
+
+    def _decode(self, q_lat: torch.Tensor, q_rope: torch.Tensor, scale: float) -> torch.Tensor:
+        """The decode tokens' queries [Bd, H, r], [Bd, H, rope] -> o_lat [Bd, H, r] fp32."""
+        plan, cache = self.plan, self.cache
+        storage = cache.layer_storage(self.layer)
+        if use_triton(storage):
+            return paged_mla_decode(q_lat, q_rope, storage, plan.decode_block_tables, plan.decode_context_lens, scale,
+                                    cache.kv_lora_rank, cache.rope_dim, fmt=cache.fmt, block_size=cache.block_size)
+        return paged_mla_decode_gathered(q_lat, q_rope, storage, plan.decode_gather(cache.block_size), scale,
+                                         cache.layout)
 
 
 def _causal_latent_attention(q_lat, q_rope, latent, k_rope, scale: float) -> torch.Tensor:

@@ -78,9 +78,9 @@ class Router(nn.Module):
         if self.n_group == 1:
             return scores
         top_groups = group_scores.topk(self.topk_group, dim=-1)[1]
-        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
-        expert_mask = group_mask.repeat_interleave(self.n_experts // self.n_group, dim=1)
-        return scores.masked_fill(~expert_mask, fill)
+        dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, False)  # [N, G]
+        grouped = scores.view(scores.shape[0], self.n_group, -1)  # [N, G, E/G]
+        return grouped.masked_fill(dropped[..., None], fill).view_as(scores)
 
 
 class MoE(nn.Module):
