@@ -121,8 +121,7 @@ class MoE(nn.Module):
                 if count:
                     rows = slice(start, start + count)
                     if stacked:
-                        expert_out[rows] = F.linear(_swiglu(F.linear(flat[token[rows]], gate_up[expert_id])),
-                                                    down[expert_id])
+                        expert_out[rows] = _stacked_expert(flat[token[rows]], gate_up, down, expert_id)
                     else:
                         expert_out[rows] = self.experts[expert_id](flat[token[rows]])
                     start += count
@@ -135,8 +134,13 @@ class MoE(nn.Module):
         """Decode of a single sequence: its k experts in turn, no sorting or scattering. flat [1, D] -> [1, D]."""
         out = self.shared_experts(flat) if self.shared_experts is not None else torch.zeros_like(flat)
         for expert_id, weight in zip(ids[0].tolist(), weights[0].tolist()):
-            out = out + F.linear(_swiglu(F.linear(flat, gate_up[expert_id])), down[expert_id]) * weight
+            out = out + _stacked_expert(flat, gate_up, down, expert_id) * weight
         return out
+
+
+def _stacked_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, expert_id: int) -> torch.Tensor:
+    """One expert's SwiGLU from the stacked weights: x [M, D]; gate_up [E, 2I, D]; down [E, D, I] -> [M, D]."""
+    return F.linear(_swiglu(F.linear(x, gate_up[expert_id])), down[expert_id])
 
 
 def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:

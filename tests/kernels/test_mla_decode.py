@@ -96,26 +96,41 @@ def test_reference_with_one_token_context_returns_that_latent():
     assert torch.equal(got[0], latent.expand(4, -1))
 
 
+def _gathered(q_lat, q_rope, cache, block_table, lens, scale, rank, rope, fmt, block_size):
+    """paged_mla_decode_gathered behind the reference's signature (page walk built here, as per step)."""
+    gather = DecodeGather.build(block_table, lens, block_size, int(lens.max()))
+    return paged_mla_decode_gathered(q_lat, q_rope, cache, gather, scale, LatentCacheLayout(rank, rope, fmt))
+
+
+IMPLEMENTATIONS = pytest.mark.parametrize("impl", [paged_mla_decode_triton, _gathered], ids=["triton", "gathered"])
+
+
+@IMPLEMENTATIONS
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])
 @pytest.mark.parametrize("rank,rope,heads", [(64, 16, 5), (128, 32, 3), (96, 8, 2)])
-def test_triton_matches_reference_on_ragged_lengths_and_shuffled_pages(fmt, rank, rope, heads):
+def test_matches_reference_on_ragged_lengths_and_shuffled_pages(impl, fmt, rank, rope, heads):
+    """Ragged contexts (1, page-1, page, page+1, several pages) in shuffled pages."""
     layout = LatentCacheLayout(rank, rope, fmt)
     cache, block_table, lens, _ = _paged_context(layout, RAGGED_LENS, num_blocks=13, seed=rank + rope)
-    q_lat, q_rope = _queries(len(RAGGED_LENS), heads, layout, seed=5)
-    want = _run(paged_mla_decode_ref, q_lat, q_rope, cache, block_table, lens, layout)
-    got = _run(paged_mla_decode_triton, q_lat, q_rope, cache, block_table, lens, layout)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for seed in (5, 15):
+        q_lat, q_rope = _queries(len(RAGGED_LENS), heads, layout, seed=seed)
+        want = _run(paged_mla_decode_ref, q_lat, q_rope, cache, block_table, lens, layout)
+        got = _run(impl, q_lat, q_rope, cache, block_table, lens, layout)
+        assert got.dtype == torch.float32 and got.shape == q_lat.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@IMPLEMENTATIONS
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])
-def test_triton_matches_reference_for_v3_dims(fmt):
+def test_matches_reference_for_v3_dims(impl, fmt):
     """kv_lora_rank 512, rope 64: FP8 rows are the 656-byte V3.2 layout with 4 scale tiles."""
     layout = LatentCacheLayout(512, 64, fmt)
     cache, block_table, lens, _ = _paged_context(layout, (5, 70), num_blocks=4, seed=6)
-    q_lat, q_rope = _queries(2, 2, layout, seed=7)
-    want = _run(paged_mla_decode_ref, q_lat, q_rope, cache, block_table, lens, layout)
-    got = _run(paged_mla_decode_triton, q_lat, q_rope, cache, block_table, lens, layout)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for seed, heads, scale in ((7, 2, 0.125), (17, 3, 0.05)):
+        q_lat, q_rope = _queries(2, heads, layout, seed=seed)
+        want = _run(paged_mla_decode_ref, q_lat, q_rope, cache, block_table, lens, layout, scale=scale)
+        got = _run(impl, q_lat, q_rope, cache, block_table, lens, layout, scale=scale)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_triton_accepts_bf16_queries_like_the_reference():
@@ -175,35 +190,6 @@ def test_triton_rejects_a_page_size_it_cannot_tile():
 
 
 # ---- gathered (batched torch) form, the engine's CPU decode path ----------------------------------
-
-
-def _run_gathered(q_lat, q_rope, cache, block_table, lens, layout, scale=0.125):
-    gather = DecodeGather.build(block_table, lens, BLOCK, int(lens.max()))
-    return paged_mla_decode_gathered(q_lat, q_rope, cache, gather, scale, layout)
-
-
-@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
-@pytest.mark.parametrize("rank,rope,heads", [(64, 16, 5), (128, 32, 3), (96, 8, 2)])
-def test_gathered_matches_reference_on_ragged_lengths_and_shuffled_pages(fmt, rank, rope, heads):
-    """Same function as the reference: ragged contexts (1, page-1, page, page+1, several pages) in shuffled pages."""
-    layout = LatentCacheLayout(rank, rope, fmt)
-    cache, block_table, lens, _ = _paged_context(layout, RAGGED_LENS, num_blocks=13, seed=rank + rope)
-    q_lat, q_rope = _queries(len(RAGGED_LENS), heads, layout, seed=15)
-    want = _run(paged_mla_decode_ref, q_lat, q_rope, cache, block_table, lens, layout)
-    got = _run_gathered(q_lat, q_rope, cache, block_table, lens, layout)
-    assert got.dtype == torch.float32 and got.shape == q_lat.shape
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
-def test_gathered_matches_reference_for_v3_dims(fmt):
-    """kv_lora_rank 512, rope 64 (FP8: 656-byte rows with 4 scale tiles)."""
-    layout = LatentCacheLayout(512, 64, fmt)
-    cache, block_table, lens, _ = _paged_context(layout, (5, 70), num_blocks=4, seed=16)
-    q_lat, q_rope = _queries(2, 3, layout, seed=17)
-    want = _run(paged_mla_decode_ref, q_lat, q_rope, cache, block_table, lens, layout, scale=0.05)
-    got = _run_gathered(q_lat, q_rope, cache, block_table, lens, layout, scale=0.05)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])
