@@ -55,7 +55,7 @@ def _teacher_forced_logits(model, fmt: str, sequences: dict[str, list[int]], pro
     # architecture: MLA + MoE + mHC + Engram. The bar: top-1 agreement >= 99%.
     (0.02, {}, 0.99, 32),
     # Stress: weights 10x larger, dense. Attention then dominates the residual stream and top-1 margins
-    # are a fraction of a logit (median 0.33), so FP8 rounding flips more of them.
+    # are a fraction of a logit, so FP8 rounding flips more of them.
     (0.2, {"n_routed_experts": None}, 0.90, 24),
 ], ids=["default-init-moe", "std0.2-dense-stress"])
 def test_fp8_cache_top1_agreement_and_error_bounded_by_its_precision(std, patch, min_agreement, max_error_ratio):
