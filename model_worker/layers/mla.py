@@ -71,6 +71,7 @@ class MLA(nn.Module):
         self.scale = softmax_scale(config)
         self.absorbed = False  # a setting: prefill through the absorbed path
         self.latent_dtype: torch.dtype | None = None  # a setting: round cache entries as a cache would store them
+        self._kv_b_split: tuple | None = None  # (weight storage key, (w_uk, w_uv)), see kv_b_weights
 
     def _project(self, x: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, LatentKV]:
@@ -89,17 +90,17 @@ class MLA(nn.Module):
 
     def kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b split per head: w_uk [H, nope, r] (latent -> k_nope), w_uv [H, v, r] (latent -> v).
-        A float kv_b is viewed as is; an FP8 one is dequantized once and kept (it is read every step)."""
+        Views of a float kv_b; an FP8 one is dequantized once and kept (it is read every step). Cached per
+        weight storage, so a cast or a new weight is picked up and an unchanged one costs one lookup."""
         kv_b = self.kv_b_proj
-        if kv_b.is_fp8:
-            key = (kv_b.weight.data_ptr(), kv_b.weight_scale_inv.data_ptr())
-            if getattr(self, "_kv_b_cache", (None,))[0] != key:
-                self._kv_b_cache = (key, kv_b.dense_weight())
-            weight = self._kv_b_cache[1]
-        else:
-            weight = kv_b.weight
-        weight = weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        return weight[:, : self.nope_dim], weight[:, self.nope_dim :]
+        weight, scale = kv_b._parameters["weight"], kv_b._parameters["weight_scale_inv"]
+        key = (weight.data_ptr(), weight.dtype, None if scale is None else scale.data_ptr())
+        if self._kv_b_split is not None and self._kv_b_split[0] == key:
+            return self._kv_b_split[1]
+        dense = kv_b.dense_weight().view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        split = (dense[:, : self.nope_dim], dense[:, self.nope_dim :])
+        self._kv_b_split = (key, split)
+        return split
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor) -> tuple[torch.Tensor, LatentKV]:
@@ -120,13 +121,14 @@ class MLA(nn.Module):
         cache, then attention runs over each sequence's cached context in absorbed form. -> [1, N, D]."""
         q, kv = self._project(x, rope, cos, sin)
         q_nope, q_rope = q[0].split([self.nope_dim, self.rope_dim], dim=-1)  # [N, H, nope], [N, H, rope]
-        q_rope = rope.rotate(q_rope[None], cos, sin)[0].float()
+        q_rope = _fp32(rope.rotate(q_rope, cos[0], sin[0]))
         paged.write(kv.latent[0], kv.k_rope[0])
         w_uk, w_uv = self.kv_b_weights()
-        q_lat = torch.bmm(q_nope.float().transpose(0, 1), w_uk.float()).transpose(0, 1)  # [N, H, r]
+        q_lat = torch.bmm(_fp32(q_nope).transpose(0, 1), _fp32(w_uk)).transpose(0, 1)  # [N, H, r]
         o_lat = paged.attend(q_lat, q_rope, self.scale)  # [N, H, r] fp32
-        out = torch.bmm(o_lat.transpose(0, 1), w_uv.float().transpose(1, 2)).transpose(0, 1)  # [N, H, v]
-        return self.o_proj(out.reshape(out.shape[0], -1).to(x.dtype))[None]
+        out = torch.bmm(o_lat.transpose(0, 1), _fp32(w_uv).transpose(1, 2)).transpose(0, 1)  # [N, H, v]
+        out = out.reshape(out.shape[0], -1)
+        return self.o_proj(out if out.dtype == x.dtype else out.to(x.dtype))[None]
 
     def _attend_naive(self, q_nope, q_rope, kv: LatentKV, mask) -> torch.Tensor:
         """Expand the latent to per-head k_nope and v, then standard attention. -> [B, T, H, v]."""
@@ -149,3 +151,7 @@ class MLA(nn.Module):
         o_lat = torch.einsum("bhts,bsr->bthr", probs, kv.latent)  # [B, T, H, r]
         return torch.einsum("bthr,hvr->bthv", o_lat, w_uv.to(o_lat.dtype))
 
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """t as float32, without a dispatch when it already is (decode calls this per layer per step)."""
+    return t if t.dtype == torch.float32 else t.float()

@@ -53,7 +53,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] -> (weights [N, k] fp32, expert ids [N, k] int64)."""
-        logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        weight = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
+        logits = F.linear(x if x.dtype == torch.float32 else x.float(), weight)  # [N, E]
         if self.kind == "sigmoid":
             scores = logits.sigmoid()
             biased = scores + self.e_score_correction_bias
@@ -134,7 +135,8 @@ class MoE(nn.Module):
         """Decode of a single sequence: its k experts in turn, no sorting or scattering. flat [1, D] -> [1, D]."""
         out = self.shared_experts(flat) if self.shared_experts is not None else torch.zeros_like(flat)
         for expert_id, weight in zip(ids[0].tolist(), weights[0].tolist()):
-            out = out + _stacked_expert(flat, gate_up, down, expert_id) * weight
+            hidden = _swiglu(F.linear(flat, gate_up[expert_id]))  # [1, I]
+            out = torch.addmm(out, hidden, down[expert_id].t(), alpha=weight)  # out + weight * down(hidden)
         return out
 
 

@@ -1,6 +1,6 @@
 """Rotary position embeddings with optional YaRN scaling, in DeepSeek's two layouts.
 
-`interleaved=True` rotates adjacent pairs (x0, x1), (x2, x3), ... (DeepSeek's own code, complex
+`interleaved=True` rotates adjacent pairs (x0, x1), (x2, x3), ... (DeepSeek's own code, a complex
 multiply); `interleaved=False` rotates the two halves (x_i, x_{i+d/2}) (HF `rotate_half`). Both give the
 same attention scores for a consistently permuted weight, but they are different functions of the
 weights, so the layout must match the checkpoint. YaRN follows the formulas in MODEL_SPEC.md.
@@ -76,23 +76,29 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [dim/2]
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] int -> cos, sin [B, T, dim/2] fp32 (attention factor applied)."""
-        angles = positions.float().unsqueeze(-1) * self.inv_freq.float()
-        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+        """positions [B, T] int -> (cos, sin) tables [B, T, dim] fp32 for `rotate` (attention factor applied).
+
+        Full width, laid out like the rotated vector: each frequency's cos appears at both members of its
+        pair, and sin carries the rotation's sign (-sin at a pair's first member, +sin at its second), so
+        rotating is two multiplies and an add. Build once per step; every layer reuses them."""
+        angles = positions.float().unsqueeze(-1) * self.inv_freq.float()  # [B, T, dim/2]
+        cos, sin = angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+        if self.interleaved:  # pairs (x0, x1), (x2, x3), ...
+            return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # halves (x_i, x_{i+dim/2})
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, T, H, dim] (or [B, T, dim]); cos/sin [B, T, dim/2]. Output keeps x's layout and dtype."""
-        if x.dim() == 4:
-            cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-        x32 = x.float()
+        """x [..., T, H, dim] or [..., T, dim]; cos/sin [..., T, dim] from `cos_sin`. Output keeps x's layout
+        and dtype.
+
+        x * cos + partner(x) * sin, where partner swaps the members of each pair: for a pair (a, b) at angle t
+        this is (a cos t - b sin t, b cos t + a sin t), the complex product (a + ib) e^(it)."""
+        if x.dim() == cos.dim() + 1:  # a head axis
+            cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        x32 = x if x.dtype == torch.float32 else x.float()
         if self.interleaved:
-            # Pairs (x0, x1) as complex numbers times cos + i sin: (even*cos - odd*sin, odd*cos + even*sin).
-            if x32.storage_offset() % 2 or any(stride % 2 for stride in x32.stride()[:-1]) or x32.stride(-1) != 1:
-                x32 = x32.contiguous()
-            pairs = torch.view_as_complex(x32.unflatten(-1, (-1, 2)))
-            out = torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
+            partner = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
         else:
-            half = x32.shape[-1] // 2
-            first, second = x32[..., :half], x32[..., half:]
-            out = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
-        return out.to(x.dtype)
+            partner = x32.roll(x32.shape[-1] // 2, dims=-1)
+        out = torch.addcmul(x32 * cos, partner, sin)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
