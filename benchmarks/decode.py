@@ -4,19 +4,24 @@ Same DeepSeek-V3-shaped weights (~100M parameters; fp32, or bf16 with --weights 
 of C concurrent requests has a short random prompt and generates N tokens greedily (EOS ignored).
 Reported: generated tokens/s of ours (bf16 and FP8 latent cache) and of transformers' `generate` at
 the same batch size, the ratio, and at concurrency 1 the fraction of the roofline: this machine's
-weight-read bandwidth (measured in the same run with a large fp32 matrix-vector product) divided by
-the weight bytes one decode token reads (embedding row, attention, dense/shared MLPs, the routed
-experts it uses, LM head). Peak RSS last.
+weight-read bandwidth (a large fp32 matrix-vector product) divided by the weight bytes one decode token
+reads (embedding row, attention, dense/shared MLPs, the routed experts it uses, LM head). Peak RSS last.
+
+This machine's speed drifts by tens of percent over seconds (shared host), so every figure is the median
+of several trials, and the trials of ours and transformers alternate. At concurrency 1 each trial
+measures the bandwidth right before our run, and ours/roofline is the median of the per-trial ratios.
 
 The GEMM-only ceiling column bounds what any engine built on torch's CPU GEMMs can reach here (see
-`gemm_floor_tokens_per_s`).
+`gemm_floor_tokens_per_s`); the compute bound is this machine's fp32 GEMM rate at a batch-16 decode shape
+over the multiply-adds a token needs.
 
-    python benchmarks/decode.py [--quick] [--weights fp32|bf16]
+    python benchmarks/decode.py [--quick] [--weights fp32|bf16] [--trials N]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -37,9 +42,9 @@ def weight_read_bandwidth(mib: int = 256) -> float:
     return matrix.numel() * 4 / seconds
 
 
-def matmul_flops() -> float:
-    """FLOP/s of an fp32 GEMM shaped like a batch-16 decode projection (the compute ceiling)."""
-    a, w = torch.randn(16, 4096), torch.randn(4096, 4096)
+def matmul_flops(dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of a GEMM in dtype shaped like a batch-16 decode projection (the compute ceiling)."""
+    a, w = torch.randn(16, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
     seconds = median_time(lambda: a @ w, repeats=15, warmup=3)
     return 2 * a.shape[0] * w.numel() / seconds
 
@@ -150,9 +155,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--weights", choices=["fp32", "bf16"], default="fp32",
                         help="weight dtype of both models")
+    parser.add_argument("--trials", type=int, default=None, help="trials per figure (default 5, 3 with --quick)")
     args = parser.parse_args()
     new_tokens = 16 if args.quick else 64
     levels = [1, 16] if args.quick else [1, 16, 64]
+    trials = args.trials or (3 if args.quick else 5)
 
     from model_worker import load_model
 
@@ -163,37 +170,51 @@ def main() -> None:
         hf_model, ours = hf_model.to(torch.bfloat16), ours.cast(torch.bfloat16)
     vocab = hf_model.config.vocab_size
     tokenizer = _ByteTokenizer(vocab)
-    bandwidth = weight_read_bandwidth()
     active = active_bytes_per_token(ours)
-    roofline = bandwidth / active
-    flops = matmul_flops()
-    compute_bound = flops / (2 * active / 4)  # tokens/s if every active fp32 weight costs one multiply-add
+    weight_dtype = ours.lm_head.weight.dtype
+    flops = matmul_flops(weight_dtype)
+    compute_bound = flops / (2 * active / weight_dtype.itemsize)  # tokens/s if a token cost only its multiply-adds
     n_params = sum(p.numel() for p in ours.parameters())
-    rows = []
+    rows, bandwidths, roof_ratios = [], [], []
     for concurrency in levels:
-        theirs = transformers_tokens_per_s(hf_model, concurrency, new_tokens, vocab)
-        bf16 = ours_tokens_per_s(ours, tokenizer, concurrency, new_tokens, "bf16")
-        fp8 = ours_tokens_per_s(ours, tokenizer, concurrency, new_tokens, "fp8")
+        samples = {"bf16": [], "fp8": [], "hf": []}
+        for _ in range(trials):
+            if concurrency == 1:
+                bandwidths.append(weight_read_bandwidth())
+            samples["bf16"].append(ours_tokens_per_s(ours, tokenizer, concurrency, new_tokens, "bf16"))
+            if concurrency == 1:
+                roof_ratios.append(samples["bf16"][-1] / (bandwidths[-1] / active))
+            samples["fp8"].append(ours_tokens_per_s(ours, tokenizer, concurrency, new_tokens, "fp8"))
+            samples["hf"].append(transformers_tokens_per_s(hf_model, concurrency, new_tokens, vocab))
         floor = gemm_floor_tokens_per_s(ours, concurrency)
-        rows.append((concurrency, bf16, fp8, theirs, floor))
+        medians = {key: statistics.median(values) for key, values in samples.items()}
+        rows.append((concurrency, medians["bf16"], medians["fp8"], medians["hf"], floor))
+    bandwidth = statistics.median(bandwidths)
+    roofline = bandwidth / active
 
     print(f"decode, DeepSeek-V3-shaped model: {n_params / 1e6:.1f}M parameters {args.weights}, {new_tokens} new "
-          f"tokens per request, greedy")
+          f"tokens per request, greedy; median of {trials} alternating trials per figure")
     print(machine_line())
-    print(f"weight-read bandwidth (fp32 matvec, 256 MiB): {bandwidth / 1e9:.2f} GB/s; active weight bytes per token: "
+    print(f"weight-read bandwidth (fp32 matvec, 256 MiB, median of the batch-1 trials): {bandwidth / 1e9:.2f} GB/s "
+          f"(range {min(bandwidths) / 1e9:.2f}-{max(bandwidths) / 1e9:.2f}); active weight bytes per token: "
           f"{active / 1e6:.1f} MB; roofline at batch 1: {roofline:.1f} tok/s")
-    if args.weights == "fp32":
-        print(f"fp32 GEMM (16 x 4096 @ 4096 x 4096): {flops / 1e9:.1f} GFLOP/s; compute bound on decode at any "
-              f"batch: {compute_bound:.0f} tok/s")
+    print(f"{args.weights} GEMM (16 x 4096 @ 4096 x 4096): {flops / 1e9:.1f} GFLOP/s; compute bound on decode at any "
+          f"batch: {compute_bound:.0f} tok/s")
     print("GEMM ceiling: tokens/s if a step cost only its weight GEMMs (torch kernels; gemm_floor_tokens_per_s)")
     print("ours: tok/s with a bf16 and with an FP8 latent cache; ratios use the bf16-cache figure unless named")
     print(f"{'concurrent':>10}{'ours bf16-cache':>17}{'ours fp8-cache':>16}{'transformers tok/s':>20}"
           f"{'ours/hf':>9}{'fp8/hf':>8}{'ours/roofline':>15}{'GEMM ceiling':>14}{'ceiling/hf':>12}"
           f"{'ours/ceiling':>14}")
     for concurrency, bf16, fp8, theirs, floor in rows:
-        roof = f"{bf16 / roofline:>15.2f}" if concurrency == 1 else f"{'':>15}"
+        roof = f"{statistics.median(roof_ratios):>15.2f}" if concurrency == 1 else f"{'':>15}"
         print(f"{concurrency:>10}{bf16:>17.1f}{fp8:>16.1f}{theirs:>20.1f}{bf16 / theirs:>9.2f}"
               f"{fp8 / theirs:>8.2f}{roof}{floor:>14.1f}{floor / theirs:>12.2f}{bf16 / floor:>14.2f}")
+    print(f"ours/roofline per batch-1 trial (bandwidth measured right before each): "
+          f"{', '.join(f'{r:.2f}' for r in roof_ratios)}")
+    for concurrency, _, _, theirs, floor in rows:
+        if concurrency > 1:
+            print(f"at {concurrency} concurrent: 3x transformers = {3 * theirs:.0f} tok/s; GEMM ceiling {floor:.0f}; "
+                  f"compute bound {compute_bound:.0f}")
     print(f"peak RSS: {peak_rss_mib():.0f} MiB (whole process: both models, caches)")
 
 
