@@ -26,18 +26,21 @@ from kernels.mla_decode.layout import LatentCacheLayout, unpack_tokens
 
 @dataclass(frozen=True)
 class DecodeGather:
-    """slots int64 [B, S]: flat cache slot of each position; bias fp32 [B, 1, S]: 0 inside, -inf past the end."""
+    """slots int64 [B, S]: flat cache slot of each position; bias fp32 [B, 1, S]: 0 inside, -inf past the end
+    ([B, 1, 1] zeros when every context is S long, so nothing needs masking)."""
 
     slots: torch.Tensor
     bias: torch.Tensor
 
     @classmethod
-    def build(cls, block_table: torch.Tensor, context_lens: torch.Tensor, block_size: int,
-              max_len: int) -> DecodeGather:
-        """block_table int [B, max_blocks]; context_lens int [B] (each >= 1); max_len = max(context_lens)."""
+    def build(cls, block_table: torch.Tensor, context_lens: torch.Tensor, block_size: int, max_len: int,
+              min_len: int | None = None) -> DecodeGather:
+        """block_table int [B, max_blocks]; context_lens int [B] (each >= 1); max_len = max(context_lens);
+        min_len = min(context_lens) if the caller knows it (equal lengths skip the masking)."""
         pos = torch.arange(max_len, device=block_table.device)  # [S]
-        pages = block_table.long()[:, pos // block_size]  # [B, S]
-        slots = pages * block_size + pos % block_size
+        slots = block_table.long()[:, pos // block_size].mul_(block_size).add_(pos % block_size)  # [B, S]
+        if min_len == max_len:
+            return cls(slots, torch.zeros(slots.shape[0], 1, 1, device=pos.device))
         inside = pos[None, :] < context_lens[:, None].long()  # [B, S]
         slots = torch.where(inside, slots, slots[:, :1])
         bias = torch.zeros(inside.shape, dtype=torch.float32, device=pos.device).masked_fill_(~inside, float("-inf"))
@@ -53,6 +56,7 @@ def paged_mla_decode_gathered(q_lat: torch.Tensor, q_rope: torch.Tensor, cache: 
         kv = rows.float()  # a bf16 row is [c | k_rope]
     else:
         kv = torch.cat(unpack_tokens(layout, rows), dim=-1)
-    q = torch.cat((q_lat.float(), q_rope.float()), dim=-1)  # [B, H, r + rope]
+    q = torch.cat((q_lat, q_rope), dim=-1)  # [B, H, r + rope]
+    q = q if q.dtype == torch.float32 else q.float()
     scores = torch.baddbmm(gather.bias, q, kv.transpose(1, 2), alpha=scale)  # [B, H, S]
     return torch.bmm(scores.softmax(dim=-1), kv[..., : layout.kv_lora_rank])

@@ -118,9 +118,9 @@ def pack_tokens(layout: LatentCacheLayout, latent: torch.Tensor, k_rope: torch.T
         raise ValueError(f"latent must have shape [N, {layout.kv_lora_rank}], got {tuple(latent.shape)}")
     if tuple(k_rope.shape) != (n, layout.rope_dim):
         raise ValueError(f"k_rope must have shape [{n}, {layout.rope_dim}], got {tuple(k_rope.shape)}")
-    rope_bf16 = k_rope.to(torch.bfloat16)
     if layout.fmt == "bf16":
-        return torch.cat((latent.to(torch.bfloat16), rope_bf16), dim=-1)
+        return torch.cat((latent, k_rope), dim=-1).to(torch.bfloat16)  # each value rounded once, as separately
+    rope_bf16 = k_rope.to(torch.bfloat16)
     q, scale = _quantize_tiles(latent.float(), layout.tile)
     parts = (q.view(torch.uint8), scale.contiguous().view(torch.uint8), rope_bf16.contiguous().view(torch.uint8))
     return torch.cat(parts, dim=-1)  # [N, bytes_per_token]

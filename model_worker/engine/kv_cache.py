@@ -88,7 +88,9 @@ class PagedLatentCache:
             return
         if check_slots:
             self.check_slot_range(slot_mapping)
-        storage.view(self.num_slots, -1)[slot_mapping.to(storage.device).long()] = rows.to(storage.device)
+        if slot_mapping.device != storage.device or slot_mapping.dtype != torch.int64:
+            slot_mapping = slot_mapping.to(device=storage.device, dtype=torch.int64)
+        storage.view(self.num_slots, -1)[slot_mapping] = rows.to(storage.device)
 
     def check_slot_range(self, slot_mapping: torch.Tensor) -> None:
         """Raise unless every slot lies in [0, num_slots)."""

@@ -48,6 +48,7 @@ class StepPlan:
     decode_block_tables: torch.Tensor  # int32 [Bd, max_pages]
     decode_context_lens: torch.Tensor  # int32 [Bd]
     decode_max_len: int  # longest decode context (0 without decode tokens)
+    decode_min_len: int  # shortest decode context (0 without decode tokens)
     all_decode: bool  # every token of the step is a decode token, in flat order
     prefill_spans: list[PrefillSpan] = field(default_factory=list)
     logits_rows: list[int] = field(default_factory=list)  # flat row of the last token, per sampled seq
@@ -58,7 +59,7 @@ class StepPlan:
         """The decode tokens' page walk, built on first use and shared by every layer of the step."""
         if self._gather is None:
             self._gather = DecodeGather.build(self.decode_block_tables, self.decode_context_lens, block_size,
-                                              self.decode_max_len)
+                                              self.decode_max_len, self.decode_min_len)
         return self._gather
 
 
@@ -91,7 +92,7 @@ def build_plan(batch: ScheduledBatch, block_size: int, device: torch.device) -> 
         decode_rows=as_long(decode_rows),
         decode_block_tables=torch.tensor(decode_tables or [[0]], dtype=torch.int32, device=device)[: len(decode_rows)],
         decode_context_lens=torch.tensor(decode_lens, dtype=torch.int32, device=device),
-        decode_max_len=max(decode_lens, default=0), all_decode=not spans,
+        decode_max_len=max(decode_lens, default=0), decode_min_len=min(decode_lens, default=0), all_decode=not spans,
         prefill_spans=spans, logits_rows=logits_rows, sampled_seqs=sampled)
 
 

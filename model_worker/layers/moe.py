@@ -134,7 +134,7 @@ class MoE(nn.Module):
     def _one_token(self, flat, weights, ids, gate_up, down) -> torch.Tensor:
         """Decode of a single sequence: its k experts in turn, no sorting or scattering. flat [1, D] -> [1, D]."""
         out = self.shared_experts(flat) if self.shared_experts is not None else torch.zeros_like(flat)
-        for expert_id, weight in zip(ids[0].tolist(), weights[0].tolist()):
+        for expert_id, weight in zip(ids.tolist()[0], weights.tolist()[0]):
             hidden = _swiglu(F.linear(flat, gate_up[expert_id]))  # [1, I]
             out = torch.addmm(out, hidden, down[expert_id].t(), alpha=weight)  # out + weight * down(hidden)
         return out

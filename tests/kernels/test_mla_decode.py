@@ -98,7 +98,7 @@ def test_reference_with_one_token_context_returns_that_latent():
 
 def _gathered(q_lat, q_rope, cache, block_table, lens, scale, rank, rope, fmt, block_size):
     """paged_mla_decode_gathered behind the reference's signature (page walk built here, as per step)."""
-    gather = DecodeGather.build(block_table, lens, block_size, int(lens.max()))
+    gather = DecodeGather.build(block_table, lens, block_size, int(lens.max()), int(lens.min()))
     return paged_mla_decode_gathered(q_lat, q_rope, cache, gather, scale, LatentCacheLayout(rank, rope, fmt))
 
 
@@ -118,6 +118,19 @@ def test_matches_reference_on_ragged_lengths_and_shuffled_pages(impl, fmt, rank,
         got = _run(impl, q_lat, q_rope, cache, block_table, lens, layout)
         assert got.dtype == torch.float32 and got.shape == q_lat.shape
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@IMPLEMENTATIONS
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+@pytest.mark.parametrize("lens", [(70, 70, 70), (1,), (64, 64)])
+def test_matches_reference_when_every_context_has_the_same_length(impl, fmt, lens):
+    """Equal lengths (a lone sequence, lockstep batches) take the gathered form's unmasked path."""
+    layout = LatentCacheLayout(64, 16, fmt)
+    cache, block_table, lens, _ = _paged_context(layout, lens, num_blocks=8, seed=len(lens))
+    q_lat, q_rope = _queries(len(lens), 4, layout, seed=9)
+    want = _run(paged_mla_decode_ref, q_lat, q_rope, cache, block_table, lens, layout)
+    torch.testing.assert_close(_run(impl, q_lat, q_rope, cache, block_table, lens, layout), want,
+                               rtol=1e-5, atol=1e-5)
 
 
 @IMPLEMENTATIONS
