@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from kernels.dispatch import dispatched
+from kernels.quant.fp8_format import one_byte_float_to_float32
 
 SCALE_BLOCK = 32  # values per e8m0 scale
 PLAIN_TABLE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -59,10 +60,11 @@ def engram_gather_ref(
     """Rows table[ids], dequantized, torch reference.  ids [...] -> [..., D]"""
     check_gather_args(table, scales, ids, out_dtype)
     ids = ids.to(table.device)
-    rows = table[ids].float()  # [..., D]
-    if scales is not None:
-        rows = rows * scales[ids].float().repeat_interleave(SCALE_BLOCK, dim=-1)
-    return rows.to(out_dtype)
+    if scales is None:
+        return table[ids].to(out_dtype)  # [..., D]
+    rows = one_byte_float_to_float32(table[ids])  # [..., D]
+    per_block = one_byte_float_to_float32(scales[ids])  # [..., D / 32]
+    return (rows.unflatten(-1, (-1, SCALE_BLOCK)) * per_block[..., None]).flatten(-2).to(out_dtype)
 
 
 def engram_gather_triton(

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.quant import quantize_fp8_block
-from kernels.quant.fp8_format import BLOCK_SIZES, FP8_DTYPE, check_float
+from kernels.quant.fp8_format import BLOCK_SIZES, FP8_DTYPE, check_float, one_byte_float_to_float32
 
 CACHE_FORMATS = ("bf16", "fp8")
 MAX_TILE = 128
@@ -135,8 +135,8 @@ def unpack_tokens(layout: LatentCacheLayout, rows: torch.Tensor) -> tuple[torch.
     r = layout.kv_lora_rank
     if layout.fmt == "bf16":
         return rows[..., :r].float(), rows[..., r:].float()
-    q = rows[..., :r].contiguous().view(FP8_DTYPE).float()  # [..., r]
+    q = one_byte_float_to_float32(rows[..., :r].view(FP8_DTYPE))  # [..., r]
     scale = rows[..., layout.scale_offset : layout.rope_offset].contiguous().view(torch.float32)  # [..., n_tiles]
-    latent = q * scale.repeat_interleave(layout.tile, dim=-1)
+    latent = (q.unflatten(-1, (layout.num_tiles, layout.tile)) * scale[..., None]).flatten(-2)
     k_rope = rows[..., layout.rope_offset :].contiguous().view(torch.bfloat16).float()
     return latent, k_rope

@@ -23,6 +23,7 @@ from kernels.quant.fp8_format import (
     check_out_dtype,
     check_scale_fmt,
     num_blocks,
+    one_byte_float_to_float32,
     round_scale_up_pow2,
 )
 
@@ -57,7 +58,7 @@ def dequantize_fp8_block_ref(
     check_fp8_blocks(q, scale, block)
     check_out_dtype(dtype)
     per_value = scale.repeat_interleave(block, dim=-1)[..., : q.shape[-1]]  # [..., K]
-    return (q.float() * per_value).to(dtype)
+    return (one_byte_float_to_float32(q) * per_value).to(dtype)
 
 
 quantize_fp8_block = dispatched(quantize_fp8_block_ref, quantize_fp8_block_triton)

@@ -21,6 +21,7 @@ from kernels.quant.fp8_format import (
     check_float,
     check_fp8_weight,
     check_out_dtype,
+    one_byte_float_to_float32,
     weight_scale_shape,
 )
 from kernels.quant.fp8_weight_kernel import dequantize_fp8_weight_triton
@@ -54,7 +55,7 @@ def dequantize_fp8_weight_ref(
     check_out_dtype(dtype)
     n, k = w_q.shape
     per_value = scale_inv.repeat_interleave(block, dim=0).repeat_interleave(block, dim=1)[:n, :k]
-    return (w_q.float() * per_value).to(dtype)
+    return (one_byte_float_to_float32(w_q) * per_value).to(dtype)
 
 
 dequantize_fp8_weight = dispatched(dequantize_fp8_weight_ref, dequantize_fp8_weight_triton)

@@ -271,3 +271,19 @@ def test_dequantize_rejects_bad_arguments_by_name(dequantize, args, error, name:
 def test_weight_ops_reject_bad_arguments_by_name(call, error, name: str) -> None:
     with pytest.raises(error, match=rf"^{name}\b"):
         call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e8m0fnu])
+def test_table_decode_of_one_byte_floats_equals_torch_conversion_for_every_code(dtype):
+    """one_byte_float_to_float32 (a 256-entry table) is bit-identical to .float(), NaN codes included,
+    on a strided slice as on a contiguous tensor."""
+    from kernels.quant.fp8_format import one_byte_float_to_float32
+
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).reshape(16, 16)
+    for x in (codes, codes[:, 3:11], codes.t()):
+        got, want = one_byte_float_to_float32(x), x.float()
+        assert got.dtype == torch.float32 and got.shape == x.shape
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.view(torch.int32)[~got.isnan()], want.view(torch.int32)[~want.isnan()])
+    with pytest.raises(TypeError, match="one-byte float"):
+        one_byte_float_to_float32(torch.zeros(3, dtype=torch.uint8))
