@@ -104,6 +104,24 @@ def gemm_floor_tokens_per_s(model, concurrency: int, repeats: int = 5) -> float:
         return concurrency / median_time(one_pass, repeats=repeats, warmup=1)
 
 
+# The benchmark architecture shrunk until its GEMMs cost next to nothing: same layers, routing and engine.
+_TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=64, moe_intermediate_size=32, q_lora_rank=32,
+             kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16)
+
+
+def step_overhead_seconds(concurrency: int, new_tokens: int) -> float:
+    """Seconds per decode step of our engine on a tiny copy of the architecture (hidden 64, vocab 1000): the
+    cost of the step's op graph itself (Python, op dispatch, sampling, scheduling), which a step of the
+    real model pays on top of its GEMMs."""
+    from model_worker import load_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf_v3(Path(tmp), **_TINY)
+        tiny = load_model(tmp)
+    tokens_per_s = ours_tokens_per_s(tiny, _ByteTokenizer(_TINY["vocab_size"]), concurrency, new_tokens, "bf16")
+    return concurrency / tokens_per_s
+
+
 def ours_tokens_per_s(model, tokenizer, concurrency: int, new_tokens: int, kv_dtype: str) -> float:
     from model_worker.engine.engine import EngineConfig, LLMEngine
     from model_worker.engine.sampling import SamplingParams
@@ -191,6 +209,7 @@ def main() -> None:
         rows.append((concurrency, medians["bf16"], medians["fp8"], medians["hf"], floor))
     bandwidth = statistics.median(bandwidths)
     roofline = bandwidth / active
+    overhead = {c: statistics.median(step_overhead_seconds(c, new_tokens) for _ in range(trials)) for c in levels}
 
     print(f"decode, DeepSeek-V3-shaped model: {n_params / 1e6:.1f}M parameters {args.weights}, {new_tokens} new "
           f"tokens per request, greedy; median of {trials} alternating trials per figure")
@@ -209,6 +228,12 @@ def main() -> None:
         roof = f"{statistics.median(roof_ratios):>15.2f}" if concurrency == 1 else f"{'':>15}"
         print(f"{concurrency:>10}{bf16:>17.1f}{fp8:>16.1f}{theirs:>20.1f}{bf16 / theirs:>9.2f}"
               f"{fp8 / theirs:>8.2f}{roof}{floor:>14.1f}{floor / theirs:>12.2f}{bf16 / floor:>14.2f}")
+    print("step overhead: ms per decode step of our engine on a hidden-64, vocab-1000 copy of the architecture "
+          "(no real GEMM work), against ms per step here:")
+    for concurrency, bf16, _, _, floor in rows:
+        ms = {"overhead": overhead[concurrency], "ours": concurrency / bf16, "GEMM ceiling": concurrency / floor}
+        line = f"  at {concurrency}: " + "; ".join(f"{name} {value * 1e3:.1f} ms" for name, value in ms.items())
+        print(line + (f"; roofline {1e3 / roofline:.1f} ms" if concurrency == 1 else ""))
     print(f"ours/roofline per batch-1 trial (bandwidth measured right before each): "
           f"{', '.join(f'{r:.2f}' for r in roof_ratios)}")
     for concurrency, _, _, theirs, floor in rows:
