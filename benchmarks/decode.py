@@ -67,16 +67,15 @@ def active_bytes_per_token(model) -> int:
 def gemm_floor_tokens_per_s(model, concurrency: int, repeats: int = 5) -> float:
     """Decode tokens/s if a step cost nothing but its weight GEMMs, with torch's own kernels.
 
-    One pass runs every Linear of the model (and the LM head) once, in model order, as F.linear on
+    One pass runs every Linear of the model (and the LM head) once, in model order, as the engine's
+    `linear` (F.linear, or a GEMV for one half-precision row) on
     [C, in] random rows: C = concurrency for attention, dense MLPs, shared experts and the head; for
     the routed experts the step's C * k (token, expert) pairs spread evenly over the E experts (only
     C * k experts, one row each, when C * k < E). The embedding gather, attention over the cache,
     routing, norms, sampling and the engine are left out, so no decode step at this concurrency can be
     faster than this on this machine with these kernels. Median pass time over `repeats`.
     """
-    import torch.nn.functional as F
-
-    from model_worker.layers.linear import Linear
+    from model_worker.layers.linear import Linear, linear
 
     cfg = model.config
     pairs = concurrency * (cfg.num_experts_per_tok or 0)
@@ -98,7 +97,7 @@ def gemm_floor_tokens_per_s(model, concurrency: int, repeats: int = 5) -> float:
 
     def one_pass():
         for weight, rows in work:
-            F.linear(inputs[(rows, weight.shape[1], weight.dtype)], weight)
+            linear(inputs[(rows, weight.shape[1], weight.dtype)], weight)
 
     with torch.inference_mode():
         return concurrency / median_time(one_pass, repeats=repeats, warmup=1)

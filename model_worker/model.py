@@ -22,6 +22,7 @@ from torch import nn
 
 from model_worker.config import ModelConfig
 from model_worker.layers.engram import EngramModule
+from model_worker.layers.linear import linear
 from model_worker.layers.mhc import HyperConnection, HyperHead, expand_to_streams
 from model_worker.layers.mla import MLA, LatentKV
 from model_worker.layers.moe import MLP, MoE
@@ -215,7 +216,7 @@ class CausalLM(nn.Module):
         """Final residual (streams collapsed under mHC) -> logits fp32 [..., vocab]."""
         if self.model.hc_head is not None:
             h = self.model.hc_head(h)
-        return self.lm_head(self.model.norm(h)).float()
+        return linear(self.model.norm(h), self.lm_head.weight, self.lm_head.bias).float()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, T] -> the initial residual: [B, T, D], or [B, T, n, D] copied to the mHC streams."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model_worker.layers.linear import Linear
+from model_worker.layers.linear import Linear, linear
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
@@ -80,7 +80,7 @@ class ConcatenatedWeight(_FusedWeight):
         weight = self.get()
         if weight is None:
             return tuple(lin(x) for lin in self._members)
-        return F.linear(x, weight[0]).split(self.sizes, dim=-1)
+        return linear(x, weight[0]).split(self.sizes, dim=-1)
 
 
 class StackedWeight(_FusedWeight):

@@ -26,6 +26,31 @@ def weight_scale_shape(out_features: int, in_features: int, block: int = WEIGHT_
     return (-(-out_features // block), -(-in_features // block))
 
 
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _one_half_precision_row_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return x.numel() == x.shape[-1] and weight.dtype in _HALF_DTYPES and x.dtype == weight.dtype and not x.is_cuda
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except that one bf16/fp16 row on CPU runs as a matrix-vector product: there torch's GEMV
+    reads 16-bit weights faster than its one-row GEMM (decode of a half-precision model at batch 1).
+    x [..., in]; weight [out, in] -> [..., out]."""
+    if not _one_half_precision_row_on_cpu(x, weight):
+        return F.linear(x, weight, bias)
+    row = x.reshape(-1)
+    out = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_accumulate(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """out + alpha * linear(x, weight) in one call: out [M, out_features], x [M, in] -> [M, out_features]."""
+    if _one_half_precision_row_on_cpu(x, weight) and out.dtype == x.dtype:
+        return torch.addmv(out.reshape(-1), weight, x.reshape(-1), alpha=alpha).view_as(out)
+    return torch.addmm(out, x, weight.t(), alpha=alpha)
+
+
 def is_plain_float(dtype: torch.dtype) -> bool:
     """True for float dtypes that support arithmetic (fp16/bf16/fp32/fp64), not fp8 or e8m0."""
     return dtype.is_floating_point and dtype not in _FP8_DTYPES and dtype != torch.float8_e8m0fnu
@@ -122,7 +147,7 @@ class Linear(nn.Module):
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"x must have last dimension {self.in_features}, got shape {list(x.shape)}")
         if not self.is_fp8:
-            return F.linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)
         from kernels.gemm import fp8_linear
 
         return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias)

@@ -16,7 +16,7 @@ from torch import nn
 
 from model_worker.config import ModelConfig
 from model_worker.layers.fused import ConcatenatedWeight, StackedWeight, grouped_linear, grouped_mm_available
-from model_worker.layers.linear import Linear
+from model_worker.layers.linear import Linear, linear, linear_accumulate
 
 
 class MLP(nn.Module):
@@ -135,14 +135,14 @@ class MoE(nn.Module):
         """Decode of a single sequence: its k experts in turn, no sorting or scattering. flat [1, D] -> [1, D]."""
         out = self.shared_experts(flat) if self.shared_experts is not None else torch.zeros_like(flat)
         for expert_id, weight in zip(ids.tolist()[0], weights.tolist()[0]):
-            hidden = _swiglu(F.linear(flat, gate_up[expert_id]))  # [1, I]
-            out = torch.addmm(out, hidden, down[expert_id].t(), alpha=weight)  # out + weight * down(hidden)
+            hidden = _swiglu(linear(flat, gate_up[expert_id]))  # [1, I]
+            out = linear_accumulate(out, hidden, down[expert_id], weight)  # out + weight * down(hidden)
         return out
 
 
 def _stacked_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, expert_id: int) -> torch.Tensor:
     """One expert's SwiGLU from the stacked weights: x [M, D]; gate_up [E, 2I, D]; down [E, D, I] -> [M, D]."""
-    return F.linear(_swiglu(F.linear(x, gate_up[expert_id])), down[expert_id])
+    return linear(_swiglu(linear(x, gate_up[expert_id])), down[expert_id])
 
 
 def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:

@@ -409,3 +409,24 @@ def test_save_and_load_after_fusion_round_trips_exactly(tmp_path):
     with torch.inference_mode():
         assert torch.equal(loaded(ids), logits)
         assert torch.equal(model(ids), logits)  # the original still runs the same after saving
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(24,), (1, 24), (1, 1, 24), (3, 24), (2, 5, 24)])
+def test_linear_helpers_match_float64_for_one_row_and_many(dtype, shape):
+    """`linear` (a GEMV for one half-precision row on CPU) and `linear_accumulate` against float64."""
+    from model_worker.layers.linear import linear, linear_accumulate
+
+    g = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(shape, generator=g).to(dtype)
+    weight, bias = torch.randn(40, 24, generator=g).to(dtype), torch.randn(40, generator=g).to(dtype)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-5)
+    want = x.double() @ weight.double().t()
+    for got, ref in ((linear(x, weight), want), (linear(x, weight, bias), want + bias.double())):
+        assert got.dtype == dtype and got.shape == (*shape[:-1], 40)
+        torch.testing.assert_close(got.double(), ref, **tol)
+    rows = x.reshape(-1, 24)
+    out = torch.randn(rows.shape[0], 40, generator=g).to(dtype)
+    got = linear_accumulate(out, rows, weight, alpha=0.375)
+    assert got.dtype == dtype and got.shape == out.shape
+    torch.testing.assert_close(got.double(), out.double() + 0.375 * (rows.double() @ weight.double().t()), **tol)
