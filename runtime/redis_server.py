@@ -111,8 +111,11 @@ class RedisServer:
 
     @property
     def running(self) -> bool:
+        """Alive and not exiting. A server stopped through another handle (one that adopted it) can be
+        mid-exit here: its main thread gone (a zombie leader) while its other threads finish, which
+        waitpid does not report yet."""
         if self._proc is not None:
-            return self._proc.poll() is None
+            return self._proc.poll() is None and _pid_alive(self._proc.pid)
         return self._adopted_pid is not None and _pid_alive(self._adopted_pid)
 
     def start(self) -> None:
@@ -142,6 +145,12 @@ class RedisServer:
         """Stop the server: SIGTERM (Redis flushes the AOF and exits) or, with `kill`, SIGKILL."""
         pid = self.pid
         if pid is None or not self.running:
+            if self._proc is not None:  # exited or exiting: reap our child so no zombie is left behind
+                try:
+                    self._proc.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait()
             self._forget()
             return
         os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
