@@ -52,9 +52,7 @@ class LocalRuntime:
         embedder = MiniLMEmbedder() if s.embedder == "minilm" else HashingEmbedder()
         self.memory = MemoryService(AgentMemoryStore(s.resolved_database_url(), embedder))
         model = self._model_override or WorkerModelClient(self._start_worker())
-        tools = ToolRegistry()
-        for tool in builtin_tools():
-            tools.register(tool)
+        tools = ToolRegistry(builtin_tools())
         for agent in self.agents.values():
             agent.check_tools(tools.names())
         self.orchestrator = Orchestrator(self.store, model, tools, self.agents, self.memory, settings=(

@@ -60,9 +60,7 @@ class ScriptedModel:
 def build(redis_url: str, prefix: str, database_url: str):
     store = SessionStore(redis_url, key_prefix=prefix)
     memory = MemoryService(AgentMemoryStore(database_url, HashingEmbedder(64)))
-    tools = ToolRegistry()
-    for tool in builtin_tools():
-        tools.register(tool)
+    tools = ToolRegistry(builtin_tools())
     settings = OrchestratorSettings(lease_ms=800, heartbeat_s=0.2, max_concurrent_sessions=8)
     return Orchestrator(store, ScriptedModel(), tools, {AGENT.name: AGENT}, memory, settings=settings), store, memory
 

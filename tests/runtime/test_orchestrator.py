@@ -56,9 +56,7 @@ class ChattyModel(ScriptedModel):
 def _orchestrator(redis_url, prefix, db_url, model, agent=AGENT, owner=None, **settings):
     store = SessionStore(redis_url, key_prefix=prefix)
     memory = MemoryService(AgentMemoryStore(db_url, HashingEmbedder(64)))
-    tools = ToolRegistry()
-    for tool in builtin_tools():
-        tools.register(tool)
+    tools = ToolRegistry(builtin_tools())
     defaults = dict(lease_ms=1000, heartbeat_s=0.2, retry_backoff_s=0.2)
     orchestrator = Orchestrator(store, model, tools, {agent.name: agent}, memory, owner=owner,
                                 settings=OrchestratorSettings(**{**defaults, **settings}))
