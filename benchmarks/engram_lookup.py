@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
-import struct
 import sys
 import tempfile
 import time
@@ -43,20 +41,14 @@ IDS_PER_TOKEN = 24  # (max_ngram 4 - 1) * 8 heads, one Engram layer of V4.1
 def write_random_fp8_table(path: Path, rows: int, chunk: int = 1 << 18) -> None:
     """engram_tables.safetensors with one fp8 layer of random finite e4m3 bytes and scales near 2**-4,
     written in chunks."""
-    data_bytes, scale_bytes = rows * HEAD_DIM, rows * HEAD_DIM // 32
-    header = {"engram.1.table": {"dtype": "F8_E4M3", "shape": [rows, HEAD_DIM], "data_offsets": [0, data_bytes]},
-              "engram.1.scales": {"dtype": "F8_E8M0", "shape": [rows, HEAD_DIM // 32],
-                                  "data_offsets": [data_bytes, data_bytes + scale_bytes]}}
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
+    from memory_service.table_writer import write_fp8_table_streamed
+
     rng = np.random.default_rng(0)
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(text)) + text)
-        for lo in range(0, rows, chunk):
-            raw = rng.integers(0, 256, (min(chunk, rows - lo), HEAD_DIM), dtype=np.uint8)
-            handle.write(np.where((raw & 0x7F) == 0x7F, raw ^ 1, raw).astype(np.uint8).tobytes())
-        for lo in range(0, rows, chunk):
-            handle.write(rng.integers(118, 126, (min(chunk, rows - lo), HEAD_DIM // 32), dtype=np.uint8).tobytes())
+    sizes = [min(chunk, rows - lo) for lo in range(0, rows, chunk)]
+    finite = (rng.integers(0, 256, (n, HEAD_DIM), dtype=np.uint8) for n in sizes)
+    data = (np.where((raw & 0x7F) == 0x7F, raw ^ 1, raw).astype(np.uint8) for raw in finite)
+    scales = (rng.integers(118, 126, (n, HEAD_DIM // 32), dtype=np.uint8) for n in sizes)
+    write_fp8_table_streamed(path, 1, rows, HEAD_DIM, data, scales)
 
 
 def zipf_batches(rows: int, n_ids: int, count: int, seed: int = 0) -> list[torch.Tensor]:

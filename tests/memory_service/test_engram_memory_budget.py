@@ -11,7 +11,6 @@ shows the measurement does see mapped pages. Every row is checked against a bit-
 from __future__ import annotations
 
 import json
-import struct
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from memory_service.table_writer import write_fp8_table_streamed
 from tests.memory_service.test_engram_tables import decode_e4m3
 
 MiB = 2**20
@@ -38,20 +38,11 @@ def pattern() -> np.ndarray:
 
 def write_table_file(path: Path) -> None:
     """A safetensors file written chunk by chunk (the writer never holds the table)."""
-    data_bytes, scale_bytes = ROWS * HEAD_DIM, ROWS * HEAD_DIM // 32
-    header = {"engram.1.table": {"dtype": "F8_E4M3", "shape": [ROWS, HEAD_DIM], "data_offsets": [0, data_bytes]},
-              "engram.1.scales": {"dtype": "F8_E8M0", "shape": [ROWS, HEAD_DIM // 32],
-                                  "data_offsets": [data_bytes, data_bytes + scale_bytes]}}
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
     rows_pattern = pattern()
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(text)) + text)
-        for lo in range(0, ROWS, 65536):
-            handle.write(rows_pattern[np.arange(lo, min(lo + 65536, ROWS)) % PATTERN_ROWS].tobytes())
-        for lo in range(0, ROWS, 1 << 20):
-            rows = np.arange(lo, min(lo + (1 << 20), ROWS))
-            handle.write(np.repeat((120 + rows % 13).astype(np.uint8)[:, None], HEAD_DIM // 32, axis=1).tobytes())
+    data = (rows_pattern[np.arange(lo, min(lo + 65536, ROWS)) % PATTERN_ROWS] for lo in range(0, ROWS, 65536))
+    scale_rows = (np.arange(lo, min(lo + (1 << 20), ROWS)) for lo in range(0, ROWS, 1 << 20))
+    scales = (np.repeat((120 + rows % 13).astype(np.uint8)[:, None], HEAD_DIM // 32, axis=1) for rows in scale_rows)
+    write_fp8_table_streamed(path, 1, ROWS, HEAD_DIM, data, scales)
 
 
 CHILD = textwrap.dedent("""

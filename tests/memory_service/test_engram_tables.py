@@ -397,3 +397,28 @@ def test_hot_cache_fills_under_inference_mode_and_serves_outside_it(tmp_path):
     for _ in range(3):
         assert torch.equal(store.lookup("m", 1, ids + 100), tables[1].lookup(ids + 100))
     assert store.stats()["m"][1]["hits"] > 0 and store.stats()["m"][1]["cached"] == 16
+
+
+def test_streamed_fp8_writer_round_trips_through_safetensors_and_checks_chunk_sizes(tmp_path):
+    """write_fp8_table_streamed: the safetensors library reads back exactly the chunks written; chunks that
+    do not add up to the declared rows raise and leave no file."""
+    from memory_service.table_writer import write_fp8_table_streamed
+
+    rng = np.random.default_rng(3)
+    data = [rng.integers(0, 256, (n, 64), dtype=np.uint8) for n in (5, 1, 4)]
+    scales = [rng.integers(0, 256, (n, 2), dtype=np.uint8) for n in (7, 3)]
+    path = tmp_path / "t.safetensors"
+    write_fp8_table_streamed(path, 2, 10, 64, iter(data), iter(scales))
+    with safe_open(str(path), framework="pt") as f:
+        assert sorted(f.keys()) == ["engram.2.scales", "engram.2.table"]
+        table, table_scales = f.get_tensor("engram.2.table"), f.get_tensor("engram.2.scales")
+    assert table.dtype == torch.float8_e4m3fn and table_scales.dtype == torch.float8_e8m0fnu
+    assert np.array_equal(table.view(torch.uint8).numpy(), np.concatenate(data))
+    assert np.array_equal(table_scales.view(torch.uint8).numpy(), np.concatenate(scales))
+    for short_data, short_scales, match in ((data[:2], scales, "data_chunks: 6 rows"),
+                                            (data, scales + scales, "scale_chunks: more than"),
+                                            ([d.astype(np.int16) for d in data], scales, "uint8")):
+        bad = tmp_path / "bad.safetensors"
+        with pytest.raises(ValueError, match=match):
+            write_fp8_table_streamed(bad, 2, 10, 64, iter(short_data), iter(short_scales))
+        assert not bad.exists()
