@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, save_hf_v3  # noqa: E402
-from decode import _ByteTokenizer  # noqa: E402
+from common import ByteTokenizer, machine_line, save_hf_v3  # noqa: E402
 
 
 def run_conversation(model, steps: int, prefix_caching: bool, system_len: int, observation_len: int,
@@ -30,7 +29,7 @@ def run_conversation(model, steps: int, prefix_caching: bool, system_len: int, o
     from model_worker.engine.engine import EngineConfig, LLMEngine
     from model_worker.engine.sampling import SamplingParams
 
-    engine = LLMEngine(model, _ByteTokenizer(model.config.vocab_size),
+    engine = LLMEngine(model, ByteTokenizer(model.config.vocab_size),
                        EngineConfig(enable_prefix_caching=prefix_caching, cache_budget_bytes=512 * 2**20))
     gen = torch.Generator().manual_seed(0)
     history = torch.randint(0, model.config.vocab_size, (system_len,), generator=gen).tolist()

@@ -30,6 +30,16 @@ def save_hf_v3(path: Path, seed: int = 0, **overrides):
     return model
 
 
+class ByteTokenizer:
+    """Minimal tokenizer for the engine's detokenizer, for benchmarks that only count tokens."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size, self.eos_token_id = vocab_size, None
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(0x4E00 + (int(i) % 20000)) for i in ids)
+
+
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
     """Median wall time of fn() over `repeats` runs after `warmup` runs."""
     for _ in range(warmup):

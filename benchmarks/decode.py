@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, median_time, peak_rss_mib, save_hf_v3  # noqa: E402
+from common import ByteTokenizer, machine_line, median_time, peak_rss_mib, save_hf_v3  # noqa: E402
 
 
 def weight_read_bandwidth(mib: int = 256) -> float:
@@ -108,16 +108,11 @@ _TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=64, moe_intermed
              kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16)
 
 
-def step_overhead_seconds(concurrency: int, new_tokens: int) -> float:
-    """Seconds per decode step of our engine on a tiny copy of the architecture (hidden 64, vocab 1000): the
-    cost of the step's op graph itself (Python, op dispatch, sampling, scheduling), which a step of the
-    real model pays on top of its GEMMs."""
-    from model_worker import load_model
-
-    with tempfile.TemporaryDirectory() as tmp:
-        save_hf_v3(Path(tmp), **_TINY)
-        tiny = load_model(tmp)
-    tokens_per_s = ours_tokens_per_s(tiny, _ByteTokenizer(_TINY["vocab_size"]), concurrency, new_tokens, "bf16")
+def step_overhead_seconds(tiny, concurrency: int, new_tokens: int) -> float:
+    """Seconds per decode step of our engine on `tiny`, a copy of the architecture shrunk to hidden 64 and
+    vocab 1000 (`_TINY`): the cost of the step's op graph itself (Python, op dispatch, sampling,
+    scheduling), which a step of the real model pays on top of its GEMMs."""
+    tokens_per_s = ours_tokens_per_s(tiny, ByteTokenizer(_TINY["vocab_size"]), concurrency, new_tokens, "bf16")
     return concurrency / tokens_per_s
 
 
@@ -157,16 +152,6 @@ def transformers_tokens_per_s(hf_model, concurrency: int, new_tokens: int, vocab
     return concurrency * (new_tokens - 1) / elapsed
 
 
-class _ByteTokenizer:
-    """Minimal tokenizer for the engine's detokenizer: the benchmark only counts tokens."""
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size, self.eos_token_id = vocab_size, None
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return "".join(chr(0x4E00 + (int(i) % 20000)) for i in ids)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -183,10 +168,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf_model = save_hf_v3(Path(tmp))
         ours = load_model(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf_v3(Path(tmp), **_TINY)
+        tiny = load_model(tmp)
     if args.weights == "bf16":
         hf_model, ours = hf_model.to(torch.bfloat16), ours.cast(torch.bfloat16)
     vocab = hf_model.config.vocab_size
-    tokenizer = _ByteTokenizer(vocab)
+    tokenizer = ByteTokenizer(vocab)
     active = active_bytes_per_token(ours)
     weight_dtype = ours.lm_head.weight.dtype
     flops = matmul_flops(weight_dtype)
@@ -208,7 +196,7 @@ def main() -> None:
         rows.append((concurrency, medians["bf16"], medians["fp8"], medians["hf"], medians["ceiling"]))
     bandwidth = statistics.median(bandwidths)
     roofline = bandwidth / active
-    overhead = {c: statistics.median(step_overhead_seconds(c, new_tokens) for _ in range(trials)) for c in levels}
+    overhead = {c: statistics.median(step_overhead_seconds(tiny, c, new_tokens) for _ in range(trials)) for c in levels}
 
     print(f"decode, DeepSeek-V3-shaped model: {n_params / 1e6:.1f}M parameters {args.weights}, {new_tokens} new "
           f"tokens per request, greedy; median of {trials} alternating trials per figure")

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, save_hf_v3  # noqa: E402
-from decode import _ByteTokenizer  # noqa: E402
+from common import ByteTokenizer, machine_line, save_hf_v3  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +37,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_v3(Path(tmp))
         model = load_model(tmp).cast(torch.bfloat16)
-    engine = LLMEngine(model, _ByteTokenizer(model.config.vocab_size), EngineConfig())
+    engine = LLMEngine(model, ByteTokenizer(model.config.vocab_size), EngineConfig())
     gemv_rule = linear_module._one_half_precision_row_on_cpu
     paths = {"GEMV (ours)": gemv_rule, "one-row GEMM": lambda x, weight: False}
     times: dict[str, list[float]] = {name: [] for name in paths}
