@@ -60,7 +60,7 @@ def load_model(path: str | Path, *, dtype: str | torch.dtype = "float32", device
     model.cast(torch_dtype)
     if config.uses_engram:
         model.attach_engram_tables(load_engram_tables(path, config))
-    return model.to(device).eval()
+    return model.to(device).eval().arrange_weights()
 
 
 def _ignorable(config: ModelConfig):
@@ -148,7 +148,7 @@ def build_random_model(config: ModelConfig, *, seed: int = 0, token_map: torch.T
             token_map = torch.arange(config.vocab_size) % config.engram_num_embeddings
         model.model.engram_token_map.copy_(token_map)
         model.attach_engram_tables(random_engram_tables(config, seed))
-    return model.eval()
+    return model.eval().arrange_weights()
 
 
 def random_engram_tables(config: ModelConfig, seed: int = 0) -> InProcessEngramTables:

