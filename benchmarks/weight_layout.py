@@ -1,17 +1,19 @@
-"""Decode weight layout: output-major (nn.Linear's order) against input-major, same weights, same process.
+"""Decode GEMM forms: weight memory order and product form for decode-sized batches, same weights, one process.
 
-`CausalLM.arrange_weights` stores fp32 weights with out >= in input-major on CPU (`layers.layout`). This
-prints the evidence behind that rule, in two parts:
+`CausalLM.arrange_weights` stores fp32 weights with out >= in input-major on CPU (`layers.layout`), and
+`layers.linear.linear` runs 2..512 rows as (W @ x^T)^T, each where `layers.cpu_gemm` measured it faster on
+the host. This prints the evidence, in two parts:
 
-1. Per shape: the engine's projection time for each distinct GEMM shape of the DeepSeek-V3-shaped
-   benchmark model, at 1 and 16 rows in fp32 and at 1 row in bf16, with each weight in either order.
-   Every call reads a different copy of the weight (copies add up to more than the caches), as a decode
-   step does. Also the 256 MiB matrix-vector
-   product `decode.py` uses for the bandwidth roofline, in both orders.
-2. Per step: our engine decoding with the model arranged (the default) and with every weight
-   output-major (`arrange_weights(input_major=False)`), alternating every few steps in one process (this
-   host's speed drifts by tens of percent within seconds), at 1 and 16 concurrent requests. The two must
-   produce the same greedy tokens.
+1. Per shape: for each distinct GEMM shape of the DeepSeek-V3-shaped benchmark model, at 1, 4 and 16
+   rows in fp32, the product as x @ W^T (torch's default) and as (W @ x^T)^T, with the weight in either
+   order; in bf16 the engine's one-row GEMV in either order. Every call reads a different copy of the
+   weight (copies add up to more than the caches), as a decode step does. Also the 256 MiB
+   matrix-vector product `decode.py` uses for the bandwidth roofline, in both orders.
+2. Per step: our engine decoding with torch's defaults (every weight output-major, every product
+   x @ W^T), with this host's measured product forms (`layers.cpu_gemm`), and with the weights arranged
+   as well (what load_model gives), alternating every few steps in one process (this host's speed drifts
+   by tens of percent within seconds), at 1, 4 and 16 concurrent requests. Same greedy tokens expected
+   (different rounding may in rare near-ties change one).
 
     python benchmarks/weight_layout.py [--quick]
 """
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ByteTokenizer, machine_line, save_hf_v3  # noqa: E402
@@ -37,23 +40,32 @@ def _orders(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"output-major": weight.contiguous(), "input-major": weight.t().contiguous().t()}
 
 
+def _x_wt(x, w):
+    return F.linear(x, w)  # torch's default: x @ W^T
+
+
+def _w_xt(x, w):
+    return torch.mm(w, x.t()).t()  # the weight as the tall left operand
+
+
 def shape_seconds(out_features: int, in_features: int, rows: int, trials: int,
-                  dtype: torch.dtype = torch.float32) -> dict[str, float]:
-    """Median seconds per `layers.linear.linear` (the engine's projection: F.linear, or torch's GEMV for one
-    half-precision row) of [rows, in] with an [out, in] weight in dtype, per memory order."""
+                  dtype: torch.dtype = torch.float32) -> dict[tuple[str, str], float]:
+    """Median seconds per product of [rows, in] with an [out, in] weight in dtype, per (form, memory order).
+    fp32: forms x @ W^T and (W @ x^T)^T; bf16: the engine's one-row GEMV (`layers.linear.linear`)."""
     from model_worker.layers.linear import linear
 
     copies = max(2, _CACHE_DEFEAT_BYTES // (out_features * in_features * dtype.itemsize))
     weights = [_orders(torch.randn(out_features, in_features, dtype=dtype)) for _ in range(copies)]
     x = torch.randn(rows, in_features, dtype=dtype)
-    samples = {order: [] for order in weights[0]}
+    forms = {"x @ W^T": _x_wt, "(W @ x^T)^T": _w_xt} if dtype == torch.float32 else {"GEMV": linear}
+    samples = {(form, order): [] for form in forms for order in weights[0]}
     for _ in range(trials):
-        for order in samples:
+        for form, order in samples:
             start = time.perf_counter()
             for pair in weights:
-                linear(x, pair[order])
-            samples[order].append((time.perf_counter() - start) / copies)
-    return {order: statistics.median(values) for order, values in samples.items()}
+                forms[form](x, pair[order])
+            samples[(form, order)].append((time.perf_counter() - start) / copies)
+    return {key: statistics.median(values) for key, values in samples.items()}
 
 
 def bandwidth_by_order(trials: int) -> dict[str, float]:
@@ -94,17 +106,20 @@ def decode_gemm_shapes(model) -> dict[tuple[int, int], list[str]]:
     return shapes
 
 
-def step_seconds(models: dict, concurrency: int, rounds: int, per_round: int = 3):
-    """Median engine step seconds per model, alternating; and whether all produced the same tokens."""
+def step_seconds(variants: dict, concurrency: int, rounds: int, per_round: int = 3):
+    """variants: name -> (model, CpuGemmPreferences to pin while it runs). Median engine step seconds per
+    variant, alternating; and whether all produced the same tokens."""
     from model_worker.engine.engine import EngineConfig, LLMEngine
     from model_worker.engine.sampling import SamplingParams
+    from model_worker.layers.cpu_gemm import set_cpu_gemm_preferences
 
-    vocab = next(iter(models.values())).config.vocab_size
+    vocab = next(iter(variants.values()))[0].config.vocab_size
     params = SamplingParams(max_tokens=rounds * per_round + 8, temperature=0.0, ignore_eos=True)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, vocab, (16,), generator=gen).tolist() for _ in range(concurrency)]
     engines = {}
-    for name, model in models.items():
+    for name, (model, prefs) in variants.items():
+        set_cpu_gemm_preferences(prefs)
         engines[name] = LLMEngine(model, ByteTokenizer(vocab), EngineConfig(max_num_seqs=max(64, concurrency)))
         for i, prompt in enumerate(prompts):
             engines[name].add_request(f"r{i}", prompt, params)
@@ -113,6 +128,7 @@ def step_seconds(models: dict, concurrency: int, rounds: int, per_round: int = 3
     tokens = {name: [] for name in engines}
     for _ in range(rounds):
         for name, engine in engines.items():
+            set_cpu_gemm_preferences(variants[name][1])
             for _ in range(per_round):
                 start = time.perf_counter()
                 outputs = engine.step()
@@ -129,7 +145,9 @@ def main() -> None:
     trials, rounds = (3, 8) if args.quick else (7, 25)
 
     from model_worker import load_model
+    from model_worker.layers.cpu_gemm import TORCH_DEFAULTS, cpu_gemm_preferences, set_cpu_gemm_preferences
 
+    measured = cpu_gemm_preferences()  # this host's choices (layers.cpu_gemm)
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_v3(Path(tmp))
         arranged = load_model(tmp)
@@ -138,30 +156,41 @@ def main() -> None:
     print("decode weight layout: fp32, DeepSeek-V3-shaped model; output-major = nn.Linear's [out, in] order, "
           "input-major = the same [out, in] tensor over [in, out] memory")
     print(machine_line())
-    print(f"per shape: median us per projection over {trials} alternating trials, each call on a different copy "
-          f"(> {_CACHE_DEFEAT_BYTES >> 20} MiB of copies)")
-    print(f"{'weight [out, in]':>18}{'rows':>6}{'output-major us':>17}{'input-major us':>16}{'speed-up':>10}"
-          f"{'arranged':>14}  modules")
+    print(f"per shape: median us per product over {trials} alternating trials, each call on a different copy "
+          f"(> {_CACHE_DEFEAT_BYTES >> 20} MiB of copies); out/in = output-/input-major weight")
+    print(f"{'weight [out, in]':>18}{'rows':>6}{'x@W^T out':>11}{'x@W^T in':>10}{'(W@x^T)^T out':>15}"
+          f"{'(W@x^T)^T in':>14}{'best':>16}  modules")
     for (out_f, in_f), kinds in decode_gemm_shapes(arranged).items():
-        chosen = "input-major" if out_f >= in_f else "output-major"
-        for rows in (1, 16):
+        for rows in (1, 4, 16):
             t = shape_seconds(out_f, in_f, rows, trials)
-            print(f"{f'[{out_f}, {in_f}]':>18}{rows:>6}{t['output-major'] * 1e6:>17.1f}{t['input-major'] * 1e6:>16.1f}"
-                  f"{t['output-major'] / t['input-major']:>9.2f}x{chosen:>14}  {', '.join(kinds)}")
-    print("bf16 (kept output-major), one row:")
+            best = min(t, key=t.get)
+            cells = "".join(f"{t[(form, order)] * 1e6:>{width}.1f}" for (form, order), width in zip(
+                [("x @ W^T", "output-major"), ("x @ W^T", "input-major"), ("(W @ x^T)^T", "output-major"),
+                 ("(W @ x^T)^T", "input-major")], (11, 10, 15, 14)))
+            label = f"{'x@W^T' if best[0] == 'x @ W^T' else '(W@x^T)^T'} {best[1][:-6]}"
+            print(f"{f'[{out_f}, {in_f}]':>18}{rows:>6}{cells}{label:>16}  {', '.join(kinds)}")
+    print("bf16, one row, the engine's GEMV (bf16 weights stay output-major):")
     for (out_f, in_f), kinds in decode_gemm_shapes(arranged).items():
         t = shape_seconds(out_f, in_f, 1, trials, torch.bfloat16)
-        print(f"{f'[{out_f}, {in_f}]':>18}{1:>6}{t['output-major'] * 1e6:>17.1f}{t['input-major'] * 1e6:>16.1f}"
-              f"{t['output-major'] / t['input-major']:>9.2f}x{'output-major':>14}  {', '.join(kinds)}")
+        out_us, in_us = t[("GEMV", "output-major")] * 1e6, t[("GEMV", "input-major")] * 1e6
+        print(f"{f'[{out_f}, {in_f}]':>18}{1:>6}  output-major {out_us:.1f} us, input-major {in_us:.1f} us "
+              f"({in_us / out_us:.2f}x as long)  {', '.join(kinds)}")
     bw = bandwidth_by_order(trials)
     print(f"256 MiB fp32 matrix-vector product (decode.py's bandwidth probe): output-major {bw['output-major']:.1f} "
           f"GB/s, input-major {bw['input-major']:.1f} GB/s")
-    print(f"per step: median ms per engine decode step, {rounds} rounds of 3 steps each, alternating")
-    print(f"{'concurrent':>10}{'all output-major':>18}{'arranged':>10}{'speed-up':>10}  same tokens")
-    for concurrency in (1, 16):
-        seconds, same = step_seconds({"output-major": output_major, "arranged": arranged}, concurrency, rounds)
-        print(f"{concurrency:>10}{seconds['output-major'] * 1e3:>18.2f}{seconds['arranged'] * 1e3:>10.2f}"
-              f"{seconds['output-major'] / seconds['arranged']:>9.2f}x  {same}")
+    print(f"this host's measured choices (layers.cpu_gemm): {measured}")
+    print(f"per step: median ms per engine decode step, {rounds} rounds of 3 steps each, alternating; torch "
+          "defaults = every weight output-major, every product x @ W^T; + measured forms = the same weights with "
+          "this host's product forms; ours = weights arranged as well (the default)")
+    print(f"{'concurrent':>10}{'torch defaults':>16}{'+ measured forms':>18}{'ours':>8}{'ours speed-up':>15}"
+          f"  same tokens")
+    for concurrency in (1, 4, 16):
+        variants = {"defaults": (output_major, TORCH_DEFAULTS), "forms": (output_major, measured),
+                    "ours": (arranged, measured)}
+        seconds, same = step_seconds(variants, concurrency, rounds)
+        set_cpu_gemm_preferences(measured)
+        print(f"{concurrency:>10}{seconds['defaults'] * 1e3:>16.2f}{seconds['forms'] * 1e3:>18.2f}"
+              f"{seconds['ours'] * 1e3:>8.2f}{seconds['defaults'] / seconds['ours']:>14.2f}x  {same}")
 
 
 if __name__ == "__main__":

@@ -17,10 +17,15 @@ from __future__ import annotations
 
 import torch
 
+from model_worker.layers.cpu_gemm import cpu_gemm_preferences
+
 
 def prefers_input_major(weight: torch.Tensor) -> bool:
-    """Whether a float weight [..., out, in] reads faster stored input-major (fp32 on CPU, out >= in)."""
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.shape[-2] >= weight.shape[-1]
+    """Whether a float weight [..., out, in] reads faster stored input-major: fp32 on CPU, out >= in, on a
+    host where that order measured faster (`layers.cpu_gemm`)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.shape[-2] < weight.shape[-1]:
+        return False
+    return cpu_gemm_preferences().input_major_one_row
 
 
 def is_input_major(weight: torch.Tensor) -> bool:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_worker.layers.cpu_gemm import cpu_gemm_preferences, wide_wins
+
 WEIGHT_BLOCK = 128  # DeepSeek FP8 weight scale block, in both dimensions
 FP8_WEIGHT_DTYPE = torch.float8_e4m3fn
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
@@ -33,10 +35,39 @@ def _one_half_precision_row_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> boo
     return x.numel() == x.shape[-1] and weight.dtype in _HALF_DTYPES and x.dtype == weight.dtype and not x.is_cuda
 
 
+WIDE_PRODUCT_MAX_ROWS = 512  # beyond this (prefill) torch's default form is as fast
+
+
+def _wide_product_rows(x: torch.Tensor, weight: torch.Tensor) -> int:
+    """Rows of x if `linear` should run it as (W @ x^T)^T on this host (`layers.cpu_gemm`), else 0."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.is_cuda or weight.dim() != 2:
+        return 0
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows < 2 or rows > WIDE_PRODUCT_MAX_ROWS:
+        return 0
+    prefs = cpu_gemm_preferences()
+    input_major = weight.stride(0) == 1 and weight.shape[0] > 1
+    least = prefs.wide_min_rows_input_major if input_major else prefs.wide_min_rows_output_major
+    if least is None or rows < least:
+        return 0
+    return rows if not input_major or wide_wins(x.reshape(rows, x.shape[-1]), weight) else 0
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except that one bf16/fp16 row on CPU runs as a matrix-vector product: there torch's GEMV
-    reads 16-bit weights faster than its one-row GEMM (decode of a half-precision model at batch 1).
+    """F.linear with two CPU fast paths for decode-sized batches (same function, other kernel calls):
+
+    - one bf16/fp16 row runs as a matrix-vector product: torch's GEMV reads 16-bit weights faster than
+      its one-row GEMM (decode of a half-precision model at batch 1);
+    - 2..512 fp32 rows (16..512 for an input-major weight, `layers.layout`) run as (W @ x^T)^T, the
+      product with the weight as the tall left operand, on hosts where torch's CPU GEMM runs that faster
+      than x @ W^T (`layers.cpu_gemm`; 1.2-2.8x on AMD EPYC, benchmarks/weight_layout.py). The result
+      is then a transposed view.
     x [..., in]; weight [out, in] -> [..., out]."""
+    rows = _wide_product_rows(x, weight)
+    if rows:
+        cols = x.reshape(rows, x.shape[-1]).t()  # [in, rows]
+        out = torch.mm(weight, cols) if bias is None else torch.addmm(bias[:, None], weight, cols)  # [out, rows]
+        return out.t().view(*x.shape[:-1], weight.shape[0])
     if not _one_half_precision_row_on_cpu(x, weight):
         return F.linear(x, weight, bias)
     row = x.reshape(-1)

@@ -95,3 +95,25 @@ def test_a_tied_head_stays_the_row_major_embedding_table():
     model = tiny_model(seed=5, tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.lm_head.weight.is_contiguous()
+
+
+@pytest.mark.parametrize("input_major", [False, True])
+@pytest.mark.parametrize("rows", [1, 2, 15, 16, 40, 512, 513])
+def test_linear_matches_float64_in_either_order_across_the_wide_product_bounds(input_major, rows):
+    """`linear` runs 2..512 fp32 rows (16..512 input-major) as (W @ x^T)^T, else F.linear: every path
+    must compute x @ W^T + b, for flat and batched leading dims, with and without bias."""
+    from model_worker.layers.linear import linear
+
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(72, 40, generator=g)
+    weight = arranged(weight) if input_major else weight
+    assert is_input_major(weight) == input_major
+    bias = torch.randn(72, generator=g)
+    for shape in ((rows, 40), (1, rows, 40)):
+        x = torch.randn(shape, generator=g)
+        want = x.double() @ weight.double().t()
+        for b, ref in ((None, want), (bias, want + bias.double())):
+            got = linear(x, weight, b)
+            assert got.shape == (*shape[:-1], 72) and got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got.view(-1, 72)[:, :3], got.reshape(-1, 72)[:, :3])  # a usable view

