@@ -153,13 +153,13 @@ def main() -> None:
         arranged = load_model(tmp)
         output_major = load_model(tmp).arrange_weights(input_major=False)
 
-    print("decode weight layout: fp32, DeepSeek-V3-shaped model; output-major = nn.Linear's [out, in] order, "
+    print("decode GEMM forms: fp32, DeepSeek-V3-shaped model; output-major = nn.Linear's [out, in] order, "
           "input-major = the same [out, in] tensor over [in, out] memory")
     print(machine_line())
     print(f"per shape: median us per product over {trials} alternating trials, each call on a different copy "
           f"(> {_CACHE_DEFEAT_BYTES >> 20} MiB of copies); out/in = output-/input-major weight")
     print(f"{'weight [out, in]':>18}{'rows':>6}{'x@W^T out':>11}{'x@W^T in':>10}{'(W@x^T)^T out':>15}"
-          f"{'(W@x^T)^T in':>14}{'best':>16}  modules")
+          f"{'(W@x^T)^T in':>14}  {'best':<18}modules")
     for (out_f, in_f), kinds in decode_gemm_shapes(arranged).items():
         for rows in (1, 4, 16):
             t = shape_seconds(out_f, in_f, rows, trials)
@@ -168,7 +168,7 @@ def main() -> None:
                 [("x @ W^T", "output-major"), ("x @ W^T", "input-major"), ("(W @ x^T)^T", "output-major"),
                  ("(W @ x^T)^T", "input-major")], (11, 10, 15, 14)))
             label = f"{'x@W^T' if best[0] == 'x @ W^T' else '(W@x^T)^T'} {best[1][:-6]}"
-            print(f"{f'[{out_f}, {in_f}]':>18}{rows:>6}{cells}{label:>16}  {', '.join(kinds)}")
+            print(f"{f'[{out_f}, {in_f}]':>18}{rows:>6}{cells}  {label:<18}{', '.join(kinds)}")
     print("bf16, one row, the engine's GEMV (bf16 weights stay output-major):")
     for (out_f, in_f), kinds in decode_gemm_shapes(arranged).items():
         t = shape_seconds(out_f, in_f, 1, trials, torch.bfloat16)
