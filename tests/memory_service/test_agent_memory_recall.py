@@ -110,13 +110,22 @@ def test_minilm_bfloat16_stays_close_to_float32(minilm_bf16):
     assert cosines.min() >= 0.999
 
 
-def test_hnsw_recall_at_10_against_exact_search_on_minilm_embeddings(minilm_bf16, record_property):
+@pytest.fixture(scope="module")
+def minilm_fastest(minilm_bf16, minilm):
+    """bf16 where the CPU runs it natively (~3.5x faster), else float32 (emulated bf16 is several times
+    slower): the recall check holds for either, and embedding its corpus dominates this file's time."""
+    from memory_service.agent_memory.embedder import cpu_has_native_bfloat16
+
+    return minilm_bf16 if cpu_has_native_bfloat16() else minilm
+
+
+def test_hnsw_recall_at_10_against_exact_search_on_minilm_embeddings(minilm_fastest, record_property):
     texts, queries = corpus_and_queries(CORPUS, QUERIES)
     start = time.perf_counter()
-    vectors = minilm_bf16.embed(texts)  # [CORPUS, 384]
+    vectors = minilm_fastest.embed(texts)  # [CORPUS, 384]
     embed_s = time.perf_counter() - start
-    query_vectors = minilm_bf16.embed(queries)  # [QUERIES, 384]
-    index = VectorIndex(minilm_bf16.dim, hnsw_threshold=CORPUS // 2)
+    query_vectors = minilm_fastest.embed(queries)  # [QUERIES, 384]
+    index = VectorIndex(minilm_fastest.dim, hnsw_threshold=CORPUS // 2)
     ids = [f"m{i}" for i in range(CORPUS)]
     index.add(ids, vectors)
     assert index.kind == "hnsw" and len(index) == CORPUS
