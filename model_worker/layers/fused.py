@@ -37,6 +37,7 @@ class _FusedWeight:
         self._key: tuple[int, ...] | None = None
         self._tensor: torch.Tensor | None = None
         self._input_major = True
+        self._groups_cache: tuple | None = None  # (fused tensor, per_group() views)
 
     @property
     def input_major(self) -> bool:
@@ -83,7 +84,21 @@ class _FusedWeight:
                     offset += lin.out_features
         self._tensor = fused
         self._key = self._current_key()
+        self._groups_cache = None
         return fused
+
+    def per_group(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None:
+        """(views [sum(out), in] of each group, their transposes [in, sum(out)]) of the tensor the last get()
+        returned (call get() first: it checks the members), or None: made once per fused tensor, so a decode
+        step indexes Python tuples instead of dispatching a select and a transpose per expert."""
+        fused = self._tensor
+        if fused is None:
+            return None
+        cached = self._groups_cache
+        if cached is None or cached[0] is not fused:
+            views = tuple(fused.unbind(0))
+            cached = self._groups_cache = (fused, (views, tuple(v.t() for v in views)))
+        return cached[1]
 
 
 class ConcatenatedWeight(_FusedWeight):

@@ -75,11 +75,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def linear_accumulate(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
-    """out + alpha * linear(x, weight) in one call: out [M, out_features], x [M, in] -> [M, out_features]."""
+def linear_accumulate(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, alpha: float,
+                      weight_t: torch.Tensor | None = None) -> torch.Tensor:
+    """out + alpha * linear(x, weight) in one call: out [M, out_features], x [M, in] -> [M, out_features].
+    weight_t: weight.t() if the caller keeps it (saves a dispatch per call)."""
     if _one_half_precision_row_on_cpu(x, weight) and out.dtype == x.dtype:
         return torch.addmv(out.reshape(-1), weight, x.reshape(-1), alpha=alpha).view_as(out)
-    return torch.addmm(out, x, weight.t(), alpha=alpha)
+    return torch.addmm(out, x, weight.t() if weight_t is None else weight_t, alpha=alpha)
 
 
 def is_plain_float(dtype: torch.dtype) -> bool:

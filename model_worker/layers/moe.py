@@ -105,7 +105,7 @@ class MoE(nn.Module):
         gate_up, down = self._stacked_gate_up.get(), self._stacked_down.get()
         stacked = gate_up is not None and down is not None
         if stacked and flat.shape[0] == 1:
-            return self._one_token(flat, weights, ids, gate_up, down).view_as(x)
+            return self._one_token(flat, weights, ids).view_as(x)
         order = ids.flatten().argsort(stable=True)  # (token, expert) pairs sorted by expert
         counts = torch.bincount(ids.flatten(), minlength=len(self.experts))  # [E]
         token = order // ids.shape[1]  # [N*k] token of each sorted pair
@@ -131,12 +131,15 @@ class MoE(nn.Module):
             out = out + self.shared_experts(flat)
         return out.view_as(x)
 
-    def _one_token(self, flat, weights, ids, gate_up, down) -> torch.Tensor:
-        """Decode of a single sequence: its k experts in turn, no sorting or scattering. flat [1, D] -> [1, D]."""
+    def _one_token(self, flat, weights, ids) -> torch.Tensor:
+        """Decode of a single sequence: its k experts in turn, no sorting or scattering. flat [1, D] -> [1, D].
+        Experts' weights come as cached per-expert views (`StackedWeight.per_group`)."""
+        gate_up, _ = self._stacked_gate_up.per_group()  # [2I, D] each
+        down, down_t = self._stacked_down.per_group()  # [D, I] and [I, D] each
         out = self.shared_experts(flat) if self.shared_experts is not None else torch.zeros_like(flat)
         for expert_id, weight in zip(ids.tolist()[0], weights.tolist()[0]):
             hidden = _swiglu(linear(flat, gate_up[expert_id]))  # [1, I]
-            out = linear_accumulate(out, hidden, down[expert_id], weight)  # out + weight * down(hidden)
+            out = linear_accumulate(out, hidden, down[expert_id], weight, down_t[expert_id])  # out + weight * down(h)
         return out
 
 

@@ -429,3 +429,18 @@ def test_linear_helpers_match_float64_for_one_row_and_many(dtype, shape):
     got = linear_accumulate(out, rows, weight, alpha=0.375)
     assert got.dtype == dtype and got.shape == out.shape
     torch.testing.assert_close(got.double(), out.double() + 0.375 * (rows.double() @ weight.double().t()), **tol)
+
+
+def test_per_group_views_follow_a_rebuilt_fusion():
+    """per_group() hands out views of the fused tensor get() last returned, and new ones after a rebuild."""
+    moe = MoE(tiny_config())
+    _randomize(moe, seed=11)
+    stacked = moe._stacked_down
+    fused = stacked.get()
+    views, transposed = stacked.per_group()
+    assert len(views) == len(moe.experts) and stacked.per_group()[0] is views  # made once
+    for expert, view, view_t in zip(moe.experts, views, transposed):
+        assert torch.equal(view, expert.down_proj.weight) and torch.equal(view_t, expert.down_proj.weight.t())
+    moe.experts[1].down_proj.weight.data = moe.experts[1].down_proj.weight.data * 3.0
+    assert stacked.get() is not fused
+    assert torch.equal(stacked.per_group()[0][1], moe.experts[1].down_proj.weight)
