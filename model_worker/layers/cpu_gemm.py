@@ -4,11 +4,11 @@ torch's fp32 CPU GEMM (MKL) runs the same product at very different speeds depen
 order and the weight's memory order, and which is fastest differs between CPUs. On the AMD EPYC (AVX2)
 host of benchmarks/weight_layout.py, for decode-sized batches:
 
-- one row `x @ W^T` reads a wide weight (out >= in) 1.3-1.6x faster stored input-major ([in, out]
+- one row `x @ W^T` reads a wide weight (out >= in) 1.1-1.6x faster stored input-major ([in, out]
   memory, `layers.layout`) than output-major;
-- 2..512 rows run 1.2-2.8x faster as `(W @ x^T)^T` (the weight as the tall left operand) than as
-  `x @ W^T` for an output-major weight; for an input-major weight from about 16 rows for the LM head
-  (below that this form is several times slower).
+- 4 and 16 rows run 2.3-3.5x and 1.15-1.6x faster as `(W @ x^T)^T` (the weight as the tall left
+  operand) than as `x @ W^T` for an output-major weight; for an input-major weight from about 16 rows for
+  the LM head (below that this form is several times slower).
 
 Rather than assume those hold elsewhere, `cpu_gemm_preferences()` times each choice on a V3-sized
 weight the first time it is asked (a fraction of a second) and enables it only where it wins here; for
@@ -92,7 +92,8 @@ def wide_wins(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """For an input-major weight [out, in] and rows x [M, in]: whether (W @ x^T)^T beats F.linear for this
     shape and row count (rounded down to a power of two), timed on these operands the first time and
     remembered. For these weights the winner depends on the shape: on the benchmark host the form is
-    1.7x faster for a [32000, 768] LM head at 16 rows and slower for [16384, 768]."""
+    1.35x faster for a [32000, 768] LM head at 16 rows (benchmarks/weight_layout.py) and slower for
+    [16384, 768] (an ad-hoc check)."""
     if _pinned is not None and not _pinned.tune_input_major_wide:
         return True
     key = (weight.shape[0], weight.shape[1], 1 << (x.shape[0].bit_length() - 1))

@@ -4,11 +4,12 @@ A Linear weight is [out, in]. Stored row-major ("output-major", nn.Linear's defa
 `x @ W^T` is a matrix-vector product of short dot products, one per output. Stored the other way round
 ("input-major": the same [out, in] tensor over [in, out] memory, i.e. `W.t().contiguous().t()`) the
 product streams whole rows of length `out` (`y += x[k] * W^T[k, :]`). For fp32 on CPU the second order
-is faster whenever out >= in: in benchmarks/weight_layout.py the V3-shaped LM head [32000, 768] reads
-about 1.6x faster at batch 1, and the decode step as a whole runs 1.18x faster at batch 1 and 1.08x at
-16 (quick runs). Where out < in, output-major is faster for a dense MLP's down projection [768, 2048]
-(input-major takes 1.25x as long). bf16 keeps nn.Linear's order: its one-row path is torch's GEMV
-(`layers.linear`), which takes 1.5-2.4x as long input-major in the same benchmark.
+is faster whenever out >= in: in benchmarks/weight_layout.py (quick run, AMD EPYC) the V3-shaped LM head
+[32000, 768] reads 1.56x faster at one row, and with the product forms of `layers.cpu_gemm` a decode
+step runs 1.26x faster than with torch's defaults at batch 1. Where out < in, output-major is faster for
+a dense MLP's down projection [768, 2048] (input-major takes 1.2x as long). bf16 keeps nn.Linear's
+order: its one-row path is torch's GEMV (`layers.linear`), which takes 1.6-2.6x as long input-major in the
+same benchmark.
 Values, shapes, names and `state_dict()` are the same either way; only strides differ, and GEMM kernels
 take either order without a copy.
 """

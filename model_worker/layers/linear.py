@@ -60,7 +60,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
       its one-row GEMM (decode of a half-precision model at batch 1);
     - 2..512 fp32 rows (16..512 for an input-major weight, `layers.layout`) run as (W @ x^T)^T, the
       product with the weight as the tall left operand, on hosts where torch's CPU GEMM runs that faster
-      than x @ W^T (`layers.cpu_gemm`; 1.2-2.8x on AMD EPYC, benchmarks/weight_layout.py). The result
+      than x @ W^T (`layers.cpu_gemm`; 1.15-3.5x on AMD EPYC, benchmarks/weight_layout.py). The result
       is then a transposed view.
     x [..., in]; weight [out, in] -> [..., out]."""
     rows = _wide_product_rows(x, weight)
