@@ -57,7 +57,7 @@ def load_model(path: str | Path, *, dtype: str | torch.dtype = "float32", device
     load_state(model, tensors, fp8_mode=fp8_mode, dtype=torch_dtype, ignore=_ignorable(config))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.cast(torch_dtype)
+    model.cast(torch_dtype, arrange=False)  # arranged once, on the target device, below
     if config.uses_engram:
         model.attach_engram_tables(load_engram_tables(path, config))
     return model.to(device).eval().arrange_weights()

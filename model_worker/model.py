@@ -141,14 +141,15 @@ class CausalLM(nn.Module):
                 keep.add(name)
         return keep
 
-    def cast(self, dtype: torch.dtype) -> CausalLM:
-        """Convert floating weights to dtype, leaving keep_fp32_names() in fp32 (and FP8 weights as FP8)."""
+    def cast(self, dtype: torch.dtype, arrange: bool = True) -> CausalLM:
+        """Convert floating weights to dtype, leaving keep_fp32_names() in fp32 (and FP8 weights as FP8), then
+        `arrange_weights` unless arrange=False (a caller that moves the model first arranges it there)."""
         keep = self.keep_fp32_names()
         for name, tensor in list(self.named_parameters()) + list(self.named_buffers()):
             if name in keep or not tensor.is_floating_point() or tensor.dtype.itemsize == 1:
                 continue
             tensor.data = tensor.data.to(dtype)
-        return self.arrange_weights()
+        return self.arrange_weights() if arrange else self
 
     def arrange_weights(self, input_major: bool = True) -> CausalLM:
         """Store every weight that decode runs as a GEMM in the memory order torch's kernels read fastest

@@ -38,11 +38,17 @@ class CpuGemmPreferences:
     input_major_one_row: bool
     wide_min_rows_output_major: int | None
     wide_min_rows_input_major: int | None
-    tune_input_major_wide: bool = True  # confirm the wide form per weight shape and row count (see wide_wins)
+    tune_input_major_wide: bool = True  # confirm the wide form per weight shape and row count (wide_wins)
 
 
 _pinned: CpuGemmPreferences | None = None
 _measured: CpuGemmPreferences | None = None
+_wide_wins: dict[tuple[int, int, int], bool] = {}  # (out, in, row bucket) -> the wide form won (wide_wins)
+
+
+def wide_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, in], weight [out, in] -> (W @ x^T) [out, M]: the product with the weight as the tall left operand."""
+    return torch.mm(weight, x.t())
 
 
 def set_cpu_gemm_preferences(preferences: CpuGemmPreferences | None) -> None:
@@ -76,30 +82,23 @@ def measure_cpu_gemm_preferences(rounds: int = 5) -> CpuGemmPreferences:
     output_major = [torch.randn(4096, 768, generator=gen) for _ in range(3)]
     input_major = [w.t().contiguous().t() for w in output_major]
 
-    def wide(x, w):
-        return torch.mm(w, x.t())
-
     one_row = _faster(F.linear, output_major, F.linear, input_major, torch.randn(1, 768), rounds)
-    wide_out = _faster(F.linear, output_major, wide, output_major, torch.randn(4, 768), rounds)
+    wide_out = _faster(F.linear, output_major, wide_product, output_major, torch.randn(4, 768), rounds)
     return CpuGemmPreferences(input_major_one_row=one_row, wide_min_rows_output_major=2 if wide_out else None,
                               wide_min_rows_input_major=16)
 
 
-_wide_wins: dict[tuple[int, int, int], bool] = {}
-
-
-def wide_wins(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """For an input-major weight [out, in] and rows x [M, in]: whether (W @ x^T)^T beats F.linear for this
-    shape and row count (rounded down to a power of two), timed on these operands the first time and
-    remembered. For these weights the winner depends on the shape: on the benchmark host the form is
+def wide_wins(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
+    """For an input-major weight [out, in] and x [..., in] holding `rows` rows: whether (W @ x^T)^T beats
+    F.linear for this shape and row count (rounded down to a power of two), timed on these operands the
+    first time and remembered. For these weights the winner depends on the shape: on the benchmark host the form is
     1.35x faster for a [32000, 768] LM head at 16 rows (benchmarks/weight_layout.py) and slower for
     [16384, 768] (an ad-hoc check)."""
-    if _pinned is not None and not _pinned.tune_input_major_wide:
-        return True
-    key = (weight.shape[0], weight.shape[1], 1 << (x.shape[0].bit_length() - 1))
+    key = (weight.shape[0], weight.shape[1], 1 << (rows.bit_length() - 1))
     won = _wide_wins.get(key)
     if won is None:
-        won = _wide_wins[key] = _faster(F.linear, [weight], lambda x, w: torch.mm(w, x.t()), [weight], x, rounds=3)
+        x2d = x.reshape(rows, x.shape[-1])
+        won = _wide_wins[key] = _faster(F.linear, [weight], wide_product, [weight], x2d, rounds=3)
     return won
 
 

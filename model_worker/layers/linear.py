@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_worker.layers.cpu_gemm import cpu_gemm_preferences, wide_wins
+from model_worker.layers.cpu_gemm import cpu_gemm_preferences, wide_product, wide_wins
 
 WEIGHT_BLOCK = 128  # DeepSeek FP8 weight scale block, in both dimensions
 FP8_WEIGHT_DTYPE = torch.float8_e4m3fn
@@ -50,7 +50,9 @@ def _wide_product_rows(x: torch.Tensor, weight: torch.Tensor) -> int:
     least = prefs.wide_min_rows_input_major if input_major else prefs.wide_min_rows_output_major
     if least is None or rows < least:
         return 0
-    return rows if not input_major or wide_wins(x.reshape(rows, x.shape[-1]), weight) else 0
+    if input_major and prefs.tune_input_major_wide and not wide_wins(x, weight, rows):
+        return 0
+    return rows
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -65,8 +67,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     x [..., in]; weight [out, in] -> [..., out]."""
     rows = _wide_product_rows(x, weight)
     if rows:
-        cols = x.reshape(rows, x.shape[-1]).t()  # [in, rows]
-        out = torch.mm(weight, cols) if bias is None else torch.addmm(bias[:, None], weight, cols)  # [out, rows]
+        x2d = x.reshape(rows, x.shape[-1])
+        out = wide_product(x2d, weight) if bias is None else torch.addmm(bias[:, None], weight, x2d.t())  # [out, rows]
         return out.t().view(*x.shape[:-1], weight.shape[0])
     if not _one_half_precision_row_on_cpu(x, weight):
         return F.linear(x, weight, bias)
