@@ -11,9 +11,10 @@ This machine's speed drifts by tens of percent over seconds (shared host), so ev
 of several trials, and the trials of ours and transformers alternate. At concurrency 1 each trial
 measures the bandwidth right before our run, and ours/roofline is the median of the per-trial ratios.
 
-The GEMM-only ceiling column bounds what any engine built on torch's CPU GEMMs can reach here (see
-`gemm_floor_tokens_per_s`); the compute bound is this machine's fp32 GEMM rate at a batch-16 decode shape
-over the multiply-adds a token needs.
+The GEMM-only ceiling column bounds what this engine's kernels allow here (`gemm_floor_tokens_per_s`); the
+memory bound is the weight bytes a step must read (`step_weight_bytes`) at the measured bandwidth, a
+physical bound for any engine on this machine; the compute bound is this machine's GEMM rate at a
+batch-16 decode shape over the multiply-adds a token needs.
 
     python benchmarks/decode.py [--quick] [--weights fp32|bf16] [--trials N]
 """
@@ -67,29 +68,46 @@ def active_bytes_per_token(model) -> int:
     return int(total)
 
 
-def gemm_floor_tokens_per_s(model, concurrency: int, repeats: int = 5) -> float:
-    """Decode tokens/s if a step cost nothing but its weight GEMMs, with torch's own kernels.
+def _routed_expert(name: str) -> bool:
+    """Whether a `CausalLM.decode_gemm_weights` name is a routed expert's weight (a MoE stack's group)."""
+    return "._stacked_" in name
 
-    One pass runs every Linear of the model (and the LM head) once, in model order, as the engine's
-    `linear` (F.linear, or a GEMV for one half-precision row) on
-    [C, in] random rows: C = concurrency for attention, dense MLPs, shared experts and the head; for
-    the routed experts the step's C * k (token, expert) pairs spread evenly over the E experts (only
+
+def step_weight_bytes(model, concurrency: int) -> float:
+    """Weight bytes a decode step over `concurrency` tokens must read at least once: every GEMM weight but the
+    routed experts, plus the expected share of experts any token picks, E * (1 - (1 - k/E)^C) of E, if the
+    router spread tokens uniformly; plus one embedding row per token."""
+    cfg = model.config
+    weights = model.decode_gemm_weights()
+    expert_bytes = sum(w.numel() * w.element_size() for name, w in weights if _routed_expert(name))
+    other = sum(w.numel() * w.element_size() for name, w in weights if not _routed_expert(name))
+    used = 1.0
+    if cfg.n_routed_experts:
+        used = 1 - (1 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** concurrency
+    embed = model.model.embed_tokens.weight
+    return other + expert_bytes * used + concurrency * embed.shape[1] * embed.element_size()
+
+
+def gemm_floor_tokens_per_s(model, concurrency: int, repeats: int = 5) -> float:
+    """Decode tokens/s if a step cost nothing but its weight GEMMs, with this engine's own kernels.
+
+    One pass runs every weight of `CausalLM.decode_gemm_weights` once, in model order, through the engine's
+    `linear` (the packed oneDNN kernel, a product form or torch's default: whatever the engine would pick
+    here) on [C, in] random rows: C = concurrency for attention, dense MLPs, shared experts and the head;
+    for the routed experts the step's C * k (token, expert) pairs spread evenly over the E experts (only
     C * k experts, one row each, when C * k < E). The embedding gather, attention over the cache,
-    routing, norms, sampling and the engine are left out, so no decode step at this concurrency can be
-    faster than this on this machine with these kernels. Median pass time over `repeats`.
+    routing, norms, sampling and the engine are left out, so no decode step of this engine at this
+    concurrency can be faster than this on this machine. Median pass time over `repeats`.
     """
-    from model_worker.layers.linear import Linear, linear
+    from model_worker.layers.linear import linear
 
     cfg = model.config
     pairs = concurrency * (cfg.num_experts_per_tok or 0)
     per_expert = max(1, round(pairs / cfg.n_routed_experts)) if cfg.n_routed_experts else 0
     work = []  # (weight [out, in], rows)
-    for name, module in model.named_modules():
-        if not isinstance(module, (Linear, torch.nn.Linear)):
-            continue
-        weight = module.dense_weight() if isinstance(module, Linear) else module.weight
-        if ".mlp.experts." in name:
-            expert = int(name.split(".mlp.experts.")[1].split(".")[0])
+    for name, weight in model.decode_gemm_weights():
+        if _routed_expert(name):
+            expert = int(name.rsplit("[", 1)[1].rstrip("]"))
             if pairs < cfg.n_routed_experts and expert >= pairs:
                 continue  # this expert gets no token in the step
             work.append((weight, per_expert))
@@ -199,6 +217,7 @@ def main() -> None:
         rows.append((concurrency, medians["bf16"], medians["fp8"], medians["hf"], medians["ceiling"]))
     bandwidth = statistics.median(bandwidths)
     roofline = bandwidth / active
+    bound = {c: c * bandwidth / step_weight_bytes(ours, c) for c in levels}
     overhead = {c: statistics.median(step_overhead_seconds(tiny, c, new_tokens) for _ in range(trials)) for c in levels}
 
     print(f"decode, DeepSeek-V3-shaped model: {n_params / 1e6:.1f}M parameters {args.weights}, {new_tokens} new "
@@ -210,15 +229,18 @@ def main() -> None:
           f"{active / 1e6:.1f} MB; roofline at batch 1: {roofline:.1f} tok/s")
     print(f"{args.weights} GEMM (16 x 4096 @ 4096 x 4096): {flops / 1e9:.1f} GFLOP/s; compute bound on decode at any "
           f"batch: {compute_bound:.0f} tok/s")
-    print("GEMM ceiling: tokens/s if a step cost only its weight GEMMs (torch kernels; gemm_floor_tokens_per_s)")
+    print("GEMM ceiling: tokens/s if a step cost only its weight GEMMs (our kernels; gemm_floor_tokens_per_s)")
+    print("memory bound: tokens/s if a step only read, at the measured bandwidth, the weight bytes it needs "
+          "(step_weight_bytes: experts used by uniform routing)")
     print("ours: tok/s with a bf16 and with an FP8 latent cache; ratios use the bf16-cache figure unless named")
     print(f"{'concurrent':>10}{'ours bf16-cache':>17}{'ours fp8-cache':>16}{'transformers tok/s':>20}"
           f"{'ours/hf':>9}{'fp8/hf':>8}{'ours/roofline':>15}{'GEMM ceiling':>14}{'ceiling/hf':>12}"
-          f"{'ours/ceiling':>14}")
+          f"{'ours/ceiling':>14}{'memory bound':>14}{'bound/hf':>10}")
     for concurrency, bf16, fp8, theirs, floor in rows:
         roof = f"{statistics.median(roof_ratios):>15.2f}" if concurrency == 1 else f"{'':>15}"
         print(f"{concurrency:>10}{bf16:>17.1f}{fp8:>16.1f}{theirs:>20.1f}{bf16 / theirs:>9.2f}"
-              f"{fp8 / theirs:>8.2f}{roof}{floor:>14.1f}{floor / theirs:>12.2f}{bf16 / floor:>14.2f}")
+              f"{fp8 / theirs:>8.2f}{roof}{floor:>14.1f}{floor / theirs:>12.2f}{bf16 / floor:>14.2f}"
+              f"{bound[concurrency]:>14.1f}{bound[concurrency] / theirs:>10.2f}")
     print("step overhead: ms per decode step of our engine on a hidden-64, vocab-1000 copy of the architecture "
           "(no real GEMM work), against ms per step here:")
     for concurrency, bf16, _, _, floor in rows:
@@ -230,7 +252,7 @@ def main() -> None:
     for concurrency, _, _, theirs, floor in rows:
         if concurrency > 1:
             print(f"at {concurrency} concurrent: 3x transformers = {3 * theirs:.0f} tok/s; GEMM ceiling {floor:.0f}; "
-                  f"compute bound {compute_bound:.0f}")
+                  f"memory bound {bound[concurrency]:.0f}; compute bound {compute_bound:.0f}")
     print(f"peak RSS: {peak_rss_mib():.0f} MiB (whole process: both models, caches)")
 
 

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from model_worker.config import ModelConfig
+from model_worker.layers import packed_gemm
+from model_worker.layers.cpu_gemm import cpu_gemm_preferences
 from model_worker.layers.engram import EngramModule
 from model_worker.layers.fused import fusions_of
 from model_worker.layers.layout import arranged
@@ -151,29 +153,53 @@ class CausalLM(nn.Module):
             tensor.data = tensor.data.to(dtype)
         return self.arrange_weights() if arrange else self
 
-    def arrange_weights(self, input_major: bool = True) -> CausalLM:
-        """Store every weight that decode runs as a GEMM in the memory order torch's kernels read fastest
-        (`layers.layout`: input-major for fp32 on CPU where out >= in), building the weight fusions.
-        Values and `state_dict()` do not change. input_major=False stores them all output-major (nn.Linear's
-        order; benchmarks compare the two). load_model and cast call this; call it again after moving or
-        replacing weights by other means (it copies only weights not already in their order)."""
-        fused = set()
+    def arrange_weights(self, input_major: bool = True, pack: bool | None = None) -> CausalLM:
+        """Prepare every weight that decode runs as a GEMM for this host's kernels, building the weight
+        fusions: store it in the memory order torch's kernels read fastest (`layers.layout`: input-major for
+        fp32 on CPU where out >= in), and keep a oneDNN-packed copy of it (`layers.packed_gemm`) when `pack`
+        is True, or, when None, where this host measured packing faster (`layers.cpu_gemm`); pack=False
+        releases the packed copies. Values and `state_dict()` do not change; packing doubles the packed
+        weights' memory. input_major=False stores them all output-major (nn.Linear's order; benchmarks
+        compare the two). load_model and cast call this; call it again after moving or replacing weights
+        by other means (it copies only weights not already in their order)."""
         for module in self.modules():
-            for fusion in fusions_of(module):
+            for fusion in fusions_of(module).values():
                 fusion.input_major = input_major
-                if fusion.get() is not None:
-                    fused.update(id(member) for member in fusion.members)
-        plain = [module.weight for name, module in self.named_modules()
-                 # kv_b is read per head by the absorbed attention (MLA.kv_b_weights), not as a GEMM
-                 if isinstance(module, Linear) and id(module) not in fused and not name.endswith("kv_b_proj")]
-        if not self.config.tie_word_embeddings:  # a tied head is the embedding table, gathered by row
-            plain.append(self.lm_head.weight)
+                fusion.get()
         with torch.inference_mode(False), torch.no_grad():
-            for weight in plain:
-                if weight.is_meta or not weight.is_floating_point() or weight.dtype.itemsize == 1:
-                    continue
+            for name, weight in self._unfused_gemm_weights():
+                if name == "lm_head" and self.config.tie_word_embeddings:
+                    continue  # a tied head is the embedding table, gathered by row: keep its order
                 weight.data = arranged(weight.data) if input_major else weight.data.contiguous()
+        if pack is None:
+            pack = cpu_gemm_preferences().pack_weights
+        for _, weight in self.decode_gemm_weights():
+            if pack:
+                packed_gemm.pack(weight)
+            else:
+                packed_gemm.unpack(weight)
         return self
+
+    def decode_gemm_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, weight [out, in]) of every float product a decode step runs as a GEMM, as `linear` gets it:
+        each built fusion's per-group views (`<module>.<fusion>[g]`: g is the expert of a MoE stack), then
+        the Linears outside fusions and the LM head (`_unfused_gemm_weights`)."""
+        weights = []
+        for name, module in self.named_modules():
+            for attr, fusion in fusions_of(module).items():
+                if fusion.get() is not None:
+                    weights += [(f"{name}.{attr}[{g}]", view) for g, view in enumerate(fusion.per_group()[0])]
+        return weights + self._unfused_gemm_weights()
+
+    def _unfused_gemm_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, weight) of float Linears no fusion holds, but kv_b (the absorbed attention reads it per head,
+        `MLA.kv_b_weights`), and of the LM head; call after building the fusions."""
+        fused = {id(member) for module in self.modules() for fusion in fusions_of(module).values()
+                 if fusion.get() is not None for member in fusion.members}
+        weights = [(name, module.weight) for name, module in self.named_modules()
+                   if isinstance(module, Linear) and id(module) not in fused and not name.endswith("kv_b_proj")]
+        return [(name, w) for name, w in [*weights, ("lm_head", self.lm_head.weight)]
+                if not w.is_meta and w.is_floating_point() and w.dtype.itemsize > 1]
 
     def attach_engram_tables(self, tables: EngramTableClient) -> None:
         """Use these tables for Engram lookups (in-process tables or a remote client)."""

@@ -10,10 +10,14 @@ host of benchmarks/weight_layout.py, for decode-sized batches:
   operand) than as `x @ W^T` for an output-major weight; for an input-major weight from about 16 rows for
   the LM head (below that this form is several times slower).
 
+A third choice replaces the kernel: oneDNN with prepacked weights (`layers.packed_gemm`), several times
+faster than either form on the AMD EPYC (Zen 4) host for 1-64 rows, at the cost of a second copy of each
+packed weight.
+
 Rather than assume those hold elsewhere, `cpu_gemm_preferences()` times each choice on a V3-sized
-weight the first time it is asked (a fraction of a second) and enables it only where it wins here; for
-input-major weights, where the winner depends on the shape, `wide_wins` decides per shape and row count
-on the first such product.
+weight the first time it is asked (a fraction of a second) and enables it only where it wins here; where
+the winner depends on the shape (the wide form for input-major weights, packed weights), `choice_wins`
+decides per shape and row count on the first such product.
 `set_cpu_gemm_preferences` pins a choice (tests pin one so they do not depend on the host's timing).
 """
 
@@ -33,17 +37,20 @@ _MARGIN = 1.1  # a choice must be this much faster than torch's default to be ta
 @dataclass(frozen=True)
 class CpuGemmPreferences:
     """input_major_one_row: store wide fp32 weights input-major (`layers.layout`).
-    wide_min_rows_*: fewest rows run as (W @ x^T)^T for an output-/input-major weight; None disables it."""
+    wide_min_rows_*: fewest rows run as (W @ x^T)^T for an output-/input-major weight; None disables it.
+    pack_weights: keep oneDNN-packed copies of decode weights (`layers.packed_gemm`) and use them."""
 
     input_major_one_row: bool
     wide_min_rows_output_major: int | None
     wide_min_rows_input_major: int | None
     tune_input_major_wide: bool = True  # confirm the wide form per weight shape and row count (wide_wins)
+    pack_weights: bool = False
+    tune_packed: bool = True  # confirm the packed kernel per weight shape, dtype and row count (choice_wins)
 
 
 _pinned: CpuGemmPreferences | None = None
 _measured: CpuGemmPreferences | None = None
-_wide_wins: dict[tuple[int, int, int], bool] = {}  # (out, in, row bucket) -> the wide form won (wide_wins)
+_choices: dict[tuple, bool] = {}  # (choice, shape..., row bucket) -> the candidate won (choice_wins)
 
 
 def wide_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -56,7 +63,7 @@ def set_cpu_gemm_preferences(preferences: CpuGemmPreferences | None) -> None:
     global _pinned, _measured
     _pinned, _measured = preferences, None
     if preferences is None:
-        _wide_wins.clear()
+        _choices.clear()
 
 
 TORCH_DEFAULTS = CpuGemmPreferences(input_major_one_row=False, wide_min_rows_output_major=None,
@@ -75,17 +82,43 @@ def cpu_gemm_preferences() -> CpuGemmPreferences:
 
 def measure_cpu_gemm_preferences(rounds: int = 5) -> CpuGemmPreferences:
     """Time each choice against torch's default, alternating the two over `rounds` rounds: the weight order
-    at 1 row and the wide form at 4 rows on a [4096, 768] fp32 weight (three copies, about 38 MB, so reads
-    come from memory as a decode step's do). The wide form for input-major weights is decided per shape
-    (`wide_wins`)."""
+    at 1 row, the wide form at 4 rows, and packed weights at 1 and 4 rows against the better of the others,
+    on a [4096, 768] fp32 weight (three copies, about 38 MB, so reads come from memory as a decode step's
+    do). The wide form for input-major weights and packed weights are then confirmed per shape
+    (`choice_wins`)."""
+    from model_worker.layers import packed_gemm
+
     gen = torch.Generator().manual_seed(0)
     output_major = [torch.randn(4096, 768, generator=gen) for _ in range(3)]
     input_major = [w.t().contiguous().t() for w in output_major]
+    one, four = torch.randn(1, 768), torch.randn(4, 768)
 
-    one_row = _faster(F.linear, output_major, F.linear, input_major, torch.randn(1, 768), rounds)
-    wide_out = _faster(F.linear, output_major, wide_product, output_major, torch.randn(4, 768), rounds)
+    one_row = _faster(F.linear, output_major, F.linear, input_major, one, rounds)
+    wide_out = _faster(F.linear, output_major, wide_product, output_major, four, rounds)
+    pack = False
+    if packed_gemm.packable(output_major[0]):
+        packs = [packed_gemm.pack_copy(w) for w in output_major]
+        best_one = (F.linear, input_major if one_row else output_major)
+        best_four = (wide_product, output_major) if wide_out else (F.linear, output_major)
+        pack = any(_faster(*best, packed_gemm.packed_linear, packs, x, rounds)
+                   for best, x in ((best_one, one), (best_four, four)))
     return CpuGemmPreferences(input_major_one_row=one_row, wide_min_rows_output_major=2 if wide_out else None,
-                              wide_min_rows_input_major=16)
+                              wide_min_rows_input_major=16, pack_weights=pack)
+
+
+def row_bucket(rows: int) -> int:
+    """rows rounded down to a power of two: measured choices are kept per bucket."""
+    return 1 << (rows.bit_length() - 1)
+
+
+def choice_wins(key: tuple, default: Callable[[], object], candidate: Callable[[], object]) -> bool:
+    """Whether candidate() beats default() by _MARGIN, timed the first time `key` is asked and remembered
+    (key names the choice and the operand shapes, e.g. ("packed", out, in, dtype, row bucket))."""
+    won = _choices.get(key)
+    if won is None:
+        won = _choices[key] = _faster(lambda _x, _w: default(), [None], lambda _x, _w: candidate(), [None],
+                                      None, rounds=3)
+    return won
 
 
 def wide_wins(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
@@ -94,16 +127,15 @@ def wide_wins(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
     first time and remembered. For these weights the winner depends on the shape: on the benchmark host the form is
     1.35x faster for a [32000, 768] LM head at 16 rows (benchmarks/weight_layout.py) and slower for
     [16384, 768] (an ad-hoc check)."""
-    key = (weight.shape[0], weight.shape[1], 1 << (rows.bit_length() - 1))
-    won = _wide_wins.get(key)
-    if won is None:
-        x2d = x.reshape(rows, x.shape[-1])
-        won = _wide_wins[key] = _faster(F.linear, [weight], wide_product, [weight], x2d, rounds=3)
-    return won
+    key = ("wide", weight.shape[0], weight.shape[1], row_bucket(rows))
+    if key in _choices:
+        return _choices[key]
+    x2d = x.reshape(rows, x.shape[-1])
+    return choice_wins(key, lambda: F.linear(x2d, weight), lambda: wide_product(x2d, weight))
 
 
-def _faster(default: Callable, default_weights: list[torch.Tensor], candidate: Callable,
-            candidate_weights: list[torch.Tensor], x: torch.Tensor, rounds: int) -> bool:
+def _faster(default: Callable, default_weights: list, candidate: Callable, candidate_weights: list,
+            x: torch.Tensor | None, rounds: int) -> bool:
     """Whether candidate(x, w) beats default(x, w) by _MARGIN in median time per call."""
     samples: tuple[list[float], list[float]] = ([], [])
     with torch.inference_mode():

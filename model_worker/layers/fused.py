@@ -14,6 +14,8 @@ storage (`cast`, `.to(device)`, a weight update, switching to FP8) is noticed by
 pointers on every call, and the fusion is rebuilt or, for FP8 or biased members, skipped (callers then
 run the members one by one); the previous fused tensor is released on that call. The fused tensor is
 stored in the memory order its kernels read fastest (`layers.layout`) unless `input_major` is cleared.
+Its per-group views are what `linear` receives, so they are what `CausalLM.arrange_weights` packs
+(`layers.packed_gemm`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class _FusedWeight:
         self._tensor: torch.Tensor | None = None
         self._input_major = True
         self._groups_cache: tuple | None = None  # (fused tensor, per_group() views)
+        self._disabled = False
 
     @property
     def input_major(self) -> bool:
@@ -70,7 +73,7 @@ class _FusedWeight:
         if key == self._key:
             return self._tensor
         self._tensor = self._key = None
-        if not self._fusable():
+        if self._disabled or not self._fusable():
             return None
         # Built outside inference mode so the parameters stay ordinary tensors (loading and weight
         # updates write into them in place later).
@@ -86,6 +89,12 @@ class _FusedWeight:
         self._key = self._current_key()
         self._groups_cache = None
         return fused
+
+    def disable(self) -> None:
+        """Never fuse these members (get() gives None from now on; they keep their current storage): for
+        members another fusion owns, such as an expert MLP's gate and up inside its MoE's stack."""
+        self._disabled = True
+        self._tensor = self._key = self._groups_cache = None
 
     def per_group(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None:
         """(views [sum(out), in] of each group, their transposes [in, sum(out)]) of the tensor the last get()
@@ -110,15 +119,14 @@ class ConcatenatedWeight(_FusedWeight):
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [..., in] -> one output per member, [..., out_i] each (fused GEMM when possible)."""
-        weight = self.get()
-        if weight is None:
+        if self.get() is None:
             return tuple(lin(x) for lin in self._members)
-        return linear(x, weight[0]).split(self.sizes, dim=-1)
+        return linear(x, self.per_group()[0][0]).split(self.sizes, dim=-1)
 
 
-def fusions_of(module: torch.nn.Module) -> list[_FusedWeight]:
-    """The weight fusions a module owns (its ConcatenatedWeight / StackedWeight attributes)."""
-    return [value for value in vars(module).values() if isinstance(value, _FusedWeight)]
+def fusions_of(module: torch.nn.Module) -> dict[str, _FusedWeight]:
+    """The weight fusions a module owns (its ConcatenatedWeight / StackedWeight attributes), by attribute name."""
+    return {name: value for name, value in vars(module).items() if isinstance(value, _FusedWeight)}
 
 
 class StackedWeight(_FusedWeight):

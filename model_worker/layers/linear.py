@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_worker.layers.cpu_gemm import cpu_gemm_preferences, wide_product, wide_wins
+from model_worker.layers.cpu_gemm import choice_wins, cpu_gemm_preferences, row_bucket, wide_product, wide_wins
+from model_worker.layers.packed_gemm import packed, packed_linear, packed_linear_add
 
 WEIGHT_BLOCK = 128  # DeepSeek FP8 weight scale block, in both dimensions
 FP8_WEIGHT_DTYPE = torch.float8_e4m3fn
@@ -55,7 +56,35 @@ def _wide_product_rows(x: torch.Tensor, weight: torch.Tensor) -> int:
     return rows
 
 
+def _packed_weight_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """weight's oneDNN-packed copy if `linear` should run x through it here (`layers.packed_gemm`), else None:
+    the weight is packed, x has its dtype, no gradient is wanted, and on this host the packed kernel won for
+    this weight shape, dtype and row count (`layers.cpu_gemm`)."""
+    packed_weight = packed(weight)
+    if packed_weight is None or x.dtype != weight.dtype or (weight.requires_grad and torch.is_grad_enabled()):
+        return None
+    prefs = cpu_gemm_preferences()
+    if not prefs.pack_weights:
+        return None
+    if prefs.tune_packed:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        key = ("packed", *weight.shape, weight.dtype, row_bucket(max(rows, 1)))
+        if not choice_wins(key, lambda: _unpacked_linear(x, weight, bias),
+                           lambda: packed_linear(x, packed_weight, bias)):
+            return None
+    return packed_weight
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, on CPU through the weight's oneDNN-packed copy when it has one and that wins here
+    (`layers.packed_gemm`), else `_unpacked_linear`. x [..., in]; weight [out, in] -> [..., out]."""
+    packed_weight = _packed_weight_for(x, weight, bias)
+    if packed_weight is not None:
+        return packed_linear(x, packed_weight, bias)
+    return _unpacked_linear(x, weight, bias)
+
+
+def _unpacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear with two CPU fast paths for decode-sized batches (same function, other kernel calls):
 
     - one bf16/fp16 row runs as a matrix-vector product: torch's GEMV reads 16-bit weights faster than
@@ -81,6 +110,9 @@ def linear_accumulate(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
                       weight_t: torch.Tensor | None = None) -> torch.Tensor:
     """out + alpha * linear(x, weight) in one call: out [M, out_features], x [M, in] -> [M, out_features].
     weight_t: weight.t() if the caller keeps it (saves a dispatch per call)."""
+    packed_weight = _packed_weight_for(x, weight, None)
+    if packed_weight is not None and out.dtype == x.dtype:
+        return packed_linear_add(out, x if alpha == 1 else x * alpha, packed_weight)
     if _one_half_precision_row_on_cpu(x, weight) and out.dtype == x.dtype:
         return torch.addmv(out.reshape(-1), weight, x.reshape(-1), alpha=alpha).view_as(out)
     return torch.addmm(out, x, weight.t() if weight_t is None else weight_t, alpha=alpha)

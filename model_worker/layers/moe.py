@@ -17,6 +17,7 @@ from torch import nn
 from model_worker.config import ModelConfig
 from model_worker.layers.fused import ConcatenatedWeight, StackedWeight, grouped_linear, grouped_mm_available
 from model_worker.layers.linear import Linear, linear, linear_accumulate
+from model_worker.layers.packed_gemm import packed
 
 
 class MLP(nn.Module):
@@ -97,6 +98,8 @@ class MoE(nn.Module):
             self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
         self._stacked_gate_up = StackedWeight([[e.gate_proj, e.up_proj] for e in self.experts])  # [E, 2I, D]
         self._stacked_down = StackedWeight([[e.down_proj] for e in self.experts])  # [E, D, I]
+        for expert in self.experts:  # their gate and up weights live in the stack, not in a fusion of their own
+            expert._gate_up.disable()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]."""
@@ -110,26 +113,43 @@ class MoE(nn.Module):
         counts = torch.bincount(ids.flatten(), minlength=len(self.experts))  # [E]
         token = order // ids.shape[1]  # [N*k] token of each sorted pair
         pair_weight = weights.flatten()[order, None].to(flat.dtype)  # [N*k, 1]
-        if stacked and len(order) >= len(counts) and grouped_mm_available(flat, gate_up, down):
+        per_expert = self._stacked_gate_up.per_group() if stacked else None
+        if stacked and packed(per_expert[0][0]) is not None:
+            # Packed experts (`layers.packed_gemm`): one packed GEMM per expert with tokens beats the grouped
+            # GEMM on the hosts that pack (benchmarks/weight_layout.py).
+            expert_out = self._each_stacked_expert(flat[token], counts.tolist())
+        elif stacked and len(order) >= len(counts) and grouped_mm_available(flat, gate_up, down):
             # Most experts have tokens: one grouped GEMM per projection over the stacked weights.
             hidden = _swiglu(grouped_linear(flat[token], gate_up, counts))
             expert_out = grouped_linear(hidden, down, counts)  # [N*k, D]
+        elif stacked:
+            expert_out = self._each_stacked_expert(flat[token], counts.tolist())
         else:
-            # Few tokens (decode) or unstackable (FP8) experts: run only the experts that have tokens.
+            # Unstackable (FP8) experts: run only the experts that have tokens, one by one.
             expert_out = flat.new_empty(len(order), flat.shape[-1])
             start = 0
             for expert_id, count in enumerate(counts.tolist()):
                 if count:
                     rows = slice(start, start + count)
-                    if stacked:
-                        expert_out[rows] = _stacked_expert(flat[token[rows]], gate_up, down, expert_id)
-                    else:
-                        expert_out[rows] = self.experts[expert_id](flat[token[rows]])
+                    expert_out[rows] = self.experts[expert_id](flat[token[rows]])
                     start += count
         out = torch.zeros_like(flat).index_add_(0, token, expert_out * pair_weight)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view_as(x)
+
+    def _each_stacked_expert(self, sorted_x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Each expert with tokens on its rows of sorted_x [N*k, D] (sorted by expert; counts per expert),
+        through the stacked weights' cached per-expert views -> [N*k, D] in the same order."""
+        gate_up, _ = self._stacked_gate_up.per_group()  # [2I, D] each
+        down, _ = self._stacked_down.per_group()  # [D, I] each
+        outs, start = [], 0
+        for expert_id, count in enumerate(counts):
+            if count:
+                rows = sorted_x[start : start + count]
+                outs.append(linear(_swiglu(linear(rows, gate_up[expert_id])), down[expert_id]))
+                start += count
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def _one_token(self, flat, weights, ids) -> torch.Tensor:
         """Decode of a single sequence: its k experts in turn, no sorting or scattering. flat [1, D] -> [1, D].
@@ -141,11 +161,6 @@ class MoE(nn.Module):
             hidden = _swiglu(linear(flat, gate_up[expert_id]))  # [1, I]
             out = linear_accumulate(out, hidden, down[expert_id], weight, down_t[expert_id])  # out + weight * down(h)
         return out
-
-
-def _stacked_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, expert_id: int) -> torch.Tensor:
-    """One expert's SwiGLU from the stacked weights: x [M, D]; gate_up [E, 2I, D]; down [E, D, I] -> [M, D]."""
-    return linear(_swiglu(linear(x, gate_up[expert_id])), down[expert_id])
 
 
 def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:

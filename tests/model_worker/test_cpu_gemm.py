@@ -42,6 +42,25 @@ def test_the_input_major_choice_is_made_per_shape_and_power_of_two_row_bucket(me
     assert is_input_major(weight)
     for rows in (16, 31, 17):
         linear(torch.randn(rows, 48), weight)
-    assert set(cpu_gemm._wide_wins) == {(160, 48, 16)}
+    assert set(cpu_gemm._choices) == {("wide", 160, 48, 16)}
     linear(torch.randn(32, 48), weight)
-    assert set(cpu_gemm._wide_wins) == {(160, 48, 16), (160, 48, 32)}
+    assert set(cpu_gemm._choices) == {("wide", 160, 48, 16), ("wide", 160, 48, 32)}
+
+
+def test_packed_weights_give_the_same_products_whatever_the_host_chooses_and_choose_per_bucket(measured):
+    from model_worker.layers import packed_gemm
+
+    weight = torch.randn(160, 48)
+    if not packed_gemm.pack(weight):
+        pytest.skip("torch without oneDNN")
+    for rows in (1, 3, 16, 17):
+        x = torch.randn(rows, 48)
+        with torch.inference_mode():
+            got = linear(x, weight)
+        torch.testing.assert_close(got.double(), x.double() @ weight.double().t(), rtol=1e-5, atol=1e-5)
+    prefs = cpu_gemm.cpu_gemm_preferences()
+    packed_keys = {key for key in cpu_gemm._choices if key[0] == "packed"}
+    if prefs.pack_weights:
+        assert packed_keys == {("packed", 160, 48, torch.float32, bucket) for bucket in (1, 2, 16)}
+    else:
+        assert not packed_keys  # packing measured slower here: never timed per shape, never used

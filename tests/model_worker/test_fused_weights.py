@@ -332,8 +332,9 @@ def test_moe_with_unused_experts_at_start_middle_and_end(tokens):
 
 
 def test_moe_is_correct_when_expert_mlps_are_also_called_directly():
-    """An expert MLP's own gate/up fusion and the MoE's stacking both re-point the same parameters;
-    alternating them must never let either use a stale copy."""
+    """An expert MLP called directly runs its gate and up one by one (its own fusion is disabled: the MoE's
+    stack holds those weights); alternating the two must never move the weights out of the stack or let
+    either use a stale copy."""
     moe = _moe(seed=3)
     x = torch.randn(1, 32, 64, generator=torch.Generator().manual_seed(4))
     want_moe = _moe_reference(moe, x[0])
@@ -342,6 +343,7 @@ def test_moe_is_correct_when_expert_mlps_are_also_called_directly():
         torch.testing.assert_close(moe(x)[0].double(), want_moe, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(moe.experts[2](x[0]).double(), want_expert, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(moe(x[:, :1])[0].double(), want_moe[:1], rtol=1e-4, atol=1e-4)
+    assert _storage(moe.experts[2].up_proj.weight) == _storage(moe._stacked_gate_up.get())
 
 
 @pytest.mark.parametrize("tokens", [1, 32])

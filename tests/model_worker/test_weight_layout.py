@@ -65,7 +65,7 @@ def test_arrange_weights_changes_strides_not_values_or_logits(tmp_path):
 
     model.arrange_weights(input_major=False)
     assert set(_layouts(model).values()) == {"out"}
-    assert all(f.get() is None or f.get().is_contiguous() for m in model.modules() for f in fusions_of(m))
+    assert all(f.get() is None or f.get().is_contiguous() for m in model.modules() for f in fusions_of(m).values())
     after = model.state_dict()
     assert all(torch.equal(after[name], t) for name, t in state.items())
     with torch.inference_mode():
@@ -86,7 +86,7 @@ def test_cast_to_bf16_stores_every_weight_output_major():
     model.cast(torch.bfloat16)
     layouts = _layouts(model)
     assert layouts["lm_head"] == "out" and set(layouts.values()) == {"out"}
-    assert all(f.get() is None or f.get().is_contiguous() for m in model.modules() for f in fusions_of(m))
+    assert all(f.get() is None or f.get().is_contiguous() for m in model.modules() for f in fusions_of(m).values())
     model.cast(torch.float32)
     assert _layouts(model)["lm_head"] == "in"
 

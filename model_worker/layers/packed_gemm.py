@@ -1,0 +1,120 @@
+"""oneDNN-prepacked weights: the same CPU GEMMs, read from a copy of the weight in oneDNN's blocked layout.
+
+torch's default CPU GEMM for `F.linear` (MKL) runs decode-sized products far below this machine's
+memory bandwidth on some CPUs: on the AMD EPYC (Zen 4) host of benchmarks/weight_layout.py, 4 rows
+through a [4096, 768] fp32 weight read it at under 9 GB/s. oneDNN's matmul, given the weight reordered
+once into the blocked layout it picks for this CPU (`torch.ops.mkldnn._reorder_linear_weight`, the
+packing PyTorch's Inductor applies to frozen CPU Linears), runs the same product several times faster
+for 1 to hundreds of rows, fp32 and bf16 alike.
+
+Packs are explicit: `pack(weight)` keeps a packed copy beside the dense weight, so a packed weight takes
+twice its memory (the dense one stays the source of truth: `state_dict()`, checkpoints, FP8, other
+devices). `CausalLM.arrange_weights` packs the weights a decode step runs when this host's measurement
+says packing pays (`layers.cpu_gemm`). `packed(weight)` returns the pack of exactly that tensor object,
+repacked if the weight's storage, dtype, shape or version (an in-place update) changed since, and the
+pack is released when the weight is.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+_mkldnn = getattr(torch.ops, "mkldnn", None)
+
+
+@dataclass
+class _Pack:
+    packed: torch.Tensor  # oneDNN-layout tensor, same values as the weight
+    key: tuple
+
+
+_packs: dict[int, _Pack] = {}  # id(weight) -> its pack
+
+
+def _ops_present() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and _mkldnn is not None and \
+            hasattr(_mkldnn, "_linear_pointwise") and hasattr(_mkldnn, "_reorder_linear_weight")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_AVAILABLE = _ops_present()
+
+
+def _bf16_supported() -> bool:
+    try:
+        return bool(_mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def packable(weight: torch.Tensor) -> bool:
+    """Whether oneDNN can pack this weight here: a 2-D fp32 (or bf16, where this CPU runs oneDNN bf16) CPU
+    tensor with real storage."""
+    if not _AVAILABLE or not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.device.type != "cpu":
+        return False
+    if weight.is_meta or weight.numel() == 0:
+        return False
+    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and _bf16_supported())
+
+
+def _key(weight: torch.Tensor) -> tuple:
+    version = 0 if weight.is_inference() else weight._version
+    return weight.data_ptr(), weight.dtype, weight.shape, weight.stride(), version
+
+
+def pack(weight: torch.Tensor) -> bool:
+    """Keep a oneDNN-packed copy of `weight` [out, in] for `linear`; False (and nothing kept) if not packable."""
+    if not packable(weight):
+        return False
+    entry = _packs.get(id(weight))
+    if entry is None:
+        weakref.finalize(weight, _packs.pop, id(weight), None)
+    _packs[id(weight)] = _Pack(pack_copy(weight), _key(weight))
+    return True
+
+
+def unpack(weight: torch.Tensor) -> None:
+    """Release the packed copy of `weight`, if any."""
+    entry = _packs.get(id(weight))
+    if entry is not None:
+        entry.packed, entry.key = None, ()
+
+
+def pack_copy(weight: torch.Tensor) -> torch.Tensor:
+    """A packed copy of a packable weight [out, in], not kept (`pack` keeps one for `linear`)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return _mkldnn._reorder_linear_weight(weight.detach())
+
+
+def packed(weight: torch.Tensor) -> torch.Tensor | None:
+    """The packed copy of this weight tensor (repacked first if the weight changed), or None if not packed."""
+    entry = _packs.get(id(weight))
+    if entry is None or entry.packed is None:
+        return None
+    key = _key(weight)
+    if key != entry.key:
+        if not packable(weight):
+            entry.packed, entry.key = None, ()
+            return None
+        entry.packed, entry.key = pack_copy(weight), key
+    return entry.packed
+
+
+def packed_count() -> int:
+    """How many weights hold a packed copy (tests and benchmarks)."""
+    return sum(entry.packed is not None for entry in _packs.values())
+
+
+def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] (the weight's dtype) times a packed weight [out, in], plus bias -> [..., out]."""
+    return _mkldnn._linear_pointwise(x, packed_weight, bias, "none", [None], "")
+
+
+def packed_linear_add(out: torch.Tensor, x: torch.Tensor, packed_weight: torch.Tensor) -> torch.Tensor:
+    """out + x @ W^T in one oneDNN call (its fused "add" post-op): out [M, out], x [M, in] -> [M, out]."""
+    return _mkldnn._linear_pointwise.binary(x, out, packed_weight, None, "add")
