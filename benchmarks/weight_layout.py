@@ -1,19 +1,21 @@
-"""Decode GEMM forms: weight memory order and product form for decode-sized batches, same weights, one process.
+"""Decode GEMM kernels: weight memory order, product form and oneDNN packing for decode-sized batches.
 
-`CausalLM.arrange_weights` stores fp32 weights with out >= in input-major on CPU (`layers.layout`), and
-`layers.linear.linear` runs 2..512 rows as (W @ x^T)^T, each where `layers.cpu_gemm` measured it faster on
-the host. This prints the evidence, in two parts:
+`CausalLM.arrange_weights` stores fp32 weights with out >= in input-major on CPU (`layers.layout`) and keeps
+oneDNN-packed copies of the decode weights (`layers.packed_gemm`); `layers.linear.linear` runs the packed
+kernel, or 2..512 rows as (W @ x^T)^T, each where `layers.cpu_gemm` measured it faster on the host. This
+prints the evidence, in two parts, same weights, one process:
 
 1. Per shape: for each distinct GEMM shape of the DeepSeek-V3-shaped benchmark model, at 1, 4 and 16
    rows in fp32, the product as x @ W^T (torch's default) and as (W @ x^T)^T, with the weight in either
-   order; in bf16 the engine's one-row GEMV in either order. Every call reads a different copy of the
-   weight (copies add up to more than the caches), as a decode step does. Also the 256 MiB
-   matrix-vector product `decode.py` uses for the bandwidth roofline, in both orders.
+   order, and through the weight's oneDNN-packed copy; in bf16 at one row the engine's GEMV in either
+   order and the packed kernel. Every call reads a different copy of the weight (copies add up to more
+   than the caches), as a decode step does. Also the 256 MiB matrix-vector product `decode.py` uses for
+   the bandwidth roofline, in both orders.
 2. Per step: our engine decoding with torch's defaults (every weight output-major, every product
-   x @ W^T), with this host's measured product forms (`layers.cpu_gemm`), and with the weights arranged
-   as well (what load_model gives), alternating every few steps in one process (this host's speed drifts
-   by tens of percent within seconds), at 1, 4 and 16 concurrent requests. Same greedy tokens expected
-   (different rounding may in rare near-ties change one).
+   x @ W^T, no packing), with the weights arranged and this host's measured product forms but no
+   packing, and as load_model gives it (packing too, where measured faster), alternating every few steps
+   in one process (this host's speed drifts by tens of percent within seconds), at 1, 4 and 16 concurrent
+   requests. Same greedy tokens expected (different rounding may in rare near-ties change one).
 
     python benchmarks/weight_layout.py [--quick]
 """
@@ -21,6 +23,7 @@ the host. This prints the evidence, in two parts:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -48,17 +51,36 @@ def _w_xt(x, w):
     return torch.mm(w, x.t()).t()  # the weight as the tall left operand
 
 
+def _gemv(x, w):
+    from model_worker.layers.linear import unpacked_linear
+
+    return unpacked_linear(x, w)  # one bf16 row: the engine's GEMV path
+
+
+def _packed(x, w):
+    from model_worker.layers.packed_gemm import packed_linear
+
+    return packed_linear(x, w)  # w is a packed copy (any source order gives the same packed copy)
+
+
 def shape_seconds(out_features: int, in_features: int, rows: int, trials: int,
                   dtype: torch.dtype = torch.float32) -> dict[tuple[str, str], float]:
     """Median seconds per product of [rows, in] with an [out, in] weight in dtype, per (form, memory order).
-    fp32: forms x @ W^T and (W @ x^T)^T; bf16: the engine's one-row GEMV (`layers.linear.linear`)."""
-    from model_worker.layers.linear import linear
+    fp32: forms x @ W^T and (W @ x^T)^T; bf16: the engine's one-row GEMV (`layers.linear`); both: the
+    oneDNN-packed kernel, as ("packed", "packed") where this torch has it (`layers.packed_gemm`)."""
+    from model_worker.layers import packed_gemm
 
     copies = max(2, _CACHE_DEFEAT_BYTES // (out_features * in_features * dtype.itemsize))
     weights = [_orders(torch.randn(out_features, in_features, dtype=dtype)) for _ in range(copies)]
+    if packed_gemm.packable(weights[0]["output-major"]):
+        for pair in weights:
+            pair["packed"] = packed_gemm.pack_copy(pair["output-major"])
     x = torch.randn(rows, in_features, dtype=dtype)
-    forms = {"x @ W^T": _x_wt, "(W @ x^T)^T": _w_xt} if dtype == torch.float32 else {"GEMV": linear}
-    samples = {(form, order): [] for form in forms for order in weights[0]}
+    forms = {"x @ W^T": _x_wt, "(W @ x^T)^T": _w_xt} if dtype == torch.float32 else {"GEMV": _gemv}
+    samples = {(form, order): [] for form in forms for order in ("output-major", "input-major")}
+    if "packed" in weights[0]:
+        forms["packed"] = _packed
+        samples[("packed", "packed")] = []
     for _ in range(trials):
         for form, order in samples:
             start = time.perf_counter()
@@ -159,38 +181,47 @@ def main() -> None:
     print(f"per shape: median us per product over {trials} alternating trials, each call on a different copy "
           f"(> {_CACHE_DEFEAT_BYTES >> 20} MiB of copies); out/in = output-/input-major weight")
     print(f"{'weight [out, in]':>18}{'rows':>6}{'x@W^T out':>11}{'x@W^T in':>10}{'(W@x^T)^T out':>15}"
-          f"{'(W@x^T)^T in':>14}  {'best':<18}modules")
+          f"{'(W@x^T)^T in':>14}{'packed':>8}{'packed vs best other':>22}  {'best':<18}modules")
+    columns = [("x @ W^T", "output-major"), ("x @ W^T", "input-major"), ("(W @ x^T)^T", "output-major"),
+               ("(W @ x^T)^T", "input-major"), ("packed", "packed")]
     for (out_f, in_f), kinds in decode_gemm_shapes(arranged).items():
         for rows in (1, 4, 16):
             t = shape_seconds(out_f, in_f, rows, trials)
             best = min(t, key=t.get)
-            cells = "".join(f"{t[(form, order)] * 1e6:>{width}.1f}" for (form, order), width in zip(
-                [("x @ W^T", "output-major"), ("x @ W^T", "input-major"), ("(W @ x^T)^T", "output-major"),
-                 ("(W @ x^T)^T", "input-major")], (11, 10, 15, 14)))
-            label = f"{'x@W^T' if best[0] == 'x @ W^T' else '(W@x^T)^T'} {best[1][:-6]}"
-            print(f"{f'[{out_f}, {in_f}]':>18}{rows:>6}{cells}  {label:<18}{', '.join(kinds)}")
-    print("bf16, one row, the engine's GEMV (bf16 weights stay output-major):")
+            cells = "".join(f"{t[key] * 1e6:>{width}.1f}" if key in t else f"{'-':>{width}}"
+                            for key, width in zip(columns, (11, 10, 15, 14, 8)))
+            others = min(value for key, value in t.items() if key[0] != "packed")
+            vs = f"{others / t[('packed', 'packed')]:.2f}x faster" if ("packed", "packed") in t else "-"
+            label = "packed" if best[0] == "packed" else \
+                f"{'x@W^T' if best[0] == 'x @ W^T' else '(W@x^T)^T'} {best[1][:-6]}"
+            print(f"{f'[{out_f}, {in_f}]':>18}{rows:>6}{cells}{vs:>22}  {label:<18}{', '.join(kinds)}")
+    print("bf16, one row: the engine's unpacked GEMV in either order, and the packed kernel:")
     for (out_f, in_f), kinds in decode_gemm_shapes(arranged).items():
         t = shape_seconds(out_f, in_f, 1, trials, torch.bfloat16)
         out_us, in_us = t[("GEMV", "output-major")] * 1e6, t[("GEMV", "input-major")] * 1e6
+        packed_us = t[("packed", "packed")] * 1e6 if ("packed", "packed") in t else float("nan")
         print(f"{f'[{out_f}, {in_f}]':>18}{1:>6}  output-major {out_us:.1f} us, input-major {in_us:.1f} us "
-              f"({in_us / out_us:.2f}x as long)  {', '.join(kinds)}")
+              f"({in_us / out_us:.2f}x as long), packed {packed_us:.1f} us ({out_us / packed_us:.2f}x faster than "
+              f"output-major)  {', '.join(kinds)}")
     bw = bandwidth_by_order(trials)
     print(f"256 MiB fp32 matrix-vector product (decode.py's bandwidth probe): output-major {bw['output-major']:.1f} "
           f"GB/s, input-major {bw['input-major']:.1f} GB/s")
     print(f"this host's measured choices (layers.cpu_gemm): {measured}")
     print(f"per step: median ms per engine decode step, {rounds} rounds of 3 steps each, alternating; torch "
-          "defaults = every weight output-major, every product x @ W^T; + measured forms = the same weights with "
-          "this host's product forms; ours = weights arranged as well (the default)")
-    print(f"{'concurrent':>10}{'torch defaults':>16}{'+ measured forms':>18}{'ours':>8}{'ours speed-up':>15}"
-          f"  same tokens")
+          "defaults = every weight output-major, every product x @ W^T, no packing; layout + forms = weights "
+          "arranged, this host's product forms, no packing; ours = what load_model gives (packing too where "
+          "measured faster)")
+    print(f"{'concurrent':>10}{'torch defaults':>16}{'layout + forms':>16}{'ours':>8}{'ours vs defaults':>18}"
+          f"{'ours vs layout+forms':>22}  same tokens")
+    unpacked = dataclasses.replace(measured, pack_weights=False)
     for concurrency in (1, 4, 16):
-        variants = {"defaults": (output_major, TORCH_DEFAULTS), "forms": (output_major, measured),
+        variants = {"defaults": (output_major, TORCH_DEFAULTS), "forms": (arranged, unpacked),
                     "ours": (arranged, measured)}
         seconds, same = step_seconds(variants, concurrency, rounds)
         set_cpu_gemm_preferences(measured)
-        print(f"{concurrency:>10}{seconds['defaults'] * 1e3:>16.2f}{seconds['forms'] * 1e3:>18.2f}"
-              f"{seconds['ours'] * 1e3:>8.2f}{seconds['defaults'] / seconds['ours']:>14.2f}x  {same}")
+        print(f"{concurrency:>10}{seconds['defaults'] * 1e3:>16.2f}{seconds['forms'] * 1e3:>16.2f}"
+              f"{seconds['ours'] * 1e3:>8.2f}{seconds['defaults'] / seconds['ours']:>17.2f}x"
+              f"{seconds['forms'] / seconds['ours']:>21.2f}x  {same}")
 
 
 if __name__ == "__main__":

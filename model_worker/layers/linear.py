@@ -69,7 +69,7 @@ def _packed_weight_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if prefs.tune_packed:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         key = ("packed", *weight.shape, weight.dtype, row_bucket(max(rows, 1)))
-        if not choice_wins(key, lambda: _unpacked_linear(x, weight, bias),
+        if not choice_wins(key, lambda: unpacked_linear(x, weight, bias),
                            lambda: packed_linear(x, packed_weight, bias)):
             return None
     return packed_weight
@@ -77,14 +77,14 @@ def _packed_weight_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, on CPU through the weight's oneDNN-packed copy when it has one and that wins here
-    (`layers.packed_gemm`), else `_unpacked_linear`. x [..., in]; weight [out, in] -> [..., out]."""
+    (`layers.packed_gemm`), else `unpacked_linear`. x [..., in]; weight [out, in] -> [..., out]."""
     packed_weight = _packed_weight_for(x, weight, bias)
     if packed_weight is not None:
         return packed_linear(x, packed_weight, bias)
-    return _unpacked_linear(x, weight, bias)
+    return unpacked_linear(x, weight, bias)
 
 
-def _unpacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def unpacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear with two CPU fast paths for decode-sized batches (same function, other kernel calls):
 
     - one bf16/fp16 row runs as a matrix-vector product: torch's GEMV reads 16-bit weights faster than
