@@ -153,12 +153,12 @@ class CausalLM(nn.Module):
             tensor.data = tensor.data.to(dtype)
         return self.arrange_weights() if arrange else self
 
-    def arrange_weights(self, input_major: bool = True, pack: bool | None = None) -> CausalLM:
+    def arrange_weights(self, input_major: bool = True, pack: bool = True) -> CausalLM:
         """Prepare every weight that decode runs as a GEMM for this host's kernels, building the weight
         fusions: store it in the memory order torch's kernels read fastest (`layers.layout`: input-major for
-        fp32 on CPU where out >= in), and keep a oneDNN-packed copy of it (`layers.packed_gemm`) when `pack`
-        is True, or, when None, where this host measured packing faster (`layers.cpu_gemm`); pack=False
-        releases the packed copies. Values and `state_dict()` do not change; packing doubles the packed
+        fp32 on CPU where out >= in), and, if `pack` and this host measured packing faster
+        (`layers.cpu_gemm`), keep a oneDNN-packed copy of it (`layers.packed_gemm`); pack=False releases
+        the packed copies. Values and `state_dict()` do not change; packing doubles the packed
         weights' memory. input_major=False stores them all output-major (nn.Linear's order; benchmarks
         compare the two). load_model and cast call this; call it again after moving or replacing weights
         by other means (it copies only weights not already in their order)."""
@@ -171,8 +171,7 @@ class CausalLM(nn.Module):
                 if name == "lm_head" and self.config.tie_word_embeddings:
                     continue  # a tied head is the embedding table, gathered by row: keep its order
                 weight.data = arranged(weight.data) if input_major else weight.data.contiguous()
-        if pack is None:
-            pack = cpu_gemm_preferences().pack_weights
+        pack = pack and cpu_gemm_preferences().pack_weights
         for _, weight in self.decode_gemm_weights():
             if pack:
                 packed_gemm.pack(weight)

@@ -125,15 +125,18 @@ class ModelWorker:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: str = "float32", device: str = "cpu",
-                        model_name: str | None = None, **engine_settings: Any) -> ModelWorker:
-        """Load model + tokenizer from a checkpoint directory; engine_settings are EngineConfig fields."""
+                        model_name: str | None = None, pack_weights: bool = True,
+                        **engine_settings: Any) -> ModelWorker:
+        """Load model + tokenizer from a checkpoint directory; engine_settings are EngineConfig fields.
+        pack_weights=False skips the oneDNN-packed weight copies (`load_model`): half the weight memory on
+        hosts where packing is used, slower CPU decode there."""
         from model_worker import load_model, load_tokenizer
 
         known = {f.name for f in dataclasses.fields(EngineConfig)}
         unknown = sorted(set(engine_settings) - known)
         if unknown:
             raise ValueError(f"engine_settings: unknown setting(s) {unknown}; known: {sorted(known)}")
-        model = load_model(path, dtype=dtype, device=device)
+        model = load_model(path, dtype=dtype, device=device, pack_weights=pack_weights)
         tokenizer = load_tokenizer(path)
         return cls(model, tokenizer, EngineConfig(**engine_settings), model_name or Path(path).name)
 

@@ -190,3 +190,13 @@ def test_expert_weights_live_once_in_the_moe_stack_and_are_not_restacked_at_the_
     with torch.inference_mode():
         model(torch.randint(5, model.config.vocab_size, (1, 5), generator=_gen(1)))
     assert layer._stacked_gate_up._tensor is stack
+
+
+def test_load_model_packs_by_default_and_not_when_told(tmp_path):
+    from model_worker import load_model, save_model
+
+    save_model(tiny_model(seed=13), tmp_path)
+    for pack, want in ((True, True), (False, False)):
+        model = load_model(tmp_path, pack_weights=pack)
+        weights = model.decode_gemm_weights()
+        assert weights and all((packed_gemm.packed(w) is not None) == want for _, w in weights)
