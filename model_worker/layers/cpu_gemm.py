@@ -10,9 +10,9 @@ host of benchmarks/weight_layout.py, for decode-sized batches:
   operand) than as `x @ W^T` for an output-major weight; for an input-major weight from about 16 rows for
   the LM head (below that this form is several times slower).
 
-A third choice replaces the kernel: oneDNN with prepacked weights (`layers.packed_gemm`), several times
-faster than either form on the AMD EPYC (Zen 4) host for 1-64 rows, at the cost of a second copy of each
-packed weight.
+A third choice replaces the kernel: oneDNN with prepacked weights (`layers.packed_gemm`), up to 1.9x faster
+than the best of the forms on the AMD EPYC (Zen 4) host of benchmarks/weight_layout.py (16 rows; slower for
+some small weights at 1 or 4 rows), at the cost of a second copy of each packed weight.
 
 Rather than assume those hold elsewhere, `cpu_gemm_preferences()` times each choice on a V3-sized
 weight the first time it is asked (a fraction of a second) and enables it only where it wins here; where
@@ -85,7 +85,7 @@ def measure_cpu_gemm_preferences(rounds: int = 5) -> CpuGemmPreferences:
     at 1 row, the wide form at 4 rows, and packed weights at 1, 4 and 16 rows against the better of the
     others, on a [4096, 768] fp32 weight (three copies, about 38 MB, so reads come from memory as a decode
     step's do). Packing is taken if it wins at any of the three (it decides the engine's speed most, so it
-    gets the most evidence: on the Zen 4 host it ties at 1 row and wins by 1.3x and 1.9x at 4 and 16). The
+    gets the most evidence: in weight_layout.py it ties at 1 row and wins by 1.3x and 1.9x at 4 and 16). The
     wide form for input-major weights and packed weights are then confirmed per shape (`choice_wins`)."""
     from model_worker.layers import packed_gemm
 
