@@ -112,6 +112,12 @@ def packed_count() -> int:
     return sum(entry.packed is not None for entry in _packs.values())
 
 
+def packed_bytes() -> int:
+    """Bytes of the values the packed copies hold (their extra memory, before oneDNN's block padding)."""
+    return sum(entry.packed.numel() * entry.packed.element_size() for entry in _packs.values()
+               if entry.packed is not None)
+
+
 def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] (the weight's dtype) times a packed weight [out, in], plus bias -> [..., out]."""
     return _mkldnn._linear_pointwise(x, packed_weight, bias, "none", [None], "")

@@ -200,3 +200,12 @@ def test_load_model_packs_by_default_and_not_when_told(tmp_path):
         model = load_model(tmp_path, pack_weights=pack)
         weights = model.decode_gemm_weights()
         assert weights and all((packed_gemm.packed(w) is not None) == want for _, w in weights)
+
+
+def test_packed_bytes_counts_the_values_of_live_packs():
+    before = packed_gemm.packed_bytes()
+    weight = torch.randn(64, 32)
+    packed_gemm.pack(weight)
+    assert packed_gemm.packed_bytes() == before + 64 * 32 * 4
+    packed_gemm.unpack(weight)
+    assert packed_gemm.packed_bytes() == before
