@@ -71,7 +71,7 @@ class MLA(nn.Module):
         self.scale = softmax_scale(config)
         self.absorbed = False  # a setting: prefill through the absorbed path
         self.latent_dtype: torch.dtype | None = None  # a setting: round cache entries as a cache would store them
-        self._kv_b_split: tuple | None = None  # (weight storage key, (w_uk, w_uv)), see kv_b_weights
+        self._kv_b_split: dict = {}  # dtype or None -> (weight storage key, (w_uk, w_uv)), see kv_b_weights
 
     def _project(self, x: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, LatentKV]:
@@ -88,18 +88,25 @@ class MLA(nn.Module):
             k_rope = k_rope.to(self.latent_dtype).to(k_rope.dtype)
         return q.view(*x.shape[:2], self.n_heads, self.nope_dim + self.rope_dim), LatentKV(latent, k_rope)
 
-    def kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def kv_b_weights(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b split per head: w_uk [H, nope, r] (latent -> k_nope), w_uv [H, v, r] (latent -> v).
-        Views of a float kv_b; an FP8 one is dequantized once and kept (it is read every step). Cached per
-        weight storage, so a cast or a new weight is picked up and an unchanged one costs one lookup."""
+        Views of a float kv_b; an FP8 one is dequantized once and kept (it is read every step). With `dtype`,
+        the split converted to it, kept too (bf16 decode reads it in fp32 every layer of every step). Cached
+        per weight storage and version, so a cast, a new weight or an in-place update is picked up and an
+        unchanged one costs one lookup."""
         kv_b = self.kv_b_proj
         weight, scale = kv_b._parameters["weight"], kv_b._parameters["weight_scale_inv"]
-        key = (weight.data_ptr(), weight.dtype, None if scale is None else scale.data_ptr())
-        if self._kv_b_split is not None and self._kv_b_split[0] == key:
-            return self._kv_b_split[1]
-        dense = kv_b.dense_weight().view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        split = (dense[:, : self.nope_dim], dense[:, self.nope_dim :])
-        self._kv_b_split = (key, split)
+        key = (weight.data_ptr(), weight.dtype, None if scale is None else scale.data_ptr(),
+               0 if weight.is_inference() else weight._version)
+        cached = self._kv_b_split.get(dtype)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if dtype is None:
+            dense = kv_b.dense_weight().view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+            split = (dense[:, : self.nope_dim], dense[:, self.nope_dim :])
+        else:
+            split = tuple(part if part.dtype == dtype else part.to(dtype) for part in self.kv_b_weights())
+        self._kv_b_split[dtype] = (key, split)
         return split
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor,
@@ -123,10 +130,10 @@ class MLA(nn.Module):
         q_nope, q_rope = q[0].split([self.nope_dim, self.rope_dim], dim=-1)  # [N, H, nope], [N, H, rope]
         q_rope = _fp32(rope.rotate(q_rope, cos[0], sin[0]))
         paged.write(kv.latent[0], kv.k_rope[0])
-        w_uk, w_uv = self.kv_b_weights()
-        q_lat = torch.bmm(_fp32(q_nope).transpose(0, 1), _fp32(w_uk)).transpose(0, 1)  # [N, H, r]
+        w_uk, w_uv = self.kv_b_weights(torch.float32)
+        q_lat = torch.bmm(_fp32(q_nope).transpose(0, 1), w_uk).transpose(0, 1)  # [N, H, r]
         o_lat = paged.attend(q_lat, q_rope, self.scale)  # [N, H, r] fp32
-        out = torch.bmm(o_lat.transpose(0, 1), _fp32(w_uv).transpose(1, 2)).transpose(0, 1)  # [N, H, v]
+        out = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [N, H, v]
         out = out.reshape(out.shape[0], -1)
         return self.o_proj(out if out.dtype == x.dtype else out.to(x.dtype))[None]
 

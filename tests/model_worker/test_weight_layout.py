@@ -117,3 +117,16 @@ def test_linear_matches_float64_in_either_order_across_the_wide_product_bounds(i
             assert got.shape == (*shape[:-1], 72) and got.dtype == torch.float32
             torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(got.view(-1, 72)[:, :3], got.reshape(-1, 72)[:, :3])  # a usable view
+
+
+def test_bf16_decode_reads_kv_b_in_fp32_from_a_kept_copy_that_follows_weight_updates():
+    model = tiny_model(seed=8).cast(torch.bfloat16)
+    attn = model.model.layers[0].self_attn
+    w_uk, w_uv = attn.kv_b_weights(torch.float32)
+    assert w_uk.dtype == w_uv.dtype == torch.float32
+    assert all(torch.equal(a, b.float()) for a, b in zip((w_uk, w_uv), attn.kv_b_weights()))
+    assert attn.kv_b_weights(torch.float32)[0].data_ptr() == w_uk.data_ptr()  # kept, not converted per step
+    with torch.no_grad():
+        attn.kv_b_proj.weight.mul_(2)  # in place: same storage, new version
+    assert torch.equal(attn.kv_b_weights(torch.float32)[0], attn.kv_b_weights()[0].float())
+    assert torch.equal(attn.kv_b_weights(torch.float32)[0], 2 * w_uk)
