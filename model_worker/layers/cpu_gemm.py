@@ -23,6 +23,8 @@ decides per shape and row count on the first such product.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -70,13 +72,28 @@ TORCH_DEFAULTS = CpuGemmPreferences(input_major_one_row=False, wide_min_rows_out
                                     wide_min_rows_input_major=None, tune_input_major_wide=False)
 
 
+CPU_GEMM_ENV = "ENGRAM_CPU_GEMM"
+CPU_GEMM_MODES = ("measure", "torch", "packed")
+
+
 def cpu_gemm_preferences() -> CpuGemmPreferences:
-    """The pinned preferences, else this host's, measured on first use."""
+    """The pinned preferences, else this host's, measured on first use. The environment variable
+    ENGRAM_CPU_GEMM overrides the measurement for deployments that want a fixed kernel choice: "torch"
+    (torch's defaults: no layout change, no product forms, no packing), "packed" (the measured layout and
+    forms, and packed weights for every shape without timing them), or "measure" (the default)."""
     global _measured
     if _pinned is not None:
         return _pinned
     if _measured is None:
-        _measured = measure_cpu_gemm_preferences()
+        mode = os.environ.get(CPU_GEMM_ENV, "measure").strip().lower() or "measure"
+        if mode not in CPU_GEMM_MODES:
+            raise ValueError(f"{CPU_GEMM_ENV}={mode!r}: expected one of {', '.join(CPU_GEMM_MODES)}")
+        if mode == "torch":
+            _measured = TORCH_DEFAULTS
+        else:
+            _measured = measure_cpu_gemm_preferences()
+            if mode == "packed":
+                _measured = dataclasses.replace(_measured, pack_weights=True, tune_packed=False)
     return _measured
 
 

@@ -64,3 +64,17 @@ def test_packed_weights_give_the_same_products_whatever_the_host_chooses_and_cho
         assert packed_keys == {("packed", 160, 48, torch.float32, bucket) for bucket in (1, 2, 16)}
     else:
         assert not packed_keys  # packing measured slower here: never timed per shape, never used
+
+
+@pytest.mark.parametrize("mode", ["torch", "packed", "bogus"])
+def test_the_environment_fixes_the_kernel_choice_or_is_refused(measured, monkeypatch, mode):
+    monkeypatch.setenv(cpu_gemm.CPU_GEMM_ENV, mode)
+    if mode == "bogus":
+        with pytest.raises(ValueError, match="ENGRAM_CPU_GEMM='bogus'"):
+            cpu_gemm.cpu_gemm_preferences()
+        return
+    prefs = cpu_gemm.cpu_gemm_preferences()
+    if mode == "torch":
+        assert prefs == cpu_gemm.TORCH_DEFAULTS
+    else:
+        assert prefs.pack_weights and not prefs.tune_packed
