@@ -13,8 +13,8 @@ measures the bandwidth right before our run, and ours/roofline is the median of 
 
 The GEMM-only ceiling column bounds what this engine's kernels allow here (`gemm_floor_tokens_per_s`); the
 memory bound is the weight bytes a step must read (`step_weight_bytes`) at the measured bandwidth, a
-physical bound for any engine on this machine; the compute bound is this machine's GEMM rate at a
-batch-16 decode shape over the multiply-adds a token needs.
+physical bound for any engine on this machine; the compute bound is the fastest GEMM rate we measure
+here on a compute-bound shape (`matmul_flops`) over the multiply-adds a token needs.
 
     python benchmarks/decode.py [--quick] [--weights fp32|bf16] [--trials N]
 """

@@ -171,7 +171,8 @@ class CausalLM(nn.Module):
                 if name == "lm_head" and self.config.tie_word_embeddings:
                     continue  # a tied head is the embedding table, gathered by row: keep its order
                 weight.data = arranged(weight.data) if input_major else weight.data.contiguous()
-        pack = pack and cpu_gemm_preferences().pack_weights
+        # The host's CPU measurement is only worth taking for a model on the CPU (packs are CPU-only).
+        pack = pack and self.lm_head.weight.device.type == "cpu" and cpu_gemm_preferences().pack_weights
         for _, weight in self.decode_gemm_weights():
             if pack:
                 packed_gemm.pack(weight)

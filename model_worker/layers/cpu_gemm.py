@@ -129,11 +129,14 @@ def row_bucket(rows: int) -> int:
     return 1 << (rows.bit_length() - 1)
 
 
-def choice_wins(key: tuple, default: Callable[[], object], candidate: Callable[[], object]) -> bool:
-    """Whether candidate() beats default() by _MARGIN, timed the first time `key` is asked and remembered
-    (key names the choice and the operand shapes, e.g. ("packed", out, in, dtype, row bucket))."""
+def choice_wins(key: tuple, contenders: Callable[[], tuple[Callable[[], object], Callable[[], object]]]) -> bool:
+    """Whether the candidate beats the default by _MARGIN, timed the first time `key` is asked and remembered
+    (key names the choice and the operand shapes, e.g. ("packed", out, in, dtype, row bucket)).
+    contenders() -> (default, candidate), zero-argument calls; it is only called to measure, so the hot path
+    is one dict lookup."""
     won = _choices.get(key)
     if won is None:
+        default, candidate = contenders()
         won = _choices[key] = _faster(lambda _x, _w: default(), [None], lambda _x, _w: candidate(), [None],
                                       None, rounds=5)
     return won
@@ -145,11 +148,11 @@ def wide_wins(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
     first time and remembered. For these weights the winner depends on the shape: on the benchmark host the form is
     1.35x faster for a [32000, 768] LM head at 16 rows (benchmarks/weight_layout.py) and slower for
     [16384, 768] (an ad-hoc check)."""
-    key = ("wide", weight.shape[0], weight.shape[1], row_bucket(rows))
-    if key in _choices:
-        return _choices[key]
-    x2d = x.reshape(rows, x.shape[-1])
-    return choice_wins(key, lambda: F.linear(x2d, weight), lambda: wide_product(x2d, weight))
+    def contenders():
+        x2d = x.reshape(rows, x.shape[-1])
+        return lambda: F.linear(x2d, weight), lambda: wide_product(x2d, weight)
+
+    return choice_wins(("wide", weight.shape[0], weight.shape[1], row_bucket(rows)), contenders)
 
 
 def _faster(default: Callable, default_weights: list, candidate: Callable, candidate_weights: list,

@@ -69,8 +69,8 @@ def _packed_weight_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if prefs.tune_packed:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         key = ("packed", *weight.shape, weight.dtype, row_bucket(max(rows, 1)))
-        if not choice_wins(key, lambda: unpacked_linear(x, weight, bias),
-                           lambda: packed_linear(x, packed_weight, bias)):
+        if not choice_wins(key, lambda: (lambda: unpacked_linear(x, weight, bias),
+                                          lambda: packed_linear(x, packed_weight, bias))):
             return None
     return packed_weight
 

@@ -113,16 +113,14 @@ class MoE(nn.Module):
         counts = torch.bincount(ids.flatten(), minlength=len(self.experts))  # [E]
         token = order // ids.shape[1]  # [N*k] token of each sorted pair
         pair_weight = weights.flatten()[order, None].to(flat.dtype)  # [N*k, 1]
-        per_expert = self._stacked_gate_up.per_group() if stacked else None
-        if stacked and packed(per_expert[0][0]) is not None:
-            # Packed experts (`layers.packed_gemm`): one packed GEMM per expert with tokens beats the grouped
-            # GEMM on the hosts that pack (benchmarks/weight_layout.py).
-            expert_out = self._each_stacked_expert(flat[token], counts.tolist())
-        elif stacked and len(order) >= len(counts) and grouped_mm_available(flat, gate_up, down):
-            # Most experts have tokens: one grouped GEMM per projection over the stacked weights.
+        # Most experts have tokens: one grouped GEMM per projection over the stacked weights, unless the experts
+        # are packed (`layers.packed_gemm`), where one packed GEMM per expert with tokens beats it.
+        grouped = stacked and len(order) >= len(counts) and grouped_mm_available(flat, gate_up, down) \
+            and packed(self._stacked_gate_up.per_group()[0][0]) is None
+        if grouped:
             hidden = _swiglu(grouped_linear(flat[token], gate_up, counts))
             expert_out = grouped_linear(hidden, down, counts)  # [N*k, D]
-        elif stacked:
+        elif stacked:  # few tokens (decode) or packed experts: only the experts that have tokens
             expert_out = self._each_stacked_expert(flat[token], counts.tolist())
         else:
             # Unstackable (FP8) experts: run only the experts that have tokens, one by one.
