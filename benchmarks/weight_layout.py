@@ -8,12 +8,14 @@ prints the evidence, in two parts, same weights, one process:
 1. Per shape: for each distinct GEMM shape of the DeepSeek-V3-shaped benchmark model, at 1, 4 and 16
    rows in fp32, the product as x @ W^T (torch's default) and as (W @ x^T)^T, with the weight in either
    order, and through the weight's oneDNN-packed copy; in bf16 at one row the engine's GEMV in either
-   order and the packed kernel. Every call reads a different copy of the weight (copies add up to more
+   order and the packed kernel; in fp32 also our C decode kernel (`kernels.cpu_decode`) on the
+   output-major weight. Every call reads a different copy of the weight (copies add up to more
    than the caches), as a decode step does. Also the 256 MiB matrix-vector product `decode.py` uses for
    the bandwidth roofline, in both orders.
 2. Per step: our engine decoding with torch's defaults (every weight output-major, every product
    x @ W^T, no packing), with the weights arranged and this host's measured product forms but no
-   packing, and as load_model gives it (packing too, where measured faster), alternating every few steps
+   packing, with packing too (every library kernel, no C kernel), and as load_model gives it (the C
+   kernel too, where measured faster), alternating every few steps
    in one process (this host's speed drifts by tens of percent within seconds), at 1, 4 and 16 concurrent
    requests. Same greedy tokens expected (different rounding may in rare near-ties change one).
 
@@ -57,6 +59,12 @@ def _gemv(x, w):
     return unpacked_linear(x, w)  # one bf16 row: the engine's GEMV path
 
 
+def _c_kernel(x, w):
+    from kernels.cpu_decode import decode_gemm
+
+    return decode_gemm(x, w)  # our C decode kernel (kernels.cpu_decode), output-major weights only
+
+
 def _packed(x, w):
     from model_worker.layers.packed_gemm import packed_linear
 
@@ -66,8 +74,10 @@ def _packed(x, w):
 def shape_seconds(out_features: int, in_features: int, rows: int, trials: int,
                   dtype: torch.dtype = torch.float32) -> dict[tuple[str, str], float]:
     """Median seconds per product of [rows, in] with an [out, in] weight in dtype, per (form, memory order).
-    fp32: forms x @ W^T and (W @ x^T)^T; bf16: the engine's one-row GEMV (`layers.linear`); both: the
+    fp32: forms x @ W^T and (W @ x^T)^T, and our C decode kernel as ("C kernel", "output-major") where it
+    builds (`kernels.cpu_decode`); bf16: the engine's one-row GEMV (`layers.linear`); both: the
     oneDNN-packed kernel, as ("packed", "packed") where this torch has it (`layers.packed_gemm`)."""
+    from kernels.cpu_decode import decode_gemm_available
     from model_worker.layers import packed_gemm
 
     copies = max(2, _CACHE_DEFEAT_BYTES // (out_features * in_features * dtype.itemsize))
@@ -81,6 +91,9 @@ def shape_seconds(out_features: int, in_features: int, rows: int, trials: int,
     if "packed" in weights[0]:
         forms["packed"] = _packed
         samples[("packed", "packed")] = []
+    if dtype == torch.float32 and decode_gemm_available():
+        forms["C kernel"] = _c_kernel
+        samples[("C kernel", "output-major")] = []
     for _ in range(trials):
         for form, order in samples:
             start = time.perf_counter()
@@ -181,20 +194,24 @@ def main() -> None:
     print(f"per shape: median us per product over {trials} alternating trials, each call on a different copy "
           f"(> {_CACHE_DEFEAT_BYTES >> 20} MiB of copies); out/in = output-/input-major weight")
     print(f"{'weight [out, in]':>18}{'rows':>6}{'x@W^T out':>11}{'x@W^T in':>10}{'(W@x^T)^T out':>15}"
-          f"{'(W@x^T)^T in':>14}{'packed':>8}{'packed vs best other':>22}  {'best':<18}modules")
+          f"{'(W@x^T)^T in':>14}{'packed':>8}{'C kernel':>10}{'packed vs best torch':>22}"
+          f"{'C kernel vs best library':>26}  {'best':<18}modules")
     columns = [("x @ W^T", "output-major"), ("x @ W^T", "input-major"), ("(W @ x^T)^T", "output-major"),
-               ("(W @ x^T)^T", "input-major"), ("packed", "packed")]
+               ("(W @ x^T)^T", "input-major"), ("packed", "packed"), ("C kernel", "output-major")]
     for (out_f, in_f), kinds in decode_gemm_shapes(arranged).items():
         for rows in (1, 4, 16):
             t = shape_seconds(out_f, in_f, rows, trials)
             best = min(t, key=t.get)
             cells = "".join(f"{t[key] * 1e6:>{width}.1f}" if key in t else f"{'-':>{width}}"
-                            for key, width in zip(columns, (11, 10, 15, 14, 8)))
-            others = min(value for key, value in t.items() if key[0] != "packed")
-            vs = f"{others / t[('packed', 'packed')]:.2f}x faster" if ("packed", "packed") in t else "-"
-            label = "packed" if best[0] == "packed" else \
+                            for key, width in zip(columns, (11, 10, 15, 14, 8, 10)))
+            torch_best = min(value for key, value in t.items() if key[0] not in ("packed", "C kernel"))
+            library_best = min(value for key, value in t.items() if key[0] != "C kernel")
+            vs = f"{torch_best / t[('packed', 'packed')]:.2f}x faster" if ("packed", "packed") in t else "-"
+            c_vs = f"{library_best / t[('C kernel', 'output-major')]:.2f}x faster" \
+                if ("C kernel", "output-major") in t else "-"
+            label = best[0] if best[0] in ("packed", "C kernel") else \
                 f"{'x@W^T' if best[0] == 'x @ W^T' else '(W@x^T)^T'} {best[1][:-6]}"
-            print(f"{f'[{out_f}, {in_f}]':>18}{rows:>6}{cells}{vs:>22}  {label:<18}{', '.join(kinds)}")
+            print(f"{f'[{out_f}, {in_f}]':>18}{rows:>6}{cells}{vs:>22}{c_vs:>26}  {label:<18}{', '.join(kinds)}")
     print("bf16, one row: the engine's unpacked GEMV in either order, and the packed kernel:")
     for (out_f, in_f), kinds in decode_gemm_shapes(arranged).items():
         t = shape_seconds(out_f, in_f, 1, trials, torch.bfloat16)
@@ -209,19 +226,21 @@ def main() -> None:
     print(f"this host's measured choices (layers.cpu_gemm): {measured}")
     print(f"per step: median ms per engine decode step, {rounds} rounds of 3 steps each, alternating; torch "
           "defaults = every weight output-major, every product x @ W^T, no packing; layout + forms = weights "
-          "arranged, this host's product forms, no packing; ours = what load_model gives (packing too where "
-          "measured faster)")
-    print(f"{'concurrent':>10}{'torch defaults':>16}{'layout + forms':>16}{'ours':>8}{'ours vs defaults':>18}"
-          f"{'ours vs layout+forms':>22}  same tokens")
-    unpacked = dataclasses.replace(measured, pack_weights=False)
+          "arranged, this host's product forms, no packing, no C kernel; libraries = that plus packing where "
+          "measured faster; ours = what load_model gives (the C kernel too where measured faster)")
+    print(f"{'concurrent':>10}{'torch defaults':>16}{'layout + forms':>16}{'libraries':>11}{'ours':>8}"
+          f"{'ours vs defaults':>18}{'ours vs libraries':>19}  same tokens")
+    library = dataclasses.replace(measured, native_max_rows=0)
+    unpacked = dataclasses.replace(library, pack_weights=False)
     for concurrency in (1, 4, 16):
         variants = {"defaults": (output_major, TORCH_DEFAULTS), "forms": (arranged, unpacked),
-                    "ours": (arranged, measured)}
+                    "libraries": (arranged, library), "ours": (arranged, measured)}
         seconds, same = step_seconds(variants, concurrency, rounds)
         set_cpu_gemm_preferences(measured)
         print(f"{concurrency:>10}{seconds['defaults'] * 1e3:>16.2f}{seconds['forms'] * 1e3:>16.2f}"
-              f"{seconds['ours'] * 1e3:>8.2f}{seconds['defaults'] / seconds['ours']:>17.2f}x"
-              f"{seconds['forms'] / seconds['ours']:>21.2f}x  {same}")
+              f"{seconds['libraries'] * 1e3:>11.2f}{seconds['ours'] * 1e3:>8.2f}"
+              f"{seconds['defaults'] / seconds['ours']:>17.2f}x"
+              f"{seconds['libraries'] / seconds['ours']:>18.2f}x  {same}")
 
 
 if __name__ == "__main__":

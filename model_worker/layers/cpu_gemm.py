@@ -12,7 +12,10 @@ host of benchmarks/weight_layout.py, for decode-sized batches:
 
 A third choice replaces the kernel: oneDNN with prepacked weights (`layers.packed_gemm`), up to 1.9x faster
 than the best of the forms on the AMD EPYC (Zen 4) host of benchmarks/weight_layout.py (16 rows; slower for
-some small weights at 1 or 4 rows), at the cost of a second copy of each packed weight.
+some small weights at 1 or 4 rows), at the cost of a second copy of each packed weight. A fourth is our own
+C kernel for a few rows (`kernels.cpu_decode.decode_gemm`, built on this machine), which reads small
+output-major weights closer to the memory bandwidth than either library at 1 row; where it wins, wide
+weights stay output-major (it reads that order), so `input_major_one_row` is then False.
 
 Rather than assume those hold elsewhere, `cpu_gemm_preferences()` times each choice on a V3-sized
 weight the first time it is asked (a fraction of a second) and enables it only where it wins here; where
@@ -40,7 +43,8 @@ _MARGIN = 1.1  # a choice must be this much faster than torch's default to be ta
 class CpuGemmPreferences:
     """input_major_one_row: store wide fp32 weights input-major (`layers.layout`).
     wide_min_rows_*: fewest rows run as (W @ x^T)^T for an output-/input-major weight; None disables it.
-    pack_weights: keep oneDNN-packed copies of decode weights (`layers.packed_gemm`) and use them."""
+    pack_weights: keep oneDNN-packed copies of decode weights (`layers.packed_gemm`) and use them.
+    native_max_rows: most rows run through the C decode kernel (`kernels.cpu_decode`); 0 disables it."""
 
     input_major_one_row: bool
     wide_min_rows_output_major: int | None
@@ -48,6 +52,8 @@ class CpuGemmPreferences:
     tune_input_major_wide: bool = True  # confirm the wide form per weight shape and row count (wide_wins)
     pack_weights: bool = False
     tune_packed: bool = True  # confirm the packed kernel per weight shape, dtype and row count (choice_wins)
+    native_max_rows: int = 0
+    tune_native: bool = True  # confirm the C kernel per weight shape and row count (choice_wins)
 
 
 _pinned: CpuGemmPreferences | None = None
@@ -99,11 +105,13 @@ def cpu_gemm_preferences() -> CpuGemmPreferences:
 
 def measure_cpu_gemm_preferences(rounds: int = 5) -> CpuGemmPreferences:
     """Time each choice against torch's default, alternating the two over `rounds` rounds: the weight order
-    at 1 row, the wide form at 4 rows, and packed weights at 1, 4 and 16 rows against the better of the
-    others, on a [4096, 768] fp32 weight (three copies, about 38 MB, so reads come from memory as a decode
-    step's do). Packing is taken if it wins at any of the three (it decides the engine's speed most, so it
-    gets the most evidence: in weight_layout.py it ties at 1 row and wins by 1.3x and 1.9x at 4 and 16). The
-    wide form for input-major weights and packed weights are then confirmed per shape (`choice_wins`)."""
+    at 1 row, the wide form at 4 rows, packed weights at 1, 4 and 16 rows against the better of the
+    others, and the C decode kernel at 1 row against the best of them, on a [4096, 768] fp32 weight (three
+    copies, about 38 MB, so reads come from memory as a decode step's do). Packing is taken if it wins at
+    any of the three (it decides the engine's speed most, so it gets the most evidence: in weight_layout.py
+    it ties at 1 row and wins by 1.3x and 1.9x at 4 and 16). The wide form for input-major weights, packed
+    weights and the C kernel are then confirmed per shape and row count (`choice_wins`)."""
+    from kernels.cpu_decode import decode_gemm_available
     from model_worker.layers import packed_gemm
 
     gen = torch.Generator().manual_seed(0)
@@ -120,8 +128,29 @@ def measure_cpu_gemm_preferences(rounds: int = 5) -> CpuGemmPreferences:
         best_wide = (wide_product, output_major) if wide_out else (F.linear, output_major)
         pack = any(_faster(*best, packed_gemm.packed_linear, packs, x, rounds)
                    for best, x in ((best_wide, sixteen), (best_wide, four), (best_one, one)))
-    return CpuGemmPreferences(input_major_one_row=one_row, wide_min_rows_output_major=2 if wide_out else None,
-                              wide_min_rows_input_major=16, pack_weights=pack)
+    native = decode_gemm_available() and _native_wins_one_row(one_row, pack, rounds)
+    return CpuGemmPreferences(input_major_one_row=one_row and not native,
+                              wide_min_rows_output_major=2 if wide_out else None, wide_min_rows_input_major=16,
+                              pack_weights=pack, native_max_rows=NATIVE_MAX_ROWS if native else 0)
+
+
+def _native_wins_one_row(input_major_one_row: bool, pack: bool, rounds: int) -> bool:
+    """Whether the C decode kernel beats every library kernel this host would use at one row on an
+    expert-sized [768, 768] weight (16 copies, about 38 MB): the small weights are where it gains most
+    (the large ones are then confirmed per shape)."""
+    from kernels.cpu_decode import decode_gemm
+    from model_worker.layers import packed_gemm
+
+    gen = torch.Generator().manual_seed(1)
+    weights = [torch.randn(768, 768, generator=gen) for _ in range(16)]
+    one = torch.randn(1, 768, generator=gen)
+    rivals = [(F.linear, [w.t().contiguous().t() for w in weights] if input_major_one_row else weights)]
+    if pack:
+        rivals.append((packed_gemm.packed_linear, [packed_gemm.pack_copy(w) for w in weights]))
+    return all(_faster(*rival, decode_gemm, weights, one, rounds) for rival in rivals)
+
+
+NATIVE_MAX_ROWS = 8  # beyond this oneDNN's packed GEMM is faster on the benchmark host (weight_layout.py)
 
 
 def row_bucket(rows: int) -> int:

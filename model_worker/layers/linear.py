@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.cpu_decode import decode_gemm, decode_gemm_available
 from model_worker.layers.cpu_gemm import choice_wins, cpu_gemm_preferences, row_bucket, wide_product, wide_wins
 from model_worker.layers.packed_gemm import packed, packed_linear, packed_linear_add
 
@@ -75,9 +76,45 @@ def _packed_weight_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return packed_weight
 
 
+def _native_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """Rows of x if `linear` should run it through the C decode kernel (`kernels.cpu_decode`), else 0: fp32
+    CPU operands, an output-major weight, no gradient wanted, at most `native_max_rows` rows, the kernel
+    built here, and on this host it won for this weight shape and row count (`layers.cpu_gemm`)."""
+    if weight.dtype != torch.float32 or x.dtype != torch.float32 or weight.dim() != 2 or weight.stride(-1) != 1:
+        return 0
+    prefs = cpu_gemm_preferences()
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not 0 < rows <= prefs.native_max_rows or x.is_cuda or weight.is_cuda or not decode_gemm_available():
+        return 0
+    if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
+        return 0
+    if prefs.tune_native:
+        key = ("native", *weight.shape, row_bucket(rows))
+        if not choice_wins(key, lambda: (lambda: _library_linear(x, weight, bias),
+                                         lambda: _native_linear(x, weight, bias))):
+            return 0
+    return rows
+
+
+def _native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear through the C decode kernel. x [..., in] fp32; weight [out, in] output-major -> [..., out]."""
+    x2d = x.reshape(-1, x.shape[-1])
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    return decode_gemm(x2d, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, on CPU through the weight's oneDNN-packed copy when it has one and that wins here
-    (`layers.packed_gemm`), else `unpacked_linear`. x [..., in]; weight [out, in] -> [..., out]."""
+    """F.linear, on CPU through the C decode kernel for a few fp32 rows where it wins here (`_native_rows`),
+    else `_library_linear`. x [..., in]; weight [out, in] -> [..., out]."""
+    if _native_rows(x, weight, bias):
+        return _native_linear(x, weight, bias)
+    return _library_linear(x, weight, bias)
+
+
+def _library_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear through torch's kernels: the weight's oneDNN-packed copy when it has one and that wins here
+    (`layers.packed_gemm`), else `unpacked_linear`."""
     packed_weight = _packed_weight_for(x, weight, bias)
     if packed_weight is not None:
         return packed_linear(x, packed_weight, bias)
@@ -110,6 +147,8 @@ def linear_accumulate(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
                       weight_t: torch.Tensor | None = None) -> torch.Tensor:
     """out + alpha * linear(x, weight) in one call: out [M, out_features], x [M, in] -> [M, out_features].
     weight_t: weight.t() if the caller keeps it (saves a dispatch per call)."""
+    if out.dtype == x.dtype and x.dim() == 2 and _native_rows(x, weight, None):
+        return decode_gemm(x if x.stride(-1) == 1 else x.contiguous(), weight, out, alpha)
     packed_weight = _packed_weight_for(x, weight, None)
     if packed_weight is not None and out.dtype == x.dtype:
         return packed_linear_add(out, x if alpha == 1 else x * alpha, packed_weight)

@@ -78,3 +78,14 @@ def test_the_environment_fixes_the_kernel_choice_or_is_refused(measured, monkeyp
         assert prefs == cpu_gemm.TORCH_DEFAULTS
     else:
         assert prefs.pack_weights and not prefs.tune_packed
+
+
+def test_the_c_kernel_is_measured_only_where_it_builds_and_then_keeps_weights_output_major(measured, monkeypatch):
+    import kernels.cpu_decode as cpu_decode
+
+    prefs = cpu_gemm.cpu_gemm_preferences()
+    assert prefs.native_max_rows in (0, cpu_gemm.NATIVE_MAX_ROWS)
+    if prefs.native_max_rows:  # the kernel reads output-major weights: the layout follows it
+        assert not prefs.input_major_one_row and arranged(torch.randn(96, 64)).is_contiguous()
+    monkeypatch.setattr(cpu_decode, "decode_gemm_available", lambda: False)
+    assert cpu_gemm.measure_cpu_gemm_preferences(rounds=1).native_max_rows == 0

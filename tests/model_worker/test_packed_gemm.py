@@ -2,11 +2,13 @@
 
 Every product is checked against float64 or against the same model without packs; spies confirm that
 the packed kernel really ran (or, where it must not, that it did not). The conftest pins packing on with
-no per-shape timing, so these paths are the ones the rest of the suite runs too.
+no per-shape timing, so these paths are the ones the rest of the suite runs too (beyond the few rows
+that the C decode kernel takes, which these tests turn off).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 
 import pytest
@@ -15,12 +17,22 @@ import torch
 from model_worker.layers import linear as linear_module
 from model_worker.layers import moe as moe_module
 from model_worker.layers import packed_gemm
+from model_worker.layers.cpu_gemm import set_cpu_gemm_preferences
 from model_worker.layers.linear import linear, linear_accumulate
+from tests.conftest import PINNED_CPU_GEMM
 from tests.model_worker.engine.engine_fixtures import tiny_model
 from tests.model_worker.test_fused_weights import _moe, _moe_reference, _storage
 
 pytestmark = pytest.mark.skipif(not packed_gemm.packable(torch.zeros(2, 2)), reason="torch without oneDNN")
 BF16 = packed_gemm.packable(torch.zeros(2, 2, dtype=torch.bfloat16))
+
+
+@pytest.fixture(autouse=True)
+def _packed_not_native():
+    """These tests are about the packed kernel: keep the C decode kernel (which would take few rows) out."""
+    set_cpu_gemm_preferences(dataclasses.replace(PINNED_CPU_GEMM, native_max_rows=0))
+    yield
+    set_cpu_gemm_preferences(PINNED_CPU_GEMM)
 
 
 class _Spy:

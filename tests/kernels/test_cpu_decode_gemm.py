@@ -1,0 +1,142 @@
+"""The C decode GEMM (`kernels.cpu_decode`) against its torch definition in float64, its operand checks,
+and its build: cached per machine, rebuilt when the cache is damaged, refused cleanly without a compiler."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels.cpu_decode import decode_gemm, decode_gemm_available, decode_gemm_ref, decode_gemm_supports, native
+
+ROOT = Path(__file__).resolve().parents[2]
+HOST_HAS_KERNEL_ISA = "avx2" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+
+needs_kernel = pytest.mark.skipif(not decode_gemm_available(), reason=f"no C kernel: {native.unavailable_reason()}")
+
+
+def test_the_kernel_builds_wherever_a_compiler_and_avx2_are_present():
+    """Guards the skips below: on an x86-64 machine with gcc and AVX2 the kernel must really build."""
+    if HOST_HAS_KERNEL_ISA and native._compiler():
+        assert decode_gemm_available(), native.unavailable_reason()
+
+
+def _expected(x, weight, addend=None, alpha=1.0):
+    return decode_gemm_ref(x.double(), weight.double(), None if addend is None else addend.double(), alpha)
+
+
+def _tolerance(k: int) -> dict:
+    return dict(rtol=1e-5, atol=2e-6 * max(k, 1) ** 0.5 * 4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13])
+@pytest.mark.parametrize("out_features,in_features", [(1, 1), (3, 17), (4, 16), (5, 31), (33, 100), (768, 768),
+                                                      (130, 8)])
+def test_decode_gemm_equals_float64_for_every_tail(rows, out_features, in_features):
+    g = torch.Generator().manual_seed(rows * 1000 + out_features + in_features)
+    x = torch.randn(rows, in_features, generator=g)
+    weight = torch.randn(out_features, in_features, generator=g)
+    torch.testing.assert_close(decode_gemm(x, weight).double(), _expected(x, weight), **_tolerance(in_features))
+
+
+@needs_kernel
+def test_bias_row_accumulate_in_place_alpha_and_strided_operands():
+    g = torch.Generator().manual_seed(7)
+    wide_x = torch.randn(6, 200, generator=g)
+    x = wide_x[1:5, 10:110]  # [4, 100] rows 200 apart
+    big_weight = torch.randn(40, 150, generator=g)
+    weight = big_weight[3:37, 20:120]  # [34, 100] rows 150 apart
+    bias = torch.randn(34, generator=g)
+    assert not x.is_contiguous() and not weight.is_contiguous()
+    tol = _tolerance(100)
+    torch.testing.assert_close(decode_gemm(x, weight, bias).double(), _expected(x, weight, bias), **tol)
+    out = torch.randn(4, 34, generator=g)
+    before = out.clone()
+    result = decode_gemm(x, weight, out, alpha=-0.25, out=out)  # out += -0.25 x W^T, in place
+    assert result.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out.double(), _expected(x, weight, before, -0.25), **tol)
+    whole = torch.zeros(4, 50)
+    target = whole[:, 5:39]  # writes into a strided view, leaves the rest alone
+    decode_gemm(x, weight, out=target)
+    torch.testing.assert_close(target.double(), _expected(x, weight), **tol)
+    assert whole[:, :5].abs().sum() == 0 and whole[:, 39:].abs().sum() == 0
+
+
+@needs_kernel
+def test_thread_count_does_not_change_a_single_bit():
+    g = torch.Generator().manual_seed(3)
+    x, weight = torch.randn(5, 300, generator=g), torch.randn(257, 300, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = decode_gemm(x, weight)
+        torch.set_num_threads(max(2, threads))
+        many = decode_gemm(x, weight)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+@needs_kernel
+def test_empty_operands_give_empty_or_addend_results():
+    assert decode_gemm(torch.randn(0, 8), torch.randn(4, 8)).shape == (0, 4)
+    assert decode_gemm(torch.randn(3, 8), torch.randn(0, 8)).shape == (3, 0)
+    bias = torch.randn(4)
+    torch.testing.assert_close(decode_gemm(torch.randn(2, 0), torch.randn(4, 0), bias), bias.expand(2, 4))
+
+
+@needs_kernel
+def test_operands_the_kernel_does_not_take_are_refused_with_their_shapes():
+    x, weight = torch.randn(2, 16), torch.randn(8, 16)
+    with pytest.raises(ValueError, match="fp32 CPU"):
+        decode_gemm(x.bfloat16(), weight.bfloat16())
+    with pytest.raises(ValueError, match=r"\[2, 12\]"):
+        decode_gemm(torch.randn(2, 12), weight)
+    with pytest.raises(ValueError, match="strides"):
+        decode_gemm(x, torch.randn(16, 8).t())  # input-major weight: its K stride is not 1
+    with pytest.raises(ValueError, match="out must be"):
+        decode_gemm(x, weight, out=torch.empty(2, 9))
+    with pytest.raises(ValueError, match="addend must be"):
+        decode_gemm(x, weight, torch.randn(3, 8))
+    with pytest.raises(ValueError, match="addend must be fp32"):
+        decode_gemm(x, weight, torch.randn(8, dtype=torch.float64))
+    wants_grad = weight.clone().requires_grad_()
+    assert not decode_gemm_supports(x, wants_grad)
+    with torch.no_grad():
+        assert decode_gemm_supports(x, wants_grad)
+
+
+def _load_in_subprocess(tmp_path: Path, **env) -> subprocess.CompletedProcess:
+    code = ("from kernels.cpu_decode import native\n"
+            "lib = native.load()\n"
+            "print('OK' if lib else 'NONE', native.unavailable_reason())\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "ENGRAM_KERNEL_CACHE": str(tmp_path), **env})
+
+
+@needs_kernel
+def test_a_build_is_cached_and_a_damaged_cache_entry_is_rebuilt(tmp_path):
+    first = _load_in_subprocess(tmp_path)
+    assert first.stdout.startswith("OK"), first.stderr
+    [built] = list(tmp_path.glob("decode_gemm-*.so"))
+    stamp = built.stat().st_mtime_ns
+    assert _load_in_subprocess(tmp_path).stdout.startswith("OK")
+    assert built.stat().st_mtime_ns == stamp  # loaded from the cache, not compiled again
+    built.write_bytes(b"not a shared library")
+    third = _load_in_subprocess(tmp_path)
+    assert third.stdout.startswith("OK"), third.stderr
+    assert built.read_bytes()[:4] == b"\x7fELF"  # rebuilt in place
+    assert not list(tmp_path.glob("*.tmp.so"))  # no temporary files left behind
+
+
+@pytest.mark.skipif(not HOST_HAS_KERNEL_ISA, reason="x86-64 with AVX2 only")
+def test_a_failing_compiler_leaves_the_kernel_unavailable_with_the_reason(tmp_path):
+    done = _load_in_subprocess(tmp_path, CC="/bin/false")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("NONE") and "could not build" in done.stdout
+    assert not list(tmp_path.glob("*.so"))

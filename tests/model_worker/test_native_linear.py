@@ -1,0 +1,127 @@
+"""The C decode kernel (`kernels.cpu_decode`) inside `layers.linear` and a whole model: which products it
+takes (a spy counts its calls), that they equal float64, and that a model's logits and greedy tokens are
+the same with it and without it. The conftest pins it on for up to 8 rows with no per-shape timing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kernels.cpu_decode import decode_gemm_available
+from model_worker.layers import cpu_gemm
+from model_worker.layers import linear as linear_module
+from model_worker.layers.cpu_gemm import set_cpu_gemm_preferences
+from model_worker.layers.linear import linear, linear_accumulate
+from tests.conftest import PINNED_CPU_GEMM
+from tests.model_worker.engine.engine_fixtures import greedy, make_engine, random_prompt, run_to_completion, tiny_model
+
+pytestmark = pytest.mark.skipif(not decode_gemm_available(), reason="no C decode kernel on this machine")
+
+
+class _Spy:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    spy = _Spy(linear_module.decode_gemm)
+    monkeypatch.setattr(linear_module, "decode_gemm", spy)
+    return spy
+
+
+@pytest.fixture
+def native_off():
+    set_cpu_gemm_preferences(dataclasses.replace(PINNED_CPU_GEMM, native_max_rows=0))
+    yield
+    set_cpu_gemm_preferences(PINNED_CPU_GEMM)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+def test_few_fp32_rows_through_an_output_major_weight_take_the_kernel(spy, rows):
+    g = _gen(rows)
+    weight, bias = torch.randn(96, 80, generator=g), torch.randn(96, generator=g)
+    x = torch.randn(1, rows, 80, generator=g)
+    want = x.double() @ weight.double().t()
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(x, weight).double(), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(linear(x, weight, bias).double(), want + bias.double(), rtol=1e-5, atol=1e-5)
+        strided = linear(torch.randn(rows, 160, generator=g)[:, ::2], weight)  # x without unit stride: copied
+    assert strided.shape == (rows, 96)
+    assert spy.calls == 3
+
+
+def test_other_products_keep_the_library_kernels(spy):
+    g = _gen(1)
+    weight = torch.randn(96, 80, generator=g)
+    with torch.inference_mode():
+        linear(torch.randn(9, 80, generator=g), weight)  # more rows than native_max_rows
+        linear(torch.randn(2, 80, generator=g), weight.t().contiguous().t())  # input-major weight
+        linear(torch.randn(2, 80, generator=g).bfloat16(), weight.bfloat16())
+    assert spy.calls == 0
+    trained = weight.clone().requires_grad_()
+    x = torch.randn(2, 80, generator=g)
+    linear(x, trained).sum().backward()  # a gradient is wanted: torch's kernel, and the gradient is right
+    torch.testing.assert_close(trained.grad, x.sum(0).expand(96, 80))
+    assert spy.calls == 0
+
+
+def test_linear_accumulate_is_out_plus_alpha_times_the_product(spy):
+    g = _gen(2)
+    weight, x, out = torch.randn(64, 48, generator=g), torch.randn(3, 48, generator=g), torch.randn(3, 64, generator=g)
+    before = out.clone()
+    with torch.inference_mode():
+        got = linear_accumulate(out, x, weight, 0.75)
+    want = before.double() + 0.75 * (x.double() @ weight.double().t())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out, before)  # a new tensor: the caller's `out` is not written
+    assert spy.calls == 1
+
+
+def test_the_measured_mode_takes_the_kernel_only_per_shape_and_row_bucket_it_won():
+    set_cpu_gemm_preferences(dataclasses.replace(PINNED_CPU_GEMM, tune_native=True))
+    try:
+        weight = torch.randn(96, 80)
+        for rows in (1, 3, 2):
+            x = torch.randn(rows, 80)
+            with torch.inference_mode():
+                torch.testing.assert_close(linear(x, weight).double(), x.double() @ weight.double().t(),
+                                           rtol=1e-5, atol=1e-5)
+        assert {key for key in cpu_gemm._choices if key[0] == "native"} == {("native", 96, 80, 1),
+                                                                             ("native", 96, 80, 2)}
+    finally:
+        set_cpu_gemm_preferences(PINNED_CPU_GEMM)
+        cpu_gemm._choices.clear()
+
+
+def test_an_output_major_model_computes_the_same_logits_and_tokens_with_and_without_the_kernel(spy, native_off):
+    model = tiny_model(seed=21).arrange_weights(input_major=False)  # every weight in the order the kernel reads
+    ids = torch.randint(5, model.config.vocab_size, (1, 1), generator=_gen(0))
+    prompts = [random_prompt(9, seed) for seed in range(3)]
+
+    def run():
+        with torch.inference_mode():
+            logits = model(ids)
+        engine = make_engine(model, kv_cache_dtype="bf16")
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"r{i}", prompt, greedy(12))
+        outputs = run_to_completion(engine)
+        return logits, {rid: [t for out in outs for t in out.new_token_ids] for rid, outs in outputs.items()}
+
+    library_logits, library_tokens = run()
+    assert spy.calls == 0
+    set_cpu_gemm_preferences(PINNED_CPU_GEMM)
+    native_logits, native_tokens = run()
+    assert spy.calls > 0
+    torch.testing.assert_close(native_logits, library_logits, rtol=1e-5, atol=1e-5)
+    assert native_tokens == library_tokens
