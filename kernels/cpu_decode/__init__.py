@@ -1,10 +1,19 @@
 """CPU kernels for decode-sized products, in C built on the machine that runs them (`native`).
 
 Unlike the Triton packages these target the CPU: `decode_gemm` is the fp32 GEMM of a decode step's few
-rows, with `decode_gemm_ref` (torch) as its definition. Where no C compiler or no AVX2/AVX-512 is
+rows, with `decode_gemm_ref` (torch) as its definition, and `grouped_decode_gemm` runs a MoE layer's
+experts (each its own rows and weight) in one call. Where no C compiler or no AVX2/AVX-512 is
 present, `decode_gemm_available()` is False and callers keep torch's kernels.
 """
 
-from kernels.cpu_decode.decode_gemm import decode_gemm, decode_gemm_available, decode_gemm_ref, decode_gemm_supports
+from kernels.cpu_decode.decode_gemm import (
+    decode_gemm,
+    decode_gemm_available,
+    decode_gemm_ref,
+    decode_gemm_supports,
+    grouped_decode_gemm,
+    grouped_decode_gemm_ref,
+)
 
-__all__ = ["decode_gemm", "decode_gemm_available", "decode_gemm_ref", "decode_gemm_supports"]
+__all__ = ["decode_gemm", "decode_gemm_available", "decode_gemm_ref", "decode_gemm_supports", "grouped_decode_gemm",
+           "grouped_decode_gemm_ref"]

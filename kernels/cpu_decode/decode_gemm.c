@@ -11,8 +11,13 @@
  * K-vector and multiplied with up to 4 rows of x (16 vector accumulators, all in registers); more rows
  * of x reuse the tile from L1. The OpenMP threads split N into tiles. The library links libgomp, which
  * resolves to the copy torch has already loaded, so the two share one thread pool.
+ *
+ * The grouped form runs a MoE layer's experts in one call: group g's rows of x (offsets[g] to
+ * offsets[g + 1], sorted by expert) times its own weight w + g * group_stride. Each thread takes the same
+ * share of weight tiles of every group, so the work stays balanced however the rows fall.
  */
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
 
 #if defined(__AVX512F__)
@@ -116,7 +121,39 @@ void engram_decode_gemm(const float *x, int64_t ldx, const float *w, int64_t ldw
     }
 }
 
+void engram_grouped_decode_gemm(const float *x, int64_t ldx, const int64_t *offsets, int64_t groups, const float *w,
+                                int64_t group_stride, int64_t ldw, float *y, int64_t ldy, int64_t N, int64_t K,
+                                int nthreads) {
+    int64_t tiles = (N + TILE_ROWS - 1) / TILE_ROWS;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && tiles > 1)
+    {
+        int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
+        int64_t first = tiles * me / team, last = tiles * (me + 1) / team;
+        for (int64_t g = 0; g < groups; g++) {
+            int64_t m0 = offsets[g], M = offsets[g + 1] - offsets[g];
+            if (M <= 0) continue;
+            const float *xg = x + m0 * ldx, *wg = w + g * group_stride;
+            float *yg = y + m0 * ldy;
+            for (int64_t t = first; t < last; t++) {
+                int64_t n = t * TILE_ROWS;
+                if (n + TILE_ROWS <= N) {
+                    weight_tile(xg, ldx, wg + n * ldw, ldw, 0, 0, yg + n, ldy, M, K, 1.0f, TILE_ROWS);
+                } else {
+                    for (; n < N; n++) weight_tile(xg, ldx, wg + n * ldw, ldw, 0, 0, yg + n, ldy, M, K, 1.0f, 1);
+                }
+            }
+        }
+    }
+}
+
 #else
+
+void engram_grouped_decode_gemm(const float *x, int64_t ldx, const int64_t *offsets, int64_t groups, const float *w,
+                                int64_t group_stride, int64_t ldw, float *y, int64_t ldy, int64_t N, int64_t K,
+                                int nthreads) {
+    (void)x; (void)ldx; (void)offsets; (void)groups; (void)w; (void)group_stride; (void)ldw; (void)y; (void)ldy;
+    (void)N; (void)K; (void)nthreads;
+}
 
 void engram_decode_gemm(const float *x, int64_t ldx, const float *w, int64_t ldw, const float *c, int64_t ldc,
                         float *y, int64_t ldy, int64_t M, int64_t N, int64_t K, float alpha, int nthreads) {

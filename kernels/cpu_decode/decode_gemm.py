@@ -1,6 +1,7 @@
 """Decode-sized fp32 GEMM on the CPU: `decode_gemm_ref` (the definition) and `decode_gemm` (the C kernel).
 
     y = addend + alpha * x @ weight^T        x [M, K], weight [N, K], addend [M, N] or [N] or None
+    y[rows of g] = x[rows of g] @ weight[g]^T for each group g  (grouped: a MoE layer's experts in one call)
 
 The kernel (`decode_gemm.c`, built by `native`) is for the few rows of a decode step, where reading the
 weight is the whole cost; model code reaches it through `model_worker.layers.linear`, which uses it only
@@ -8,6 +9,8 @@ where this host measured it faster than torch's kernels.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 
@@ -70,4 +73,38 @@ def decode_gemm(x: torch.Tensor, weight: torch.Tensor, addend: torch.Tensor | No
         lib.engram_decode_gemm(x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), addend_ptr,
                                addend_stride, out.data_ptr(), out.stride(0), rows, cols, x.shape[1], float(alpha),
                                torch.get_num_threads())
+    return out
+
+
+def grouped_decode_gemm_ref(x: torch.Tensor, offsets: list[int], weight: torch.Tensor) -> torch.Tensor:
+    """Each group's rows times its own weight, in torch: x [P, K] (rows sorted by group; group g owns rows
+    offsets[g] to offsets[g + 1]); weight [G, N, K] -> [P, N]."""
+    out = x.new_zeros(x.shape[0], weight.shape[1])
+    for g in range(weight.shape[0]):
+        rows = slice(offsets[g], offsets[g + 1])
+        out[rows] = x[rows] @ weight[g].t()
+    return out
+
+
+def grouped_decode_gemm(x: torch.Tensor, offsets: list[int], weight: torch.Tensor) -> torch.Tensor:
+    """`grouped_decode_gemm_ref` through the C kernel, all groups in one call (a MoE layer's experts):
+    x [P, K] fp32 with unit stride along K; offsets: G + 1 non-decreasing ints from 0 to P; weight
+    [G, N, K] fp32 with unit stride along K (a stack of output-major weights) -> [P, N]."""
+    lib = native.load()
+    if lib is None:
+        raise RuntimeError(f"grouped_decode_gemm kernel unavailable: {native.unavailable_reason()}")
+    if weight.dim() != 3 or not decode_gemm_supports(x, weight[0] if weight.shape[0] else weight.view(0, 0)):
+        raise ValueError(f"grouped_decode_gemm takes fp32 CPU x [P, K] and weight [G, N, K] with unit stride "
+                         f"along K and no gradient; got x {x.dtype} {list(x.shape)} strides {x.stride()}, weight "
+                         f"{weight.dtype} {list(weight.shape)} strides {weight.stride()}")
+    groups, rows = weight.shape[0], x.shape[0]
+    bounds = [int(b) for b in offsets]
+    if len(bounds) != groups + 1 or bounds[0] != 0 or bounds[-1] != rows or \
+            any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"offsets must be {groups + 1} non-decreasing ints from 0 to {rows}, got {bounds}")
+    out = torch.empty(rows, weight.shape[1])
+    if rows and weight.shape[1]:
+        lib.engram_grouped_decode_gemm(x.data_ptr(), x.stride(0), (ctypes.c_int64 * len(bounds))(*bounds), groups,
+                                       weight.data_ptr(), weight.stride(0), weight.stride(1), out.data_ptr(),
+                                       out.stride(0), weight.shape[1], x.shape[1], torch.get_num_threads())
     return out

@@ -104,6 +104,8 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.engram_decode_gemm.restype = None
     lib.engram_decode_gemm.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, ctypes.c_float,
                                        ctypes.c_int]
+    lib.engram_grouped_decode_gemm.restype = None
+    lib.engram_grouped_decode_gemm.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, ctypes.c_int]
     return lib
 
 

@@ -76,19 +76,26 @@ def _packed_weight_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return packed_weight
 
 
-def _native_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
-    """Rows of x if `linear` should run it through the C decode kernel (`kernels.cpu_decode`), else 0: fp32
-    CPU operands, an output-major weight, no gradient wanted, at most `native_max_rows` rows, the kernel
-    built here, and on this host it won for this weight shape and row count (`layers.cpu_gemm`)."""
-    if weight.dtype != torch.float32 or x.dtype != torch.float32 or weight.dim() != 2 or weight.stride(-1) != 1:
-        return 0
-    prefs = cpu_gemm_preferences()
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not 0 < rows <= prefs.native_max_rows or x.is_cuda or weight.is_cuda or not decode_gemm_available():
-        return 0
+def native_kernel_takes(x: torch.Tensor, rows: int, weight: torch.Tensor) -> bool:
+    """Whether the C decode kernels (`kernels.cpu_decode`) may run `rows` rows of x against weight
+    ([out, in], or a stack [G, out, in]) here: fp32 CPU operands, output-major weights (unit stride along
+    in), no gradient wanted, 1 to `native_max_rows` rows (`layers.cpu_gemm`), and the kernels built here."""
+    if weight.dtype != torch.float32 or x.dtype != torch.float32 or weight.stride(-1) != 1:
+        return False
+    if not 0 < rows <= cpu_gemm_preferences().native_max_rows or x.is_cuda or weight.is_cuda:
+        return False
     if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
+        return False
+    return decode_gemm_available()
+
+
+def _native_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """Rows of x if `linear` should run it through the C decode kernel, else 0: the kernel takes the operands
+    (`native_kernel_takes`) and on this host it won for this weight shape and row count (`layers.cpu_gemm`)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if weight.dim() != 2 or not native_kernel_takes(x, rows, weight):
         return 0
-    if prefs.tune_native:
+    if cpu_gemm_preferences().tune_native:
         key = ("native", *weight.shape, row_bucket(rows))
         if not choice_wins(key, lambda: (lambda: _library_linear(x, weight, bias),
                                          lambda: _native_linear(x, weight, bias))):

@@ -3,20 +3,27 @@
 Routing follows MODEL_SPEC.md: V3 selects with sigmoid scores + e_score_correction_bias, group-limited
 (group score = sum of its top-2 biased scores), and weights the chosen experts by their unbiased scores
 (normalised when norm_topk_prob) times routed_scaling_factor. V2 uses softmax scores with greedy or
-group-limited greedy top-k. Float experts run as stacked weights through one grouped GEMM per
-projection (tokens sorted by expert); FP8 experts, which cannot be stacked, run one by one. An MLP's
-gate and up projections run as one GEMM (`layers.fused`).
+group-limited greedy top-k. Float experts run as stacked weights (tokens sorted by expert): in a decode
+step where no expert has more rows than the C decode kernel takes, through its grouped GEMM, all experts
+in one call per projection (`kernels.cpu_decode`, where it builds and won on this host); otherwise one
+grouped GEMM per projection, or one packed GEMM per expert with tokens where the experts are packed.
+FP8 experts, which cannot be stacked, run one by one. An MLP's gate and up projections run as one GEMM
+(`layers.fused`).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.cpu_decode import grouped_decode_gemm
 from model_worker.config import ModelConfig
+from model_worker.layers.cpu_gemm import choice_wins, cpu_gemm_preferences, row_bucket
 from model_worker.layers.fused import ConcatenatedWeight, StackedWeight, grouped_linear, grouped_mm_available
-from model_worker.layers.linear import Linear, linear, linear_accumulate
+from model_worker.layers.linear import Linear, linear, linear_accumulate, native_kernel_takes
 from model_worker.layers.packed_gemm import packed
 
 
@@ -113,15 +120,20 @@ class MoE(nn.Module):
         counts = torch.bincount(ids.flatten(), minlength=len(self.experts))  # [E]
         token = order // ids.shape[1]  # [N*k] token of each sorted pair
         pair_weight = weights.flatten()[order, None].to(flat.dtype)  # [N*k, 1]
-        # Most experts have tokens: one grouped GEMM per projection over the stacked weights, unless the experts
-        # are packed (`layers.packed_gemm`), where one packed GEMM per expert with tokens beats it.
+        # The C kernel's grouped GEMM where it takes every expert's rows and wins here; else, when most experts
+        # have tokens, one grouped GEMM per projection over the stacked weights, unless the experts are packed
+        # (`layers.packed_gemm`), where one packed GEMM per expert with tokens beats it.
         grouped = stacked and len(order) >= len(counts) and grouped_mm_available(flat, gate_up, down) \
             and packed(self._stacked_gate_up.per_group()[0][0]) is None
-        if grouped:
-            hidden = _swiglu(grouped_linear(flat[token], gate_up, counts))
+        per_expert = counts.tolist() if stacked else []
+        sorted_x = flat[token] if stacked else flat  # [N*k, D] each pair's token row, sorted by expert
+        if stacked and self._native_experts_win(sorted_x, per_expert, gate_up, down):
+            expert_out = self._native_experts(sorted_x, per_expert, gate_up, down)
+        elif grouped:
+            hidden = _swiglu(grouped_linear(sorted_x, gate_up, counts))
             expert_out = grouped_linear(hidden, down, counts)  # [N*k, D]
         elif stacked:  # few tokens (decode) or packed experts: only the experts that have tokens
-            expert_out = self._each_stacked_expert(flat[token], counts.tolist())
+            expert_out = self._each_stacked_expert(sorted_x, per_expert)
         else:
             # Unstackable (FP8) experts: run only the experts that have tokens, one by one.
             expert_out = flat.new_empty(len(order), flat.shape[-1])
@@ -148,6 +160,29 @@ class MoE(nn.Module):
                 outs.append(linear(_swiglu(linear(rows, gate_up[expert_id])), down[expert_id]))
                 start += count
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _native_experts_win(self, sorted_x: torch.Tensor, counts: list[int], gate_up: torch.Tensor,
+                            down: torch.Tensor) -> bool:
+        """Whether every expert's rows go through the C kernel's grouped GEMM (`_native_experts`): it takes the
+        operands with as many rows as the busiest expert has (`native_kernel_takes`), and on this host it beat
+        the per-expert loop for this stack shape and that row count (`layers.cpu_gemm.choice_wins`)."""
+        busiest = max(counts)
+        if not (native_kernel_takes(sorted_x, busiest, gate_up) and native_kernel_takes(sorted_x, busiest, down)):
+            return False
+        if not cpu_gemm_preferences().tune_native:
+            return True
+        key = ("native experts", *gate_up.shape, *down.shape[1:], row_bucket(busiest))
+        return choice_wins(key, lambda: (lambda: self._each_stacked_expert(sorted_x, counts),
+                                         lambda: self._native_experts(sorted_x, counts, gate_up, down)))
+
+    @staticmethod
+    def _native_experts(sorted_x: torch.Tensor, counts: list[int], gate_up: torch.Tensor,
+                        down: torch.Tensor) -> torch.Tensor:
+        """All experts in two C calls (`kernels.cpu_decode.grouped_decode_gemm`): sorted_x [N*k, D] sorted by
+        expert, counts per expert, stacks gate_up [E, 2I, D] and down [E, D, I] -> [N*k, D] in the same order."""
+        offsets = [0, *itertools.accumulate(counts)]
+        x = sorted_x if sorted_x.stride(-1) == 1 else sorted_x.contiguous()
+        return grouped_decode_gemm(_swiglu(grouped_decode_gemm(x, offsets, gate_up)), offsets, down)
 
     def _one_token(self, flat, weights, ids) -> torch.Tensor:
         """Decode of a single sequence: its k experts in turn, no sorting or scattering. flat [1, D] -> [1, D].

@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.cpu_decode import decode_gemm, decode_gemm_available, decode_gemm_ref, decode_gemm_supports, native
+from kernels.cpu_decode import (
+    decode_gemm,
+    decode_gemm_available,
+    decode_gemm_ref,
+    decode_gemm_supports,
+    grouped_decode_gemm,
+    grouped_decode_gemm_ref,
+    native,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST_HAS_KERNEL_ISA = "avx2" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
@@ -109,6 +117,34 @@ def test_operands_the_kernel_does_not_take_are_refused_with_their_shapes():
     assert not decode_gemm_supports(x, wants_grad)
     with torch.no_grad():
         assert decode_gemm_supports(x, wants_grad)
+
+
+@needs_kernel
+@pytest.mark.parametrize("counts", [[4, 0, 3, 5, 1, 9], [1], [0, 0, 2], [0, 0, 0], [2] * 16])
+@pytest.mark.parametrize("out_features,in_features", [(37, 100), (768, 384), (6, 5)])
+def test_grouped_decode_gemm_equals_float64_group_by_group(counts, out_features, in_features):
+    g = torch.Generator().manual_seed(len(counts) + out_features)
+    offsets = [0]
+    for count in counts:
+        offsets.append(offsets[-1] + count)
+    x = torch.randn(offsets[-1], in_features, generator=g)
+    weight = torch.randn(len(counts), out_features, in_features, generator=g)
+    got = grouped_decode_gemm(x, offsets, weight)
+    assert got.shape == (offsets[-1], out_features)
+    torch.testing.assert_close(got.double(), grouped_decode_gemm_ref(x.double(), offsets, weight.double()),
+                               **_tolerance(in_features))
+
+
+@needs_kernel
+def test_grouped_decode_gemm_refuses_bad_offsets_and_weights():
+    x, weight = torch.randn(5, 16), torch.randn(3, 8, 16)
+    for offsets in ([0, 2, 5], [1, 2, 3, 5], [0, 3, 2, 5], [0, 1, 2, 4]):
+        with pytest.raises(ValueError, match="offsets must be 4 non-decreasing"):
+            grouped_decode_gemm(x, offsets, weight)
+    with pytest.raises(ValueError, match="unit stride"):
+        grouped_decode_gemm(x, [0, 1, 2, 5], weight.transpose(1, 2).contiguous().transpose(1, 2))
+    with pytest.raises(ValueError, match="weight \\[G, N, K\\]"):
+        grouped_decode_gemm(x, [0, 5], weight[0])
 
 
 def _load_in_subprocess(tmp_path: Path, **env) -> subprocess.CompletedProcess:

@@ -12,10 +12,12 @@ import torch
 from kernels.cpu_decode import decode_gemm_available
 from model_worker.layers import cpu_gemm
 from model_worker.layers import linear as linear_module
+from model_worker.layers import moe as moe_module
 from model_worker.layers.cpu_gemm import set_cpu_gemm_preferences
 from model_worker.layers.linear import linear, linear_accumulate
 from tests.conftest import PINNED_CPU_GEMM
 from tests.model_worker.engine.engine_fixtures import greedy, make_engine, random_prompt, run_to_completion, tiny_model
+from tests.model_worker.test_fused_weights import _moe, _moe_reference
 
 pytestmark = pytest.mark.skipif(not decode_gemm_available(), reason="no C decode kernel on this machine")
 
@@ -125,3 +127,22 @@ def test_an_output_major_model_computes_the_same_logits_and_tokens_with_and_with
     assert spy.calls > 0
     torch.testing.assert_close(native_logits, library_logits, rtol=1e-5, atol=1e-5)
     assert native_tokens == library_tokens
+
+
+@pytest.mark.parametrize("tokens,native", [(2, True), (8, True), (40, False)])
+def test_moe_experts_run_in_two_grouped_kernel_calls_when_no_expert_has_more_rows_than_the_kernel_takes(
+        monkeypatch, tokens, native):
+    moe = _moe(seed=tokens)
+    for fusion in (moe._stacked_gate_up, moe._stacked_down):
+        fusion.input_major = False  # the order the kernel reads (arrange_weights does this where it wins)
+        fusion.get()
+    calls = _Spy(moe_module.grouped_decode_gemm)
+    monkeypatch.setattr(moe_module, "grouped_decode_gemm", calls)
+    x = torch.randn(1, tokens, 64, generator=_gen(tokens))
+    with torch.inference_mode():
+        want = _moe_reference(moe, x[0])
+        got = moe(x)
+        busiest = int(torch.bincount(moe.gate(x[0])[1].flatten()).max())
+    torch.testing.assert_close(got[0].double(), want, rtol=1e-4, atol=1e-4)
+    assert (busiest <= PINNED_CPU_GEMM.native_max_rows) == native
+    assert calls.calls == (2 if native else 0)
