@@ -104,17 +104,23 @@ def shape_seconds(out_features: int, in_features: int, rows: int, trials: int,
 
 
 def bandwidth_by_order(trials: int) -> dict[str, float]:
-    """GB/s of the 256 MiB fp32 matrix-vector product (decode.py's bandwidth probe) in both orders."""
+    """GB/s of the 256 MiB fp32 matrix-vector product (decode.py's bandwidth probe): torch's in both orders,
+    and our C decode kernel on the output-major matrix where it builds ("C kernel")."""
+    from kernels.cpu_decode import decode_gemm_available
+
     matrix = _orders(torch.randn(16384, 4096))
     vector = torch.randn(4096)
-    samples = {order: [] for order in matrix}
+    products = {order: (lambda w=weight: w @ vector) for order, weight in matrix.items()}
+    if decode_gemm_available():
+        products["C kernel"] = lambda: _c_kernel(vector[None], matrix["output-major"])
+    samples = {name: [] for name in products}
     for _ in range(trials):
-        for order, weight in matrix.items():
-            weight @ vector
+        for name, product in products.items():
+            product()
             start = time.perf_counter()
-            weight @ vector
-            samples[order].append(weight.numel() * 4 / (time.perf_counter() - start) / 1e9)
-    return {order: statistics.median(values) for order, values in samples.items()}
+            product()
+            samples[name].append(16384 * 4096 * 4 / (time.perf_counter() - start) / 1e9)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def decode_gemm_shapes(model) -> dict[tuple[int, int], list[str]]:
@@ -221,8 +227,8 @@ def main() -> None:
               f"({in_us / out_us:.2f}x as long), packed {packed_us:.1f} us ({out_us / packed_us:.2f}x faster than "
               f"output-major)  {', '.join(kinds)}")
     bw = bandwidth_by_order(trials)
-    print(f"256 MiB fp32 matrix-vector product (decode.py's bandwidth probe): output-major {bw['output-major']:.1f} "
-          f"GB/s, input-major {bw['input-major']:.1f} GB/s")
+    print("256 MiB fp32 matrix-vector product (decode.py's bandwidth probe): "
+          + ", ".join(f"{name} {value:.1f} GB/s" for name, value in bw.items()))
     print(f"this host's measured choices (layers.cpu_gemm): {measured}")
     print(f"per step: median ms per engine decode step, {rounds} rounds of 3 steps each, alternating; torch "
           "defaults = every weight output-major, every product x @ W^T, no packing; layout + forms = weights "

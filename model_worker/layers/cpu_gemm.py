@@ -105,12 +105,13 @@ def cpu_gemm_preferences() -> CpuGemmPreferences:
 
 def measure_cpu_gemm_preferences(rounds: int = 5) -> CpuGemmPreferences:
     """Time each choice against torch's default, alternating the two over `rounds` rounds: the weight order
-    at 1 row, the wide form at 4 rows, packed weights at 1, 4 and 16 rows against the better of the
-    others, and the C decode kernel at 1 row against the best of them, on a [4096, 768] fp32 weight (three
-    copies, about 38 MB, so reads come from memory as a decode step's do). Packing is taken if it wins at
-    any of the three (it decides the engine's speed most, so it gets the most evidence: in weight_layout.py
-    it ties at 1 row and wins by 1.3x and 1.9x at 4 and 16). The wide form for input-major weights, packed
-    weights and the C kernel are then confirmed per shape and row count (`choice_wins`)."""
+    at 1 row, the wide form at 4 rows, and packed weights at 1, 4 and 16 rows against the better of the
+    others, on a [4096, 768] fp32 weight (three copies, about 38 MB, so reads come from memory as a decode
+    step's do); then the C decode kernel at 1 row against each library kernel this host would use, on an
+    expert-sized weight (`_native_wins_one_row`). Packing is taken if it wins at any of the three (it
+    decides the engine's speed most, so it gets the most evidence: in weight_layout.py it ties at 1 row and
+    wins by 1.3x and 1.9x at 4 and 16). The wide form for input-major weights, packed weights and the C
+    kernel are then confirmed per shape and row count (`choice_wins`)."""
     from kernels.cpu_decode import decode_gemm_available
     from model_worker.layers import packed_gemm
 
