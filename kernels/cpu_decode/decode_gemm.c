@@ -1,6 +1,7 @@
-/* Decode-sized fp32 GEMM for the CPU: y = c + alpha * x @ w^T for a few rows of x.
+/* Decode-sized GEMM for the CPU: y = c + alpha * x @ w^T for a few rows of x, fp32 or bf16 operands.
  *
  * x [M, K] (row stride ldx), w [N, K] (a Linear weight, output-major: row stride ldw, unit column stride),
+ * both fp32 (engram_decode_gemm_f32) or both bf16 (engram_decode_gemm_bf16, fp32 accumulation); y and c fp32:
  * c [M, N] (row stride ldc; ldc = 0 broadcasts one row, e.g. a bias) or none, y [M, N] (row stride ldy;
  * y may be c). Built at run time with -march=native by kernels/cpu_decode/native.py and called through
  * ctypes with the GIL released.
@@ -19,6 +20,7 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__AVX512F__)
 #define ENGRAM_ISA 512
@@ -57,69 +59,70 @@ int engram_decode_gemm_isa(void) { return ENGRAM_ISA; }
 #define TILE_ROWS 4 /* weight rows per tile */
 #define TILE_X 4    /* rows of x per pass over a tile */
 
-/* MM rows of x (<= TILE_X) against RR weight rows (<= TILE_ROWS); both are constants after inlining, so
- * the accumulators stay in registers. */
-static inline __attribute__((always_inline)) void tile(
-    const float *x, int64_t ldx, const float *w, int64_t ldw, const float *c, int64_t ldc, float *y,
-    int64_t ldy, int64_t K, float alpha, int MM, int RR) {
-    vec acc[TILE_X][TILE_ROWS];
-    for (int i = 0; i < MM; i++)
-        for (int r = 0; r < RR; r++) acc[i][r] = vzero();
-    int64_t k = 0;
-    for (; k + VW <= K; k += VW) {
-        vec wv[TILE_ROWS];
-        for (int r = 0; r < RR; r++) wv[r] = vload(w + r * ldw + k);
-        for (int i = 0; i < MM; i++) {
-            vec xv = vload(x + i * ldx + k);
-            for (int r = 0; r < RR; r++) acc[i][r] = vfma(xv, wv[r], acc[i][r]);
-        }
-    }
-    if (k < K) { /* the last K % VW columns, masked loads */
-        int rest = (int)(K - k);
-        vec wv[TILE_ROWS];
-        for (int r = 0; r < RR; r++) wv[r] = vload_part(w + r * ldw + k, rest);
-        for (int i = 0; i < MM; i++) {
-            vec xv = vload_part(x + i * ldx + k, rest);
-            for (int r = 0; r < RR; r++) acc[i][r] = vfma(xv, wv[r], acc[i][r]);
-        }
-    }
-    for (int i = 0; i < MM; i++)
-        for (int r = 0; r < RR; r++) {
-            float dot = alpha * vsum(acc[i][r]);
-            y[i * ldy + r] = c ? c[i * ldc + r] + dot : dot;
-        }
+/* fp32: one vector of x and of each weight row per step. */
+#define SFX f32
+#define ELEM float
+#define STEP VW
+#define OPND vec
+#define OLOAD(p) vload(p)
+#define OLOAD_PART(p, n) vload_part(p, n)
+#define OMAC(a, b, acc) vfma(a, b, acc)
+#include "decode_gemm_tile.h"
+#undef SFX
+#undef ELEM
+#undef STEP
+#undef OPND
+#undef OLOAD
+#undef OLOAD_PART
+#undef OMAC
+
+/* bf16 (raw uint16 bits): with AVX512_BF16, 32 elements per step as pairwise dot products into fp32
+ * (vdpbf16ps); else 16 or 8 elements widened to fp32 (a bf16 is the top half of an fp32) and FMA'd. */
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && ENGRAM_ISA == 512
+#define BF16_STEP 32
+typedef __m512i bf16_operand;
+static inline bf16_operand bf16_load(const uint16_t *p) { return _mm512_loadu_si512((const void *)p); }
+static inline vec bf16_mac(bf16_operand a, bf16_operand b, vec acc) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+}
+#elif ENGRAM_ISA == 512
+#define BF16_STEP 16
+typedef vec bf16_operand;
+static inline bf16_operand bf16_load(const uint16_t *p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+static inline vec bf16_mac(bf16_operand a, bf16_operand b, vec acc) { return vfma(a, b, acc); }
+#else
+#define BF16_STEP 8
+typedef vec bf16_operand;
+static inline bf16_operand bf16_load(const uint16_t *p) {
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+static inline vec bf16_mac(bf16_operand a, bf16_operand b, vec acc) { return vfma(a, b, acc); }
+#endif
+static inline bf16_operand bf16_load_part(const uint16_t *p, int n) { /* n < BF16_STEP elements, zero-padded */
+    uint16_t padded[BF16_STEP] = {0};
+    memcpy(padded, p, (size_t)n * sizeof(uint16_t));
+    return bf16_load(padded);
 }
 
-/* All M rows of x against RR weight rows starting at w (output columns starting at y / c). */
-static inline __attribute__((always_inline)) void weight_tile(
-    const float *x, int64_t ldx, const float *w, int64_t ldw, const float *c, int64_t ldc, float *y,
-    int64_t ldy, int64_t M, int64_t K, float alpha, int RR) {
-    int64_t m = 0;
-    for (; m + TILE_X <= M; m += TILE_X)
-        tile(x + m * ldx, ldx, w, ldw, c ? c + m * ldc : c, ldc, y + m * ldy, ldy, K, alpha, TILE_X, RR);
-    switch (M - m) {
-    case 3: tile(x + m * ldx, ldx, w, ldw, c ? c + m * ldc : c, ldc, y + m * ldy, ldy, K, alpha, 3, RR); break;
-    case 2: tile(x + m * ldx, ldx, w, ldw, c ? c + m * ldc : c, ldc, y + m * ldy, ldy, K, alpha, 2, RR); break;
-    case 1: tile(x + m * ldx, ldx, w, ldw, c ? c + m * ldc : c, ldc, y + m * ldy, ldy, K, alpha, 1, RR); break;
-    default: break;
-    }
-}
-
-void engram_decode_gemm(const float *x, int64_t ldx, const float *w, int64_t ldw, const float *c, int64_t ldc,
-                        float *y, int64_t ldy, int64_t M, int64_t N, int64_t K, float alpha, int nthreads) {
-    int64_t tiles = N / TILE_ROWS;
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && tiles > 1)
-    {
-#pragma omp for schedule(static) nowait
-        for (int64_t t = 0; t < tiles; t++) {
-            int64_t n = t * TILE_ROWS;
-            weight_tile(x, ldx, w + n * ldw, ldw, c ? c + n : c, ldc, y + n, ldy, M, K, alpha, TILE_ROWS);
-        }
-#pragma omp single nowait
-        for (int64_t n = tiles * TILE_ROWS; n < N; n++) /* the last N % 4 weight rows, one at a time */
-            weight_tile(x, ldx, w + n * ldw, ldw, c ? c + n : c, ldc, y + n, ldy, M, K, alpha, 1);
-    }
-}
+#define SFX bf16
+#define ELEM uint16_t
+#define STEP BF16_STEP
+#define OPND bf16_operand
+#define OLOAD(p) bf16_load(p)
+#define OLOAD_PART(p, n) bf16_load_part(p, n)
+#define OMAC(a, b, acc) bf16_mac(a, b, acc)
+#include "decode_gemm_tile.h"
+#undef SFX
+#undef ELEM
+#undef STEP
+#undef OPND
+#undef OLOAD
+#undef OLOAD_PART
+#undef OMAC
 
 void engram_grouped_decode_gemm(const float *x, int64_t ldx, const int64_t *offsets, int64_t groups, const float *w,
                                 int64_t group_stride, int64_t ldw, float *y, int64_t ldy, int64_t N, int64_t K,
@@ -137,9 +140,9 @@ void engram_grouped_decode_gemm(const float *x, int64_t ldx, const int64_t *offs
             for (int64_t t = first; t < last; t++) {
                 int64_t n = t * TILE_ROWS;
                 if (n + TILE_ROWS <= N) {
-                    weight_tile(xg, ldx, wg + n * ldw, ldw, 0, 0, yg + n, ldy, M, K, 1.0f, TILE_ROWS);
+                    weight_tile_f32(xg, ldx, wg + n * ldw, ldw, 0, 0, yg + n, ldy, M, K, 1.0f, TILE_ROWS);
                 } else {
-                    for (; n < N; n++) weight_tile(xg, ldx, wg + n * ldw, ldw, 0, 0, yg + n, ldy, M, K, 1.0f, 1);
+                    for (; n < N; n++) weight_tile_f32(xg, ldx, wg + n * ldw, ldw, 0, 0, yg + n, ldy, M, K, 1.0f, 1);
                 }
             }
         }
@@ -148,17 +151,9 @@ void engram_grouped_decode_gemm(const float *x, int64_t ldx, const int64_t *offs
 
 #else
 
-void engram_grouped_decode_gemm(const float *x, int64_t ldx, const int64_t *offsets, int64_t groups, const float *w,
-                                int64_t group_stride, int64_t ldw, float *y, int64_t ldy, int64_t N, int64_t K,
-                                int nthreads) {
-    (void)x; (void)ldx; (void)offsets; (void)groups; (void)w; (void)group_stride; (void)ldw; (void)y; (void)ldy;
-    (void)N; (void)K; (void)nthreads;
-}
-
-void engram_decode_gemm(const float *x, int64_t ldx, const float *w, int64_t ldw, const float *c, int64_t ldc,
-                        float *y, int64_t ldy, int64_t M, int64_t N, int64_t K, float alpha, int nthreads) {
-    (void)x; (void)ldx; (void)w; (void)ldw; (void)c; (void)ldc; (void)y; (void)ldy;
-    (void)M; (void)N; (void)K; (void)alpha; (void)nthreads;
-}
+/* No kernel on this CPU: engram_decode_gemm_isa() returns 0 and callers never reach these. */
+void engram_grouped_decode_gemm(void) {}
+void engram_decode_gemm_f32(void) {}
+void engram_decode_gemm_bf16(void) {}
 
 #endif

@@ -30,6 +30,7 @@ import torch  # noqa: F401  (loads torch's libgomp first, so the kernels share i
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_gemm.c")
+HEADERS = (Path(__file__).with_name("decode_gemm_tile.h"),)  # included by SOURCE: part of the build key
 CACHE_ENV = "ENGRAM_KERNEL_CACHE"
 COMPILER_ENV = "CC"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
@@ -101,9 +102,9 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.engram_decode_gemm_isa.restype = ctypes.c_int
     lib.engram_decode_gemm_isa.argtypes = []
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.engram_decode_gemm.restype = None
-    lib.engram_decode_gemm.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, ctypes.c_float,
-                                       ctypes.c_int]
+    for gemm in (lib.engram_decode_gemm_f32, lib.engram_decode_gemm_bf16):
+        gemm.restype = None
+        gemm.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
     lib.engram_grouped_decode_gemm.restype = None
     lib.engram_grouped_decode_gemm.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, ctypes.c_int]
     return lib
@@ -120,7 +121,7 @@ def load() -> ctypes.CDLL | None:
     if compiler is None:
         _reason = "no C compiler (set CC, or install gcc)"
         return None
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in (SOURCE, *HEADERS))
     target = cache_dir() / f"decode_gemm-{_build_key(compiler, source)}.so"
     try:
         if target.exists():

@@ -76,11 +76,15 @@ def _packed_weight_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return packed_weight
 
 
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def native_kernel_takes(x: torch.Tensor, rows: int, weight: torch.Tensor) -> bool:
     """Whether the C decode kernels (`kernels.cpu_decode`) may run `rows` rows of x against weight
-    ([out, in], or a stack [G, out, in]) here: fp32 CPU operands, output-major weights (unit stride along
-    in), no gradient wanted, 1 to `native_max_rows` rows (`layers.cpu_gemm`), and the kernels built here."""
-    if weight.dtype != torch.float32 or x.dtype != torch.float32 or weight.stride(-1) != 1:
+    ([out, in], or a stack [G, out, in]) here: CPU operands, both fp32 or both bf16, output-major weights
+    (unit stride along in), no gradient wanted, 1 to `native_max_rows` rows (`layers.cpu_gemm`), and the
+    kernels built here."""
+    if x.dtype != weight.dtype or weight.dtype not in _NATIVE_DTYPES or weight.stride(-1) != 1:
         return False
     if not 0 < rows <= cpu_gemm_preferences().native_max_rows or x.is_cuda or weight.is_cuda:
         return False
@@ -96,7 +100,7 @@ def _native_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if weight.dim() != 2 or not native_kernel_takes(x, rows, weight):
         return 0
     if cpu_gemm_preferences().tune_native:
-        key = ("native", *weight.shape, row_bucket(rows))
+        key = ("native", *weight.shape, weight.dtype, row_bucket(rows))
         if not choice_wins(key, lambda: (lambda: _library_linear(x, weight, bias),
                                          lambda: _native_linear(x, weight, bias))):
             return 0
@@ -104,7 +108,8 @@ def _native_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def _native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear through the C decode kernel. x [..., in] fp32; weight [out, in] output-major -> [..., out]."""
+    """F.linear through the C decode kernel. x [..., in] and weight [out, in] (output-major), both fp32 or
+    both bf16 -> [..., out]."""
     x2d = x.reshape(-1, x.shape[-1])
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()

@@ -167,8 +167,9 @@ class MoE(nn.Module):
         operands with as many rows as the busiest expert has (`native_kernel_takes`), and on this host it beat
         the per-expert loop for this stack shape and that row count (`layers.cpu_gemm.choice_wins`)."""
         busiest = max(counts)
-        if not (native_kernel_takes(sorted_x, busiest, gate_up) and native_kernel_takes(sorted_x, busiest, down)):
-            return False
+        if gate_up.dtype != torch.float32 or not (native_kernel_takes(sorted_x, busiest, gate_up)
+                                                  and native_kernel_takes(sorted_x, busiest, down)):
+            return False  # the grouped kernel is fp32 only
         if not cpu_gemm_preferences().tune_native:
             return True
         key = ("native experts", *gate_up.shape, *down.shape[1:], row_bucket(busiest))

@@ -53,6 +53,23 @@ def test_decode_gemm_equals_float64_for_every_tail(rows, out_features, in_featur
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [1, 4, 6])
+@pytest.mark.parametrize("out_features,in_features", [(1, 1), (5, 31), (33, 100), (768, 768), (9, 64)])
+def test_bf16_decode_gemm_accumulates_in_fp32_and_rounds_once(rows, out_features, in_features):
+    g = torch.Generator().manual_seed(rows * 7 + out_features + in_features)
+    x = torch.randn(rows, in_features, generator=g).bfloat16()
+    weight = torch.randn(out_features, in_features, generator=g).bfloat16()
+    bias = torch.randn(out_features, generator=g)
+    got = decode_gemm(x, weight, bias, alpha=0.5)
+    assert got.dtype == torch.bfloat16
+    exact = _expected(x, weight, bias, 0.5)  # the bf16 values, multiplied and summed in float64
+    torch.testing.assert_close(got.double(), exact, rtol=8e-3, atol=1e-5 * in_features ** 0.5 + 8e-3)
+    out = torch.empty(rows, out_features, dtype=torch.bfloat16)
+    assert decode_gemm(x, weight, bias, alpha=0.5, out=out) is out
+    assert torch.equal(out, got)
+
+
+@needs_kernel
 def test_bias_row_accumulate_in_place_alpha_and_strided_operands():
     g = torch.Generator().manual_seed(7)
     wide_x = torch.randn(6, 200, generator=g)
@@ -101,8 +118,12 @@ def test_empty_operands_give_empty_or_addend_results():
 @needs_kernel
 def test_operands_the_kernel_does_not_take_are_refused_with_their_shapes():
     x, weight = torch.randn(2, 16), torch.randn(8, 16)
-    with pytest.raises(ValueError, match="fp32 CPU"):
-        decode_gemm(x.bfloat16(), weight.bfloat16())
+    with pytest.raises(ValueError, match="both fp32 or both bf16"):
+        decode_gemm(x.half(), weight.half())
+    with pytest.raises(ValueError, match="both fp32 or both bf16"):
+        decode_gemm(x.bfloat16(), weight)
+    with pytest.raises(ValueError, match="out must be torch.bfloat16"):
+        decode_gemm(x.bfloat16(), weight.bfloat16(), out=torch.empty(2, 8))
     with pytest.raises(ValueError, match=r"\[2, 12\]"):
         decode_gemm(torch.randn(2, 12), weight)
     with pytest.raises(ValueError, match="strides"):

@@ -69,13 +69,27 @@ def test_other_products_keep_the_library_kernels(spy):
     with torch.inference_mode():
         linear(torch.randn(9, 80, generator=g), weight)  # more rows than native_max_rows
         linear(torch.randn(2, 80, generator=g), weight.t().contiguous().t())  # input-major weight
-        linear(torch.randn(2, 80, generator=g).bfloat16(), weight.bfloat16())
+        linear(torch.randn(2, 80, generator=g).half(), weight.half())  # fp16: no kernel for it
     assert spy.calls == 0
     trained = weight.clone().requires_grad_()
     x = torch.randn(2, 80, generator=g)
     linear(x, trained).sum().backward()  # a gradient is wanted: torch's kernel, and the gradient is right
     torch.testing.assert_close(trained.grad, x.sum(0).expand(96, 80))
     assert spy.calls == 0
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_bf16_rows_take_the_kernel_and_round_once_like_torch(spy, rows):
+    g = _gen(rows + 40)
+    weight = torch.randn(200, 136, generator=g).bfloat16()
+    x = torch.randn(rows, 136, generator=g).bfloat16()
+    with torch.inference_mode():
+        got = linear(x, weight)
+        accumulated = linear_accumulate(got, x, weight, 0.5)
+    assert got.dtype == torch.bfloat16 and spy.calls == 2
+    exact = x.double() @ weight.double().t()
+    torch.testing.assert_close(got.double(), exact, rtol=8e-3, atol=8e-3)  # one bf16 rounding of an fp32 sum
+    torch.testing.assert_close(accumulated.double(), got.double() + 0.5 * exact, rtol=1.6e-2, atol=1.6e-2)
 
 
 def test_linear_accumulate_is_out_plus_alpha_times_the_product(spy):
@@ -99,8 +113,8 @@ def test_the_measured_mode_takes_the_kernel_only_per_shape_and_row_bucket_it_won
             with torch.inference_mode():
                 torch.testing.assert_close(linear(x, weight).double(), x.double() @ weight.double().t(),
                                            rtol=1e-5, atol=1e-5)
-        assert {key for key in cpu_gemm._choices if key[0] == "native"} == {("native", 96, 80, 1),
-                                                                             ("native", 96, 80, 2)}
+        assert {key for key in cpu_gemm._choices if key[0] == "native"} == {("native", 96, 80, torch.float32, 1),
+                                                                             ("native", 96, 80, torch.float32, 2)}
     finally:
         set_cpu_gemm_preferences(PINNED_CPU_GEMM)
         cpu_gemm._choices.clear()
