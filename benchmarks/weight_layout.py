@@ -8,7 +8,7 @@ prints the evidence, in two parts, same weights, one process:
 1. Per shape: for each distinct GEMM shape of the DeepSeek-V3-shaped benchmark model, at 1, 4 and 16
    rows in fp32, the product as x @ W^T (torch's default) and as (W @ x^T)^T, with the weight in either
    order, and through the weight's oneDNN-packed copy; in bf16 at one row the engine's GEMV in either
-   order and the packed kernel; in fp32 also our C decode kernel (`kernels.cpu_decode`) on the
+   order and the packed kernel; in both also our C decode kernel (`kernels.cpu_decode`) on the
    output-major weight. Every call reads a different copy of the weight (copies add up to more
    than the caches), as a decode step does. Also the 256 MiB matrix-vector product `decode.py` uses for
    the bandwidth roofline, in both orders.
@@ -74,9 +74,9 @@ def _packed(x, w):
 def shape_seconds(out_features: int, in_features: int, rows: int, trials: int,
                   dtype: torch.dtype = torch.float32) -> dict[tuple[str, str], float]:
     """Median seconds per product of [rows, in] with an [out, in] weight in dtype, per (form, memory order).
-    fp32: forms x @ W^T and (W @ x^T)^T, and our C decode kernel as ("C kernel", "output-major") where it
-    builds (`kernels.cpu_decode`); bf16: the engine's one-row GEMV (`layers.linear`); both: the
-    oneDNN-packed kernel, as ("packed", "packed") where this torch has it (`layers.packed_gemm`)."""
+    fp32: forms x @ W^T and (W @ x^T)^T; bf16: the engine's one-row GEMV (`layers.linear`); both: the
+    oneDNN-packed kernel, as ("packed", "packed") where this torch has it (`layers.packed_gemm`), and our C
+    decode kernel as ("C kernel", "output-major") where it builds (`kernels.cpu_decode`)."""
     from kernels.cpu_decode import decode_gemm_available
     from model_worker.layers import packed_gemm
 
@@ -91,7 +91,7 @@ def shape_seconds(out_features: int, in_features: int, rows: int, trials: int,
     if "packed" in weights[0]:
         forms["packed"] = _packed
         samples[("packed", "packed")] = []
-    if dtype == torch.float32 and decode_gemm_available():
+    if decode_gemm_available():
         forms["C kernel"] = _c_kernel
         samples[("C kernel", "output-major")] = []
     for _ in range(trials):
@@ -218,14 +218,16 @@ def main() -> None:
             label = best[0] if best[0] in ("packed", "C kernel") else \
                 f"{'x@W^T' if best[0] == 'x @ W^T' else '(W@x^T)^T'} {best[1][:-6]}"
             print(f"{f'[{out_f}, {in_f}]':>18}{rows:>6}{cells}{vs:>22}{c_vs:>26}  {label:<18}{', '.join(kinds)}")
-    print("bf16, one row: the engine's unpacked GEMV in either order, and the packed kernel:")
+    print("bf16, one row: the engine's unpacked GEMV in either order, the packed kernel and our C kernel:")
     for (out_f, in_f), kinds in decode_gemm_shapes(arranged).items():
         t = shape_seconds(out_f, in_f, 1, trials, torch.bfloat16)
         out_us, in_us = t[("GEMV", "output-major")] * 1e6, t[("GEMV", "input-major")] * 1e6
         packed_us = t[("packed", "packed")] * 1e6 if ("packed", "packed") in t else float("nan")
+        c_us = t[("C kernel", "output-major")] * 1e6 if ("C kernel", "output-major") in t else float("nan")
         print(f"{f'[{out_f}, {in_f}]':>18}{1:>6}  output-major {out_us:.1f} us, input-major {in_us:.1f} us "
               f"({in_us / out_us:.2f}x as long), packed {packed_us:.1f} us ({out_us / packed_us:.2f}x faster than "
-              f"output-major)  {', '.join(kinds)}")
+              f"output-major), C kernel {c_us:.1f} us ({packed_us / c_us:.2f}x faster than packed)  "
+              f"{', '.join(kinds)}")
     bw = bandwidth_by_order(trials)
     print("256 MiB fp32 matrix-vector product (decode.py's bandwidth probe): "
           + ", ".join(f"{name} {value:.1f} GB/s" for name, value in bw.items()))

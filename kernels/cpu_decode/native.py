@@ -82,12 +82,12 @@ def _build_key(compiler: str, source: bytes) -> str:
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
 
 
-def _compile(compiler: str, target: Path) -> None:
+def _compile(compiler: str, target: Path, flags: tuple[str, ...] = FLAGS) -> None:
     """Compile SOURCE into target (atomically: a temporary file renamed into place)."""
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
@@ -95,6 +95,16 @@ def _compile(compiler: str, target: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def build_for(march: str, target: Path) -> ctypes.CDLL:
+    """Build the kernels for another -march than this CPU's (tests run each ISA path of the source on a CPU
+    that has them all) into target and load it, bypassing the cache. Raises RuntimeError if that fails."""
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler")
+    _compile(compiler, target, tuple(f"-march={march}" if flag == "-march=native" else flag for flag in FLAGS))
+    return _open(target)
 
 
 def _open(path: Path) -> ctypes.CDLL:

@@ -168,6 +168,31 @@ def test_grouped_decode_gemm_refuses_bad_offsets_and_weights():
         grouped_decode_gemm(x, [0, 5], weight[0])
 
 
+_CPU_FLAGS = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+
+
+@needs_kernel
+@pytest.mark.parametrize("march,isa,needs", [("haswell", 256, {"avx2", "fma"}),
+                                             ("skylake-avx512", 512, {"avx512f", "avx512bw"}),
+                                             ("cooperlake", 512, {"avx512f", "avx512bw", "avx512_bf16"})])
+def test_every_isa_path_of_the_source_computes_the_same_products(tmp_path, march, isa, needs):
+    """AVX2, AVX-512 without bf16 instructions (bf16 widened to fp32) and AVX-512 with vdpbf16ps, each built
+    for its -march and run here, where the CPU has them."""
+    if not needs <= _CPU_FLAGS:
+        pytest.skip(f"this CPU lacks {sorted(needs - _CPU_FLAGS)}")
+    lib = native.build_for(march, tmp_path / f"{march}.so")
+    assert lib.engram_decode_gemm_isa() == isa
+    g = torch.Generator().manual_seed(5)
+    for dtype, gemm, tol in ((torch.float32, lib.engram_decode_gemm_f32, 1e-4),
+                             (torch.bfloat16, lib.engram_decode_gemm_bf16, 8e-3)):
+        x = torch.randn(5, 77, generator=g).to(dtype)
+        weight = torch.randn(38, 77, generator=g).to(dtype)
+        y = torch.empty(5, 38)
+        gemm(x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), None, 0, y.data_ptr(), y.stride(0),
+             5, 38, 77, 1.0, 2)
+        torch.testing.assert_close(y.double(), _expected(x, weight), rtol=tol, atol=tol)
+
+
 def _load_in_subprocess(tmp_path: Path, **env) -> subprocess.CompletedProcess:
     code = ("from kernels.cpu_decode import native\n"
             "lib = native.load()\n"
