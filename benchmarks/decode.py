@@ -280,7 +280,10 @@ def main() -> None:
         if concurrency > 1:
             print(f"at {concurrency} concurrent: 3x transformers = {3 * theirs:.0f} tok/s; GEMM ceiling {floor:.0f}; "
                   f"memory bound {bound[concurrency]:.0f}; compute bound {compute_bound:.0f}")
+    from model_worker.layers.cpu_gemm import cpu_gemm_preferences
     from model_worker.layers.packed_gemm import packed_bytes
+
+    print(f"this process's CPU kernel choices (layers.cpu_gemm): {cpu_gemm_preferences()}")
 
     print(f"peak RSS: {peak_rss_mib():.0f} MiB (whole process: both models, caches); of it, oneDNN-packed weight "
           f"copies (layers.packed_gemm): {packed_bytes() / 2**20:.0f} MiB")

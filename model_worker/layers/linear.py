@@ -1,6 +1,8 @@
 """Linear layer whose weight is either float or FP8 e4m3 with DeepSeek 128x128 block scales.
 
-Float mode is `F.linear`. FP8 mode keeps a checkpoint's e4m3 weight [out, in] and its
+Float mode is `F.linear`, run on CPU by whichever kernel this host measured fastest for the shape and
+row count: our C decode kernel (`kernels.cpu_decode`), oneDNN with a packed weight (`layers.packed_gemm`)
+or torch's own, in the product form `layers.cpu_gemm` chose. FP8 mode keeps a checkpoint's e4m3 weight [out, in] and its
 `weight_scale_inv` [ceil(out/128), ceil(in/128)] (the real weight is each 128x128 block times its
 scale) and runs `kernels.gemm.fp8_linear`, which quantizes activations per token per 128 channels.
 This module does not quantize weights (`kernels.quant` does) and does not read checkpoints
@@ -117,8 +119,8 @@ def _native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, on CPU through the C decode kernel for a few fp32 rows where it wins here (`_native_rows`),
-    else `_library_linear`. x [..., in]; weight [out, in] -> [..., out]."""
+    """F.linear, on CPU through the C decode kernel for a few fp32 or bf16 rows where it wins here
+    (`_native_rows`), else `_library_linear`. x [..., in]; weight [out, in] -> [..., out]."""
     if _native_rows(x, weight, bias):
         return _native_linear(x, weight, bias)
     return _library_linear(x, weight, bias)
