@@ -2,9 +2,9 @@
 
 The source is compiled once per (source, compiler, CPU) with -O3 -march=native -fopenmp into a shared
 library in a cache directory, then loaded with ctypes (whose calls release the GIL). Nothing is
-shipped pre-built: -march=native needs the CPU it runs on. Without a C compiler, on a CPU without
-AVX2/FMA or AVX-512, or if the build fails, `load()` returns None with the reason in `unavailable_reason()`
-and callers keep torch's kernels.
+shipped pre-built: -march=native needs the CPU it runs on. Without a C compiler ($CC, else cc, then
+gcc if cc fails), on a CPU without AVX2/FMA or AVX-512, or if the build fails, `load()` returns None
+with the reason in `unavailable_reason()` and callers keep torch's kernels.
 
 Cache: $ENGRAM_KERNEL_CACHE, else $XDG_CACHE_HOME/engram-runtime/kernels, else
 ~/.cache/engram-runtime/kernels (a temporary directory if none is writable). The file name carries a hash
@@ -58,9 +58,12 @@ def cache_dir() -> Path:
         return Path(tempfile.mkdtemp(prefix="engram-kernels-"))
 
 
-def _compiler() -> str | None:
-    name = os.environ.get(COMPILER_ENV) or "cc"
-    return shutil.which(name) or shutil.which("gcc")
+def _compilers() -> list[str]:
+    """$CC if set, else cc and gcc (a cc that cannot build OpenMP code, e.g. clang without libomp, falls
+    back to gcc): the paths found, without repeats."""
+    names = [os.environ[COMPILER_ENV]] if os.environ.get(COMPILER_ENV) else ["cc", "gcc"]
+    found = [shutil.which(name) for name in names]
+    return list(dict.fromkeys(path for path in found if path))
 
 
 def _cpu_identity() -> str:
@@ -100,10 +103,10 @@ def _compile(compiler: str, target: Path, flags: tuple[str, ...] = FLAGS) -> Non
 def build_for(march: str, target: Path) -> ctypes.CDLL:
     """Build the kernels for another -march than this CPU's (tests run each ISA path of the source on a CPU
     that has them all) into target and load it, bypassing the cache. Raises RuntimeError if that fails."""
-    compiler = _compiler()
-    if compiler is None:
+    compilers = _compilers()
+    if not compilers:
         raise RuntimeError("no C compiler")
-    _compile(compiler, target, tuple(f"-march={march}" if flag == "-march=native" else flag for flag in FLAGS))
+    _compile(compilers[0], target, tuple(f"-march={march}" if flag == "-march=native" else flag for flag in FLAGS))
     return _open(target)
 
 
@@ -120,6 +123,18 @@ def _open(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def _cached_or_built(compiler: str, target: Path) -> ctypes.CDLL:
+    """The library at target, compiled first if it is missing or does not load (a damaged cache entry)."""
+    if target.exists():
+        try:
+            return _open(target)
+        except (OSError, AttributeError) as exc:
+            log.warning("rebuilding %s: %s", target, exc)
+            target.unlink(missing_ok=True)
+    _compile(compiler, target)
+    return _open(target)
+
+
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The built library (compiled on first use), or None where the kernels cannot run here."""
@@ -127,27 +142,20 @@ def load() -> ctypes.CDLL | None:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         _reason = f"no kernel for {platform.machine()} (x86-64 AVX2/AVX-512 only)"
         return None
-    compiler = _compiler()
-    if compiler is None:
+    compilers = _compilers()
+    if not compilers:
         _reason = "no C compiler (set CC, or install gcc)"
         return None
     source = b"\0".join(path.read_bytes() for path in (SOURCE, *HEADERS))
-    target = cache_dir() / f"decode_gemm-{_build_key(compiler, source)}.so"
-    try:
-        if target.exists():
-            try:
-                lib = _open(target)
-            except (OSError, AttributeError) as exc:  # a damaged cache entry: build it again
-                log.warning("rebuilding %s: %s", target, exc)
-                target.unlink(missing_ok=True)
-                lib = None
-        else:
-            lib = None
-        if lib is None:
-            _compile(compiler, target)
-            lib = _open(target)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        _reason = f"could not build {SOURCE.name}: {exc}"
+    failures = []
+    for compiler in compilers:
+        try:
+            lib = _cached_or_built(compiler, cache_dir() / f"decode_gemm-{_build_key(compiler, source)}.so")
+            break
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            failures.append(f"{compiler}: {exc}")
+    else:
+        _reason = f"could not build {SOURCE.name}: {'; '.join(failures)}"
         log.warning("CPU decode kernels unavailable, using torch's: %s", _reason)
         return None
     if lib.engram_decode_gemm_isa() == 0:

@@ -29,7 +29,7 @@ needs_kernel = pytest.mark.skipif(not decode_gemm_available(), reason=f"no C ker
 
 def test_the_kernel_builds_wherever_a_compiler_and_avx2_are_present():
     """Guards the skips below: on an x86-64 machine with gcc and AVX2 the kernel must really build."""
-    if HOST_HAS_KERNEL_ISA and native._compiler():
+    if HOST_HAS_KERNEL_ISA and native._compilers():
         assert decode_gemm_available(), native.unavailable_reason()
 
 
@@ -222,3 +222,16 @@ def test_a_failing_compiler_leaves_the_kernel_unavailable_with_the_reason(tmp_pa
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("NONE") and "could not build" in done.stdout
     assert not list(tmp_path.glob("*.so"))
+
+
+@needs_kernel
+def test_a_cc_that_cannot_build_falls_back_to_gcc(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "cc").write_text("#!/bin/sh\necho 'no OpenMP here' >&2\nexit 1\n")
+    (fake / "cc").chmod(0o755)
+    env = {key: value for key, value in os.environ.items() if key != "CC"}
+    code = "from kernels.cpu_decode import native\nprint('OK' if native.load() else native.unavailable_reason())\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**env, "PATH": f"{fake}:{env['PATH']}", "ENGRAM_KERNEL_CACHE": str(tmp_path / "cache")})
+    assert done.stdout.startswith("OK"), done.stdout + done.stderr
