@@ -97,11 +97,15 @@ def native_kernel_takes(x: torch.Tensor, rows: int, weight: torch.Tensor) -> boo
 
 def _native_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
     """Rows of x if `linear` should run it through the C decode kernel, else 0: the kernel takes the operands
-    (`native_kernel_takes`) and on this host it won for this weight shape and row count (`layers.cpu_gemm`)."""
+    (`native_kernel_takes`) and on this host it won for this weight shape, dtype and row count
+    (`layers.cpu_gemm`). One fp32 row is not timed per shape: the host measurement enabled the kernel on
+    exactly that, with weights read from memory as in decode, while `choice_wins` repeats the same operands,
+    which then come from the caches and favour other kernels (in a throwaway A/B at batch 1, timing it per
+    shape made decode slower)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if weight.dim() != 2 or not native_kernel_takes(x, rows, weight):
         return 0
-    if cpu_gemm_preferences().tune_native:
+    if cpu_gemm_preferences().tune_native and (rows > 1 or weight.dtype != torch.float32):
         key = ("native", *weight.shape, weight.dtype, row_bucket(rows))
         if not choice_wins(key, lambda: (lambda: _library_linear(x, weight, bias),
                                          lambda: _native_linear(x, weight, bias))):

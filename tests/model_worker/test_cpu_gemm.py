@@ -61,7 +61,11 @@ def test_packed_weights_give_the_same_products_whatever_the_host_chooses_and_cho
     prefs = cpu_gemm.cpu_gemm_preferences()
     packed_keys = {key for key in cpu_gemm._choices if key[0] == "packed"}
     if prefs.pack_weights:
-        assert packed_keys == {("packed", 160, 48, torch.float32, bucket) for bucket in (1, 2, 16)}
+        # One fp32 row goes to the C kernel untimed where the host measurement enabled it (layers.linear).
+        from kernels.cpu_decode import decode_gemm_available
+
+        buckets = (2, 16) if prefs.native_max_rows and decode_gemm_available() else (1, 2, 16)
+        assert packed_keys == {("packed", 160, 48, torch.float32, bucket) for bucket in buckets}
     else:
         assert not packed_keys  # packing measured slower here: never timed per shape, never used
 
