@@ -68,13 +68,6 @@ int engram_decode_gemm_isa(void) { return ENGRAM_ISA; }
 #define OLOAD_PART(p, n) vload_part(p, n)
 #define OMAC(a, b, acc) vfma(a, b, acc)
 #include "decode_gemm_tile.h"
-#undef SFX
-#undef ELEM
-#undef STEP
-#undef OPND
-#undef OLOAD
-#undef OLOAD_PART
-#undef OMAC
 
 /* bf16 (raw uint16 bits): with AVX512_BF16, 32 elements per step as pairwise dot products into fp32
  * (vdpbf16ps); else 16 or 8 elements widened to fp32 (a bf16 is the top half of an fp32) and FMA'd. */
@@ -116,13 +109,6 @@ static inline bf16_operand bf16_load_part(const uint16_t *p, int n) { /* n < BF1
 #define OLOAD_PART(p, n) bf16_load_part(p, n)
 #define OMAC(a, b, acc) bf16_mac(a, b, acc)
 #include "decode_gemm_tile.h"
-#undef SFX
-#undef ELEM
-#undef STEP
-#undef OPND
-#undef OLOAD
-#undef OLOAD_PART
-#undef OMAC
 
 void engram_grouped_decode_gemm(const float *x, int64_t ldx, const int64_t *offsets, int64_t groups, const float *w,
                                 int64_t group_stride, int64_t ldw, float *y, int64_t ldy, int64_t N, int64_t K,

@@ -24,6 +24,14 @@ def decode_gemm_ref(x: torch.Tensor, weight: torch.Tensor, addend: torch.Tensor 
     return y if addend is None else addend + y
 
 
+def _kernels(op: str) -> ctypes.CDLL:
+    """The built library, or RuntimeError naming op and why the kernels are unavailable here."""
+    lib = native.load()
+    if lib is None:
+        raise RuntimeError(f"{op} kernel unavailable: {native.unavailable_reason()}")
+    return lib
+
+
 def decode_gemm_available() -> bool:
     """Whether the C kernel runs here (built on first call; see `native.unavailable_reason`)."""
     return native.load() is not None
@@ -48,9 +56,7 @@ def decode_gemm(x: torch.Tensor, weight: torch.Tensor, addend: torch.Tensor | No
     unit column stride; it may be `out`) or a [N] row added to every row, fp32 or x's dtype; out [M, N] in
     x's dtype to write into (a new tensor if None). Raises RuntimeError where the kernel is unavailable and
     ValueError for operands it does not take."""
-    lib = native.load()
-    if lib is None:
-        raise RuntimeError(f"decode_gemm kernel unavailable: {native.unavailable_reason()}")
+    lib = _kernels("decode_gemm")
     if not decode_gemm_supports(x, weight):
         raise ValueError(f"decode_gemm takes CPU x [M, K] and weight [N, K], both fp32 or both bf16, with unit stride "
                          f"along K and no gradient; got x {x.dtype} {list(x.shape)} strides {x.stride()}, weight "
@@ -97,9 +103,7 @@ def grouped_decode_gemm(x: torch.Tensor, offsets: list[int], weight: torch.Tenso
     """`grouped_decode_gemm_ref` through the C kernel, all groups in one call (a MoE layer's experts):
     x [P, K] fp32 with unit stride along K; offsets: G + 1 non-decreasing ints from 0 to P; weight
     [G, N, K] fp32 with unit stride along K (a stack of output-major weights) -> [P, N]."""
-    lib = native.load()
-    if lib is None:
-        raise RuntimeError(f"grouped_decode_gemm kernel unavailable: {native.unavailable_reason()}")
+    lib = _kernels("grouped_decode_gemm")
     if weight.dim() != 3 or not decode_gemm_supports(x, weight[0] if weight.shape[0] else weight.view(0, 0)):
         raise ValueError(f"grouped_decode_gemm takes fp32 CPU x [P, K] and weight [G, N, K] with unit stride "
                          f"along K and no gradient; got x {x.dtype} {list(x.shape)} strides {x.stride()}, weight "

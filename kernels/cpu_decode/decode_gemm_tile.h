@@ -3,7 +3,7 @@
  * Before including, define: SFX (name suffix), ELEM (element type of x and w), STEP (elements of K per
  * step), OPND (the operand type a step loads), OLOAD(p) and OLOAD_PART(p, n) (a step's operand from STEP or
  * the last n < STEP elements), OMAC(a, b, acc) (acc += a * b over the step, fp32 accumulation into vec).
- * Defines tile_SFX, weight_tile_SFX and the exported engram_decode_gemm_SFX:
+ * Defines tile_SFX, weight_tile_SFX and the exported engram_decode_gemm_SFX, then undefines the parameters:
  *     y[m, n] = (c ? c[m, n] : 0) + alpha * sum_k x[m, k] * w[n, k]   (y and c fp32)
  */
 #define ENGRAM_CAT2(a, b) a##_##b
@@ -78,3 +78,11 @@ void NAMED(engram_decode_gemm)(const ELEM *x, int64_t ldx, const ELEM *w, int64_
 #undef NAMED
 #undef ENGRAM_CAT
 #undef ENGRAM_CAT2
+/* The parameters too, so that the next inclusion defines its own. */
+#undef SFX
+#undef ELEM
+#undef STEP
+#undef OPND
+#undef OLOAD
+#undef OLOAD_PART
+#undef OMAC

@@ -123,13 +123,12 @@ class MoE(nn.Module):
         # The C kernel's grouped GEMM where it takes every expert's rows and wins here; else, when most experts
         # have tokens, one grouped GEMM per projection over the stacked weights, unless the experts are packed
         # (`layers.packed_gemm`), where one packed GEMM per expert with tokens beats it.
-        grouped = stacked and len(order) >= len(counts) and grouped_mm_available(flat, gate_up, down) \
-            and packed(self._stacked_gate_up.per_group()[0][0]) is None
         per_expert = counts.tolist() if stacked else []
         sorted_x = flat[token] if stacked else flat  # [N*k, D] each pair's token row, sorted by expert
         if stacked and self._native_experts_win(sorted_x, per_expert, gate_up, down):
             expert_out = self._native_experts(sorted_x, per_expert, gate_up, down)
-        elif grouped:
+        elif stacked and len(order) >= len(counts) and grouped_mm_available(flat, gate_up, down) \
+                and packed(self._stacked_gate_up.per_group()[0][0]) is None:
             hidden = _swiglu(grouped_linear(sorted_x, gate_up, counts))
             expert_out = grouped_linear(hidden, down, counts)  # [N*k, D]
         elif stacked:  # few tokens (decode) or packed experts: only the experts that have tokens

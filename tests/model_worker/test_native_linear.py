@@ -4,8 +4,6 @@ the same with it and without it. The conftest pins it on for up to 8 rows with n
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -17,32 +15,23 @@ from model_worker.layers.cpu_gemm import set_cpu_gemm_preferences
 from model_worker.layers.linear import linear, linear_accumulate
 from tests.conftest import PINNED_CPU_GEMM
 from tests.model_worker.engine.engine_fixtures import greedy, make_engine, random_prompt, run_to_completion, tiny_model
+from tests.model_worker.kernel_spies import Spy, pinned_cpu_gemm
 from tests.model_worker.test_fused_weights import _moe, _moe_reference
 
 pytestmark = pytest.mark.skipif(not decode_gemm_available(), reason="no C decode kernel on this machine")
 
 
-class _Spy:
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.fn(*args, **kwargs)
-
-
 @pytest.fixture
 def spy(monkeypatch):
-    spy = _Spy(linear_module.decode_gemm)
+    spy = Spy(linear_module.decode_gemm)
     monkeypatch.setattr(linear_module, "decode_gemm", spy)
     return spy
 
 
 @pytest.fixture
 def native_off():
-    set_cpu_gemm_preferences(dataclasses.replace(PINNED_CPU_GEMM, native_max_rows=0))
-    yield
-    set_cpu_gemm_preferences(PINNED_CPU_GEMM)
+    with pinned_cpu_gemm(native_max_rows=0):
+        yield
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -105,8 +94,7 @@ def test_linear_accumulate_is_out_plus_alpha_times_the_product(spy):
 
 
 def test_the_measured_mode_times_the_kernel_per_shape_and_row_bucket_beyond_one_fp32_row(spy):
-    set_cpu_gemm_preferences(dataclasses.replace(PINNED_CPU_GEMM, tune_native=True))
-    try:
+    with pinned_cpu_gemm(tune_native=True):
         weight = torch.randn(96, 80)
         for rows in (1, 3, 2):
             x = torch.randn(rows, 80)
@@ -119,9 +107,6 @@ def test_the_measured_mode_times_the_kernel_per_shape_and_row_bucket_beyond_one_
         with torch.inference_mode():
             linear(torch.randn(1, 80).bfloat16(), weight.bfloat16())  # bf16 is timed even at one row
         assert ("native", 96, 80, torch.bfloat16, 1) in cpu_gemm._choices
-    finally:
-        set_cpu_gemm_preferences(PINNED_CPU_GEMM)
-        cpu_gemm._choices.clear()
 
 
 def test_an_output_major_model_computes_the_same_logits_and_tokens_with_and_without_the_kernel(spy, native_off):
@@ -154,7 +139,7 @@ def test_moe_experts_run_in_two_grouped_kernel_calls_when_no_expert_has_more_row
     for fusion in (moe._stacked_gate_up, moe._stacked_down):
         fusion.input_major = False  # the order the kernel reads (arrange_weights does this where it wins)
         fusion.get()
-    calls = _Spy(moe_module.grouped_decode_gemm)
+    calls = Spy(moe_module.grouped_decode_gemm)
     monkeypatch.setattr(moe_module, "grouped_decode_gemm", calls)
     x = torch.randn(1, tokens, 64, generator=_gen(tokens))
     with torch.inference_mode():

@@ -8,7 +8,6 @@ that the C decode kernel takes, which these tests turn off).
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 
 import pytest
@@ -17,10 +16,9 @@ import torch
 from model_worker.layers import linear as linear_module
 from model_worker.layers import moe as moe_module
 from model_worker.layers import packed_gemm
-from model_worker.layers.cpu_gemm import set_cpu_gemm_preferences
 from model_worker.layers.linear import linear, linear_accumulate
-from tests.conftest import PINNED_CPU_GEMM
 from tests.model_worker.engine.engine_fixtures import tiny_model
+from tests.model_worker.kernel_spies import Spy, pinned_cpu_gemm
 from tests.model_worker.test_fused_weights import _moe, _moe_reference, _storage
 
 pytestmark = pytest.mark.skipif(not packed_gemm.packable(torch.zeros(2, 2)), reason="torch without oneDNN")
@@ -30,25 +28,13 @@ BF16 = packed_gemm.packable(torch.zeros(2, 2, dtype=torch.bfloat16))
 @pytest.fixture(autouse=True)
 def _packed_not_native():
     """These tests are about the packed kernel: keep the C decode kernel (which would take few rows) out."""
-    set_cpu_gemm_preferences(dataclasses.replace(PINNED_CPU_GEMM, native_max_rows=0))
-    yield
-    set_cpu_gemm_preferences(PINNED_CPU_GEMM)
-
-
-class _Spy:
-    """Counts calls to a function it forwards to."""
-
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.fn(*args, **kwargs)
+    with pinned_cpu_gemm(native_max_rows=0):
+        yield
 
 
 @pytest.fixture
 def spy(monkeypatch):
-    spy = _Spy(packed_gemm.packed_linear)
+    spy = Spy(packed_gemm.packed_linear)
     monkeypatch.setattr(linear_module, "packed_linear", spy)
     return spy
 
@@ -158,7 +144,7 @@ def test_packed_experts_run_one_packed_gemm_each_and_equal_the_definition(monkey
         fusion.get()
         for view in fusion.per_group()[0]:
             packed_gemm.pack(view)
-    grouped = _Spy(moe_module.grouped_linear)
+    grouped = Spy(moe_module.grouped_linear)
     monkeypatch.setattr(moe_module, "grouped_linear", grouped)
     x = torch.randn(1, tokens, 64, generator=_gen(tokens))
     with torch.inference_mode():
