@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from model_worker.config import ModelConfig
-from model_worker.layers import packed_gemm
+from model_worker.layers import packed_gemm, panel_packs
 from model_worker.layers.cpu_gemm import cpu_gemm_preferences
 from model_worker.layers.engram import EngramModule
-from model_worker.layers.fused import fusions_of
+from model_worker.layers.fused import StackedWeight, fusions_of
 from model_worker.layers.layout import arranged
 from model_worker.layers.linear import Linear, linear
 from model_worker.layers.mhc import HyperConnection, HyperHead, expand_to_streams
@@ -156,9 +156,10 @@ class CausalLM(nn.Module):
     def arrange_weights(self, input_major: bool = True, pack: bool = True) -> CausalLM:
         """Prepare every weight that decode runs as a GEMM for this host's kernels, building the weight
         fusions: store it in the memory order torch's kernels read fastest (`layers.layout`: input-major for
-        fp32 on CPU where out >= in), and, if `pack` and this host measured packing faster
-        (`layers.cpu_gemm`), keep a oneDNN-packed copy of it (`layers.packed_gemm`); pack=False releases
-        the packed copies. Values and `state_dict()` do not change; packing doubles the packed
+        fp32 on CPU where out >= in), and, if `pack`, keep a copy of it in the layout of the kernel this host
+        measured fastest (`layers.cpu_gemm`): panel-packed for our C panel kernel (`layers.panel_packs`; an
+        expert stack packed whole), else oneDNN-packed (`layers.packed_gemm`); pack=False releases the
+        copies. Values and `state_dict()` do not change; packing doubles the packed
         weights' memory. input_major=False stores them all output-major (nn.Linear's order; benchmarks
         compare the two). load_model and cast call this; call it again after moving or replacing weights
         by other means (it copies only weights not already in their order)."""
@@ -172,9 +173,24 @@ class CausalLM(nn.Module):
                     continue  # a tied head is the embedding table, gathered by row: keep its order
                 weight.data = arranged(weight.data) if input_major else weight.data.contiguous()
         # The host's CPU measurement is only worth taking for a model on the CPU (packs are CPU-only).
-        pack = pack and self.lm_head.weight.device.type == "cpu" and cpu_gemm_preferences().pack_weights
+        on_cpu = pack and self.lm_head.weight.device.type == "cpu"
+        prefs = cpu_gemm_preferences() if on_cpu else None
+        panels = on_cpu and prefs.panel_weights
+        stacked = set()
+        for module in self.modules():
+            for fusion in fusions_of(module).values():
+                if isinstance(fusion, StackedWeight) and fusion.get() is not None:
+                    views = fusion.per_group()[0]
+                    if panels and panel_packs.pack_stack(fusion.get(), views):
+                        stacked.update(id(view) for view in views)
+                    else:
+                        panel_packs.unpack(fusion.get())
         for _, weight in self.decode_gemm_weights():
-            if pack:
+            if panels and (id(weight) in stacked or panel_packs.pack(weight)):
+                packed_gemm.unpack(weight)  # the panel kernel takes it: no oneDNN copy as well
+                continue
+            panel_packs.unpack(weight)
+            if on_cpu and prefs.pack_weights:
                 packed_gemm.pack(weight)
             else:
                 packed_gemm.unpack(weight)

@@ -15,5 +15,6 @@ from model_worker.layers.cpu_gemm import CpuGemmPreferences, set_cpu_gemm_prefer
 
 PINNED_CPU_GEMM = CpuGemmPreferences(input_major_one_row=True, wide_min_rows_output_major=2,
                                      wide_min_rows_input_major=16, tune_input_major_wide=False,
-                                     pack_weights=True, tune_packed=False, native_max_rows=8, tune_native=False)
+                                     pack_weights=True, tune_packed=False, native_max_rows=8, tune_native=False,
+                                     panel_weights=True)
 set_cpu_gemm_preferences(PINNED_CPU_GEMM)

@@ -16,6 +16,9 @@
  * The grouped form runs a MoE layer's experts in one call: group g's rows of x (offsets[g] to
  * offsets[g + 1], sorted by expert) times its own weight w + g * group_stride. Each thread takes the same
  * share of weight tiles of every group, so the work stays balanced however the rows fall.
+ *
+ * panel_gemm.h adds the same products from a panel-packed copy of the weight (one sequential stream per
+ * thread), which reads faster still and also serves many rows (prefill); the worker packs fp32 weights for it.
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -31,16 +34,26 @@ static inline vec vload(const float *p) { return _mm512_loadu_ps(p); }
 static inline vec vload_part(const float *p, int n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+static inline vec vset1(float a) { return _mm512_set1_ps(a); }
+static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline void vstore(float *p, vec v) { _mm512_storeu_ps(p, v); }
+static inline void vstore_part(float *p, vec v, int n) { _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1u), v); }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define ENGRAM_ISA 256
 #define VW 8
 typedef __m256 vec;
 static inline vec vzero(void) { return _mm256_setzero_ps(); }
 static inline vec vload(const float *p) { return _mm256_loadu_ps(p); }
-static inline vec vload_part(const float *p, int n) {
-    __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
+static inline __m256i lanes_below(int n) { /* mask of the first n of 8 lanes */
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
+static inline vec vload_part(const float *p, int n) { return _mm256_maskload_ps(p, lanes_below(n)); }
+static inline vec vset1(float a) { return _mm256_set1_ps(a); }
+static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline void vstore(float *p, vec v) { _mm256_storeu_ps(p, v); }
+static inline void vstore_part(float *p, vec v, int n) { _mm256_maskstore_ps(p, lanes_below(n), v); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline float vsum(vec v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -135,11 +148,16 @@ void engram_grouped_decode_gemm(const float *x, int64_t ldx, const int64_t *offs
     }
 }
 
+#include "panel_gemm.h"
+
 #else
 
 /* No kernel on this CPU: engram_decode_gemm_isa() returns 0 and callers never reach these. */
 void engram_grouped_decode_gemm(void) {}
 void engram_decode_gemm_f32(void) {}
 void engram_decode_gemm_bf16(void) {}
+int engram_panel_width(void) { return 0; }
+void engram_panel_gemm_f32(void) {}
+void engram_grouped_panel_gemm_f32(void) {}
 
 #endif

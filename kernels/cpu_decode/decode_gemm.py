@@ -24,7 +24,7 @@ def decode_gemm_ref(x: torch.Tensor, weight: torch.Tensor, addend: torch.Tensor 
     return y if addend is None else addend + y
 
 
-def _kernels(op: str) -> ctypes.CDLL:
+def kernels_or_raise(op: str) -> ctypes.CDLL:
     """The built library, or RuntimeError naming op and why the kernels are unavailable here."""
     lib = native.load()
     if lib is None:
@@ -56,28 +56,15 @@ def decode_gemm(x: torch.Tensor, weight: torch.Tensor, addend: torch.Tensor | No
     unit column stride; it may be `out`) or a [N] row added to every row, fp32 or x's dtype; out [M, N] in
     x's dtype to write into (a new tensor if None). Raises RuntimeError where the kernel is unavailable and
     ValueError for operands it does not take."""
-    lib = _kernels("decode_gemm")
+    lib = kernels_or_raise("decode_gemm")
     if not decode_gemm_supports(x, weight):
         raise ValueError(f"decode_gemm takes CPU x [M, K] and weight [N, K], both fp32 or both bf16, with unit stride "
                          f"along K and no gradient; got x {x.dtype} {list(x.shape)} strides {x.stride()}, weight "
                          f"{weight.dtype} {list(weight.shape)} strides {weight.stride()}")
     rows, cols = x.shape[0], weight.shape[0]
-    if out is not None and (out.shape != (rows, cols) or out.dtype != x.dtype or out.device.type != "cpu"
-                            or (out.stride(1) != 1 and cols > 1)):
-        raise ValueError(f"out must be {x.dtype} CPU [{rows}, {cols}] with unit column stride, got {out.dtype} "
-                         f"{list(out.shape)} strides {out.stride()}")
-    addend_ptr, addend_stride = None, 0
-    if addend is not None:
-        if addend.dtype not in (torch.float32, x.dtype) or addend.device.type != "cpu":
-            raise ValueError(f"addend must be fp32 or {x.dtype} on the CPU, got {addend.dtype} on {addend.device}")
-        addend = addend.float()  # the kernel adds in fp32 (no copy for fp32)
-        if addend.shape == (cols,) and (addend.stride(0) == 1 or cols == 1):
-            addend_ptr, addend_stride = addend.data_ptr(), 0
-        elif addend.shape == (rows, cols) and (addend.stride(1) == 1 or cols == 1):
-            addend_ptr, addend_stride = addend.data_ptr(), addend.stride(0)
-        else:
-            raise ValueError(f"addend must be [{rows}, {cols}] or [{cols}] with unit column stride, got "
-                             f"{list(addend.shape)} strides {addend.stride()}")
+    check_out(out, rows, cols, x.dtype)
+    addend, addend_stride = addend_operand(addend, rows, cols, x.dtype)
+    addend_ptr = None if addend is None else addend.data_ptr()
     fp32 = x.dtype == torch.float32
     result = (out if out is not None else torch.empty(rows, cols)) if fp32 else torch.empty(rows, cols)
     if rows and cols:
@@ -87,6 +74,40 @@ def decode_gemm(x: torch.Tensor, weight: torch.Tensor, addend: torch.Tensor | No
     if fp32:
         return result
     return result.to(x.dtype) if out is None else out.copy_(result)
+
+
+def check_out(out: torch.Tensor | None, rows: int, cols: int, dtype: torch.dtype) -> None:
+    """Raise ValueError unless out is None or a CPU [rows, cols] tensor of dtype with unit column stride."""
+    if out is not None and (out.shape != (rows, cols) or out.dtype != dtype or out.device.type != "cpu"
+                            or (out.stride(1) != 1 and cols > 1)):
+        raise ValueError(f"out must be {dtype} CPU [{rows}, {cols}] with unit column stride, got {out.dtype} "
+                         f"{list(out.shape)} strides {out.stride()}")
+
+
+def addend_operand(addend: torch.Tensor | None, rows: int, cols: int,
+                   dtype: torch.dtype) -> tuple[torch.Tensor | None, int]:
+    """(addend as fp32, its row stride for the kernels: 0 for a [cols] row added to every row), or (None, 0).
+    Raises ValueError for an addend the kernels do not take."""
+    if addend is None:
+        return None, 0
+    if addend.dtype not in (torch.float32, dtype) or addend.device.type != "cpu":
+        raise ValueError(f"addend must be fp32 or {dtype} on the CPU, got {addend.dtype} on {addend.device}")
+    addend = addend.float()  # the kernels add in fp32 (no copy for fp32)
+    if addend.shape == (cols,) and (addend.stride(0) == 1 or cols == 1):
+        return addend, 0
+    if addend.shape == (rows, cols) and (addend.stride(1) == 1 or cols == 1):
+        return addend, addend.stride(0)
+    raise ValueError(f"addend must be [{rows}, {cols}] or [{cols}] with unit column stride, got "
+                     f"{list(addend.shape)} strides {addend.stride()}")
+
+
+def checked_offsets(offsets, groups: int, rows: int) -> list[int]:
+    """offsets as ints, or ValueError unless they are groups + 1 non-decreasing ints from 0 to rows."""
+    bounds = [int(b) for b in offsets]
+    if len(bounds) != groups + 1 or bounds[0] != 0 or bounds[-1] != rows or \
+            any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"offsets must be {groups + 1} non-decreasing ints from 0 to {rows}, got {bounds}")
+    return bounds
 
 
 def grouped_decode_gemm_ref(x: torch.Tensor, offsets: list[int], weight: torch.Tensor) -> torch.Tensor:
@@ -103,16 +124,13 @@ def grouped_decode_gemm(x: torch.Tensor, offsets: list[int], weight: torch.Tenso
     """`grouped_decode_gemm_ref` through the C kernel, all groups in one call (a MoE layer's experts):
     x [P, K] fp32 with unit stride along K; offsets: G + 1 non-decreasing ints from 0 to P; weight
     [G, N, K] fp32 with unit stride along K (a stack of output-major weights) -> [P, N]."""
-    lib = _kernels("grouped_decode_gemm")
+    lib = kernels_or_raise("grouped_decode_gemm")
     if weight.dim() != 3 or not decode_gemm_supports(x, weight[0] if weight.shape[0] else weight.view(0, 0)):
         raise ValueError(f"grouped_decode_gemm takes fp32 CPU x [P, K] and weight [G, N, K] with unit stride "
                          f"along K and no gradient; got x {x.dtype} {list(x.shape)} strides {x.stride()}, weight "
                          f"{weight.dtype} {list(weight.shape)} strides {weight.stride()}")
     groups, rows = weight.shape[0], x.shape[0]
-    bounds = [int(b) for b in offsets]
-    if len(bounds) != groups + 1 or bounds[0] != 0 or bounds[-1] != rows or \
-            any(a > b for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"offsets must be {groups + 1} non-decreasing ints from 0 to {rows}, got {bounds}")
+    bounds = checked_offsets(offsets, groups, rows)
     out = torch.empty(rows, weight.shape[1])
     if rows and weight.shape[1]:
         lib.engram_grouped_decode_gemm(x.data_ptr(), x.stride(0), (ctypes.c_int64 * len(bounds))(*bounds), groups,

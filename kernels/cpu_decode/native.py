@@ -30,7 +30,8 @@ import torch  # noqa: F401  (loads torch's libgomp first, so the kernels share i
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_gemm.c")
-HEADERS = (Path(__file__).with_name("decode_gemm_tile.h"),)  # included by SOURCE: part of the build key
+# Included by SOURCE: part of the build key.
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("decode_gemm_tile.h", "panel_gemm.h"))
 CACHE_ENV = "ENGRAM_KERNEL_CACHE"
 COMPILER_ENV = "CC"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
@@ -120,6 +121,13 @@ def _open(path: Path) -> ctypes.CDLL:
         gemm.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
     lib.engram_grouped_decode_gemm.restype = None
     lib.engram_grouped_decode_gemm.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, ctypes.c_int]
+    lib.engram_panel_width.restype = ctypes.c_int
+    lib.engram_panel_width.argtypes = []
+    lib.engram_panel_gemm_f32.restype = None
+    lib.engram_panel_gemm_f32.argtypes = [ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, ctypes.c_float,
+                                          ctypes.c_int]
+    lib.engram_grouped_panel_gemm_f32.restype = None
+    lib.engram_grouped_panel_gemm_f32.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, ctypes.c_int]
     return lib
 
 

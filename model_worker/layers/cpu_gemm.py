@@ -44,7 +44,9 @@ class CpuGemmPreferences:
     """input_major_one_row: store wide fp32 weights input-major (`layers.layout`).
     wide_min_rows_*: fewest rows run as (W @ x^T)^T for an output-/input-major weight; None disables it.
     pack_weights: keep oneDNN-packed copies of decode weights (`layers.packed_gemm`) and use them.
-    native_max_rows: most rows run through the C decode kernel (`kernels.cpu_decode`); 0 disables it."""
+    native_max_rows: most rows run through the C decode kernel (`kernels.cpu_decode`); 0 disables it.
+    panel_weights: keep panel-packed copies of fp32 weights for our C panel kernel (`layers.panel_packs`)
+    instead of oneDNN-packed ones, and run every fp32 product of them through it."""
 
     input_major_one_row: bool
     wide_min_rows_output_major: int | None
@@ -54,6 +56,7 @@ class CpuGemmPreferences:
     tune_packed: bool = True  # confirm the packed kernel per weight shape, dtype and row count (choice_wins)
     native_max_rows: int = 0
     tune_native: bool = True  # confirm the C kernel per weight shape and row count (choice_wins)
+    panel_weights: bool = False
 
 
 _pinned: CpuGemmPreferences | None = None
@@ -130,25 +133,59 @@ def measure_cpu_gemm_preferences(rounds: int = 5) -> CpuGemmPreferences:
         pack = any(_faster(*best, packed_gemm.packed_linear, packs, x, rounds)
                    for best, x in ((best_wide, sixteen), (best_wide, four), (best_one, one)))
     native = decode_gemm_available() and _native_wins_one_row(one_row, pack, rounds)
-    return CpuGemmPreferences(input_major_one_row=one_row and not native,
+    panels = decode_gemm_available() and _panels_win(native, one_row, pack, wide_out, rounds)
+    return CpuGemmPreferences(input_major_one_row=one_row and not (native or panels),
                               wide_min_rows_output_major=2 if wide_out else None, wide_min_rows_input_major=16,
-                              pack_weights=pack, native_max_rows=NATIVE_MAX_ROWS if native else 0)
+                              pack_weights=pack, native_max_rows=NATIVE_MAX_ROWS if native else 0,
+                              panel_weights=panels)
+
+
+def _expert_sized_weights() -> list[torch.Tensor]:
+    """16 [768, 768] fp32 weights (about 38 MB: read from memory, as a decode step reads its experts)."""
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(768, 768, generator=gen) for _ in range(16)]
 
 
 def _native_wins_one_row(input_major_one_row: bool, pack: bool, rounds: int) -> bool:
-    """Whether the C decode kernel beats every library kernel this host would use at one row on an
-    expert-sized [768, 768] weight (16 copies, about 38 MB): the small weights are where it gains most
-    (the large ones are then confirmed per shape)."""
+    """Whether the C decode kernel beats every library kernel this host would use at one row on expert-sized
+    weights (`_expert_sized_weights`): the small weights are where it gains most (the large ones are then
+    confirmed per shape)."""
     from kernels.cpu_decode import decode_gemm
     from model_worker.layers import packed_gemm
 
-    gen = torch.Generator().manual_seed(1)
-    weights = [torch.randn(768, 768, generator=gen) for _ in range(16)]
-    one = torch.randn(1, 768, generator=gen)
+    weights = _expert_sized_weights()
+    one = torch.randn(1, 768)
     rivals = [(F.linear, [w.t().contiguous().t() for w in weights] if input_major_one_row else weights)]
     if pack:
         rivals.append((packed_gemm.packed_linear, [packed_gemm.pack_copy(w) for w in weights]))
     return all(_faster(*rival, decode_gemm, weights, one, rounds) for rival in rivals)
+
+
+def _panels_win(native: bool, input_major_one_row: bool, pack: bool, wide: bool, rounds: int) -> bool:
+    """Whether our C panel kernel (`kernels.cpu_decode.panel_gemm`) beats, on expert-sized weights, the kernel
+    this host would use otherwise at 1 row (our dot-product kernel where it won, else torch's in the measured
+    order) and at 16 rows (oneDNN's packed one, else torch's in the measured form), by _MARGIN at 1 row and
+    at all at 16 (it then replaces the oneDNN packs, for prefill too, where it ties: weight_layout.py)."""
+    from kernels.cpu_decode import decode_gemm, panel_gemm, panel_pack
+    from model_worker.layers import packed_gemm
+
+    weights = _expert_sized_weights()
+    panels = [panel_pack(w) for w in weights]
+    one, sixteen = torch.randn(1, 768), torch.randn(16, 768)
+
+    def panel(x, packed):
+        return panel_gemm(x, packed, 768)
+
+    if pack:
+        sixteen_rival = (packed_gemm.packed_linear, [packed_gemm.pack_copy(w) for w in weights])
+    else:
+        sixteen_rival = (wide_product if wide else F.linear, weights)
+    if native:
+        one_rival = (decode_gemm, weights)
+    else:
+        one_rival = (F.linear, [w.t().contiguous().t() for w in weights] if input_major_one_row else weights)
+    return _faster(*sixteen_rival, panel, panels, sixteen, rounds, margin=1.0) and \
+        _faster(*one_rival, panel, panels, one, rounds)
 
 
 NATIVE_MAX_ROWS = 8  # beyond this oneDNN's packed GEMM is faster on the benchmark host (weight_layout.py)
@@ -186,8 +223,8 @@ def wide_wins(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
 
 
 def _faster(default: Callable, default_weights: list, candidate: Callable, candidate_weights: list,
-            x: torch.Tensor | None, rounds: int) -> bool:
-    """Whether candidate(x, w) beats default(x, w) by _MARGIN in median time per call."""
+            x: torch.Tensor | None, rounds: int, margin: float = _MARGIN) -> bool:
+    """Whether candidate(x, w) beats default(x, w) by margin in median time per call."""
     samples: tuple[list[float], list[float]] = ([], [])
     with torch.inference_mode():
         default(x, default_weights[0]), candidate(x, candidate_weights[0])  # warm-up
@@ -198,4 +235,4 @@ def _faster(default: Callable, default_weights: list, candidate: Callable, candi
                 for w in weights:
                     fn(x, w)
                 times.append(time.perf_counter() - start)
-    return statistics.median(samples[1]) * _MARGIN < statistics.median(samples[0])
+    return statistics.median(samples[1]) * margin < statistics.median(samples[0])

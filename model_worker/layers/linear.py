@@ -1,8 +1,9 @@
 """Linear layer whose weight is either float or FP8 e4m3 with DeepSeek 128x128 block scales.
 
 Float mode is `F.linear`, run on CPU by whichever kernel this host measured fastest for the shape and
-row count: our C decode kernel (`kernels.cpu_decode`), oneDNN with a packed weight (`layers.packed_gemm`)
-or torch's own, in the product form `layers.cpu_gemm` chose. FP8 mode keeps a checkpoint's e4m3 weight [out, in] and its
+row count: our C panel kernel from a panel-packed fp32 weight (`layers.panel_packs`), our C decode kernel
+(`kernels.cpu_decode`), oneDNN with a packed weight (`layers.packed_gemm`) or torch's own, in the product
+form `layers.cpu_gemm` chose. FP8 mode keeps a checkpoint's e4m3 weight [out, in] and its
 `weight_scale_inv` [ceil(out/128), ceil(in/128)] (the real weight is each 128x128 block times its
 scale) and runs `kernels.gemm.fp8_linear`, which quantizes activations per token per 128 channels.
 This module does not quantize weights (`kernels.quant` does) and does not read checkpoints
@@ -18,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.cpu_decode import decode_gemm, decode_gemm_available
+from kernels.cpu_decode import decode_gemm, decode_gemm_available, panel_gemm
+from model_worker.layers import panel_packs
 from model_worker.layers.cpu_gemm import choice_wins, cpu_gemm_preferences, row_bucket, wide_product, wide_wins
 from model_worker.layers.packed_gemm import packed, packed_linear, packed_linear_add
 
@@ -116,15 +118,34 @@ def _native_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def _native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear through the C decode kernel. x [..., in] and weight [out, in] (output-major), both fp32 or
     both bf16 -> [..., out]."""
+    return decode_gemm(_rows_2d(x), weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+def panel_for(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """weight's panel-packed copy if `linear` should run x through our C panel kernel: the weight has one
+    (`layers.panel_packs`, kept where this host measured the kernel faster), x is fp32 on the CPU and no
+    gradient is wanted."""
+    panel = panel_packs.panel(weight)
+    if panel is None or x.dtype != torch.float32 or x.is_cuda or not cpu_gemm_preferences().panel_weights:
+        return None
+    if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
+        return None
+    return panel
+
+
+def _rows_2d(x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] as [rows, in] with unit stride along in (a view where it can be)."""
     x2d = x.reshape(-1, x.shape[-1])
-    if x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()
-    return decode_gemm(x2d, weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, on CPU through the C decode kernel for a few fp32 or bf16 rows where it wins here
-    (`_native_rows`), else `_library_linear`. x [..., in]; weight [out, in] -> [..., out]."""
+    """F.linear, on CPU through our C panel kernel for fp32 weights packed for it (`panel_for`), else the C
+    decode kernel for a few fp32 or bf16 rows where it wins here (`_native_rows`), else `_library_linear`.
+    x [..., in]; weight [out, in] -> [..., out]."""
+    panel = panel_for(x, weight)
+    if panel is not None:
+        return panel_gemm(_rows_2d(x), panel, weight.shape[0], bias).view(*x.shape[:-1], weight.shape[0])
     if _native_rows(x, weight, bias):
         return _native_linear(x, weight, bias)
     return _library_linear(x, weight, bias)
@@ -165,6 +186,9 @@ def linear_accumulate(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
                       weight_t: torch.Tensor | None = None) -> torch.Tensor:
     """out + alpha * linear(x, weight) in one call: out [M, out_features], x [M, in] -> [M, out_features].
     weight_t: weight.t() if the caller keeps it (saves a dispatch per call)."""
+    panel = panel_for(x, weight) if out.dtype == x.dtype and x.dim() == 2 else None
+    if panel is not None:
+        return panel_gemm(_rows_2d(x), panel, weight.shape[0], out, alpha)
     if out.dtype == x.dtype and x.dim() == 2 and _native_rows(x, weight, None):
         return decode_gemm(x if x.stride(-1) == 1 else x.contiguous(), weight, out, alpha)
     packed_weight = _packed_weight_for(x, weight, None)

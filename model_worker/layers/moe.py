@@ -3,10 +3,12 @@
 Routing follows MODEL_SPEC.md: V3 selects with sigmoid scores + e_score_correction_bias, group-limited
 (group score = sum of its top-2 biased scores), and weights the chosen experts by their unbiased scores
 (normalised when norm_topk_prob) times routed_scaling_factor. V2 uses softmax scores with greedy or
-group-limited greedy top-k. Float experts run as stacked weights (tokens sorted by expert): in a decode
-step where no expert has more rows than the C decode kernel takes, through its grouped GEMM, all experts
-in one call per projection (`kernels.cpu_decode`, where it builds and won on this host); otherwise one
-grouped GEMM per projection, or one packed GEMM per expert with tokens where the experts are packed.
+group-limited greedy top-k. Float experts run as stacked weights (tokens sorted by expert): where the
+stacks are panel-packed (`layers.panel_packs`, fp32 on hosts where our C panel kernel won), all experts in
+one grouped call of that kernel per projection, at any row count; else in a decode step where no expert
+has more rows than the C decode kernel takes, through its grouped GEMM, all experts in one call per
+projection (`kernels.cpu_decode`, where it builds and won on this host); otherwise one grouped GEMM per
+projection, or one packed GEMM per expert with tokens where the experts are packed.
 FP8 experts, which cannot be stacked, run one by one. An MLP's gate and up projections run as one GEMM
 (`layers.fused`).
 """
@@ -19,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.cpu_decode import grouped_decode_gemm
+from kernels.cpu_decode import grouped_decode_gemm, grouped_panel_gemm
 from model_worker.config import ModelConfig
 from model_worker.layers.cpu_gemm import choice_wins, cpu_gemm_preferences, row_bucket
 from model_worker.layers.fused import ConcatenatedWeight, StackedWeight, grouped_linear, grouped_mm_available
-from model_worker.layers.linear import Linear, linear, linear_accumulate, native_kernel_takes
+from model_worker.layers.linear import Linear, linear, linear_accumulate, native_kernel_takes, panel_for
 from model_worker.layers.packed_gemm import packed
 
 
@@ -125,7 +127,10 @@ class MoE(nn.Module):
         # (`layers.packed_gemm`), where one packed GEMM per expert with tokens beats it.
         per_expert = counts.tolist() if stacked else []
         sorted_x = flat[token] if stacked else flat  # [N*k, D] each pair's token row, sorted by expert
-        if stacked and self._native_experts_win(sorted_x, per_expert, gate_up, down):
+        panels = (panel_for(flat, gate_up), panel_for(flat, down)) if stacked else (None, None)
+        if panels[0] is not None and panels[1] is not None:
+            expert_out = self._panel_experts(sorted_x, per_expert, *panels, gate_up.shape[1], down.shape[1])
+        elif stacked and self._native_experts_win(sorted_x, per_expert, gate_up, down):
             expert_out = self._native_experts(sorted_x, per_expert, gate_up, down)
         elif stacked and len(order) >= len(counts) and grouped_mm_available(flat, gate_up, down) \
                 and packed(self._stacked_gate_up.per_group()[0][0]) is None:
@@ -174,6 +179,18 @@ class MoE(nn.Module):
         key = ("native experts", *gate_up.shape, *down.shape[1:], row_bucket(busiest))
         return choice_wins(key, lambda: (lambda: self._each_stacked_expert(sorted_x, counts),
                                          lambda: self._native_experts(sorted_x, counts, gate_up, down)))
+
+    @staticmethod
+    def _panel_experts(sorted_x: torch.Tensor, counts: list[int], gate_up: torch.Tensor, down: torch.Tensor,
+                       hidden2: int, width: int) -> torch.Tensor:
+        """All experts in two calls of our C panel kernel (`kernels.cpu_decode.grouped_panel_gemm`), any number
+        of rows each: sorted_x [N*k, D] sorted by expert, counts per expert, the stacks' panel-packed copies
+        (`layers.panel_packs`) gate_up (of [E, 2I, D], hidden2 = 2I) and down (of [E, D, I], width = D)
+        -> [N*k, D] in the same order."""
+        offsets = [0, *itertools.accumulate(counts)]
+        x = sorted_x if sorted_x.stride(-1) == 1 else sorted_x.contiguous()
+        hidden = _swiglu(grouped_panel_gemm(x, offsets, gate_up, hidden2))
+        return grouped_panel_gemm(hidden if hidden.is_contiguous() else hidden.contiguous(), offsets, down, width)
 
     @staticmethod
     def _native_experts(sorted_x: torch.Tensor, counts: list[int], gate_up: torch.Tensor,

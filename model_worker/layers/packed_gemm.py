@@ -9,31 +9,19 @@ CPU Linears), took 0.50 ms; at 16 rows it was 1.9x faster than the best other fo
 1.9-2.6x faster than torch's GEMV. For some small weights at 1 or 4 rows it is slower, hence the per-shape
 choice (`layers.cpu_gemm.choice_wins`).
 
-Packs are explicit: `pack(weight)` keeps a packed copy beside the dense weight, so a packed weight takes
-twice its memory (the dense one stays the source of truth: `state_dict()`, checkpoints, FP8, other
-devices). `CausalLM.arrange_weights` packs the weights a decode step runs when this host's measurement
-says packing pays (`layers.cpu_gemm`). `packed(weight)` returns the pack of exactly that tensor object,
-repacked if the weight's storage, dtype, shape or version (an in-place update) changed since, and the
-pack is released when the weight is.
+Packs are explicit: `pack(weight)` keeps a packed copy beside the dense weight (`layers.weight_copies`:
+twice the memory; repacked when the weight changes, released with it). `CausalLM.arrange_weights` packs
+the weights a decode step runs when this host's measurement says packing pays (`layers.cpu_gemm`) and
+our panel kernel does not take them (`layers.panel_packs`).
 """
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass
-
 import torch
 
+from model_worker.layers.weight_copies import WeightCopies
+
 _mkldnn = getattr(torch.ops, "mkldnn", None)
-
-
-@dataclass
-class _Pack:
-    packed: torch.Tensor  # oneDNN-layout tensor, same values as the weight
-    key: tuple
-
-
-_packs: dict[int, _Pack] = {}  # id(weight) -> its pack
 
 
 def _ops_present() -> bool:
@@ -64,58 +52,38 @@ def packable(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and _bf16_supported())
 
 
-def _key(weight: torch.Tensor) -> tuple:
-    version = 0 if weight.is_inference() else weight._version
-    return weight.data_ptr(), weight.dtype, weight.shape, weight.stride(), version
-
-
-def pack(weight: torch.Tensor) -> bool:
-    """Keep a oneDNN-packed copy of `weight` [out, in] for `linear`; False (and nothing kept) if not packable."""
-    if not packable(weight):
-        return False
-    entry = _packs.get(id(weight))
-    if entry is None:
-        weakref.finalize(weight, _packs.pop, id(weight), None)
-    _packs[id(weight)] = _Pack(pack_copy(weight), _key(weight))
-    return True
-
-
-def unpack(weight: torch.Tensor) -> None:
-    """Release the packed copy of `weight`, if any."""
-    entry = _packs.get(id(weight))
-    if entry is not None:
-        entry.packed, entry.key = None, ()
-
-
 def pack_copy(weight: torch.Tensor) -> torch.Tensor:
     """A packed copy of a packable weight [out, in], not kept (`pack` keeps one for `linear`)."""
     with torch.inference_mode(False), torch.no_grad():
         return _mkldnn._reorder_linear_weight(weight.detach())
 
 
+_packs = WeightCopies(pack_copy, packable)
+
+
+def pack(weight: torch.Tensor) -> bool:
+    """Keep a oneDNN-packed copy of `weight` [out, in] for `linear`; False (and nothing kept) if not packable."""
+    return _packs.keep(weight)
+
+
+def unpack(weight: torch.Tensor) -> None:
+    """Release the packed copy of `weight`, if any."""
+    _packs.release(weight)
+
+
 def packed(weight: torch.Tensor) -> torch.Tensor | None:
     """The packed copy of this weight tensor (repacked first if the weight changed), or None if not packed."""
-    entry = _packs.get(id(weight))
-    if entry is None or entry.packed is None:
-        return None
-    key = _key(weight)
-    if key != entry.key:
-        if not packable(weight):
-            entry.packed, entry.key = None, ()
-            return None
-        entry.packed, entry.key = pack_copy(weight), key
-    return entry.packed
+    return _packs.get(weight)
 
 
 def packed_count() -> int:
     """How many weights hold a packed copy (tests and benchmarks)."""
-    return sum(entry.packed is not None for entry in _packs.values())
+    return _packs.count()
 
 
 def packed_bytes() -> int:
     """Bytes of the values the packed copies hold (their extra memory, before oneDNN's block padding)."""
-    return sum(entry.packed.numel() * entry.packed.element_size() for entry in _packs.values()
-               if entry.packed is not None)
+    return _packs.nbytes()
 
 
 def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -89,7 +89,8 @@ def test_the_c_kernel_is_measured_only_where_it_builds_and_then_keeps_weights_ou
 
     prefs = cpu_gemm.cpu_gemm_preferences()
     assert prefs.native_max_rows in (0, cpu_gemm.NATIVE_MAX_ROWS)
-    if prefs.native_max_rows:  # the kernel reads output-major weights: the layout follows it
+    if prefs.native_max_rows or prefs.panel_weights:  # torch then reads no fp32 weight in decode: output-major
         assert not prefs.input_major_one_row and arranged(torch.randn(96, 64)).is_contiguous()
     monkeypatch.setattr(cpu_decode, "decode_gemm_available", lambda: False)
-    assert cpu_gemm.measure_cpu_gemm_preferences(rounds=1).native_max_rows == 0
+    without = cpu_gemm.measure_cpu_gemm_preferences(rounds=1)
+    assert without.native_max_rows == 0 and not without.panel_weights

@@ -27,8 +27,9 @@ BF16 = packed_gemm.packable(torch.zeros(2, 2, dtype=torch.bfloat16))
 
 @pytest.fixture(autouse=True)
 def _packed_not_native():
-    """These tests are about the packed kernel: keep the C decode kernel (which would take few rows) out."""
-    with pinned_cpu_gemm(native_max_rows=0):
+    """These tests are about the packed kernel: keep our C kernels (the decode kernel would take few rows, the
+    panel kernel every fp32 weight) out."""
+    with pinned_cpu_gemm(native_max_rows=0, panel_weights=False):
         yield
 
 
