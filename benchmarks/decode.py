@@ -6,8 +6,8 @@ Reported: generated tokens/s of ours (bf16 and FP8 latent cache) and of transfor
 the same batch size, the ratio, and at concurrency 1 the fraction of the roofline: this machine's
 weight-read bandwidth (a large fp32 matrix-vector product) divided by the weight bytes one decode token
 reads (embedding row, attention, dense/shared MLPs, the routed experts it uses, LM head). The bandwidth is
-the faster of torch's matrix-vector product and our C decode kernel's on a 256 MiB matrix; the ratio
-against torch's alone is printed too. Peak RSS last.
+the fastest of torch's matrix-vector product and our two C kernels' (dot-product and panel) on a 256 MiB
+matrix; the ratio against torch's alone is printed too. Peak RSS last.
 
 This machine's speed drifts by tens of percent over seconds (shared host), so every figure is the median
 of several trials, and the trials of ours and transformers alternate. At concurrency 1 each trial
@@ -39,18 +39,22 @@ from common import ByteTokenizer, machine_line, median_time, peak_rss_mib, save_
 def weight_read_bandwidths(mib: int = 256) -> dict[str, float]:
     """Bytes/s of an fp32 matrix-vector product over a matrix much larger than the caches: "torch" is the
     faster of torch's product on the matrix stored row-major and stored transposed (our weights use both
-    orders, `layers.layout`), "ours" our C decode kernel (`kernels.cpu_decode`) on the row-major one where
-    it builds. The roofline uses the faster of the two, so that no kernel of ours reads faster than the
-    bound it is held to; the torch-only figure is printed beside it."""
-    from kernels.cpu_decode import decode_gemm, decode_gemm_available
+    orders, `layers.layout`), "ours" the faster of our C kernels (`kernels.cpu_decode`: the dot-product one on
+    the row-major matrix, the panel one on its panel-packed copy) where they build. The roofline uses the
+    faster of the two, so that no kernel of ours reads faster than the bound it is held to; the torch-only
+    figure is printed beside it."""
+    from kernels.cpu_decode import decode_gemm, decode_gemm_available, panel_gemm, panel_pack
 
     cols = 4096
     rows = mib * 2**20 // (4 * cols)
     matrix, vector = torch.randn(rows, cols), torch.randn(cols)
     speeds = {}
     if decode_gemm_available():
-        one_row = vector[None]
-        speeds["ours"] = matrix.numel() * 4 / median_time(lambda: decode_gemm(one_row, matrix), repeats=7, warmup=2)
+        one_row, panels = vector[None], panel_pack(matrix)
+        seconds = min(median_time(lambda: decode_gemm(one_row, matrix), repeats=7, warmup=2),
+                      median_time(lambda: panel_gemm(one_row, panels, rows), repeats=7, warmup=2))
+        speeds["ours"] = matrix.numel() * 4 / seconds
+        del panels
     seconds = median_time(lambda: matrix @ vector, repeats=7, warmup=2)
     matrix = matrix.t().contiguous().t()  # same values, column-major
     seconds = min(seconds, median_time(lambda: matrix @ vector, repeats=7, warmup=2))
@@ -111,33 +115,45 @@ def gemm_floor_tokens_per_s(model, concurrency: int, repeats: int = 5) -> float:
     """Decode tokens/s if a step cost nothing but its weight GEMMs, with this engine's own kernels.
 
     One pass runs every weight of `CausalLM.decode_gemm_weights` once, in model order, through the engine's
-    `linear` (the packed oneDNN kernel, a product form or torch's default: whatever the engine would pick
-    here) on [C, in] random rows: C = concurrency for attention, dense MLPs, shared experts and the head;
-    for the routed experts the step's C * k (token, expert) pairs spread evenly over the E experts (only
-    C * k experts, one row each, when C * k < E). The embedding gather, attention over the cache,
+    `linear` (our C kernels, the packed oneDNN kernel, a product form or torch's default: whatever the engine
+    would pick here) on [C, in] random rows: C = concurrency for attention, dense MLPs, shared experts and
+    the head; for the routed experts the step's C * k (token, expert) pairs spread evenly over the E
+    experts (only C * k experts, one row each, when C * k < E), in one grouped call per stack where the
+    engine makes one (panel-packed stacks, `layers.moe`). The embedding gather, attention over the cache,
     routing, norms, sampling and the engine are left out, so no decode step of this engine at this
     concurrency can be faster than this on this machine. Median pass time over `repeats`.
     """
-    from model_worker.layers.linear import linear
+    from kernels.cpu_decode import grouped_panel_gemm
+    from model_worker.layers.linear import linear, panel_for
 
     cfg = model.config
     pairs = concurrency * (cfg.num_experts_per_tok or 0)
     per_expert = max(1, round(pairs / cfg.n_routed_experts)) if cfg.n_routed_experts else 0
-    work = []  # (weight [out, in], rows)
+    work = []  # (call(x), x's shape and dtype)
+    grouped = set()  # expert stacks already in `work` as one grouped call
     for name, weight in model.decode_gemm_weights():
-        if _routed_expert(name):
-            expert = int(name.rsplit("[", 1)[1].rstrip("]"))
-            if pairs < cfg.n_routed_experts and expert >= pairs:
-                continue  # this expert gets no token in the step
-            work.append((weight, per_expert))
-        else:
-            work.append((weight, concurrency))
-    shapes = {(rows, w.shape[1], w.dtype) for w, rows in work}
-    inputs = {(rows, width, dtype): torch.randn(rows, width, dtype=dtype) for rows, width, dtype in shapes}
+        if not _routed_expert(name):
+            work.append((lambda x, w=weight: linear(x, w), (concurrency, weight.shape[1], weight.dtype)))
+            continue
+        expert = int(name.rsplit("[", 1)[1].rstrip("]"))
+        if pairs < cfg.n_routed_experts and expert >= pairs:
+            continue  # this expert gets no token in the step
+        module, attr = name.rsplit("[", 1)[0].rsplit(".", 1)
+        stack = getattr(model.get_submodule(module), attr).get()  # [E, out, in]
+        panel = panel_for(torch.zeros(1, stack.shape[2], dtype=stack.dtype), stack)
+        if panel is None:  # the engine runs these experts one by one
+            work.append((lambda x, w=weight: linear(x, w), (per_expert, weight.shape[1], weight.dtype)))
+        elif name.rsplit("[", 1)[0] not in grouped:  # the engine's grouped call over all the stack's experts
+            grouped.add(name.rsplit("[", 1)[0])
+            used = min(pairs, stack.shape[0])
+            offsets = [min(e, used) * per_expert for e in range(stack.shape[0] + 1)]
+            work.append((lambda x, p=panel, o=offsets, n=stack.shape[1]: grouped_panel_gemm(x, o, p, n),
+                         (offsets[-1], stack.shape[2], stack.dtype)))
+    inputs = {shape: torch.randn(shape[:2], dtype=shape[2]) for _, shape in work}
 
     def one_pass():
-        for weight, rows in work:
-            linear(inputs[(rows, weight.shape[1], weight.dtype)], weight)
+        for call, shape in work:
+            call(inputs[shape])
 
     with torch.inference_mode():
         return concurrency / median_time(one_pass, repeats=repeats, warmup=1)
@@ -245,7 +261,7 @@ def main() -> None:
     print(f"decode, DeepSeek-V3-shaped model: {n_params / 1e6:.1f}M parameters {args.weights}, {new_tokens} new "
           f"tokens per request, greedy; median of {trials} alternating trials per figure")
     print(machine_line())
-    print(f"weight-read bandwidth (fp32 matvec, 256 MiB, fastest of torch's two orders and our C kernel; median "
+    print(f"weight-read bandwidth (fp32 matvec, 256 MiB, fastest of torch's two orders and our C kernels; median "
           f"of the batch-1 trials): "
           f"{bandwidth / 1e9:.2f} GB/s "
           f"(range {min(bandwidths) / 1e9:.2f}-{max(bandwidths) / 1e9:.2f}); active weight bytes per token: "
@@ -282,11 +298,13 @@ def main() -> None:
                   f"memory bound {bound[concurrency]:.0f}; compute bound {compute_bound:.0f}")
     from model_worker.layers.cpu_gemm import cpu_gemm_preferences
     from model_worker.layers.packed_gemm import packed_bytes
+    from model_worker.layers.panel_packs import panel_bytes
 
     print(f"this process's CPU kernel choices (layers.cpu_gemm): {cpu_gemm_preferences()}")
 
-    print(f"peak RSS: {peak_rss_mib():.0f} MiB (whole process: both models, caches); of it, oneDNN-packed weight "
-          f"copies (layers.packed_gemm): {packed_bytes() / 2**20:.0f} MiB")
+    print(f"peak RSS: {peak_rss_mib():.0f} MiB (whole process: both models, caches); of it, packed weight copies: "
+          f"oneDNN (layers.packed_gemm) {packed_bytes() / 2**20:.0f} MiB, panel (layers.panel_packs) "
+          f"{panel_bytes() / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -116,6 +116,9 @@ class MoE(nn.Module):
         weights, ids = self.gate(flat)  # [N, k]
         gate_up, down = self._stacked_gate_up.get(), self._stacked_down.get()
         stacked = gate_up is not None and down is not None
+        panels = (panel_for(flat, gate_up), panel_for(flat, down)) if stacked else (None, None)
+        if panels[0] is not None and panels[1] is not None and flat.shape[0] == 1:
+            return self._one_token_panels(flat, weights, ids, *panels, gate_up.shape[1]).view_as(x)
         if stacked and flat.shape[0] == 1:
             return self._one_token(flat, weights, ids).view_as(x)
         order = ids.flatten().argsort(stable=True)  # (token, expert) pairs sorted by expert
@@ -127,7 +130,6 @@ class MoE(nn.Module):
         # (`layers.packed_gemm`), where one packed GEMM per expert with tokens beats it.
         per_expert = counts.tolist() if stacked else []
         sorted_x = flat[token] if stacked else flat  # [N*k, D] each pair's token row, sorted by expert
-        panels = (panel_for(flat, gate_up), panel_for(flat, down)) if stacked else (None, None)
         if panels[0] is not None and panels[1] is not None:
             expert_out = self._panel_experts(sorted_x, per_expert, *panels, gate_up.shape[1], down.shape[1])
         elif stacked and self._native_experts_win(sorted_x, per_expert, gate_up, down):
@@ -211,6 +213,22 @@ class MoE(nn.Module):
             hidden = _swiglu(linear(flat, gate_up[expert_id]))  # [1, I]
             out = linear_accumulate(out, hidden, down[expert_id], weight, down_t[expert_id])  # out + weight * down(h)
         return out
+
+
+    def _one_token_panels(self, flat, weights, ids, gate_up: torch.Tensor, down: torch.Tensor,
+                          hidden2: int) -> torch.Tensor:
+        """Decode of a single sequence through the panel-packed stacks: its k experts in two grouped calls (no
+        sorting or scattering in torch), their outputs weighted and summed with the shared experts' in one
+        addmm. flat [1, D] -> [1, D]."""
+        pairs = sorted(zip(ids.tolist()[0], weights.tolist()[0]))  # (expert, weight), by expert
+        counts = [0] * len(self.experts)
+        for expert_id, _ in pairs:
+            counts[expert_id] += 1
+        rows = flat.expand(len(pairs), flat.shape[1])  # [k, D]: the token's row k times (stride 0, no copy)
+        expert_out = self._panel_experts(rows, counts, gate_up, down, hidden2, flat.shape[1])  # [k, D]
+        out = self.shared_experts(flat) if self.shared_experts is not None else torch.zeros_like(flat)
+        pair_weight = torch.tensor([[weight for _, weight in pairs]], dtype=flat.dtype)  # [1, k]
+        return torch.addmm(out, pair_weight, expert_out)
 
 
 def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:

@@ -79,6 +79,11 @@ class WeightCopies:
         return sum(entry.tensor is not None for entry in self._copies.values())
 
     def nbytes(self) -> int:
-        """Bytes of the values the copies hold (their extra memory, before any layout padding)."""
-        return sum(entry.tensor.numel() * entry.tensor.element_size() for entry in self._copies.values()
-                   if entry.tensor is not None)
+        """Bytes of the values the copies hold (their extra memory, before any layout padding); copies that
+        are slices of another (`keep(weight, copy)`) count once, with the largest copy of their storage."""
+        largest: dict[int, int] = {}
+        for entry in self._copies.values():
+            if entry.tensor is not None:
+                storage = _storage_id(entry.tensor)
+                largest[storage] = max(largest.get(storage, 0), entry.tensor.numel() * entry.tensor.element_size())
+        return sum(largest.values())
