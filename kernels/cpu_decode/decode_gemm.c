@@ -19,11 +19,14 @@
  *
  * panel_gemm.h adds the same products from a panel-packed copy of the weight (one sequential stream per
  * thread), which reads faster still and also serves many rows (prefill); the worker packs fp32 weights for it.
+ * moe_router.h adds the DeepSeek-V3 expert selection, the other per-layer cost of a decode step's MoE.
  */
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "moe_router.h" /* scalar C: any x86-64 */
 
 #if defined(__AVX512F__)
 #define ENGRAM_ISA 512

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_gemm.c")
 # Included by SOURCE: part of the build key.
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("decode_gemm_tile.h", "panel_gemm.h"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("decode_gemm_tile.h", "panel_gemm.h", "moe_router.h"))
 CACHE_ENV = "ENGRAM_KERNEL_CACHE"
 COMPILER_ENV = "CC"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
@@ -91,7 +91,7 @@ def _compile(compiler: str, target: Path, flags: tuple[str, ...] = FLAGS) -> Non
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
@@ -126,6 +126,9 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.engram_panel_gemm_f32.restype = None
     lib.engram_panel_gemm_f32.argtypes = [ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, ctypes.c_float,
                                           ctypes.c_int]
+    lib.engram_sigmoid_route.restype = None
+    lib.engram_sigmoid_route.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_float, ptr,
+                                         ptr]
     lib.engram_grouped_panel_gemm_f32.restype = None
     lib.engram_grouped_panel_gemm_f32.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, ctypes.c_int]
     return lib

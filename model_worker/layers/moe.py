@@ -21,12 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.cpu_decode import grouped_decode_gemm, grouped_panel_gemm
+from kernels.cpu_decode import decode_gemm_available, grouped_decode_gemm, grouped_panel_gemm, sigmoid_route
+from kernels.cpu_decode.moe_router import MAX_EXPERTS as ROUTE_MAX_EXPERTS
 from model_worker.config import ModelConfig
 from model_worker.layers.cpu_gemm import choice_wins, cpu_gemm_preferences, row_bucket
 from model_worker.layers.fused import ConcatenatedWeight, StackedWeight, grouped_linear, grouped_mm_available
 from model_worker.layers.linear import Linear, linear, linear_accumulate, native_kernel_takes, panel_for
 from model_worker.layers.packed_gemm import packed
+
+ROUTE_IN_C_MAX_TOKENS = 64  # V3 routing of up to this many tokens runs in C (Router._routes_in_c)
 
 
 class MLP(nn.Module):
@@ -65,6 +68,9 @@ class Router(nn.Module):
         """x [N, D] -> (weights [N, k] fp32, expert ids [N, k] int64)."""
         weight = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
         logits = F.linear(x if x.dtype == torch.float32 else x.float(), weight)  # [N, E]
+        if self._routes_in_c(logits):
+            return sigmoid_route(logits, self.e_score_correction_bias, self.n_group, self.topk_group, self.top_k,
+                                 self.norm_topk_prob, self.routed_scaling_factor)
         if self.kind == "sigmoid":
             scores = logits.sigmoid()
             biased = scores + self.e_score_correction_bias
@@ -83,6 +89,19 @@ class Router(nn.Module):
             if self.norm_topk_prob and self.top_k > 1:
                 weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.routed_scaling_factor, ids
+
+    def _routes_in_c(self, logits: torch.Tensor) -> bool:
+        """Whether V3 selection of these logits [N, E] runs as one C call (`kernels.cpu_decode.sigmoid_route`, the
+        same selection; ties aside, which random scores do not produce): sigmoid routing of at most
+        ROUTE_IN_C_MAX_TOKENS tokens (decode; torch's vectorised ops win on prefill) on the CPU, no gradient
+        wanted, the bias contiguous, and the C kernels built here."""
+        if self.kind != "sigmoid" or logits.shape[0] > ROUTE_IN_C_MAX_TOKENS or logits.device.type != "cpu":
+            return False
+        if torch.is_grad_enabled() and logits.requires_grad or not self.e_score_correction_bias.is_contiguous():
+            return False
+        groups_hold_top_k = self.n_experts % self.n_group == 0 and \
+            self.top_k <= self.topk_group * (self.n_experts // self.n_group)
+        return self.n_experts <= ROUTE_MAX_EXPERTS and groups_hold_top_k and decode_gemm_available()
 
     def _keep_top_groups(self, scores: torch.Tensor, group_scores: torch.Tensor, fill: float) -> torch.Tensor:
         """Mask experts outside the topk_group best groups. scores [N, E], group_scores [N, G]."""
