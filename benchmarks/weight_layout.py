@@ -1,21 +1,23 @@
 """Decode GEMM kernels: weight memory order, product form and oneDNN packing for decode-sized batches.
 
 `CausalLM.arrange_weights` stores fp32 weights with out >= in input-major on CPU (`layers.layout`) and keeps
-oneDNN-packed copies of the decode weights (`layers.packed_gemm`); `layers.linear.linear` runs the packed
-kernel, or 2..512 rows as (W @ x^T)^T, each where `layers.cpu_gemm` measured it faster on the host. This
+panel-packed copies of the decode weights for our C panel kernel (`layers.panel_packs`) or oneDNN-packed
+ones (`layers.packed_gemm`); `layers.linear.linear` runs our kernels, the packed kernel, or 2..512 rows as
+(W @ x^T)^T, each where `layers.cpu_gemm` measured it faster on the host. This
 prints the evidence, in two parts, same weights, one process:
 
 1. Per shape: for each distinct GEMM shape of the DeepSeek-V3-shaped benchmark model, at 1, 4 and 16
    rows in fp32, the product as x @ W^T (torch's default) and as (W @ x^T)^T, with the weight in either
    order, and through the weight's oneDNN-packed copy; in bf16 at one row the engine's GEMV in either
    order and the packed kernel; in both also our C decode kernel (`kernels.cpu_decode`) on the
-   output-major weight. Every call reads a different copy of the weight (copies add up to more
-   than the caches), as a decode step does. Also the 256 MiB matrix-vector product `decode.py` uses for
-   the bandwidth roofline, in both orders.
+   output-major weight, and in fp32 our C panel kernel on the weight's panel-packed copy. Every call
+   reads a different copy of the weight (copies add up to more than the caches), as a decode step does.
+   Also the 256 MiB matrix-vector product `decode.py` uses for the bandwidth roofline, in both orders
+   and through our two kernels.
 2. Per step: our engine decoding with torch's defaults (every weight output-major, every product
    x @ W^T, no packing), with the weights arranged and this host's measured product forms but no
-   packing, with packing too (every library kernel, no C kernel), and as load_model gives it (the C
-   kernel too, where measured faster), alternating every few steps
+   packing, with packing too (every library kernel, no C kernel; its own copy of the model, packed for
+   oneDNN), and as load_model gives it (our C kernels, where measured faster), alternating every few steps
    in one process (this host's speed drifts by tens of percent within seconds), at 1, 4 and 16 concurrent
    requests. Same greedy tokens expected (different rounding may in rare near-ties change one).
 
@@ -65,6 +67,13 @@ def _c_kernel(x, w):
     return decode_gemm(x, w)  # our C decode kernel (kernels.cpu_decode), output-major weights only
 
 
+def _panel(x, w):
+    from kernels.cpu_decode import panel_gemm
+
+    packed, out_features = w  # the weight's panel-packed copy (kernels.cpu_decode.panel_pack) and its rows
+    return panel_gemm(x, packed, out_features)
+
+
 def _packed(x, w):
     from model_worker.layers.packed_gemm import packed_linear
 
@@ -76,8 +85,9 @@ def shape_seconds(out_features: int, in_features: int, rows: int, trials: int,
     """Median seconds per product of [rows, in] with an [out, in] weight in dtype, per (form, memory order).
     fp32: forms x @ W^T and (W @ x^T)^T; bf16: the engine's one-row GEMV (`layers.linear`); both: the
     oneDNN-packed kernel, as ("packed", "packed") where this torch has it (`layers.packed_gemm`), and our C
-    decode kernel as ("C kernel", "output-major") where it builds (`kernels.cpu_decode`)."""
-    from kernels.cpu_decode import decode_gemm_available
+    decode kernel as ("C kernel", "output-major") where it builds (`kernels.cpu_decode`); fp32: our C panel
+    kernel on panel-packed copies as ("panel", "panel") there too."""
+    from kernels.cpu_decode import decode_gemm_available, panel_pack
     from model_worker.layers import packed_gemm
 
     copies = max(2, _CACHE_DEFEAT_BYTES // (out_features * in_features * dtype.itemsize))
@@ -94,6 +104,11 @@ def shape_seconds(out_features: int, in_features: int, rows: int, trials: int,
     if decode_gemm_available():
         forms["C kernel"] = _c_kernel
         samples[("C kernel", "output-major")] = []
+        if dtype == torch.float32:
+            for pair in weights:
+                pair["panel"] = (panel_pack(pair["output-major"]), out_features)
+            forms["panel"] = _panel
+            samples[("panel", "panel")] = []
     for _ in range(trials):
         for form, order in samples:
             start = time.perf_counter()
@@ -105,14 +120,17 @@ def shape_seconds(out_features: int, in_features: int, rows: int, trials: int,
 
 def bandwidth_by_order(trials: int) -> dict[str, float]:
     """GB/s of the 256 MiB fp32 matrix-vector product (decode.py's bandwidth probe): torch's in both orders,
-    and our C decode kernel on the output-major matrix where it builds ("C kernel")."""
-    from kernels.cpu_decode import decode_gemm_available
+    and where they build our C decode kernel on the output-major matrix ("C kernel") and our panel kernel on
+    its panel-packed copy ("panel")."""
+    from kernels.cpu_decode import decode_gemm_available, panel_pack
 
     matrix = _orders(torch.randn(16384, 4096))
     vector = torch.randn(4096)
     products = {order: (lambda w=weight: w @ vector) for order, weight in matrix.items()}
     if decode_gemm_available():
         products["C kernel"] = lambda: _c_kernel(vector[None], matrix["output-major"])
+        panels = (panel_pack(matrix["output-major"]), 16384)
+        products["panel"] = lambda: _panel(vector[None], panels)
     samples = {name: [] for name in products}
     for _ in range(trials):
         for name, product in products.items():
@@ -189,10 +207,15 @@ def main() -> None:
     from model_worker.layers.cpu_gemm import TORCH_DEFAULTS, cpu_gemm_preferences, set_cpu_gemm_preferences
 
     measured = cpu_gemm_preferences()  # this host's choices (layers.cpu_gemm)
+    library = dataclasses.replace(measured, native_max_rows=0, panel_weights=False)
+    unpacked = dataclasses.replace(library, pack_weights=False)
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_v3(Path(tmp))
-        arranged = load_model(tmp)
+        arranged = load_model(tmp)  # packed as this host measured: panel copies where our kernel won
         output_major = load_model(tmp).arrange_weights(input_major=False)
+        set_cpu_gemm_preferences(library)
+        library_model = load_model(tmp)  # oneDNN-packed where packing won (the library kernels' own copies)
+        set_cpu_gemm_preferences(measured)
 
     print("decode GEMM forms: fp32, DeepSeek-V3-shaped model; output-major = nn.Linear's [out, in] order, "
           "input-major = the same [out, in] tensor over [in, out] memory")
@@ -200,24 +223,27 @@ def main() -> None:
     print(f"per shape: median us per product over {trials} alternating trials, each call on a different copy "
           f"(> {_CACHE_DEFEAT_BYTES >> 20} MiB of copies); out/in = output-/input-major weight")
     print(f"{'weight [out, in]':>18}{'rows':>6}{'x@W^T out':>11}{'x@W^T in':>10}{'(W@x^T)^T out':>15}"
-          f"{'(W@x^T)^T in':>14}{'packed':>8}{'C kernel':>10}{'packed vs best torch':>22}"
-          f"{'C kernel vs best library':>26}  {'best':<18}modules")
+          f"{'(W@x^T)^T in':>14}{'packed':>8}{'C kernel':>10}{'panel':>8}{'packed vs best torch':>22}"
+          f"{'C kernel vs best library':>26}{'panel vs best other':>21}  {'best':<18}modules")
     columns = [("x @ W^T", "output-major"), ("x @ W^T", "input-major"), ("(W @ x^T)^T", "output-major"),
-               ("(W @ x^T)^T", "input-major"), ("packed", "packed"), ("C kernel", "output-major")]
+               ("(W @ x^T)^T", "input-major"), ("packed", "packed"), ("C kernel", "output-major"), ("panel", "panel")]
     for (out_f, in_f), kinds in decode_gemm_shapes(arranged).items():
         for rows in (1, 4, 16):
             t = shape_seconds(out_f, in_f, rows, trials)
             best = min(t, key=t.get)
             cells = "".join(f"{t[key] * 1e6:>{width}.1f}" if key in t else f"{'-':>{width}}"
-                            for key, width in zip(columns, (11, 10, 15, 14, 8, 10)))
-            torch_best = min(value for key, value in t.items() if key[0] not in ("packed", "C kernel"))
-            library_best = min(value for key, value in t.items() if key[0] != "C kernel")
+                            for key, width in zip(columns, (11, 10, 15, 14, 8, 10, 8)))
+            torch_best = min(value for key, value in t.items() if key[0] not in ("packed", "C kernel", "panel"))
+            library_best = min(value for key, value in t.items() if key[0] not in ("C kernel", "panel"))
+            other_best = min(value for key, value in t.items() if key[0] != "panel")
+            panel_vs = f"{other_best / t[('panel', 'panel')]:.2f}x faster" if ("panel", "panel") in t else "-"
             vs = f"{torch_best / t[('packed', 'packed')]:.2f}x faster" if ("packed", "packed") in t else "-"
             c_vs = f"{library_best / t[('C kernel', 'output-major')]:.2f}x faster" \
                 if ("C kernel", "output-major") in t else "-"
-            label = best[0] if best[0] in ("packed", "C kernel") else \
+            label = best[0] if best[0] in ("packed", "C kernel", "panel") else \
                 f"{'x@W^T' if best[0] == 'x @ W^T' else '(W@x^T)^T'} {best[1][:-6]}"
-            print(f"{f'[{out_f}, {in_f}]':>18}{rows:>6}{cells}{vs:>22}{c_vs:>26}  {label:<18}{', '.join(kinds)}")
+            print(f"{f'[{out_f}, {in_f}]':>18}{rows:>6}{cells}{vs:>22}{c_vs:>26}{panel_vs:>21}  {label:<18}"
+                  f"{', '.join(kinds)}")
     print("bf16, one row: the engine's unpacked GEMV in either order, the packed kernel and our C kernel:")
     for (out_f, in_f), kinds in decode_gemm_shapes(arranged).items():
         t = shape_seconds(out_f, in_f, 1, trials, torch.bfloat16)
@@ -235,14 +261,12 @@ def main() -> None:
     print(f"per step: median ms per engine decode step, {rounds} rounds of 3 steps each, alternating; torch "
           "defaults = every weight output-major, every product x @ W^T, no packing; layout + forms = weights "
           "arranged, this host's product forms, no packing, no C kernel; libraries = that plus packing where "
-          "measured faster; ours = what load_model gives (the C kernel too where measured faster)")
+          "measured faster; ours = what load_model gives (our C kernels where measured faster)")
     print(f"{'concurrent':>10}{'torch defaults':>16}{'layout + forms':>16}{'libraries':>11}{'ours':>8}"
           f"{'ours vs defaults':>18}{'ours vs libraries':>19}  same tokens")
-    library = dataclasses.replace(measured, native_max_rows=0)
-    unpacked = dataclasses.replace(library, pack_weights=False)
     for concurrency in (1, 4, 16):
-        variants = {"defaults": (output_major, TORCH_DEFAULTS), "forms": (arranged, unpacked),
-                    "libraries": (arranged, library), "ours": (arranged, measured)}
+        variants = {"defaults": (output_major, TORCH_DEFAULTS), "forms": (library_model, unpacked),
+                    "libraries": (library_model, library), "ours": (arranged, measured)}
         seconds, same = step_seconds(variants, concurrency, rounds)
         set_cpu_gemm_preferences(measured)
         print(f"{concurrency:>10}{seconds['defaults'] * 1e3:>16.2f}{seconds['forms'] * 1e3:>16.2f}"
