@@ -147,6 +147,11 @@ def _expert_sized_weights(count: int = 16) -> list[torch.Tensor]:
     return [torch.randn(768, 768, generator=gen) for _ in range(count)]
 
 
+def _torch_one_row(weights: list[torch.Tensor], input_major: bool) -> tuple[Callable, list[torch.Tensor]]:
+    """torch's one-row product with the weights in the order this host measured faster for it."""
+    return F.linear, [w.t().contiguous().t() for w in weights] if input_major else weights
+
+
 def _native_wins_one_row(input_major_one_row: bool, pack: bool, rounds: int) -> bool:
     """Whether the C decode kernel beats every library kernel this host would use at one row on expert-sized
     weights (`_expert_sized_weights`): the small weights are where it gains most (the large ones are then
@@ -156,7 +161,7 @@ def _native_wins_one_row(input_major_one_row: bool, pack: bool, rounds: int) -> 
 
     weights = _expert_sized_weights()
     one = torch.randn(1, 768)
-    rivals = [(F.linear, [w.t().contiguous().t() for w in weights] if input_major_one_row else weights)]
+    rivals = [_torch_one_row(weights, input_major_one_row)]
     if pack:
         rivals.append((packed_gemm.packed_linear, [packed_gemm.pack_copy(w) for w in weights]))
     return all(_faster(*rival, decode_gemm, weights, one, rounds) for rival in rivals)
@@ -184,10 +189,7 @@ def _panels_win(native: bool, input_major_one_row: bool, pack: bool, wide: bool,
         sixteen_rival = (packed_gemm.packed_linear, [packed_gemm.pack_copy(w) for w in weights])
     else:
         sixteen_rival = (wide_product if wide else F.linear, weights)
-    if native:
-        one_rival = (decode_gemm, weights)
-    else:
-        one_rival = (F.linear, [w.t().contiguous().t() for w in weights] if input_major_one_row else weights)
+    one_rival = (decode_gemm, weights) if native else _torch_one_row(weights, input_major_one_row)
     return not any(_faster(panel, panels, *rival, x, rounds) for rival, x in ((sixteen_rival, sixteen),
                                                                              (one_rival, one)))
 

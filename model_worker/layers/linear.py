@@ -190,7 +190,7 @@ def linear_accumulate(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     if panel is not None:
         return panel_gemm(_rows_2d(x), panel, weight.shape[0], out, alpha)
     if out.dtype == x.dtype and x.dim() == 2 and _native_rows(x, weight, None):
-        return decode_gemm(x if x.stride(-1) == 1 else x.contiguous(), weight, out, alpha)
+        return decode_gemm(_rows_2d(x), weight, out, alpha)
     packed_weight = _packed_weight_for(x, weight, None)
     if packed_weight is not None and out.dtype == x.dtype:
         return packed_linear_add(out, x if alpha == 1 else x * alpha, packed_weight)

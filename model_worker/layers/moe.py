@@ -63,6 +63,9 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.zeros(self.n_experts, config.hidden_size, dtype=torch.float32))
         if self.kind == "sigmoid":
             self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        # Whether `sigmoid_route` takes this configuration: its groups divide the experts and hold top_k.
+        self._c_routable = self.kind == "sigmoid" and self.n_experts <= ROUTE_MAX_EXPERTS and \
+            self.n_experts % self.n_group == 0 and self.top_k <= self.topk_group * (self.n_experts // self.n_group)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] -> (weights [N, k] fp32, expert ids [N, k] int64)."""
@@ -99,9 +102,7 @@ class Router(nn.Module):
             return False
         if torch.is_grad_enabled() and logits.requires_grad or not self.e_score_correction_bias.is_contiguous():
             return False
-        groups_hold_top_k = self.n_experts % self.n_group == 0 and \
-            self.top_k <= self.topk_group * (self.n_experts // self.n_group)
-        return self.n_experts <= ROUTE_MAX_EXPERTS and groups_hold_top_k and decode_gemm_available()
+        return self._c_routable and decode_gemm_available()
 
     def _keep_top_groups(self, scores: torch.Tensor, group_scores: torch.Tensor, fill: float) -> torch.Tensor:
         """Mask experts outside the topk_group best groups. scores [N, E], group_scores [N, G]."""
@@ -208,19 +209,16 @@ class MoE(nn.Module):
         of rows each: sorted_x [N*k, D] sorted by expert, counts per expert, the stacks' panel-packed copies
         (`layers.panel_packs`) gate_up (of [E, 2I, D], hidden2 = 2I) and down (of [E, D, I], width = D)
         -> [N*k, D] in the same order."""
-        offsets = [0, *itertools.accumulate(counts)]
-        x = sorted_x if sorted_x.stride(-1) == 1 else sorted_x.contiguous()
-        hidden = _swiglu(grouped_panel_gemm(x, offsets, gate_up, hidden2))
-        return grouped_panel_gemm(hidden if hidden.is_contiguous() else hidden.contiguous(), offsets, down, width)
+        return _grouped_swiglu(sorted_x, counts, lambda x, offsets: grouped_panel_gemm(x, offsets, gate_up, hidden2),
+                               lambda h, offsets: grouped_panel_gemm(h, offsets, down, width))
 
     @staticmethod
     def _native_experts(sorted_x: torch.Tensor, counts: list[int], gate_up: torch.Tensor,
                         down: torch.Tensor) -> torch.Tensor:
         """All experts in two C calls (`kernels.cpu_decode.grouped_decode_gemm`): sorted_x [N*k, D] sorted by
         expert, counts per expert, stacks gate_up [E, 2I, D] and down [E, D, I] -> [N*k, D] in the same order."""
-        offsets = [0, *itertools.accumulate(counts)]
-        x = sorted_x if sorted_x.stride(-1) == 1 else sorted_x.contiguous()
-        return grouped_decode_gemm(_swiglu(grouped_decode_gemm(x, offsets, gate_up)), offsets, down)
+        return _grouped_swiglu(sorted_x, counts, lambda x, offsets: grouped_decode_gemm(x, offsets, gate_up),
+                               lambda h, offsets: grouped_decode_gemm(h, offsets, down))
 
     def _one_token(self, flat, weights, ids) -> torch.Tensor:
         """Decode of a single sequence: its k experts in turn, no sorting or scattering. flat [1, D] -> [1, D].
@@ -232,7 +230,6 @@ class MoE(nn.Module):
             hidden = _swiglu(linear(flat, gate_up[expert_id]))  # [1, I]
             out = linear_accumulate(out, hidden, down[expert_id], weight, down_t[expert_id])  # out + weight * down(h)
         return out
-
 
     def _one_token_panels(self, flat, weights, ids, gate_up: torch.Tensor, down: torch.Tensor,
                           hidden2: int) -> torch.Tensor:
@@ -248,6 +245,16 @@ class MoE(nn.Module):
         out = self.shared_experts(flat) if self.shared_experts is not None else torch.zeros_like(flat)
         pair_weight = torch.tensor([[weight for _, weight in pairs]], dtype=flat.dtype)  # [1, k]
         return torch.addmm(out, pair_weight, expert_out)
+
+
+def _grouped_swiglu(sorted_x: torch.Tensor, counts: list[int], gate_up, down) -> torch.Tensor:
+    """Every expert's SwiGLU over its rows of sorted_x [N*k, D] (sorted by expert, counts per expert) through
+    a grouped kernel: gate_up(x, offsets) -> [N*k, 2I] and down(h, offsets) -> [N*k, D], each taking rows with
+    unit stride along their last axis."""
+    offsets = [0, *itertools.accumulate(counts)]
+    x = sorted_x if sorted_x.stride(-1) == 1 else sorted_x.contiguous()
+    hidden = _swiglu(gate_up(x, offsets))
+    return down(hidden if hidden.stride(-1) == 1 else hidden.contiguous(), offsets)
 
 
 def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:

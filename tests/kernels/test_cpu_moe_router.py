@@ -9,7 +9,7 @@ import torch
 from kernels.cpu_decode import decode_gemm_available, native, sigmoid_route, sigmoid_route_ref
 from model_worker.layers import moe as moe_module
 from tests.model_worker.engine.engine_fixtures import tiny_config
-from tests.model_worker.kernel_spies import Spy
+from tests.model_worker.kernel_spies import spy_on
 
 pytestmark = pytest.mark.skipif(not decode_gemm_available(), reason=f"no C kernel: {native.unavailable_reason()}")
 
@@ -55,8 +55,7 @@ def test_configurations_it_cannot_select_are_refused():
 
 
 def test_the_router_selects_in_c_for_decode_batches_and_in_torch_for_prefill(monkeypatch):
-    spy = Spy(moe_module.sigmoid_route)
-    monkeypatch.setattr(moe_module, "sigmoid_route", spy)
+    spy = spy_on(monkeypatch, moe_module, "sigmoid_route")
     config = tiny_config(hidden_size=64, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
     router = moe_module.Router(config)
     g = torch.Generator().manual_seed(3)

@@ -21,6 +21,13 @@ class Spy:
         return self.fn(*args, **kwargs)
 
 
+def spy_on(monkeypatch, module, name: str) -> Spy:
+    """Replace module.name with a Spy forwarding to it for the test's length; returns the spy."""
+    spy = Spy(getattr(module, name))
+    monkeypatch.setattr(module, name, spy)
+    return spy
+
+
 @contextlib.contextmanager
 def pinned_cpu_gemm(**changes):
     """PINNED_CPU_GEMM with `changes` inside the block; afterwards the pinned preferences again, and no

@@ -15,7 +15,7 @@ from model_worker.layers.cpu_gemm import set_cpu_gemm_preferences
 from model_worker.layers.linear import linear, linear_accumulate
 from tests.conftest import PINNED_CPU_GEMM
 from tests.model_worker.engine.engine_fixtures import greedy, make_engine, random_prompt, run_to_completion, tiny_model
-from tests.model_worker.kernel_spies import Spy, pinned_cpu_gemm
+from tests.model_worker.kernel_spies import pinned_cpu_gemm, spy_on
 from tests.model_worker.test_fused_weights import _moe, _moe_reference
 
 pytestmark = pytest.mark.skipif(not decode_gemm_available(), reason="no C decode kernel on this machine")
@@ -23,9 +23,7 @@ pytestmark = pytest.mark.skipif(not decode_gemm_available(), reason="no C decode
 
 @pytest.fixture
 def spy(monkeypatch):
-    spy = Spy(linear_module.decode_gemm)
-    monkeypatch.setattr(linear_module, "decode_gemm", spy)
-    return spy
+    return spy_on(monkeypatch, linear_module, "decode_gemm")
 
 
 @pytest.fixture
@@ -139,8 +137,7 @@ def test_moe_experts_run_in_two_grouped_kernel_calls_when_no_expert_has_more_row
     for fusion in (moe._stacked_gate_up, moe._stacked_down):
         fusion.input_major = False  # the order the kernel reads (arrange_weights does this where it wins)
         fusion.get()
-    calls = Spy(moe_module.grouped_decode_gemm)
-    monkeypatch.setattr(moe_module, "grouped_decode_gemm", calls)
+    calls = spy_on(monkeypatch, moe_module, "grouped_decode_gemm")
     x = torch.randn(1, tokens, 64, generator=_gen(tokens))
     with torch.inference_mode():
         want = _moe_reference(moe, x[0])

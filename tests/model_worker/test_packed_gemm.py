@@ -18,7 +18,7 @@ from model_worker.layers import moe as moe_module
 from model_worker.layers import packed_gemm
 from model_worker.layers.linear import linear, linear_accumulate
 from tests.model_worker.engine.engine_fixtures import tiny_model
-from tests.model_worker.kernel_spies import Spy, pinned_cpu_gemm
+from tests.model_worker.kernel_spies import pinned_cpu_gemm, spy_on
 from tests.model_worker.test_fused_weights import _moe, _moe_reference, _storage
 
 pytestmark = pytest.mark.skipif(not packed_gemm.packable(torch.zeros(2, 2)), reason="torch without oneDNN")
@@ -35,9 +35,7 @@ def _packed_not_native():
 
 @pytest.fixture
 def spy(monkeypatch):
-    spy = Spy(packed_gemm.packed_linear)
-    monkeypatch.setattr(linear_module, "packed_linear", spy)
-    return spy
+    return spy_on(monkeypatch, linear_module, "packed_linear")
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -145,8 +143,7 @@ def test_packed_experts_run_one_packed_gemm_each_and_equal_the_definition(monkey
         fusion.get()
         for view in fusion.per_group()[0]:
             packed_gemm.pack(view)
-    grouped = Spy(moe_module.grouped_linear)
-    monkeypatch.setattr(moe_module, "grouped_linear", grouped)
+    grouped = spy_on(monkeypatch, moe_module, "grouped_linear")
     x = torch.randn(1, tokens, 64, generator=_gen(tokens))
     with torch.inference_mode():
         want = _moe_reference(moe, x[0])

@@ -14,7 +14,7 @@ from model_worker.layers import moe as moe_module
 from model_worker.layers import packed_gemm, panel_packs
 from model_worker.layers.linear import linear, linear_accumulate
 from tests.model_worker.engine.engine_fixtures import greedy, make_engine, random_prompt, run_to_completion, tiny_model
-from tests.model_worker.kernel_spies import Spy, pinned_cpu_gemm
+from tests.model_worker.kernel_spies import pinned_cpu_gemm, spy_on
 from tests.model_worker.test_fused_weights import _moe, _moe_reference, _storage
 
 pytestmark = pytest.mark.skipif(not decode_gemm_available(), reason="no C kernels on this machine")
@@ -22,16 +22,12 @@ pytestmark = pytest.mark.skipif(not decode_gemm_available(), reason="no C kernel
 
 @pytest.fixture
 def spy(monkeypatch):
-    spy = Spy(linear_module.panel_gemm)
-    monkeypatch.setattr(linear_module, "panel_gemm", spy)
-    return spy
+    return spy_on(monkeypatch, linear_module, "panel_gemm")
 
 
 @pytest.fixture
 def grouped_spy(monkeypatch):
-    spy = Spy(moe_module.grouped_panel_gemm)
-    monkeypatch.setattr(moe_module, "grouped_panel_gemm", spy)
-    return spy
+    return spy_on(monkeypatch, moe_module, "grouped_panel_gemm")
 
 
 def _gen(seed: int) -> torch.Generator:
