@@ -10,8 +10,8 @@ It deliberately does not: run anything (the orchestrator does), hold tool implem
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Literal
+from collections.abc import Iterable, Mapping
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -83,3 +83,35 @@ class AgentDefinition(BaseModel):
         if missing:
             raise ValueError(f"agent {self.name!r}: tools not registered: {', '.join(missing)} "
                              f"(registered: {', '.join(sorted(known)) or 'none'})")
+
+
+class AgentSource(Protocol):
+    """Where the orchestrator finds a session's agent: by tenant and name, None when there is none."""
+
+    async def resolve(self, tenant: str, name: str) -> AgentDefinition | None: ...
+
+
+class StaticAgents:
+    """A fixed set of agents, the same for every tenant (embedded use and tests)."""
+
+    def __init__(self, agents: Mapping[str, AgentDefinition] | Iterable[AgentDefinition]):
+        items = agents.values() if isinstance(agents, Mapping) else agents
+        self.by_name = {agent.name: agent for agent in items}
+
+    async def resolve(self, tenant: str, name: str) -> AgentDefinition | None:
+        return self.by_name.get(name)
+
+
+def agent_source(agents: AgentSource | Mapping[str, AgentDefinition] | Iterable[AgentDefinition]) -> AgentSource:
+    """An AgentSource as given, or a StaticAgents over a dict/list of definitions."""
+    return agents if hasattr(agents, "resolve") else StaticAgents(agents)
+
+
+DEFAULT_AGENT = AgentDefinition(
+    name="assistant",
+    instructions="You are a careful assistant. Use the calculator for arithmetic, remember useful facts with "
+                 "memory_write, look things up with memory_search, and give a short final answer.",
+    tools=["calculator", "memory_write", "memory_search", "current_time"],
+    memory=MemorySettings(k=4),
+    limits=AgentLimits(max_steps=6, max_tokens_per_step=384, max_tool_calls_per_step=2),
+)

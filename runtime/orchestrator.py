@@ -17,6 +17,7 @@ This module holds no Redis or SQL code: that is `sessions` and the memory servic
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -24,7 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from runtime.agents import AgentDefinition
+from runtime.agents import AgentDefinition, AgentSource, agent_source
 from runtime.model_client import ModelClient
 from runtime.prompts import ActionParseError, action_schema, build_messages, parse_action, repair_prompt
 from runtime.sessions import LeaseLost, SessionState, SessionStore, Step
@@ -65,24 +66,30 @@ class _Run:
 
 class Orchestrator:
     def __init__(self, store: SessionStore, model: ModelClient, tools: ToolRegistry,
-                 agents: dict[str, AgentDefinition], memory=None, *, owner: str | None = None,
+                 agents: AgentSource | dict[str, AgentDefinition], memory=None, *, owner: str | None = None,
                  settings: OrchestratorSettings | None = None):
-        self.store, self.model, self.tools, self.agents, self.memory = store, model, tools, agents, memory
+        self.store, self.model, self.tools, self.memory = store, model, tools, memory
+        self.agents = agent_source(agents)  # per-tenant lookup (a catalog), or a fixed dict for every tenant
         self.owner = owner or f"orchestrator-{uuid.uuid4().hex[:8]}"
         self.settings = settings or OrchestratorSettings()
+        self.finished: collections.Counter = collections.Counter()  # sessions this process ended, by status
+        self.active: dict[str, asyncio.Task] = {}  # sessions run_pending is driving now
 
     # ---- public API -------------------------------------------------------------------------------
     async def cancel(self, session_id: str, reason: str = "cancelled by request") -> None:
         """Stop a session at its next step boundary (a step in flight finishes and is committed first)."""
         await self.store.request_cancel(session_id, reason)
 
-    async def submit(self, tenant: str, agent: str, task: str, *, session_id: str | None = None) -> SessionState:
-        """Create (idempotently by session_id) a pending session for a registered agent."""
-        if agent not in self.agents:
+    async def submit(self, tenant: str, agent: str, task: str, *, session_id: str | None = None,
+                     thread_id: str | None = None, context: str | None = None) -> SessionState:
+        """Create (idempotently by session_id) a pending session for a registered agent; `thread_id` and
+        `context` tie it to the conversation it continues (see SessionStore.create)."""
+        if await self.agents.resolve(tenant, agent) is None:
             raise KeyError(f"unknown agent {agent!r}")
         if not task or not task.strip():
             raise ValueError("task: must not be empty")
-        return await self.store.create(tenant, agent, task, session_id=session_id)
+        return await self.store.create(tenant, agent, task, session_id=session_id, thread_id=thread_id,
+                                       context=context)
 
     async def run_session(self, session_id: str) -> SessionState:
         """Drive one session to a terminal state (or until the lease is lost to another owner)."""
@@ -93,7 +100,7 @@ class Orchestrator:
             state, steps = await self.store.load(session_id)
             if state.status in TERMINAL:
                 return state
-            agent = self.agents.get(state.agent)
+            agent = await self.agents.resolve(state.tenant, state.agent)
             run = _Run(state, steps, agent, token)
             if agent is None:
                 await self._fail(run, f"unknown agent {state.agent!r}")
@@ -110,7 +117,7 @@ class Orchestrator:
     async def run_pending(self, *, stop: asyncio.Event | None = None, poll_s: float = 0.2) -> None:
         """Serve forever: pick up pending sessions and sessions whose owner's lease expired."""
         limit = asyncio.Semaphore(self.settings.max_concurrent_sessions)
-        active: dict[str, asyncio.Task] = {}
+        active = self.active
         self._retry_after: dict[str, float] = {}
         while stop is None or not stop.is_set():
             now = time.monotonic()
@@ -218,7 +225,7 @@ class Orchestrator:
         schemas = self.tools.schemas(run.agent.tools)
         return build_messages(run.agent, run.state.task, [s.model_dump() for s in run.steps], memories, schemas,
                               run.state.summary, run.state.summarized_through,
-                              max_calls=run.agent.limits.max_tool_calls_per_step)
+                              max_calls=run.agent.limits.max_tool_calls_per_step, context=run.state.context)
 
     async def _ask_for_action(self, run: _Run, messages: list[dict]):
         """-> (action, raw text, usage), or an error string after the bounded repair attempts."""
@@ -321,6 +328,8 @@ class Orchestrator:
 
     async def _commit(self, run: _Run, step: Step, patch: dict) -> None:
         await self.store.append_step(run.state.session_id, step, self.owner, run.token, state_patch=patch)
+        if patch.get("status") in TERMINAL:
+            self.finished[patch["status"]] += 1
         run.steps.append(step)
         run.state = await self.store.state(run.state.session_id)  # the commit also emitted its events
 

@@ -258,13 +258,13 @@ def _step_messages(step: dict[str, Any]) -> list[dict[str, str]]:
 
 def build_messages(agent: AgentDefinition, task: str, steps: list[Any], memories: list[dict[str, Any]],
                    tool_schemas: list[dict[str, Any]], summary: str | None = None, summarized_through: int = 0,
-                   *, max_calls: int | None = None) -> list[dict[str, str]]:
+                   *, max_calls: int | None = None, context: str | None = None) -> list[dict[str, str]]:
     """Chat messages for the next step (render with the model's chat template, generation prompt on).
 
     steps: the session's committed steps (Step models or dicts); those with index < summarized_through
     are represented by `summary` instead, and summary/error steps are never replayed. memories:
     {"text", "kind"?, "score"?, "id"?} dicts (see `memory_dicts`). max_calls defaults to the agent's
-    `limits.max_tool_calls_per_step`.
+    `limits.max_tool_calls_per_step`. context: earlier turns of the conversation this task continues.
     """
     if not isinstance(agent, AgentDefinition):
         raise TypeError(f"agent must be an AgentDefinition, got {type(agent).__name__}")
@@ -281,6 +281,8 @@ def build_messages(agent: AgentDefinition, task: str, steps: list[Any], memories
         sections.append(_tools_section(tools))
     if memories:
         sections.append(_memories_section(memories))
+    if context:
+        sections.append(f"## Earlier in this conversation\n{context.strip()}")
     if summary:
         covered = f" (steps 0 to {summarized_through - 1})" if summarized_through else ""
         sections.append(f"## Summary of the earlier steps{covered}\n{summary.strip()}")

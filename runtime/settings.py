@@ -29,6 +29,14 @@ class Settings(BaseSettings):
     heartbeat_s: float = 3.0
     finished_session_ttl_s: int = 7 * 86400
     max_concurrent_sessions: int = 8
+    key_prefix: str = "engram"  # every Redis key of this runtime starts with it
+    # HTTP server (`engram serve`)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 1 << 20  # larger request bodies are refused (413)
+    rate_limit_per_s: float = 50.0  # requests per second per API key, with a burst of `rate_limit_burst`
+    rate_limit_burst: int = 100
+    max_streams_per_key: int = 16  # concurrent event streams per API key
     max_action_string_chars: int = 48  # bound on strings in constrained actions (keeps a weak model's
     # output inside the per-step token budget)
 

@@ -194,6 +194,7 @@ class LLMEngine:
     @property
     def stats(self) -> dict:
         return {"computed_tokens": self.runner.computed_tokens, "preemptions": self.preemptions,
+                "engram_lookups": self.runner.engram_lookups, "engram_lookup_tokens": self.runner.engram_lookup_tokens,
                 **self.block_manager.stats}
 
     def new_request_id(self) -> str:

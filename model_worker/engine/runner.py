@@ -156,6 +156,8 @@ class ModelRunner:
         self._engram_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-prefetch") \
             if model.config.uses_engram and self.device.type == "cuda" else None
         self.computed_tokens = 0  # tokens run through the model since start (prefix-cache hits excluded)
+        self.engram_lookups = 0  # Engram table lookups issued (one per Engram layer per step)
+        self.engram_lookup_tokens = 0  # tokens whose Engram rows were looked up, summed over layers
 
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
         """-> (sequences to sample for, their logits [S, vocab] fp32)."""
@@ -202,6 +204,8 @@ class ModelRunner:
             hash_ids = model.engram_hasher.hash(layer_id, compressed, valid)[pick]  # [N, C]
             return model.engram_tables.lookup(layer_id, hash_ids).flatten(-2)  # [N, C * head_dim]
 
+        self.engram_lookups += len(cfg.engram_layer_ids)
+        self.engram_lookup_tokens += len(rows) * len(cfg.engram_layer_ids)
         if self._engram_pool is not None:
             return {layer: self._engram_pool.submit(lookup, layer) for layer in cfg.engram_layer_ids}
         done = {}

@@ -34,7 +34,8 @@ local function lease_problem(state_key, owner, token, now)
 end
 """
 
-# KEYS: state, tenant_index, runnable, creation_seq. ARGV: session_id, tenant, agent, task.
+# KEYS: state, tenant_index, runnable, creation_seq. ARGV: session_id, tenant, agent, task, then optional
+# (field, value) pairs set once at creation (thread_id, context).
 # Indexes are scored by a creation sequence number, so "newest first" is exact even within a millisecond.
 CREATE = _PRELUDE + r"""
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists', redis.call('HGETALL', KEYS[1])} end
@@ -42,6 +43,7 @@ local now = now_ms()
 redis.call('HSET', KEYS[1], 'session_id', ARGV[1], 'tenant', ARGV[2], 'agent', ARGV[3], 'task', ARGV[4],
   'status', 'pending', 'step_count', '0', 'fencing_token', '0', 'summarized_through', '0',
   'created_ms', int(now), 'updated_ms', int(now))
+for i = 5, #ARGV - 1, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 local seq = redis.call('INCR', KEYS[4])
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
 redis.call('ZADD', KEYS[3], seq, ARGV[1])

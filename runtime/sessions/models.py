@@ -57,6 +57,8 @@ class SessionState(BaseModel):
     task: str
     summary: str | None = None  # running summary of turns folded out of the context window
     summarized_through: int = Field(default=0, ge=0)  # steps covered by `summary`
+    thread_id: str | None = None  # the conversation (API "session") this run belongs to, if any
+    context: str | None = None  # earlier turns of that conversation, shown to the model (set at creation)
 
     @property
     def finished(self) -> bool:

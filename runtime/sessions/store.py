@@ -136,16 +136,26 @@ class SessionStore:
         return self._tenants[session_id]
 
     # -- lifecycle ------------------------------------------------------------------------------------
-    async def create(self, tenant: str, agent: str, task: str, *, session_id: str | None = None) -> SessionState:
-        """A new pending session; the same `session_id` again returns the existing one (no duplicate)."""
+    async def create(self, tenant: str, agent: str, task: str, *, session_id: str | None = None,
+                     thread_id: str | None = None, context: str | None = None) -> SessionState:
+        """A new pending session; the same `session_id` again returns the existing one (no duplicate).
+        `thread_id` names the conversation it continues and `context` its earlier turns (both fixed here)."""
         _check_name(tenant, "tenant")
         _check_name(agent, "agent")
         if not isinstance(task, str):
             raise TypeError(f"task must be a str, got {type(task).__name__}")
+        extra: list[str] = []
+        if thread_id is not None:
+            extra += ["thread_id", validate_session_id(thread_id, "thread_id")]
+        if context is not None:
+            if not isinstance(context, str):
+                raise TypeError(f"context must be a str, got {type(context).__name__}")
+            extra += ["context", context]
         session_id = uuid.uuid4().hex if session_id is None else session_id
         keys = self._session(session_id)
         indexes = [self.keys.tenant_index(tenant), self.keys.runnable, self.keys.creation_seq]
-        code, fields = await self._run("CREATE", "create", [keys.state, *indexes], [session_id, tenant, agent, task])
+        code, fields = await self._run("CREATE", "create", [keys.state, *indexes],
+                                       [session_id, tenant, agent, task, *extra])
         state = SessionState.from_fields(_pairs(fields))
         if code == "exists" and (state.tenant, state.agent) != (tenant, agent):
             raise ValueError(f"session_id {session_id!r} already belongs to tenant {state.tenant!r}, "
@@ -366,6 +376,36 @@ class SessionStore:
                     found.append(state)
             start += _PAGE
         return found[:limit]
+
+    async def page_sessions(self, tenant: str, *, before: int | None = None, limit: int = 100,
+                            ) -> tuple[list[tuple[int, SessionState]], int | None]:
+        """One page of the tenant's sessions, newest first, as (creation sequence number, state), starting
+        below sequence number `before` (a cursor from a previous page); and the cursor of the next page
+        (None at the end). Expired sessions are skipped."""
+        _check_name(tenant, "tenant")
+        _check_positive_int(limit, "limit")
+        index = self.keys.tenant_index(tenant)
+        top = "+inf" if before is None else f"({int(before)}"
+        raw = await self._retrying("page_sessions", lambda _a: self._redis.zrevrangebyscore(
+            index, top, "-inf", start=0, num=limit, withscores=True))
+        ids = [session_id for session_id, _ in raw]
+        page = [(int(score), self._remember(SessionState.from_fields(fields)))
+                for (_, score), fields in zip(raw, await self._states(ids) if ids else []) if fields]
+        next_cursor = int(raw[-1][1]) if len(raw) == limit else None
+        return page, next_cursor
+
+    async def runnable_count(self) -> int:
+        """How many sessions are not finished (pending, or running under some lease): the queue depth."""
+        return await self._retrying("runnable_count", lambda _a: self._redis.zcard(self.keys.runnable))
+
+    async def ping(self) -> None:
+        """Raise if Redis does not answer (one attempt, no retries: a readiness check)."""
+        await self._redis.ping()
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The client, for stores that keep their own keys under the same prefix (agents, API keys)."""
+        return self._redis
 
     async def runnable_sessions(self, limit: int = 100) -> list[str]:
         """Ids of sessions that are pending, or running with no live lease (their owner died)."""

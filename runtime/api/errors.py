@@ -1,0 +1,129 @@
+"""One JSON error shape for every error the API returns, and the mapping from the runtime's exceptions.
+
+`{"error": {"type": ..., "message": ..., "field": ... | null, "param": ..., "code": ... | null}}`: `field`
+names the offending input where there is one (`param` repeats it, as OpenAI clients read it). Unexpected
+exceptions become a 500 with an error id that is also logged; a stack trace never reaches the client.
+
+Deliberately not here: deciding what is valid (the runtime's own types and checks do).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+import redis.exceptions
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from memory_service.agent_memory.records import MemoryNotFound, MemoryValidationError
+from model_worker.openai_protocol import OpenAIError
+from runtime.api_keys import ApiKeyNotFound
+from runtime.catalog import AgentConflict, AgentNotFound
+from runtime.sessions import SessionNotFound
+from runtime.tasks import ConversationBusy, IdempotencyConflict, TaskNotFound
+
+log = logging.getLogger(__name__)
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
+               413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error",
+               500: "server_error", 503: "service_unavailable"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, field: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field, self.code, self.headers = status, message, field, code, headers
+
+
+def error_body(status: int, message: str, field: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"type": ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+                      "message": message, "field": field, "param": field, "code": code}}
+
+
+def error_response(status: int, message: str, field: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, field, code), status_code=status, headers=headers)
+
+
+def _field_of(message: str) -> str | None:
+    """The runtime's validation messages start with the field's name: 'tools: not registered ...'."""
+    head = message.split(":", 1)[0]
+    return head if head and ":" in message and head.replace("_", "").replace(".", "").isalnum() else None
+
+
+def _loc(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or (str(loc[-1]) if loc else None)
+
+
+def _validation(errors: list[dict], status: int = 422) -> JSONResponse:
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    field = _loc(tuple(first.get("loc", ())))
+    message = "; ".join(f"{_loc(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors[:5])
+    return error_response(status, message or "invalid request", field)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError):
+        return error_response(exc.status, exc.message, exc.field, exc.code, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_invalid(_request: Request, exc: RequestValidationError):
+        return _validation(list(exc.errors()))
+
+    @app.exception_handler(ValidationError)
+    async def _model_invalid(_request: Request, exc: ValidationError):
+        return _validation(list(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404 and message == "Not Found":
+            message = "no such route"
+        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(OpenAIError)
+    async def _openai(_request: Request, exc: OpenAIError):
+        return error_response(exc.status_code, exc.message, exc.param, exc.code)
+
+    for not_found in (AgentNotFound, TaskNotFound, MemoryNotFound, ApiKeyNotFound, SessionNotFound):
+        app.add_exception_handler(not_found, _not_found)
+    for conflict in (AgentConflict, IdempotencyConflict, ConversationBusy):
+        app.add_exception_handler(conflict, _conflict)
+    app.add_exception_handler(MemoryValidationError, _invalid)
+    app.add_exception_handler(ValueError, _invalid)
+    app.add_exception_handler(redis.exceptions.ConnectionError, _unavailable)
+    app.add_exception_handler(redis.exceptions.TimeoutError, _unavailable)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+async def _not_found(_request: Request, exc: Exception):
+    return error_response(404, str(exc.args[0]) if exc.args else "not found")
+
+
+async def _conflict(_request: Request, exc: Exception):
+    return error_response(409, str(exc), _field_of(str(exc)))
+
+
+async def _invalid(_request: Request, exc: Exception):
+    if isinstance(exc, ValidationError):
+        return _validation(list(exc.errors()))
+    return error_response(422, str(exc), _field_of(str(exc)))
+
+
+async def _unavailable(_request: Request, exc: Exception):
+    return error_response(503, f"a dependency is unavailable: {type(exc).__name__}: {exc}",
+                          headers={"Retry-After": "1"})
+
+
+async def _unexpected(request: Request, exc: Exception):
+    error_id = secrets.token_hex(6)
+    log.error("error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
+    return error_response(500, f"internal error (id {error_id}; the server log has the details)")

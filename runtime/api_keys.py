@@ -1,0 +1,75 @@
+"""ApiKeyStore: API keys that map a caller to a tenant, kept in Redis as hashes only.
+
+A key is `engram_<id>_<secret>`: the id finds the record, the secret is checked against its SHA-256
+(random 256-bit secrets need no slow hash). The whole key is returned once, by `create`, and never stored.
+Admin keys may manage keys (the `engram keys` command does the same directly against Redis).
+
+Deliberately not here: HTTP, rate limits (the api package).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+
+import redis.asyncio as aioredis
+
+from runtime.resources import ApiKey, NewApiKey
+
+KEY_PREFIX = "engram_"
+
+
+class ApiKeyNotFound(KeyError):
+    """No key with this id."""
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class ApiKeyStore:
+    def __init__(self, redis: aioredis.Redis, *, key_prefix: str = "engram"):
+        self._redis = redis
+        self._hash = f"{key_prefix}:api_keys"
+
+    async def create(self, tenant: str, *, name: str = "", admin: bool = False) -> NewApiKey:
+        key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+        record = {"id": key_id, "tenant": tenant, "name": name, "admin": admin,
+                  "created_ms": int(time.time() * 1000), "sha256": _digest(secret)}
+        await self._redis.hset(self._hash, key_id, json.dumps(record))
+        return NewApiKey(**record, key=f"{KEY_PREFIX}{key_id}_{secret}")
+
+    async def verify(self, presented: str) -> ApiKey | None:
+        """The live key record for a presented key, or None (malformed, unknown, revoked or wrong secret)."""
+        if not presented.startswith(KEY_PREFIX) or presented.count("_") < 2:
+            return None
+        key_id, _, secret = presented[len(KEY_PREFIX):].partition("_")
+        raw = await self._redis.hget(self._hash, key_id)
+        if raw is None:
+            return None
+        record = json.loads(raw)
+        if record.get("revoked_ms") or not hmac.compare_digest(record["sha256"], _digest(secret)):
+            return None
+        return ApiKey(**record)
+
+    async def list(self, tenant: str | None = None) -> list[ApiKey]:
+        records = [json.loads(raw) for raw in (await self._redis.hgetall(self._hash)).values()]
+        keys = [ApiKey(**r) for r in records if tenant is None or r["tenant"] == tenant]
+        return sorted(keys, key=lambda k: (k.created_ms, k.id))
+
+    async def revoke(self, key_id: str) -> ApiKey:
+        raw = await self._redis.hget(self._hash, key_id)
+        if raw is None:
+            raise ApiKeyNotFound(f"API key {key_id!r} not found")
+        record = json.loads(raw)
+        record.setdefault("revoked_ms", None)
+        if not record["revoked_ms"]:
+            record["revoked_ms"] = int(time.time() * 1000)
+            await self._redis.hset(self._hash, key_id, json.dumps(record))
+        return ApiKey(**record)
+
+    async def count(self) -> int:
+        return await self._redis.hlen(self._hash)

@@ -1,0 +1,3 @@
+"""placeholder replaced below"""
+def bind_namespaces(runtime):
+    pass
