@@ -34,9 +34,9 @@ async def ensure_first_key(service, on_new_key: Callable[[str], None] | None) ->
 
 
 def create_app(settings: Settings | None = None, *, service=None,
-               on_new_key: Callable[[str], None] | None = None) -> FastAPI:
+               on_new_key: Callable[[str], None] | None = None, on_ready: Callable[[], None] | None = None) -> FastAPI:
     """The app. With `service` (a started RuntimeService) it serves that; else its lifespan starts and
-    stops an embedded LocalRuntime that runs submitted tasks."""
+    stops an embedded LocalRuntime that runs submitted tasks (`on_ready` is called once it is up)."""
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
@@ -52,6 +52,8 @@ def create_app(settings: Settings | None = None, *, service=None,
         app.state.service = runtime.service
         try:
             await ensure_first_key(runtime.service, on_new_key)
+            if on_ready is not None:
+                on_ready()
             yield
         finally:
             await runtime.close()

@@ -62,25 +62,17 @@ def _loc(loc: tuple) -> str | None:
     return ".".join(parts) or (str(loc[-1]) if loc else None)
 
 
-def _validation(errors: list[dict], status: int = 422) -> JSONResponse:
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    field = _loc(tuple(first.get("loc", ())))
+def _describe(errors: list) -> tuple[str, str | None]:
+    """(message, field) of pydantic/FastAPI validation errors: the first offending field, up to five messages."""
+    field = _loc(tuple(errors[0].get("loc", ()))) if errors else None
     message = "; ".join(f"{_loc(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors[:5])
-    return error_response(status, message or "invalid request", field)
+    return message or "invalid request", field
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError):
-        return error_response(exc.status, exc.message, exc.field, exc.code, exc.headers)
-
     @app.exception_handler(RequestValidationError)
     async def _request_invalid(_request: Request, exc: RequestValidationError):
-        return _validation(list(exc.errors()))
-
-    @app.exception_handler(ValidationError)
-    async def _model_invalid(_request: Request, exc: ValidationError):
-        return _validation(list(exc.errors()))
+        return error_response(422, *_describe(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException):
@@ -89,38 +81,45 @@ def install_error_handlers(app: FastAPI) -> None:
             message = "no such route"
         return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(OpenAIError)
-    async def _openai(_request: Request, exc: OpenAIError):
-        return error_response(exc.status_code, exc.message, exc.param, exc.code)
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError):
+        return error_response(exc.status, exc.message, exc.field, exc.code, exc.headers)
 
-    for not_found in (AgentNotFound, TaskNotFound, MemoryNotFound, ApiKeyNotFound, SessionNotFound):
-        app.add_exception_handler(not_found, _not_found)
-    for conflict in (AgentConflict, IdempotencyConflict, ConversationBusy):
-        app.add_exception_handler(conflict, _conflict)
-    app.add_exception_handler(MemoryValidationError, _invalid)
-    app.add_exception_handler(ValueError, _invalid)
-    app.add_exception_handler(redis.exceptions.ConnectionError, _unavailable)
-    app.add_exception_handler(redis.exceptions.TimeoutError, _unavailable)
+    for known in (OpenAIError, KeyError, ValueError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        app.add_exception_handler(known, _known)
     app.add_exception_handler(Exception, _unexpected)
 
 
-async def _not_found(_request: Request, exc: Exception):
-    return error_response(404, str(exc.args[0]) if exc.args else "not found")
+_NOT_FOUND = (AgentNotFound, TaskNotFound, MemoryNotFound, ApiKeyNotFound, SessionNotFound)
+_CONFLICT = (AgentConflict, IdempotencyConflict, ConversationBusy)
 
 
-async def _conflict(_request: Request, exc: Exception):
-    return error_response(409, str(exc), _field_of(str(exc)))
-
-
-async def _invalid(_request: Request, exc: Exception):
+def classify(exc: BaseException) -> tuple[int, str, str | None] | None:
+    """(status, message, field) for the runtime's own exceptions, None for anything unexpected. Shared by
+    the HTTP handlers and the in-process SDK, so both report the same error for the same cause."""
+    if isinstance(exc, ApiError):
+        return exc.status, exc.message, exc.field
+    if isinstance(exc, OpenAIError):
+        return exc.status_code, exc.message, exc.param
+    if isinstance(exc, _NOT_FOUND):
+        return 404, str(exc.args[0]) if exc.args else "not found", None
+    if isinstance(exc, _CONFLICT):
+        return 409, str(exc), _field_of(str(exc))
     if isinstance(exc, ValidationError):
-        return _validation(list(exc.errors()))
-    return error_response(422, str(exc), _field_of(str(exc)))
+        return (422, *_describe(list(exc.errors())))
+    if isinstance(exc, (MemoryValidationError, ValueError)):
+        return 422, str(exc), _field_of(str(exc))
+    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        return 503, f"a dependency is unavailable: {type(exc).__name__}: {exc}", None
+    return None
 
 
-async def _unavailable(_request: Request, exc: Exception):
-    return error_response(503, f"a dependency is unavailable: {type(exc).__name__}: {exc}",
-                          headers={"Retry-After": "1"})
+async def _known(request: Request, exc: Exception):
+    known = classify(exc)
+    if known is None:
+        return await _unexpected(request, exc)
+    status, message, field = known
+    return error_response(status, message, field, headers={"Retry-After": "1"} if status == 503 else None)
 
 
 async def _unexpected(request: Request, exc: Exception):

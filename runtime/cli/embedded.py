@@ -1,0 +1,197 @@
+"""CLI commands that run the runtime in this process on the embedded defaults (or the ENGRAM_* settings):
+`run`, `resume`, `show`, `keys` and `serve`. Commands that only read or write Redis (`show`, `keys`, and
+`resume`'s check of the id) never load a model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from runtime.api_keys import ApiKeyStore
+from runtime.cli.render import EventPrinter, print_session, print_transcript
+from runtime.redis_server import embedded_or_url
+from runtime.sdk.errors import NotFoundError
+from runtime.sessions import SessionNotFound, SessionStore
+from runtime.settings import Settings
+from runtime.tasks import ConversationNotFound, TaskBoard
+
+
+@contextlib.asynccontextmanager
+async def open_store(settings: Settings) -> AsyncIterator[SessionStore]:
+    """The session store alone (Redis: the configured one, or the embedded server under the data dir)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    url, server = embedded_or_url(settings.redis_url, settings.data_dir)
+    store = SessionStore(url, key_prefix=settings.key_prefix, retry_attempts=2)
+    try:
+        yield store
+    finally:
+        await store.close()
+        if server is not None:
+            server.stop()
+
+
+@contextlib.contextmanager
+def progress(what: str):
+    """'what... 3s' updated on a terminal while a blocking step (model loading) runs; one line otherwise."""
+    out, done, started = sys.stderr, threading.Event(), time.monotonic()
+    if not out.isatty():
+        print(f"{what}...", file=out, flush=True)
+
+    def tick() -> None:
+        while not done.wait(0.5):
+            out.write(f"\r{what}... {time.monotonic() - started:.0f}s")
+            out.flush()
+
+    ticker = threading.Thread(target=tick, daemon=True) if out.isatty() else None
+    if ticker:
+        ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if ticker:
+            ticker.join()
+            out.write(f"\r{what}: done in {time.monotonic() - started:.1f}s\n")
+            out.flush()
+
+
+async def _started_runtime(settings: Settings, tenant: str):
+    from runtime.local import LocalRuntime
+
+    runtime = LocalRuntime(settings, tenant=tenant)
+    with progress("starting the runtime (Redis, agent memory, model)"):
+        await runtime.start()
+    return runtime
+
+
+async def _follow(runtime, task_id: str) -> None:
+    """Drive the task here and print its events as they happen."""
+    driver = asyncio.create_task(runtime.orchestrator.run_session(task_id))
+    printer = EventPrinter()
+    async for event in runtime.tasks.events(task_id):
+        printer.show(event)
+    await driver
+
+
+async def run(args) -> int:
+    settings = Settings()
+    runtime = await _started_runtime(settings, args.tenant)
+    try:
+        if settings.model_path is None:
+            print("note: the demo checkpoint has random weights, so its actions are schema-valid but meaningless "
+                  "(set ENGRAM_MODEL_PATH to serve a real checkpoint)")
+        await runtime.agents.get(args.agent)  # NotFoundError for an unknown agent
+        task, _ = await runtime.service.tasks.submit(args.tenant, args.agent, args.task, conversation_id=args.session)
+        print(f"session {task.session_id}  task {task.id}", flush=True)
+        await _follow(runtime, task.id)
+        done = await runtime.tasks.get(task.id)
+        print(f"task {done.status} in {done.step_count} steps. Show it: engram show {done.id}  "
+              f"Continue: engram run --session {done.session_id} \"...\"")
+        return 0 if done.status == "completed" or not args.strict else 1
+    finally:
+        await runtime.close()
+
+
+async def _unfinished(store: SessionStore, settings: Settings, ident: str) -> list[str]:
+    """Task ids to resume for a task or session id (NotFoundError before anything else is loaded)."""
+    board = TaskBoard(store, None, key_prefix=settings.key_prefix)
+    try:
+        state = await store.state(ident)
+        return [] if state.finished else [ident]
+    except (SessionNotFound, ValueError):
+        pass
+    tenant = (await store.redis.hget(f"{settings.key_prefix}:conversation:{ident}", "tenant"))
+    if tenant is None:
+        raise NotFoundError(f"no task or session {ident!r}")
+    session = await board.conversation(tenant, ident)
+    return [task.id for task in session.tasks if not task.done]
+
+
+async def resume(args) -> int:
+    settings = Settings()
+    async with open_store(settings) as store:
+        pending = await _unfinished(store, settings, args.id)
+    if not pending:
+        print(f"{args.id}: nothing left to run (finished)")
+        return 0
+    runtime = await _started_runtime(settings, "default")
+    try:
+        for task_id in pending:
+            print(f"resuming task {task_id}", flush=True)
+            await _follow(runtime, task_id)
+        return 0
+    finally:
+        await runtime.close()
+
+
+async def show(args) -> int:
+    settings = Settings()
+    async with open_store(settings) as store:
+        board = TaskBoard(store, None, key_prefix=settings.key_prefix)
+        try:
+            state = await store.state(args.id)
+            print_transcript(await board.transcript(state.tenant, args.id))
+            return 0
+        except (SessionNotFound, ValueError):
+            pass
+        tenant = await store.redis.hget(f"{settings.key_prefix}:conversation:{args.id}", "tenant")
+        try:
+            print_session(await board.conversation(tenant or "", args.id))
+        except ConversationNotFound:
+            raise NotFoundError(f"no task or session {args.id!r}") from None
+        return 0
+
+
+async def keys(args) -> int:
+    settings = Settings()
+    async with open_store(settings) as store:
+        store_keys = ApiKeyStore(store.redis, key_prefix=settings.key_prefix)
+        if args.keys_command == "create":
+            key = await store_keys.create(args.tenant, name=args.name, admin=args.admin)
+            print(f"key id {key.id} (tenant {key.tenant}{', admin' if key.admin else ''}); the key, shown once:")
+            print(key.key)
+        elif args.keys_command == "revoke":
+            from runtime.api_keys import ApiKeyNotFound
+
+            try:
+                key = await store_keys.revoke(args.key_id)
+            except ApiKeyNotFound as exc:
+                raise NotFoundError(str(exc.args[0])) from None
+            print(f"revoked {key.id} (tenant {key.tenant})")
+        else:
+            for key in await store_keys.list(args.tenant):
+                state = "revoked" if key.revoked_ms else "active"
+                print(f"{key.id}  {key.tenant:<16}  {state:<7}  {'admin' if key.admin else 'user':<5}  {key.name}")
+    return 0
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    from runtime.api import create_app
+
+    settings = Settings()
+    host, port = args.host or settings.host, args.port or settings.port
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            print(f"error: cannot listen on {host}:{port} ({exc.strerror}); choose another with --port",
+                  file=sys.stderr)
+            return 2
+    url = f"http://{host}:{port}"
+    print(f"engram: serving {url} (API docs at {url}/docs); starting the runtime...", flush=True)
+
+    def first_key(key: str) -> None:
+        print(f"engram: created the first API key (admin, tenant 'default'); it is shown only now:\n{key}",
+              flush=True)
+
+    app = create_app(settings, on_new_key=first_key, on_ready=lambda: print(f"engram: ready at {url}", flush=True))
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+    return 0
