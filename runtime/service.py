@@ -25,7 +25,6 @@ from runtime.catalog import AgentCatalog
 from runtime.orchestrator import Orchestrator
 from runtime.resources import (
     Agent,
-    AgentUpdate,
     Memory,
     MemoryCreate,
     MemoryHit,

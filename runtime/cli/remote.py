@@ -29,7 +29,7 @@ async def _follow(client: AsyncClient, task_id: str, follow: bool) -> None:
         while True:
             try:
                 event = await (stream.__anext__() if follow else asyncio.wait_for(stream.__anext__(), 2.0))
-            except (StopAsyncIteration, asyncio.TimeoutError):
+            except (TimeoutError, StopAsyncIteration):
                 return
             printer.show(event)
     finally:

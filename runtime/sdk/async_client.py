@@ -86,7 +86,7 @@ class AsyncTasks(Tasks):
 
         try:
             await asyncio.wait_for(follow(), None if deadline is None else max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise TaskTimeout(f"task {task_id} did not finish within {timeout}s") from None
         return await self.get(task_id)
 

@@ -64,8 +64,16 @@ def test_cli_runs_a_task_and_shows_the_session(tmp_path, redis_url, monkeypatch,
         monkeypatch.setenv(f"ENGRAM_{name}", str(value))
     assert main(["run", "Add 2 and 2."]) == 0
     out = capsys.readouterr().out
-    session_id = out.split("session ", 1)[1].split()[0]
-    assert main(["show", session_id]) == 0
+    first = next(line for line in out.splitlines() if line.startswith("session "))
+    session_id, task_id = first.split()[1], first.split()[3]  # "session S  task T", printed before any step
+    assert out.splitlines().index(first) < min(i for i, line in enumerate(out.splitlines()) if "step" in line)
+    outcome = out.splitlines()[-1]  # "task completed|failed in N steps. ..."
+    assert main(["show", task_id]) == 0
     shown = capsys.readouterr().out
-    assert shown.splitlines()[0] == out.splitlines()[0]  # the same session, read back from Redis
+    assert shown.splitlines()[0].startswith(f"task {task_id} (session {session_id}, agent assistant): ")
+    assert shown.splitlines()[0].endswith(outcome.split()[1])  # the same status, read back from Redis
+    assert main(["show", session_id]) == 0
+    assert capsys.readouterr().out.startswith(f"session {session_id} (agent assistant): 1 task(s)")
+    assert main(["show", "no-such-task"]) == 1
+    assert "error: no task or session 'no-such-task'" in capsys.readouterr().err
     assert "note: the demo checkpoint" not in out  # a configured model path is not the demo

@@ -18,6 +18,12 @@ import httpx
 import uvicorn
 from fastapi.routing import APIRoute
 
+try:  # FastAPI >= 0.16x keeps included routers as one entry of app.routes each; this flattens them
+    from fastapi.routing import iter_route_contexts
+except ImportError:  # older FastAPI: app.routes is already flat
+    def iter_route_contexts(routes):
+        return iter(routes)
+
 from runtime.api import create_app
 from runtime.local import LocalRuntime
 from runtime.model_client import ModelReply
@@ -93,13 +99,14 @@ class Endpoint:
 def endpoints(app, prefix: str = "/v1") -> list[Endpoint]:
     """Every (method, path) the app routes under `prefix`, read from the app's own route table."""
     found = []
-    for route in app.routes:
-        path = getattr(route, "path", "")
+    for route in iter_route_contexts(app.routes):
+        path = getattr(route, "path", None) or ""
         if not path.startswith(prefix):
             continue
-        assert isinstance(route, APIRoute), f"{path}: not an APIRoute ({type(route).__name__}); teach the tests it"
-        for method in sorted(route.methods - {"HEAD", "OPTIONS"}):
-            found.append(Endpoint(method, path, tuple(PATH_PARAM.findall(path)), route.body_field is not None))
+        original = getattr(route, "original_route", route)
+        assert isinstance(original, APIRoute), f"{path}: not an APIRoute ({type(original).__name__}); teach the tests it"
+        for method in sorted(set(route.methods) - {"HEAD", "OPTIONS"}):
+            found.append(Endpoint(method, path, tuple(PATH_PARAM.findall(path)), original.body_field is not None))
     assert found, f"no routes under {prefix}"
     return found
 
