@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc} (is `engram serve` running there?)", file=sys.stderr)
     except EngramError as exc:
         print(f"error: {exc}", file=sys.stderr)
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): nothing left to say
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

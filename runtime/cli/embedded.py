@@ -193,5 +193,5 @@ def serve(args) -> int:
               flush=True)
 
     app = create_app(settings, on_new_key=first_key, on_ready=lambda: print(f"engram: ready at {url}", flush=True))
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
