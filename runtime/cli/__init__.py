@@ -18,9 +18,9 @@ from runtime.cli import embedded, remote
 from runtime.sdk.errors import ConnectionFailed, EngramError
 
 
-def _server_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", help="server URL (default $ENGRAM_URL or http://127.0.0.1:8080)")
-    parser.add_argument("--api-key", help="API key (default $ENGRAM_API_KEY)")
+def _server_options(parser: argparse.ArgumentParser, default=None) -> None:
+    parser.add_argument("--url", default=default, help="server URL (default $ENGRAM_URL or http://127.0.0.1:8080)")
+    parser.add_argument("--api-key", default=default, help="API key (default $ENGRAM_API_KEY)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         _server_options(command)
     for subparsers in (tasks_sub, sessions_sub, memories_sub):
         for child in subparsers.choices.values():
-            if child.prog.split()[-1] != "resume":
-                _server_options(child)
+            if child.prog.split()[-1] != "resume":  # given after the subcommand, or before it (not overwritten)
+                _server_options(child, default=argparse.SUPPRESS)
     return parser
 
 
