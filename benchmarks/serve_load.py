@@ -11,11 +11,14 @@ benchmark-only routes `/bench/*` with uvicorn on 127.0.0.1. The per-key rate lim
 raised in that server (one key drives every client; the limiter's own cost is unchanged).
 
 Clients: asyncio, one `httpx.AsyncClient` (one keep-alive connection) per simulated client, each sending
-its requests back to back (closed loop). Per concurrency: no-op POST (same body and headers as a submit,
-parsed into the same `TaskCreate` model), then submits (a fresh Idempotency-Key each), then event streams
-(submit, open the stream, time to the first event, read on to the task's final event), then event streams
-of finished tasks (replay: the first event is already stored), then wait until the runner has drained the
-queue. Request counts and each phase's time are bounded; the run stops by itself.
+its requests back to back (closed loop). Per concurrency: no-op POSTs (same body and headers as a submit,
+parsed into the same `TaskCreate` model); submits (a fresh Idempotency-Key each) with the task runner
+paused, the API path alone; submits with the runner on, as served (it executes the submitted tasks in the
+same process meanwhile); event streams (submit, open the stream, time to the first event, read on to the
+task's final event); event streams of finished tasks (replay: the first event is already stored); after
+each phase that submitted, a wait until the runner has drained the queue. Request counts, each phase's time
+and each request's time are bounded; the run stops by itself. The server process's CPU time per request
+and the other processes' share of the cores during the run are printed too (this box is shared).
 
     python benchmarks/serve_load.py [--quick] [--redis-url redis://127.0.0.1:6379/0]
 """
@@ -28,8 +31,9 @@ import contextlib
 import json
 import os
 import platform
+import random
+import select
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,7 +46,9 @@ sys.path.insert(0, str(ROOT))
 from runtime.resources import TaskCreate  # noqa: E402  (module level: FastAPI resolves the no-op's annotation here)
 
 MODEL_DELAY_S = 0.0  # the stand-in model's fixed latency per call (0: the figures are the API and runner alone)
+RUNNER_POLL_S = 0.1  # RuntimeService.start_runner's default poll interval (what LocalRuntime uses)
 CONCURRENCY = (1, 8, 32)
+OPERATION_TIMEOUT_S = 20.0  # bound on one request or one event stream (a stuck task would stream keep-alives)
 TARGET_RATIO = 1.5  # goal: submit p50 <= 1.5x the no-op p50
 BODY = {"agent": "assistant", "input": "benchmark task: say hello"}
 
@@ -73,10 +79,6 @@ class InstantModel:
 # ---- the server (subprocess) ------------------------------------------------------------------------------
 def add_bench_routes(app, service) -> None:
     """Benchmark-only routes on the app under test: the no-op floor, and the queue depth for draining."""
-
-    @app.get("/bench/noop")
-    async def noop_get() -> dict:
-        return {"ok": True}
 
     @app.post("/bench/noop")
     async def noop_post(body: TaskCreate) -> dict:
@@ -162,7 +164,7 @@ async def run_phase(clients, per_client: int, deadline_s: float, one, server_pid
             if time.perf_counter() > stop_at:
                 return
             try:
-                await one(client, c * per_client + i, phase)
+                await asyncio.wait_for(one(client, c * per_client + i, phase), OPERATION_TIMEOUT_S)
             except Exception as exc:  # counted, and shown under the table
                 phase.errors.append(f"{type(exc).__name__}: {exc}")
 
@@ -176,6 +178,7 @@ class Load:
     def __init__(self, key: str):
         self.auth = {"Authorization": f"Bearer {key}"}
         self.finished: list[str] = []  # task ids whose streams reached the final event
+        self.rng = random.Random(0)
         self.done: list[str] = []  # finished tasks whose streams the replay phase opens
 
     def submit_headers(self) -> dict:
@@ -218,29 +221,36 @@ class Load:
         raise RuntimeError("event stream ended before the task's final event")
 
     async def fresh_stream(self, client, i: int, phase: Phase) -> None:
+        # a random pause first (not timed), so submissions do not fall into step with the runner's polling
+        await asyncio.sleep(self.rng.uniform(0, RUNNER_POLL_S))
         await self.stream(client, await self.submit(client, i, None), phase)
 
     async def replay_stream(self, client, i: int, phase: Phase) -> None:
         await self.stream(client, self.done[i % len(self.done)], phase)
 
 
-async def wait_drained(client, limit_s: float) -> float:
-    """Seconds until the server's queue is empty (no pending or running task), at most limit_s."""
+async def wait_drained(client, limit_s: float, row: dict, name: str) -> None:
+    """Wait until the server's queue is empty (no pending or running task), at most limit_s; records the
+    seconds it took in row[name], and in row["undrained"] what was left when it gave up."""
     start = time.perf_counter()
-    while time.perf_counter() - start < limit_s:
+    while True:
         state = (await client.get("/bench/queue")).json()
-        if state["depth"] == 0 and state["active"] == 0:
+        left = state["depth"] + state["active"]
+        if left == 0 or time.perf_counter() - start > limit_s:
             break
         await asyncio.sleep(0.1)
-    return time.perf_counter() - start
+    row[name] = time.perf_counter() - start
+    if left:
+        row.setdefault("undrained", []).append(f"{left} tasks left after {name}")
 
 
 async def measure(port: int, key: str, server_pid: int, quick: bool) -> list[dict]:
     import httpx
 
-    # requests per phase (split over the clients) and each phase's time bound
-    noops, submits, streams, deadline_s, drain_s = (
-        (600, 400, 48, 8.0, 30.0) if quick else (3000, 1500, 320, 30.0, 90.0))
+    # requests per phase (split over the clients; paused: submits while the runner is paused) and the bounds on
+    # each phase's time and on waiting for the runner to drain the queue
+    noops, paused, submits, streams, deadline_s, drain_s = (
+        (1000, 300, 300, 32, 8.0, 30.0) if quick else (5000, 2000, 1500, 200, 30.0, 90.0))
     load = Load(key)
     base = f"http://127.0.0.1:{port}"
     results = []
@@ -250,28 +260,28 @@ async def measure(port: int, key: str, server_pid: int, quick: bool) -> list[dic
                                          limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
                        for _ in range(n)]
             try:
+                row: dict = {"clients": n}
                 warm = Phase()
                 for client in clients:  # open each connection; the first requests of a route are slower
                     for i in range(3):
                         await load.noop(client, i, warm)
                         await load.submit(client, i, None)
-                await wait_drained(control, drain_s)
-                row = {"clients": n}
+                await wait_drained(control, drain_s, row, "drain_warmup_s")
                 row["noop"] = await run_phase(clients, max(1, noops // n), deadline_s, load.noop, server_pid)
                 await control.post("/bench/runner", params={"on": False})  # the API path alone
-                row["submit_paused"] = await run_phase(clients, max(1, submits // n), deadline_s, load.submit,
+                row["submit_paused"] = await run_phase(clients, max(1, paused // n), deadline_s, load.submit,
                                                        server_pid)
                 await control.post("/bench/runner", params={"on": True})
-                await wait_drained(control, drain_s)
+                await wait_drained(control, drain_s, row, "drain_paused_s")
                 row["submit"] = await run_phase(clients, max(1, submits // n), deadline_s, load.submit, server_pid)
-                row["drain_after_submit_s"] = await wait_drained(control, drain_s)
+                await wait_drained(control, drain_s, row, "drain_after_submit_s")
                 load.finished = []
                 row["sse"] = await run_phase(clients, max(1, streams // n), deadline_s, load.fresh_stream,
                                              server_pid)
                 load.done = list(load.finished) or [await load.submit(clients[0], 0, None)]
                 row["replay"] = await run_phase(clients, max(1, streams // n), deadline_s, load.replay_stream,
                                                 server_pid)
-                row["drain_s"] = await wait_drained(control, drain_s)
+                await wait_drained(control, drain_s, row, "drain_s")
                 results.append(row)
             finally:
                 await asyncio.gather(*(client.aclose() for client in clients))
@@ -292,22 +302,32 @@ def start_server(port: int, prefix: str, redis_url: str, data_dir: str, log_path
                               "--redis-url", redis_url, "--data-dir", data_dir],
                              stdout=subprocess.PIPE, stderr=log, cwd=str(ROOT))
     log.close()
+    try:
+        return child, _wait_until_serving(child, port, log_path)
+    except BaseException:
+        stop_server(child)
+        raise
+
+
+def _wait_until_serving(child: subprocess.Popen, port: int, log_path: Path) -> str:
+    """The API key the child prints, once its /healthz answers."""
     deadline = time.monotonic() + 120
     key = None
-    while key is None:
-        line = child.stdout.readline()  # the child prints KEY ... before serving, or exits
+    while key is None:  # the child prints "KEY ..." before it serves, or exits
+        if not select.select([child.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            raise RuntimeError("server did not print its key within 120 s")
+        line = child.stdout.readline()
         if not line:
-            raise RuntimeError(f"server exited ({child.wait()}) before printing its key:\n{log_path.read_text()[-3000:]}")
+            raise RuntimeError(f"server exited ({child.wait()}) before printing its key:\n"
+                               f"{log_path.read_text()[-3000:]}")
         if line.startswith(b"KEY "):
             key = line.split()[1].decode()
-        if time.monotonic() > deadline:
-            raise RuntimeError("server did not start within 120 s")
     import httpx
 
     while True:
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return child, key
+                return key
         if child.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"server not healthy (exit {child.poll()}):\n{log_path.read_text()[-3000:]}")
         time.sleep(0.1)
@@ -399,14 +419,17 @@ def report(rows: list[dict], quick: bool, facts: str) -> None:
           "alone; on: as served, the runner executing the submitted tasks in the same process meanwhile. srv CPU: "
           "the server process's CPU per request during the phase. SSE 1st event: submit, then open "
           "GET /v1/tasks/{id}/events, until its first event (step_started, emitted when the runner picks the task "
-          "up); to final: until its final event; replay: a finished task's stream (first event already stored)")
+          f"up; the runner polls every {RUNNER_POLL_S * 1e3:.0f} ms; each stream starts after a random pause of "
+          f"0-{RUNNER_POLL_S * 1e3:.0f} ms); to final: until its final event; replay: a finished task's stream "
+          "(first event already stored)")
     phases = ("noop", "submit_paused", "submit", "sse", "replay")
     for r in rows:
         counts = ", ".join(f"{name} {len(r[name].samples)} in {r[name].wall_s:.1f} s" for name in phases)
         errors = sum(len(r[name].errors) for name in phases)
         first_error = next((e for name in phases for e in r[name].errors), "")
+        undrained = f"; NOT DRAINED: {', '.join(r['undrained'])}" if r.get("undrained") else ""
         print(f"{r['clients']:>2} clients: {counts}; queue drained {r['drain_after_submit_s']:.1f} s after the "
-              f"runner-on submits; errors {errors}{' (first: ' + first_error + ')' if errors else ''}")
+              f"runner-on submits; errors {errors}{' (first: ' + first_error + ')' if errors else ''}{undrained}")
     print(facts)
 
 

@@ -31,9 +31,14 @@ def _digest(secret: str) -> str:
 
 
 class ApiKeyStore:
-    def __init__(self, redis: aioredis.Redis, *, key_prefix: str = "engram"):
+    """cache_s: how long a verified key is trusted without asking Redis again (a key revoked by another
+    process stops working within that time; here, at once)."""
+
+    def __init__(self, redis: aioredis.Redis, *, key_prefix: str = "engram", cache_s: float = 0.0):
         self._redis = redis
         self._hash = f"{key_prefix}:api_keys"
+        self.cache_s = cache_s
+        self._verified: dict[str, tuple[float, ApiKey]] = {}  # sha256 of the presented key -> (expiry, key)
 
     async def create(self, tenant: str, *, name: str = "", admin: bool = False) -> NewApiKey:
         key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
@@ -46,6 +51,18 @@ class ApiKeyStore:
         """The live key record for a presented key, or None (malformed, unknown, revoked or wrong secret)."""
         if not presented.startswith(KEY_PREFIX) or presented.count("_") < 2:
             return None
+        digest = _digest(presented)
+        cached = self._verified.get(digest)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        key = await self._verify(presented)
+        if key is not None and self.cache_s > 0:
+            if len(self._verified) > 10_000:
+                self._verified.clear()
+            self._verified[digest] = (time.monotonic() + self.cache_s, key)
+        return key
+
+    async def _verify(self, presented: str) -> ApiKey | None:
         key_id, _, secret = presented[len(KEY_PREFIX):].partition("_")
         raw = await self._redis.hget(self._hash, key_id)
         if raw is None:
@@ -66,6 +83,7 @@ class ApiKeyStore:
             raise ApiKeyNotFound(f"API key {key_id!r} not found")
         record = json.loads(raw)
         record.setdefault("revoked_ms", None)
+        self._verified = {d: entry for d, entry in self._verified.items() if entry[1].id != key_id}
         if not record["revoked_ms"]:
             record["revoked_ms"] = int(time.time() * 1000)
             await self._redis.hset(self._hash, key_id, json.dumps(record))

@@ -40,7 +40,8 @@ class AgentCatalog:
         self.builtin = {agent.name: Agent(**agent.model_dump(), builtin=True) for agent in builtin}
         self.tool_names = None if tool_names is None else frozenset(tool_names)
 
-    def _key(self, tenant: str) -> str:
+    def key(self, tenant: str) -> str:
+        """The Redis hash of the tenant's own agents (name -> Agent JSON)."""
         return f"{self._prefix}:tenant:{tenant}:agents"
 
     def _check_tools(self, tools: list[str]) -> None:
@@ -57,12 +58,12 @@ class AgentCatalog:
             raise AgentConflict(f"agent {definition.name!r} is built in; choose another name")
         now = _now_ms()
         agent = Agent(**definition.model_dump(), created_ms=now, updated_ms=now)
-        if not await self._redis.hsetnx(self._key(tenant), definition.name, agent.model_dump_json()):
+        if not await self._redis.hsetnx(self.key(tenant), definition.name, agent.model_dump_json()):
             raise AgentConflict(f"agent {definition.name!r} already exists")
         return agent
 
     async def get(self, tenant: str, name: str) -> Agent:
-        raw = await self._redis.hget(self._key(tenant), name)
+        raw = await self._redis.hget(self.key(tenant), name)
         if raw is not None:
             return Agent.model_validate_json(raw)
         if name in self.builtin:
@@ -70,7 +71,7 @@ class AgentCatalog:
         raise AgentNotFound(f"agent {name!r} not found")
 
     async def list(self, tenant: str) -> list[Agent]:
-        own = [Agent.model_validate_json(raw) for raw in (await self._redis.hgetall(self._key(tenant))).values()]
+        own = [Agent.model_validate_json(raw) for raw in (await self._redis.hgetall(self.key(tenant))).values()]
         return sorted([*self.builtin.values(), *own], key=lambda agent: agent.name)
 
     async def update(self, tenant: str, name: str, change: AgentUpdate) -> Agent:
@@ -82,11 +83,11 @@ class AgentCatalog:
         definition = AgentDefinition.model_validate(merged)  # the whole definition stays valid
         self._check_tools(definition.tools)
         agent = Agent(**definition.model_dump(), created_ms=current.created_ms, updated_ms=_now_ms())
-        await self._redis.hset(self._key(tenant), name, agent.model_dump_json())
+        await self._redis.hset(self.key(tenant), name, agent.model_dump_json())
         return agent
 
     async def delete(self, tenant: str, name: str) -> None:
-        if not await self._redis.hdel(self._key(tenant), name):
+        if not await self._redis.hdel(self.key(tenant), name):
             if name in self.builtin:
                 raise AgentConflict(f"agent {name!r} is built in and cannot be deleted")
             raise AgentNotFound(f"agent {name!r} not found")

@@ -83,9 +83,10 @@ class LocalRuntime:
                 OrchestratorSettings(lease_ms=s.lease_ms, heartbeat_s=s.heartbeat_s,
                                      max_concurrent_sessions=s.max_concurrent_sessions,
                                      max_string_chars=s.max_action_string_chars)))
-            self.service = RuntimeService(self.store, self.orchestrator, self.catalog, self.memory,
-                                          ApiKeyStore(self.store.redis, key_prefix=s.key_prefix), worker=self.worker,
-                                          database_check=_database_check(database_url), counters=counters)
+            keys = ApiKeyStore(self.store.redis, key_prefix=s.key_prefix, cache_s=s.api_key_cache_s)
+            self.service = RuntimeService(self.store, self.orchestrator, self.catalog, self.memory, keys,
+                                          worker=self.worker, database_check=_database_check(database_url),
+                                          counters=counters)
         except BaseException:
             await self.close()
             raise

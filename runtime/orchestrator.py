@@ -74,6 +74,11 @@ class Orchestrator:
         self.settings = settings or OrchestratorSettings()
         self.finished: collections.Counter = collections.Counter()  # sessions this process ended, by status
         self.active: dict[str, asyncio.Task] = {}  # sessions run_pending is driving now
+        self._wakeup = asyncio.Event()
+
+    def wake(self) -> None:
+        """A session was submitted: let run_pending look now instead of at its next poll."""
+        self._wakeup.set()
 
     # ---- public API -------------------------------------------------------------------------------
     async def cancel(self, session_id: str, reason: str = "cancelled by request") -> None:
@@ -127,7 +132,9 @@ class Orchestrator:
             done = [sid for sid, task in active.items() if task.done()]
             for sid in done:
                 active.pop(sid)
-            await asyncio.sleep(poll_s)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), poll_s)
+            self._wakeup.clear()
 
     async def _run_guarded(self, session_id: str, limit: asyncio.Semaphore) -> None:
         """Run one session; a failure of a dependency (Redis, database, model) leaves the session as it

@@ -9,9 +9,9 @@ Deliberately not here: storage (sessions, catalog, keys) or HTTP (the `api` pack
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from runtime.agents import AGENT_NAME_PATTERN, AgentLimits, MemoryKind, MemorySettings
 
@@ -58,18 +58,27 @@ class AgentList(_Resource):
 
 
 # ---- tasks and sessions ---------------------------------------------------------------------------------
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+TaskInput = Annotated[str, Field(min_length=1, max_length=MAX_INPUT_CHARS), AfterValidator(_not_blank)]
+
+
 class TaskCreate(_Body):
     """Submit `input` to `agent`; with `session_id`, the task continues that conversation."""
 
     agent: str = Field("assistant", pattern=AGENT_NAME_PATTERN)
-    input: str = Field(min_length=1, max_length=MAX_INPUT_CHARS)
+    input: TaskInput
     session_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:@-]{1,200}$")
 
 
 class MessageCreate(_Body):
     """A new message to an existing session: it becomes the session's next task."""
 
-    input: str = Field(min_length=1, max_length=MAX_INPUT_CHARS)
+    input: TaskInput
 
 
 class Task(_Resource):
@@ -87,6 +96,17 @@ class Task(_Resource):
     @property
     def done(self) -> bool:
         return self.status in TERMINAL_TASK_STATUSES
+
+
+class TaskQuery(_Body):
+    """Filters and paging of a task listing (newest first)."""
+
+    status: TaskStatus | None = None
+    agent: str | None = Field(None, pattern=AGENT_NAME_PATTERN)
+    created_after_ms: int | None = Field(None, ge=0)
+    created_before_ms: int | None = Field(None, ge=0)
+    limit: int = Field(20, ge=1, le=200)
+    cursor: str | None = Field(None, max_length=32)
 
 
 class TaskPage(_Resource):

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     rate_limit_per_s: float = 50.0  # requests per second per API key, with a burst of `rate_limit_burst`
     rate_limit_burst: int = 100
     max_streams_per_key: int = 16  # concurrent event streams per API key
+    api_key_cache_s: float = 2.0  # a verified key is trusted this long per process (revocation elsewhere lags by it)
     max_action_string_chars: int = 48  # bound on strings in constrained actions (keeps a weak model's
     # output inside the per-step token budget)
 

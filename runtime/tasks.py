@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
-import time
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
-from runtime.orchestrator import Orchestrator
+from runtime.catalog import AgentCatalog, AgentNotFound
 from runtime.resources import (
     TERMINAL_TASK_STATUSES,
     Session,
@@ -30,21 +31,54 @@ from runtime.resources import (
     TaskTranscript,
 )
 from runtime.sessions import SessionNotFound, SessionState, SessionStore
+from runtime.sessions.lua import CREATE_SESSION, PRELUDE
+from runtime.sessions.models import validate_session_id
 
+EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")
 CONTEXT_TURNS = 8  # earlier tasks of a conversation shown to the model
 CONTEXT_CHARS_PER_TURN = 600
 IDEMPOTENCY_TTL_S = 24 * 3600
 
-# KEYS: conversation tasks list. ARGV: state-key prefix, state-key suffix, new task id.
-# Appends the task unless the conversation's last task is still pending or running.
-_APPEND = r"""
-local last = redis.call('LINDEX', KEYS[1], -1)
-if last then
-  local status = redis.call('HGET', ARGV[1] .. last .. ARGV[2], 'status')
-  if status == 'pending' or status == 'running' then return {'busy', last} end
+# One atomic submission. KEYS: 1 idempotency record, 2 the tenant's agents hash, 3 the new task's state,
+# 4 tenant index, 5 runnable set, 6 creation sequence, 7 conversation hash, 8 conversation task list.
+# ARGV: 1 task id, 2 tenant, 3 agent, 4 input, 5 request fingerprint ('' without an idempotency key),
+# 6 idempotency TTL s, 7 agent is built in ('1'/'0'), 8 conversation id, 9 new conversation ('1'/'0'),
+# 10 conversation TTL s, 11/12 state-key prefix/suffix (to read the conversation's last task), 13 context.
+# Checks come first and nothing is written unless all pass; a retry of the same call (same task id)
+# answers 'replay', so a lost reply never creates a second task.
+_SUBMIT = PRELUDE + CREATE_SESSION + r"""
+if redis.call('EXISTS', KEYS[3]) == 1 then return {'replay', ARGV[1]} end
+if ARGV[5] ~= '' then
+  local earlier = redis.call('GET', KEYS[1])
+  if earlier then
+    local record = cjson.decode(earlier)
+    if record.fingerprint ~= ARGV[5] then return {'idempotency_conflict'} end
+    return {'replay', record.task_id}
+  end
 end
-redis.call('RPUSH', KEYS[1], ARGV[3])
-return {'ok'}
+if ARGV[7] ~= '1' and redis.call('HEXISTS', KEYS[2], ARGV[3]) == 0 then return {'no_agent'} end
+if ARGV[9] == '1' then
+  redis.call('HSET', KEYS[7], 'tenant', ARGV[2], 'agent', ARGV[3], 'created_ms', int(now_ms()))
+else
+  local meta = redis.call('HMGET', KEYS[7], 'tenant', 'agent')
+  if meta[1] ~= ARGV[2] then return {'no_conversation'} end
+  if meta[2] ~= ARGV[3] then return {'agent_mismatch', meta[2]} end
+  local last = redis.call('LINDEX', KEYS[8], -1)
+  if last then
+    local status = redis.call('HGET', ARGV[11] .. last .. ARGV[12], 'status')
+    if status == 'pending' or status == 'running' then return {'busy', last} end
+  end
+end
+redis.call('RPUSH', KEYS[8], ARGV[1])
+redis.call('EXPIRE', KEYS[7], ARGV[10])
+redis.call('EXPIRE', KEYS[8], ARGV[10])
+local extra = {'thread_id', ARGV[8]}
+if ARGV[13] ~= '' then extra[3] = 'context'; extra[4] = ARGV[13] end
+create_session(KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[1], ARGV[2], ARGV[3], ARGV[4], extra)
+if ARGV[5] ~= '' then
+  redis.call('SET', KEYS[1], cjson.encode({fingerprint = ARGV[5], task_id = ARGV[1]}), 'EX', ARGV[6])
+end
+return {'ok', redis.call('HGETALL', KEYS[3])}
 """
 
 
@@ -80,11 +114,15 @@ def _fingerprint(kind: str, body: dict) -> str:
 
 
 class TaskBoard:
-    def __init__(self, store: SessionStore, orchestrator: Orchestrator, *, key_prefix: str = "engram"):
-        self.store, self.orchestrator = store, orchestrator
+    def __init__(self, store: SessionStore, catalog: AgentCatalog | None = None, *, key_prefix: str = "engram",
+                 on_submit: Callable[[], None] | None = None):
+        self.store, self.catalog = store, catalog
         self._redis: aioredis.Redis = store.redis
         self._prefix = key_prefix
-        self._append = self._redis.register_script(_APPEND)
+        self._submit = store.script(_SUBMIT, "submit")
+        self.on_submit = on_submit  # called after each new task (wakes the runner)
+        # a conversation outlives its last task's own retention by a day
+        self.conversation_ttl_s = (store.finished_ttl_s or 30 * 86400) + 86400
 
     # ---- keys -----------------------------------------------------------------------------------------
     def _conversation(self, conversation_id: str) -> str:
@@ -96,39 +134,47 @@ class TaskBoard:
     # ---- submission -----------------------------------------------------------------------------------
     async def submit(self, tenant: str, agent: str, text: str, *, conversation_id: str | None = None,
                      idempotency_key: str | None = None) -> tuple[Task, bool]:
-        """(task, created): created is False when an earlier submission with this key is returned."""
-        body = {"agent": agent, "input": text, "session_id": conversation_id}
+        """(task, created): created is False when an earlier submission with this key is returned. One Redis
+        round trip for a new conversation (plus the context read when continuing one)."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("input: must not be blank")
+        fingerprint = "" if idempotency_key is None else _fingerprint(
+            "task", {"agent": agent, "input": text, "session_id": conversation_id})
+        context = None
+        if conversation_id is not None:
+            validate_session_id(conversation_id, "session_id")
+            context = await self._context(conversation_id)
+        new_conversation = conversation_id is None
+        conversation_id = conversation_id or new_id("sess")
         task_id = new_id("task")
-        if idempotency_key is not None:
-            record = json.dumps({"fingerprint": _fingerprint("task", body), "task_id": task_id})
-            key = self._idempotency(tenant, idempotency_key)
-            if not await self._redis.set(key, record, nx=True, ex=IDEMPOTENCY_TTL_S):
-                earlier = json.loads(await self._redis.get(key) or "{}")
-                if earlier.get("fingerprint") != _fingerprint("task", body):
-                    raise IdempotencyConflict("Idempotency-Key was already used with a different request body")
-                task_id = earlier["task_id"]
-                try:
-                    return task_of(await self.store.state(task_id)), False
-                except SessionNotFound:
-                    pass  # the first attempt died before creating it: create it now, under the same id
-        if conversation_id is None:
-            conversation_id = new_id("sess")
-            await self._redis.hset(self._conversation(conversation_id), mapping={
-                "tenant": tenant, "agent": agent, "created_ms": int(time.time() * 1000)})
-        else:
-            meta = await self._conversation_meta(tenant, conversation_id)
-            if meta["agent"] != agent:
-                raise ValueError(f"agent: session {conversation_id} talks to agent {meta['agent']!r}, not {agent!r}")
-        context = await self._context(conversation_id)
         state_key = self.store.keys.session(task_id).state
-        prefix, suffix = state_key[: -len(task_id) - len(":state")], ":state"
-        reply = await self._append(keys=[f"{self._conversation(conversation_id)}:tasks"],
-                                   args=[prefix, suffix, task_id])
-        if reply[0] == "busy" and reply[1] != task_id:
+        tenant_keys = self.store.keys
+        builtin = self.catalog is not None and agent in self.catalog.builtin
+        agents_key = self.catalog.key(tenant) if self.catalog is not None else f"{self._prefix}:no-catalog"
+        reply = await self._submit(
+            [self._idempotency(tenant, idempotency_key or ""), agents_key, state_key, tenant_keys.tenant_index(tenant),
+             tenant_keys.runnable, tenant_keys.creation_seq, self._conversation(conversation_id),
+             f"{self._conversation(conversation_id)}:tasks"],
+            [task_id, tenant, agent, text, fingerprint, IDEMPOTENCY_TTL_S,
+             "1" if builtin or self.catalog is None else "0", conversation_id, "1" if new_conversation else "0",
+             self.conversation_ttl_s, *self.store.keys.state_key_affixes(), context or ""])
+        code = reply[0]
+        if code == "replay":
+            return task_of(await self.store.state(reply[1])), False
+        if code == "idempotency_conflict":
+            raise IdempotencyConflict("Idempotency-Key was already used with a different request body")
+        if code == "no_agent":
+            raise AgentNotFound(f"agent {agent!r} not found")
+        if code == "no_conversation":
+            raise ConversationNotFound(f"session {conversation_id!r} not found")
+        if code == "agent_mismatch":
+            raise ValueError(f"agent: session {conversation_id} talks to agent {reply[1]!r}, not {agent!r}")
+        if code == "busy":
             raise ConversationBusy(f"session {conversation_id} is still working on task {reply[1]}; "
                                    "wait for it to finish or cancel it")
-        state = await self.orchestrator.submit(tenant, agent, text, session_id=task_id, thread_id=conversation_id,
-                                               context=context)
+        state = SessionState.from_fields(dict(zip(reply[1][::2], reply[1][1::2])))
+        if self.on_submit is not None:
+            self.on_submit()
         return task_of(state), True
 
     async def _context(self, conversation_id: str) -> str | None:
@@ -189,14 +235,20 @@ class TaskBoard:
                 return TaskPage(data=found)
 
     async def cancel(self, tenant: str, task_id: str) -> Task:
+        """Ask the task to stop at its next step boundary (a step in flight is committed first)."""
         state = await self.state(tenant, task_id)
         if state.status not in TERMINAL_TASK_STATUSES:
-            await self.orchestrator.cancel(task_id, "cancelled by request")
+            await self.store.request_cancel(task_id, "cancelled by request")
         return task_of(state)
 
     async def events(self, tenant: str, task_id: str, *, after: str = "0-0", block_ms: int | None = None,
-                     count: int = 200) -> list[TaskEvent]:
-        await self.state(tenant, task_id)
+                     count: int = 200, tenant_checked: bool = False) -> list[TaskEvent]:
+        """Events after id `after`, oldest first (waiting up to block_ms for the first). tenant_checked: the
+        caller already confirmed the task is the tenant's (a stream checks once, not per read)."""
+        if not tenant_checked:
+            await self.state(tenant, task_id)
+        if not EVENT_ID.fullmatch(after):
+            raise ValueError(f"Last-Event-ID: not an event id like '1700000000000-0': {after!r}")
         try:
             raw = await self.store.events(task_id, after_id=after, block_ms=block_ms, count=count)
         except Exception as exc:  # redis rejects ids that are not stream ids

@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from runtime.agents import AGENT_NAME_PATTERN, AgentDefinition, MemoryKind
+from runtime.api.errors import ApiError
 from runtime.api.guards import admin, caller
 from runtime.api.sse import task_stream
 from runtime.resources import (
@@ -37,10 +38,11 @@ from runtime.resources import (
     Task,
     TaskCreate,
     TaskPage,
-    TaskStatus,
+    TaskQuery,
     TaskTranscript,
 )
 from runtime.resources import ApiKey as Caller
+from runtime.tasks import EVENT_ID
 
 router = APIRouter(prefix="/v1")
 Key = Annotated[Caller, Depends(caller)]
@@ -83,7 +85,6 @@ async def delete_agent(name: str, request: Request, key: Key) -> Response:
 async def _submit(request: Request, response: Response, tenant: str, agent: str, text: str,
                   conversation_id: str | None, idempotency_key: str | None) -> Task:
     service = _service(request)
-    await service.catalog.get(tenant, agent)  # 404 for an unknown agent, before anything is written
     task, created = await service.tasks.submit(tenant, agent, text, conversation_id=conversation_id,
                                                idempotency_key=idempotency_key)
     response.status_code = 201 if created else 200
@@ -102,15 +103,8 @@ async def submit_task(body: TaskCreate, request: Request, response: Response, ke
 
 
 @router.get("/tasks", response_model=TaskPage, tags=["tasks"])
-async def list_tasks(request: Request, key: Key, status: TaskStatus | None = None,
-                     agent: Annotated[str | None, Query(pattern=AGENT_NAME_PATTERN)] = None,
-                     created_after_ms: Annotated[int | None, Query(ge=0)] = None,
-                     created_before_ms: Annotated[int | None, Query(ge=0)] = None,
-                     limit: Annotated[int, Query(ge=1, le=200)] = 20,
-                     cursor: Annotated[str | None, Query(max_length=32)] = None) -> TaskPage:
-    return await _service(request).tasks.list(key.tenant, status=status, agent=agent,
-                                              created_after_ms=created_after_ms,
-                                              created_before_ms=created_before_ms, limit=limit, cursor=cursor)
+async def list_tasks(request: Request, key: Key, query: Annotated[TaskQuery, Query()]) -> TaskPage:
+    return await _service(request).tasks.list(key.tenant, **query.model_dump())
 
 
 @router.get("/tasks/{task_id}", response_model=Task, tags=["tasks"])
@@ -138,7 +132,9 @@ async def task_events(task_id: str, request: Request, key: Key,
     service = _service(request)
     start = last_event_id or after or "0-0"
     tasks = service.tasks
-    await tasks.events(key.tenant, task_id, after=start, count=1)  # 404 / bad id before the stream opens
+    if not EVENT_ID.fullmatch(start):
+        raise ApiError(422, f"Last-Event-ID: not an event id like '1700000000000-0': {start!r}", field="Last-Event-ID")
+    await tasks.state(key.tenant, task_id)  # 404 before the stream opens
     release = request.app.state.stream_slots.acquire(key.id)  # 429 over the per-key bound
 
     async def body():

@@ -21,14 +21,17 @@ def frame(event: TaskEvent) -> str:
 
 async def task_stream(tasks, tenant: str, task_id: str, after: str, *, block_ms: int = 15_000,
                       ) -> AsyncIterator[str]:
-    """Events of one task from `after` on, until its terminal event."""
+    """Events of one task from `after` on, until its terminal event (the caller checked the tenant)."""
+    wait_ms: int | None = None  # the first read does not block: a finished task's stream ends at once
     while True:
-        events = await tasks.events(tenant, task_id, after=after, block_ms=block_ms)
+        events = await tasks.events(tenant, task_id, after=after, block_ms=wait_ms, tenant_checked=True)
         if not events:
             state = await tasks.state(tenant, task_id)
-            if state.finished:  # the terminal event was trimmed away or the stream expired
+            if state.finished:  # resumed after the terminal event, or it was trimmed away or expired
                 return
-            yield KEEPALIVE
+            if wait_ms is not None:
+                yield KEEPALIVE
+            wait_ms = block_ms
             continue
         for event in events:
             yield frame(event)

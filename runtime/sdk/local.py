@@ -20,8 +20,11 @@ from runtime.resources import (
     MemoryCreate,
     MemoryPatch,
     MemorySearch,
+    MessageCreate,
     Task,
+    TaskCreate,
     TaskEvent,
+    TaskQuery,
 )
 from runtime.sdk.errors import TaskTimeout, error_for_status
 
@@ -85,7 +88,7 @@ class LocalTasks(_Scoped):
     @_sdk_errors
     async def submit(self, input: str, *, agent: str = "assistant", session_id: str | None = None,
                      idempotency_key: str | None = None) -> Task:
-        await self._service.catalog.get(self._tenant, agent)
+        TaskCreate(agent=agent, input=input, session_id=session_id)  # the HTTP API's checks of the body
         self._service.start_runner()
         task, _ = await self._service.tasks.submit(self._tenant, agent, input, conversation_id=session_id,
                                                    idempotency_key=idempotency_key or f"sdk-{uuid.uuid4().hex}")
@@ -98,9 +101,9 @@ class LocalTasks(_Scoped):
     @_sdk_errors
     async def list(self, *, status: str | None = None, agent: str | None = None, created_after_ms: int | None = None,
                    created_before_ms: int | None = None, limit: int = 20, cursor: str | None = None):
-        return await self._service.tasks.list(self._tenant, status=status, agent=agent,
-                                              created_after_ms=created_after_ms,
-                                              created_before_ms=created_before_ms, limit=limit, cursor=cursor)
+        query = TaskQuery(status=status, agent=agent, created_after_ms=created_after_ms,
+                          created_before_ms=created_before_ms, limit=limit, cursor=cursor)  # the API's checks
+        return await self._service.tasks.list(self._tenant, **query.model_dump())
 
     @_sdk_errors
     async def steps(self, task_id: str):
@@ -145,8 +148,10 @@ class LocalSessions(_Scoped):
     async def get(self, session_id: str):
         return await self._service.tasks.conversation(self._tenant, session_id)
 
+    @_sdk_errors
     async def send(self, session_id: str, input: str, *, idempotency_key: str | None = None) -> Task:
-        agent = await _sdk_errors(self._service.tasks.conversation_agent)(self._tenant, session_id)
+        MessageCreate(input=input)  # the HTTP API's checks of the body, before the session is looked up
+        agent = await self._service.tasks.conversation_agent(self._tenant, session_id)
         return await self._runtime.tasks.submit(input, agent=agent, session_id=session_id,
                                                 idempotency_key=idempotency_key)
 

@@ -34,6 +34,11 @@ class KeySpace:
         base = f"{self.prefix}:session:{session_id}"
         return SessionKeys(f"{base}:state", f"{base}:steps", f"{base}:tools", f"{base}:events")
 
+    def state_key_affixes(self) -> tuple[str, str]:
+        """(prefix, suffix) with `prefix + session_id + suffix == session(session_id).state`, for scripts that
+        read the state of sessions they find in an index."""
+        return f"{self.prefix}:session:", ":state"
+
     def tenant_index(self, tenant: str) -> str:
         """Sorted set of the tenant's session ids, scored by creation order (`creation_seq`)."""
         return f"{self.prefix}:tenant:{tenant}:sessions"

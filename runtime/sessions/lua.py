@@ -11,7 +11,7 @@ Deliberately not here: key naming, argument validation, JSON encoding of steps (
 
 from __future__ import annotations
 
-# Shared helpers, prepended to every script.
+# Shared helpers, prepended to every script (other modules' scripts too: `PRELUDE`).
 _PRELUDE = r"""
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 local TERMINAL = {completed = true, failed = true, cancelled = true}
@@ -34,19 +34,29 @@ local function lease_problem(state_key, owner, token, now)
 end
 """
 
+PRELUDE = _PRELUDE
+
+# A new pending session's state hash, indexed in its tenant's sessions and the runnable set; `extra` holds
+# (field, value) pairs set once at creation (thread_id, context). Indexes are scored by a creation
+# sequence number, so "newest first" is exact even within a millisecond.
+CREATE_SESSION = r"""
+local function create_session(state, tenant_index, runnable, seq_key, id, tenant, agent, task, extra)
+  local now = now_ms()
+  redis.call('HSET', state, 'session_id', id, 'tenant', tenant, 'agent', agent, 'task', task,
+    'status', 'pending', 'step_count', '0', 'fencing_token', '0', 'summarized_through', '0',
+    'created_ms', int(now), 'updated_ms', int(now))
+  for i = 1, #extra - 1, 2 do redis.call('HSET', state, extra[i], extra[i + 1]) end
+  local seq = redis.call('INCR', seq_key)
+  redis.call('ZADD', tenant_index, seq, id)
+  redis.call('ZADD', runnable, seq, id)
+end
+"""
+
 # KEYS: state, tenant_index, runnable, creation_seq. ARGV: session_id, tenant, agent, task, then optional
-# (field, value) pairs set once at creation (thread_id, context).
-# Indexes are scored by a creation sequence number, so "newest first" is exact even within a millisecond.
-CREATE = _PRELUDE + r"""
+# (field, value) pairs (see create_session).
+CREATE = _PRELUDE + CREATE_SESSION + r"""
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists', redis.call('HGETALL', KEYS[1])} end
-local now = now_ms()
-redis.call('HSET', KEYS[1], 'session_id', ARGV[1], 'tenant', ARGV[2], 'agent', ARGV[3], 'task', ARGV[4],
-  'status', 'pending', 'step_count', '0', 'fencing_token', '0', 'summarized_through', '0',
-  'created_ms', int(now), 'updated_ms', int(now))
-for i = 5, #ARGV - 1, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-local seq = redis.call('INCR', KEYS[4])
-redis.call('ZADD', KEYS[2], seq, ARGV[1])
-redis.call('ZADD', KEYS[3], seq, ARGV[1])
+create_session(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], {unpack(ARGV, 5)})
 return {'ok', redis.call('HGETALL', KEYS[1])}
 """
 
@@ -170,4 +180,18 @@ local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'type', ARGV
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl > 0 and redis.call('PTTL', KEYS[2]) < 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 return {'ok', id}
+"""
+
+# KEYS: runnable. ARGV: limit, state-key prefix, state-key suffix, how many entries to scan at most.
+# Ids of sessions, oldest first, that are pending or running with no live lease (their owner died).
+RUNNABLE = _PRELUDE + r"""
+local now, found, limit = now_ms(), {}, tonumber(ARGV[1])
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[4]) - 1)) do
+  local f = redis.call('HMGET', ARGV[2] .. id .. ARGV[3], 'status', 'lease_expires_ms')
+  if (f[1] == 'pending' or f[1] == 'running') and (not f[2] or tonumber(f[2]) <= now) then
+    found[#found + 1] = id
+    if #found >= limit then break end
+  end
+end
+return found
 """

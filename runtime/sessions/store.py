@@ -101,7 +101,8 @@ class SessionStore:
             redis_url, decode_responses=True, retry=Retry(NoBackoff(), 0),
             socket_timeout=socket_timeout_s, socket_connect_timeout=min(socket_timeout_s, 2.0))
         self._scripts = {name: self._redis.register_script(getattr(lua, name)) for name in (
-            "CREATE", "CLAIM", "HEARTBEAT", "RELEASE", "APPEND_STEP", "TOOL_INTENT", "TOOL_RESULT", "EMIT")}
+            "CREATE", "CLAIM", "HEARTBEAT", "RELEASE", "APPEND_STEP", "TOOL_INTENT", "TOOL_RESULT", "EMIT",
+            "RUNNABLE")}
         self._tenants: dict[str, str] = {}  # session id -> tenant (immutable, so safe to cache)
 
     # -- plumbing -------------------------------------------------------------------------------------
@@ -402,29 +403,28 @@ class SessionStore:
         """Raise if Redis does not answer (one attempt, no retries: a readiness check)."""
         await self._redis.ping()
 
+    def script(self, source: str, what: str) -> Callable[[list[str], list[Any]], Awaitable[list]]:
+        """A Lua script of another module over this store's keys, run like the store's own: retried on
+        transport errors, so it must be idempotent."""
+        registered = self._redis.register_script(source)
+
+        async def run(keys: list[str], args: list[Any]) -> list:
+            return await self._retrying(what, lambda _attempt: registered(keys=keys, args=args))
+
+        return run
+
     @property
     def redis(self) -> aioredis.Redis:
         """The client, for stores that keep their own keys under the same prefix (agents, API keys)."""
         return self._redis
 
-    async def runnable_sessions(self, limit: int = 100) -> list[str]:
-        """Ids of sessions that are pending, or running with no live lease (their owner died)."""
+    async def runnable_sessions(self, limit: int = 100, *, scan: int = 10_000) -> list[str]:
+        """Ids of sessions that are pending, or running with no live lease (their owner died), oldest first:
+        one script reading two fields per session, among the `scan` oldest unfinished sessions."""
         _check_positive_int(limit, "limit")
-        found: list[str] = []
-        start = 0
-        while len(found) < limit:
-            ids = await self._retrying("runnable_sessions", lambda _a, s=start: self._redis.zrange(
-                self.keys.runnable, s, s + _PAGE - 1))
-            if not ids:
-                break
-            seconds, micros = await self._retrying("time", lambda _a: self._redis.time())
-            now_ms = seconds * 1000 + micros // 1000
-            for session_id, fields in zip(ids, await self._states(ids)):
-                expires = fields.get("lease_expires_ms")
-                if fields.get("status") in ("pending", "running") and (expires is None or int(expires) <= now_ms):
-                    found.append(session_id)
-            start += _PAGE
-        return found[:limit]
+        _check_positive_int(scan, "scan")
+        prefix, suffix = self.keys.state_key_affixes()
+        return await self._run("RUNNABLE", "runnable_sessions", [self.keys.runnable], [limit, prefix, suffix, scan])
 
     async def _states(self, session_ids: list[str]) -> list[dict[str, str]]:
         async def read(_attempt: int) -> list[dict[str, str]]:

@@ -16,6 +16,7 @@ It deliberately does not: record intents or results (the session store does), re
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from abc import ABC, abstractmethod
@@ -98,8 +99,14 @@ class Tool(ABC):
     args_model: type[BaseModel]
 
     def json_schema(self) -> dict[str, Any]:
-        """`{"name", "description", "parameters"}` with the arguments' self-contained JSON schema."""
-        return {"name": self.name, "description": self.description, "parameters": parameters_schema(self.args_model)}
+        """`{"name", "description", "parameters"}` with the arguments' self-contained JSON schema (built once
+        per tool: the orchestrator asks for it at every step). A fresh copy each call: callers may edit it."""
+        cached = self.__dict__.get("_json_schema")
+        if cached is None or cached[0] != (self.name, self.description, self.args_model):
+            schema = {"name": self.name, "description": self.description,
+                      "parameters": parameters_schema(self.args_model)}
+            cached = self.__dict__["_json_schema"] = ((self.name, self.description, self.args_model), schema)
+        return copy.deepcopy(cached[1])
 
     @abstractmethod
     async def run(self, args: BaseModel, ctx: ToolContext) -> dict[str, Any]:
