@@ -41,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP API server (embedded defaults)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--embedded", action="store_true", help="one process (the only mode for now)")
+    serve.add_argument("--embedded", action="store_true", help="one process (the default)")
+    serve.add_argument("--ray", action="store_true", help="as a Ray Serve application: memory service, model "
+                       "worker and API ingress as separate deployments")
+    serve.add_argument("--address", help="with --ray: join this Ray cluster instead of starting one")
 
     keys = sub.add_parser("keys", help="create, revoke or list API keys (directly in Redis)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

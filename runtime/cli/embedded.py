@@ -185,6 +185,10 @@ def serve(args) -> int:
             print(f"error: cannot listen on {host}:{port} ({exc.strerror}); choose another with --port",
                   file=sys.stderr)
             return 2
+    if args.ray:
+        from runtime.cli.on_ray import serve_on_ray
+
+        return serve_on_ray(args, settings, host, port)
     url = f"http://{host}:{port}"
     print(f"engram: serving {url} (API docs at {url}/docs); starting the runtime...", flush=True)
 
