@@ -63,6 +63,20 @@ class CountingMemory:
         return getattr(self._inner, name)
 
 
+async def _cancel_and_wait(tasks: list[asyncio.Task], *, repeat_s: float = 1.0) -> None:
+    """Cancel the tasks and wait until they are done, cancelling again every `repeat_s` while one runs on:
+    a single cancel() can be lost (Python 3.11's asyncio.wait_for, which redis-py awaits its I/O through,
+    drops it when the awaited operation completes at the same moment), and the task would run on."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=repeat_s)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: a task that failed while stopping is not reported again at exit
+
+
 class RuntimeService:
     def __init__(self, store: SessionStore, orchestrator: Orchestrator, catalog: AgentCatalog,
                  memory: CountingMemory, keys: ApiKeyStore, *, worker=None, database_check=None,
@@ -101,12 +115,9 @@ class RuntimeService:
         """Stop taking tasks and cancel the ones running here (each releases its lease; nothing half-done is
         committed, and the next runner resumes them)."""
         self._stop.set()
-        running = [self._runner, *self.orchestrator.active.values()] if self._runner is not None else []
-        for task in running:
-            task.cancel()
-        for task in running:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._runner is not None:
+            await _cancel_and_wait([self._runner])  # first the runner, so that it starts no more sessions
+            await _cancel_and_wait(list(self.orchestrator.active.values()))
         self._runner = None
 
     # ---- agents -------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from memory_service.agent_memory.records import MemoryNotFound, MemoryValidationError
@@ -32,6 +32,33 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
                413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error",
                500: "server_error", 503: "service_unavailable"}
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    field: str | None
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The one error shape, as the OpenAPI schema documents it."""
+
+    error: ErrorDetail
+
+
+_DESCRIPTIONS = {400: "the request body could not be parsed, or a model request is invalid",
+                 401: "missing, invalid or revoked API key", 403: "needs an admin API key",
+                 404: "not found (another tenant's id answers the same)", 409: "conflicts with the current state",
+                 413: "request body over the limit", 422: "invalid request; `field` names the input",
+                 429: "rate limit or concurrent-stream limit exceeded; see Retry-After",
+                 500: "the model failed to generate", 503: "a dependency is unavailable"}
+
+
+def error_responses(*statuses: int) -> dict[int, dict]:
+    """OpenAPI `responses` documenting these error statuses with the one error shape."""
+    return {status: {"model": ErrorResponse, "description": _DESCRIPTIONS[status]} for status in statuses}
 
 
 class ApiError(Exception):
@@ -119,7 +146,8 @@ async def _known(request: Request, exc: Exception):
     if known is None:
         return await _unexpected(request, exc)
     status, message, field = known
-    return error_response(status, message, field, headers={"Retry-After": "1"} if status == 503 else None)
+    code = exc.code if isinstance(exc, OpenAIError) else None  # e.g. model_not_found: OpenAI clients read it
+    return error_response(status, message, field, code, headers={"Retry-After": "1"} if status == 503 else None)
 
 
 async def _unexpected(request: Request, exc: Exception):

@@ -14,10 +14,11 @@ from fastapi.responses import StreamingResponse
 
 from model_worker.openai_api import sse_lines
 from model_worker.openai_protocol import ChatCompletionResponse, CompletionResponse, ModelList
-from runtime.api.errors import ApiError
+from runtime.api.errors import ApiError, error_responses
 from runtime.api.guards import caller
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(caller)])
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(caller)],
+                   responses=error_responses(400, 401, 404, 413, 422, 429, 500, 503))
 OpenAIBody = Annotated[dict[str, Any], Body(description="an OpenAI request body")]
 _STREAM = {200: {"content": {"text/event-stream": {}}, "description": "with stream: true, SSE chunks then "
                  "data: [DONE]"}}

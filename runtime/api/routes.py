@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from runtime.agents import AGENT_NAME_PATTERN, AgentDefinition, MemoryKind
-from runtime.api.errors import ApiError
+from runtime.api.errors import ApiError, error_responses
 from runtime.api.guards import admin, caller
 from runtime.api.sse import task_stream
 from runtime.resources import (
@@ -44,7 +44,7 @@ from runtime.resources import (
 from runtime.resources import ApiKey as Caller
 from runtime.tasks import EVENT_ID
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", responses=error_responses(400, 401, 404, 409, 413, 422, 429, 503))
 Key = Annotated[Caller, Depends(caller)]
 AgentName = Annotated[str, Query(pattern=AGENT_NAME_PATTERN)]
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=256)]
@@ -199,18 +199,18 @@ async def delete_memory(agent: str, memory_id: str, request: Request, key: Key) 
 
 
 # ---- API keys (admin keys only) -------------------------------------------------------------------------
-@router.post("/keys", status_code=201, response_model=NewApiKey, tags=["keys"])
+@router.post("/keys", status_code=201, response_model=NewApiKey, tags=["keys"], responses=error_responses(403))
 async def create_key(body: ApiKeyCreate, request: Request,
                      _admin: Annotated[Caller, Depends(admin)]) -> NewApiKey:
     return await _service(request).keys.create(body.tenant, name=body.name, admin=body.admin)
 
 
-@router.get("/keys", response_model=ApiKeyList, tags=["keys"])
+@router.get("/keys", response_model=ApiKeyList, tags=["keys"], responses=error_responses(403))
 async def list_keys(request: Request, _admin: Annotated[Caller, Depends(admin)],
                     tenant: Annotated[str | None, Query(max_length=200)] = None) -> ApiKeyList:
     return ApiKeyList(data=await _service(request).keys.list(tenant))
 
 
-@router.delete("/keys/{key_id}", response_model=ApiKey, tags=["keys"])
+@router.delete("/keys/{key_id}", response_model=ApiKey, tags=["keys"], responses=error_responses(403))
 async def revoke_key(key_id: str, request: Request, _admin: Annotated[Caller, Depends(admin)]) -> ApiKey:
     return await _service(request).keys.revoke(key_id)

@@ -104,7 +104,9 @@ def endpoints(app, prefix: str = "/v1") -> list[Endpoint]:
         if not path.startswith(prefix):
             continue
         original = getattr(route, "original_route", route)
-        assert isinstance(original, APIRoute), f"{path}: not an APIRoute ({type(original).__name__}); teach the tests it"
+        if not isinstance(original, APIRoute):  # the docs pages; under /v1, something the tests must learn
+            assert not path.startswith("/v1"), f"{path}: not an APIRoute ({type(original).__name__})"
+            continue
         for method in sorted(set(route.methods) - {"HEAD", "OPTIONS"}):
             found.append(Endpoint(method, path, tuple(PATH_PARAM.findall(path)), original.body_field is not None))
     assert found, f"no routes under {prefix}"

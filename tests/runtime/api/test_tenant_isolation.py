@@ -75,10 +75,9 @@ def test_another_tenants_ids_answer_exactly_like_missing_ones(open_api):
                      "memory_id": memory_id, "key_id": a_key_id}
             missing = {"agent": "missing-agent", "name": "missing-agent", "task_id": "task_" + "0" * 24,
                        "session_id": "sess_" + "0" * 24, "memory_id": str(uuid.uuid4()), "key_id": "0" * 16}
-            # tenant B has a task of its own, so its lists are not trivially empty
+            # tenant B is an active tenant too, with a task of its own
             r = await c.post("/v1/tasks", headers=bearer(key_b), json={"input": "tenant b's own task"})
             assert r.status_code == 201, r.text
-            b_task = r.json()
 
             routes = endpoints(api.app)
             unknown = sorted({f"{e} ({p})" for e in routes for p in e.params if p not in a_ids})
@@ -131,7 +130,7 @@ def test_another_tenants_ids_answer_exactly_like_missing_ones(open_api):
             session = (await c.get(f"/v1/sessions/{task['session_id']}", headers=bearer(key_a))).json()
             assert [t["id"] for t in session["tasks"]] == [task["id"]]
             assert (await c.get("/v1/agents", headers=bearer(key_a))).status_code == 200  # A's key not revoked
-            return b_task
+
 
     asyncio.run(scenario())
 
@@ -186,5 +185,28 @@ def test_idempotency_keys_are_per_tenant(open_api):
             # and B's replay returns B's task, not A's
             again = await api.client.post("/v1/tasks", json=body, headers={**bearer(key_b), **headers})
             assert again.status_code == 200 and again.json()["id"] == rb.json()["id"]
+
+    asyncio.run(scenario())
+
+
+def test_a_memory_is_reachable_only_under_its_own_agent(open_api):
+    async def scenario():
+        async with open_api(model=StuckModel()) as api:
+            key = await api.key("tenant-a")
+            c = api.client
+            for name in ("owner", "other"):
+                assert (await c.post("/v1/agents", headers=bearer(key),
+                                     json={"name": name, "instructions": "x"})).status_code == 201
+            memory_id = (await c.post("/v1/agents/owner/memories", headers=bearer(key),
+                                      json={"text": MEMORY_TEXT})).json()["id"]
+            missing = str(uuid.uuid4())
+            memory_routes = [e for e in endpoints(api.app) if "memory_id" in e.params]
+            assert {e.method for e in memory_routes} == {"GET", "PATCH", "DELETE"}
+            for endpoint in memory_routes:
+                wrong = assert_error(await _send(api, endpoint, {"agent": "other", "memory_id": memory_id}, key), 404)
+                absent = assert_error(await _send(api, endpoint, {"agent": "other", "memory_id": missing}, key), 404)
+                assert wrong["message"].replace(memory_id, "<id>") == absent["message"].replace(missing, "<id>")
+            r = await c.get(f"/v1/agents/owner/memories/{memory_id}", headers=bearer(key))
+            assert r.status_code == 200 and r.json()["text"] == MEMORY_TEXT  # untouched, and there
 
     asyncio.run(scenario())
