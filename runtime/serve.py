@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 serve_log = logging.getLogger("ray.serve")  # what a replica logs here lands in its Serve replica log
 
 __all__ = ["ApiIngress", "ErrorRecord", "HandleMemory", "HandleModelClient", "MemoryServiceDeployment",
-           "ModelWorkerDeployment", "WorkerProxy", "build_app"]
+           "ModelWorkerDeployment", "WorkerProxy", "build_app", "deploy", "shutdown"]
 
 # The builder's args that configure the memory service and the model worker (the ingress takes all of
 # them as its Settings).
@@ -471,3 +472,20 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     worker = ModelWorkerDeployment.bind(model_path, settings.model_dtype, settings.kv_cache_dtype,
                                         settings.cache_budget_mib)
     return ApiIngress.bind(memory, worker, ingress_settings)
+
+
+def deploy(settings: Settings, *, host: str, port: int, address: str | None = None) -> None:
+    """Start a local Ray instance on loopback (its GCS picks a free port, never Redis's 6379) or join the
+    cluster at `address`, start Serve's HTTP proxy on host:port, and deploy the app; returns once ready."""
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    serve.start(http_options={"host": host, "port": port})
+    fields = settings.model_dump(mode="json", exclude_none=True, exclude={"host", "port"})
+    serve.run(build_app(fields), name="engram", route_prefix="/")
+
+
+def shutdown() -> None:
+    serve.shutdown()
+    ray.shutdown()

@@ -25,10 +25,7 @@ async def _first_key(settings: Settings) -> str | None:
 
 
 def serve_on_ray(args, settings: Settings, host: str, port: int) -> int:
-    import ray
-    from ray import serve
-
-    from runtime.serve import build_app
+    from runtime import serve as on_serve
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     redis_url, redis_server = embedded_or_url(settings.redis_url, settings.data_dir)
@@ -38,13 +35,7 @@ def serve_on_ray(args, settings: Settings, host: str, port: int) -> int:
         url = f"http://{host}:{port}"
         print(f"engram: deploying on Ray ({args.address or 'a local instance'}); serving {url} when ready...",
               flush=True)
-        if args.address:
-            ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
-        else:  # a local instance on loopback; its GCS picks a free port, never Redis's 6379
-            ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-        serve.start(http_options={"host": host, "port": port})
-        fields = settings.model_dump(mode="json", exclude_none=True, exclude={"host", "port"})
-        serve.run(build_app(fields), name="engram", route_prefix="/")
+        on_serve.deploy(settings, host=host, port=port, address=args.address)
         if key:
             print(f"engram: created the first API key (admin, tenant 'default'); it is shown only now:\n{key}",
                   flush=True)
@@ -54,8 +45,7 @@ def serve_on_ray(args, settings: Settings, host: str, port: int) -> int:
             signal.signal(sig, lambda *_: stop.set())
         stop.wait()
         print("engram: shutting down", file=sys.stderr)
-        serve.shutdown()
-        ray.shutdown()
+        on_serve.shutdown()
         return 0
     finally:
         if redis_server is not None:
