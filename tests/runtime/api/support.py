@@ -128,6 +128,8 @@ class ServedApi:
 
     settings: Settings
     model: Any = None  # None: LocalRuntime starts a real ModelWorker on settings.model_path
+    tenant: str = "default"  # the runtime's own tenant (its in-process namespaces) and `api_key`'s
+    api_key: str = ""  # a key of `tenant`, created at start
     runtime: LocalRuntime | None = None
     app: Any = None
     base_url: str = ""
@@ -165,9 +167,10 @@ class ServedApi:
 
     async def _serve(self, sock: socket.socket) -> None:
         self._loop = asyncio.get_running_loop()
-        self.runtime = LocalRuntime(self.settings, model=self.model)
+        self.runtime = LocalRuntime(self.settings, model=self.model, tenant=self.tenant)
         await self.runtime.start(run_tasks=True)
         try:
+            self.api_key = (await self.runtime.service.keys.create(self.tenant, name="test server")).key
             self.app = create_app(self.settings, service=self.runtime.service)
             self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2))
             self._ready.set()

@@ -16,21 +16,17 @@ import asyncio
 import contextlib
 import itertools
 import socket
-import threading
-import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import uvicorn
 
-from runtime.api import create_app
 from runtime.local import LocalRuntime
 from runtime.sdk import AsyncClient
 from runtime.settings import Settings
+from tests.runtime.api.support import ServedApi
 from tests.runtime.crash_worker import ScriptedModel
 
 TENANT = "sdk-tenant"
@@ -60,74 +56,6 @@ def free_port() -> int:
 
 
 @dataclass
-class ServedRuntime:
-    """LocalRuntime + the API on uvicorn in one background thread with its own event loop."""
-
-    settings: Settings
-    model: Any
-    tenant: str = TENANT
-    base_url: str = ""
-    api_key: str = ""
-    runtime: LocalRuntime | None = None
-    _loop: asyncio.AbstractEventLoop | None = None
-    _server: uvicorn.Server | None = None
-    _thread: threading.Thread | None = None
-    _failure: BaseException | None = None
-    _ready: threading.Event = field(default_factory=threading.Event)
-
-    def start(self, timeout_s: float = 60.0) -> ServedRuntime:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        host, port = sock.getsockname()
-        self.base_url = f"http://{host}:{port}"
-        self._thread = threading.Thread(target=self._main, args=(sock,), name="sdk-served-api", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._ready.wait(0.05):
-            if self._failure is not None or not self._thread.is_alive():
-                raise RuntimeError("the server thread failed to start") from self._failure
-            assert time.monotonic() < deadline, "the runtime did not start in time"
-        while True:
-            if self._failure is not None or not self._thread.is_alive():
-                raise RuntimeError("the server thread failed") from self._failure
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.base_url}/healthz", timeout=2).status_code == 200:
-                    return self
-            assert time.monotonic() < deadline, "the server did not answer /healthz in time"
-            time.sleep(0.02)
-
-    def _main(self, sock: socket.socket) -> None:
-        try:
-            asyncio.run(self._serve(sock))
-        except BaseException as exc:  # reported to the waiting test
-            self._failure = exc
-
-    async def _serve(self, sock: socket.socket) -> None:
-        self._loop = asyncio.get_running_loop()
-        self.runtime = LocalRuntime(self.settings, model=self.model, tenant=self.tenant)
-        await self.runtime.start(run_tasks=True)
-        try:
-            self.api_key = (await self.runtime.service.keys.create(self.tenant, name="sdk suite")).key
-            app = create_app(self.settings, service=self.runtime.service)
-            self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-            self._ready.set()
-            await self._server.serve(sockets=[sock])
-        finally:
-            sock.close()
-            await self.runtime.close()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(30)
-            assert not self._thread.is_alive(), "the server thread did not stop"
-        if self._failure is not None:
-            raise RuntimeError("the server thread failed") from self._failure
-
-
-@dataclass
 class Backend:
     """Where a scenario runs: `http` (AsyncClient over a served runtime) or `local` (LocalRuntime)."""
 
@@ -154,14 +82,14 @@ class Backend:
             await runtime.close()
 
     @staticmethod
-    async def _http(scenario, server: ServedRuntime, timeout_s: float):
+    async def _http(scenario, server: ServedApi, timeout_s: float):
         async with AsyncClient(server.base_url, server.api_key) as client:
             return await asyncio.wait_for(scenario(client), timeout_s)
 
 
 @contextlib.contextmanager
-def serve(settings: Settings, model: Any = None) -> Iterator[ServedRuntime]:
-    server = ServedRuntime(settings, model if model is not None else ScriptedModel())
+def serve(settings: Settings, model: Any = None) -> Iterator[ServedApi]:
+    server = ServedApi(settings, model if model is not None else ScriptedModel(), tenant=TENANT)
     try:
         yield server.start()
     finally:
