@@ -27,12 +27,18 @@ async def task_stream(tasks, tenant: str, task_id: str, after: str, *, block_ms:
         events = await tasks.events(tenant, task_id, after=after, block_ms=wait_ms, tenant_checked=True)
         if not events:
             state = await tasks.state(tenant, task_id)
-            if state.finished:  # resumed after the terminal event, or it was trimmed away or expired
-                return
-            if wait_ms is not None:
-                yield KEEPALIVE
-            wait_ms = block_ms
-            continue
+            if state.finished:
+                # The terminal commit writes the state and the final event in one script, so a read made
+                # after seeing the state finished has every event: nothing there means the stream was
+                # resumed after its terminal event (or trimmed, or expired).
+                events = await tasks.events(tenant, task_id, after=after, tenant_checked=True)
+                if not events:
+                    return
+            else:
+                if wait_ms is not None:
+                    yield KEEPALIVE
+                wait_ms = block_ms
+                continue
         for event in events:
             yield frame(event)
             after = event.id
