@@ -2,9 +2,10 @@
 reassemble in order.
 
 Shard i of every layer holds the rows `shard_ranges(rows, len(shards))[i]`. A shard is anything with
-`lookup(model, layer, hash_ids, out_dtype=...) -> rows` taking global row ids (an `EngramTableStore`
-in-process, or a wrapper around a remote handle). Transport, retries and replica discovery are not
-this module's job.
+`lookup(model, layer, hash_ids, out_dtype=...) -> rows` taking global row ids (an `EngramTableStore` or a
+`MemoryService` in-process, or a wrapper around a remote handle); a shard that also has `models()` is asked
+when the client is created whether it serves the model, so a wrong name fails there, not at the first
+lookup. Transport, retries and replica discovery are not this module's job.
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ import torch
 from memory_service.sharding import shard_of, shard_ranges
 
 ID_DTYPES = (torch.int64, torch.int32)
+
+
+def check_id_type(hash_ids: object) -> None:
+    """TypeError unless hash_ids is an int64 (or int32) tensor: what the in-process tables raise (the kernel's
+    argument check), so one bad input raises one error type whichever side serves the tables."""
+    if not isinstance(hash_ids, torch.Tensor) or hash_ids.dtype not in ID_DTYPES:
+        got = getattr(hash_ids, "dtype", type(hash_ids).__name__)
+        raise TypeError(f"hash_ids: expected an int64 (or int32) tensor, got {got}")
 
 
 class EngramShard(Protocol):
@@ -39,6 +48,9 @@ class ShardedEngramClient:
         for i, shard in enumerate(shards):
             if not callable(getattr(shard, "lookup", None)):
                 raise TypeError(f"shards[{i}]: {type(shard).__name__} has no lookup()")
+            served = shard.models() if callable(getattr(shard, "models", None)) else None
+            if served is not None and model not in served:
+                raise ValueError(f"model: {model!r} is not served by shards[{i}] (it serves {sorted(served)})")
         if not layers_rows:
             raise ValueError("layers_rows: need at least one Engram layer")
         for layer, rows in layers_rows.items():
@@ -89,9 +101,7 @@ class ShardedEngramClient:
         if layer_id not in self.layers_rows:
             raise ValueError(f"layer_id: model {self.model!r} has no Engram table for layer {layer_id} "
                              f"(have {sorted(self.layers_rows)})")
-        if not isinstance(hash_ids, torch.Tensor) or hash_ids.dtype not in ID_DTYPES:
-            got = getattr(hash_ids, "dtype", type(hash_ids).__name__)
-            raise ValueError(f"hash_ids: expected an int64 (or int32) tensor, got {got}")
+        check_id_type(hash_ids)
         if hash_ids.numel():
             low, high = (int(v) for v in torch.aminmax(hash_ids))
             rows = self.layers_rows[layer_id]

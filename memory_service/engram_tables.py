@@ -1,12 +1,15 @@
 """Engram tables served by one memory-service replica (or one shard of them): `EngramTableStore`.
 
 A model's tables (`engram.{layer}.table` e4m3 with `engram.{layer}.scales` e8m0 per 32 values, or
-bf16/fp16/fp32 tables without scales) are memory-mapped from `engram_tables.safetensors`; a shard maps
-only its row range (`shard_ranges`). `lookup` gathers and dequantizes rows with the same kernel as the
-in-process tables (`kernels.engram.engram_gather`), through a per-layer hot-row cache. Optional:
-`pin_gpu` copies the shard's tables to the GPU when CUDA is present; `resident_budget_bytes` bounds the
-table pages kept mapped in this process (RSS) by dropping them (madvise) once that many bytes may have
-been faulted in. Bad input raises ValueError and leaves the store serving everyone else.
+bf16/fp32 tables without scales: the dtypes the in-process tables take) are memory-mapped from
+`engram_tables.safetensors`; a shard maps only its row range (`shard_ranges`). `lookup` gathers and
+dequantizes rows with the same kernel as the in-process tables (`kernels.engram.engram_gather`), through a
+per-layer hot-row cache. Optional: `pin_gpu` copies the shard's tables to the GPU when CUDA is present;
+`resident_budget_bytes` bounds the table pages kept mapped in this process (RSS) by dropping them (madvise)
+once that many bytes may have been faulted in. Every lookup first checks that the table file was not
+truncated or replaced since it was mapped (`TableFileChanged`); `verify(model)` checks its optional checksum.
+Bad input raises the error the in-process tables raise for it (TypeError for ids that are not an int
+tensor, ValueError for the rest) and leaves the store serving everyone else.
 
 This module also re-exports the pieces callers need with it: `shard_ranges`, `ShardedEngramClient` (the
 engine-side client), `MappedTableFile`, `HotRowCache`. Transport (Ray, HTTP) is not its job.
@@ -23,16 +26,23 @@ import torch
 
 from kernels.engram import engram_gather
 from kernels.engram.gather import OUT_DTYPES, SCALE_BLOCK
-from memory_service.engram_client import ID_DTYPES, ShardedEngramClient
+from memory_service.engram_client import ShardedEngramClient, check_id_type
 from memory_service.hot_cache import HotRowCache
 from memory_service.sharding import shard_ranges
-from memory_service.table_file import FAULT_WINDOW_BYTES, MappedTableFile
+from memory_service.table_file import (
+    CHECKSUM_KEY,
+    FAULT_WINDOW_BYTES,
+    MappedTableFile,
+    TableFileChanged,
+    TableFileCorrupt,
+)
+from model_worker.engram_tables import TABLE_FORMATS
 from model_worker.loading import ENGRAM_TABLES_FILE
 
-__all__ = ["EngramTableStore", "HotRowCache", "MappedTableFile", "ShardedEngramClient", "shard_ranges",
-           "engram_layer_rows"]
+__all__ = ["EngramTableStore", "HotRowCache", "MappedTableFile", "ShardedEngramClient", "TableFileChanged",
+           "TableFileCorrupt", "engram_layer_rows", "shard_ranges"]
 
-TABLE_DTYPES = (torch.float8_e4m3fn, torch.bfloat16, torch.float16, torch.float32)
+TABLE_DTYPES = tuple(TABLE_FORMATS.values())  # the in-process rule (model_worker), so one file loads in both or neither
 _TENSOR_NAME = re.compile(r"engram\.(\d+)\.(table|scales)")
 
 
@@ -127,8 +137,10 @@ class EngramTableStore:
         self._releases = 0
 
     # ---- tables ----------------------------------------------------------------------------------
-    def add_model(self, model: str, path: str | Path, *, shard: int = 0, num_shards: int = 1) -> None:
-        """Map this shard's rows of every Engram layer in `path` (checkpoint dir or table file)."""
+    def add_model(self, model: str, path: str | Path, *, shard: int = 0, num_shards: int = 1,
+                  verify: bool = False) -> None:
+        """Map this shard's rows of every Engram layer in `path` (checkpoint dir or table file). verify: check
+        the file's checksum first (reads the whole file; ValueError if the file has none or it mismatches)."""
         if not isinstance(model, str) or not model:
             raise ValueError(f"model: expected a non-empty name, got {model!r}")
         if not isinstance(num_shards, int) or num_shards < 1 or not isinstance(shard, int) \
@@ -138,6 +150,8 @@ class EngramTableStore:
             raise ValueError(f"model: {model!r} is already served by this store")
         file = MappedTableFile(table_file_path(path))
         try:
+            if verify and not file.verify():
+                raise ValueError(f"{file.path}: verify=True but the file records no checksum ({CHECKSUM_KEY})")
             served = ServedModel(file)
             for layer, parts in sorted(_layer_entries(file).items()):
                 rows = parts["table"].rows
@@ -173,6 +187,12 @@ class EngramTableStore:
     def models(self) -> list[str]:
         return sorted(self._models)
 
+    def verify(self, model: str) -> bool:
+        """Check the model's table file against its checksum now: True if it matches, False if the file has
+        none; TableFileCorrupt / TableFileChanged if not. (Pinned tables were copied off the file: False.)"""
+        served = self._served(model)
+        return False if served.file is None else served.file.verify()
+
     def layer_rows(self, model: str) -> dict[int, int]:
         """{layer: rows of the whole table} (all shards), e.g. for `ShardedEngramClient`."""
         return {layer: table.table_rows for layer, table in self._served(model).tables.items()}
@@ -183,6 +203,9 @@ class EngramTableStore:
         """Rows of one layer.  hash_ids int64 [...] (global row ids in this shard's range)
         -> rows [..., head_dim] of out_dtype, on hash_ids' device."""
         table = self._table(model, layer)
+        file = self._served(model).file
+        if file is not None:  # before any mapped read (the hot cache's misses read the map too)
+            file.check_unchanged()
         _check_ids(hash_ids, table.row_range, model, layer)
         if out_dtype not in OUT_DTYPES:
             raise ValueError(f"out_dtype: expected one of {OUT_DTYPES}, got {out_dtype}")
@@ -267,9 +290,7 @@ class EngramTableStore:
 
 
 def _check_ids(hash_ids: torch.Tensor, row_range: tuple[int, int], model: str, layer: int) -> None:
-    if not isinstance(hash_ids, torch.Tensor) or hash_ids.dtype not in ID_DTYPES:
-        got = getattr(hash_ids, "dtype", type(hash_ids).__name__)
-        raise ValueError(f"hash_ids: expected an int64 (or int32) tensor, got {got}")
+    check_id_type(hash_ids)
     if hash_ids.numel():
         low, high = (int(v) for v in torch.aminmax(hash_ids))
         lo, hi = row_range

@@ -1,9 +1,11 @@
 """MemoryService: one front for both kinds of memory the runtime uses.
 
 - Engram tables (parametric, read-only while serving): `engram_lookup(model, layer, hash_ids)`, backed by
-  an `EngramTableStore` (memory-mapped safetensors, hot-row cache, optional shard of a row range).
-- Long-term agent memory (facts, episodes, summaries): async `write/search/get/list/update/delete/
-  forget_agent`, backed by an `AgentMemoryStore` (SQL source of truth + faiss index per agent).
+  an `EngramTableStore` (memory-mapped safetensors, hot-row cache, optional shard of a row range). The
+  service is itself an `EngramShard` (`lookup(model, layer, hash_ids, out_dtype)`, `models()`), so a
+  `ShardedEngramClient` can take MemoryService instances (or handles to them) as its shards.
+- Long-term agent memory (facts, episodes, summaries): async `write/write_many/search/get/list/update/
+  delete/forget_agent`, backed by an `AgentMemoryStore` (SQL source of truth + faiss index per agent).
 
 The SQL/faiss work is synchronous; the async methods run it on a small thread pool so the event loop
 of the orchestrator (or a Serve replica) never blocks on the database or the embedder. No Ray here:
@@ -35,9 +37,25 @@ class MemoryService:
     # ---- Engram ----------------------------------------------------------------------------------
     def engram_lookup(self, model: str, layer: int, hash_ids: torch.Tensor) -> torch.Tensor:
         """hash_ids int64 [...] -> rows [..., head_dim] fp32 (synchronous: called from engine threads)."""
+        return self._engram().lookup(model, layer, hash_ids)
+
+    # The EngramShard protocol, so that a MemoryService can be a shard of `ShardedEngramClient` directly.
+    def lookup(self, model: str, layer: int, hash_ids: torch.Tensor,
+               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Global row ids of this service's shard, int64 [...] -> rows [..., head_dim] of out_dtype."""
+        return self._engram().lookup(model, layer, hash_ids, out_dtype)
+
+    def models(self) -> list[str]:
+        """The models whose Engram tables this service holds (none without an Engram store)."""
+        return [] if self.engram is None else self.engram.models()
+
+    def layer_rows(self, model: str) -> dict[int, int]:
+        return self._engram().layer_rows(model)
+
+    def _engram(self) -> EngramTableStore:
         if self.engram is None:
             raise RuntimeError("this memory service serves no Engram tables")
-        return self.engram.lookup(model, layer, hash_ids)
+        return self.engram
 
     # ---- agent memory ----------------------------------------------------------------------------
     async def _run(self, fn, *args, **kwargs):
@@ -47,6 +65,9 @@ class MemoryService:
 
     async def write(self, tenant: str, agent: str, text: str, **kwargs):
         return await self._run(self.agent_memory.write, tenant, agent, text, **kwargs)
+
+    async def write_many(self, tenant: str, agent: str, items, **kwargs):
+        return await self._run(self.agent_memory.write_many, tenant, agent, items, **kwargs)
 
     async def search(self, tenant: str, agent: str, query: str, **kwargs):
         return await self._run(self.agent_memory.search, tenant, agent, query, **kwargs)

@@ -95,6 +95,7 @@ class EngramHasher:
         self.max_ngram_size = int(max_ngram_size)
         self.n_heads = int(n_heads)
         self.pad_id = int(pad_id)
+        self.compressed_vocab_size = int(compressed_vocab_size)
         self.n_hash_cols = (self.max_ngram_size - 1) * self.n_heads
         primes = engram_primes(self.layer_ids, max_ngram_size, n_heads, engram_vocab_size)
         self.primes: dict[int, torch.Tensor] = {}  # [n_hash_cols] per layer, (n-gram, head) order
@@ -132,5 +133,11 @@ class EngramHasher:
         self._check_layer(layer_id)
         if not isinstance(compressed_ids, torch.Tensor):
             raise TypeError(f"compressed_ids: expected a torch.Tensor, got {type(compressed_ids).__name__}")
+        if compressed_ids.numel() and not compressed_ids.is_floating_point():
+            # refused before hashing: an id past the vocabulary would hash (and overflow) silently to some row
+            low, high = (int(v) for v in torch.aminmax(compressed_ids))
+            if low < 0 or high >= self.compressed_vocab_size:
+                raise ValueError(f"compressed_ids: token ids must lie in [0, {self.compressed_vocab_size}), "
+                                 f"got min {low} max {high}")
         multipliers, primes, offsets = self._params(layer_id, compressed_ids.device)
         return engram_hash(compressed_ids, multipliers, primes, offsets, self.pad_id, valid_mask)

@@ -6,8 +6,8 @@ so a crash between the two loses nothing: indexes are rebuilt from the database 
 update that fails marks that agent's indexes stale, to be rebuilt from the database on its next search.
 Search results are always read back from the database, so an index entry whose row is gone never surfaces.
 Every call is scoped by tenant: another tenant's memory id, or agent name, behaves exactly like a missing
-one. Search and list on an agent that has never written (or was forgotten) raise MemoryNotFound;
-`forget_agent` of an unknown agent returns 0 (forgetting is idempotent).
+one. Search on an agent that has never written (or was forgotten) returns no hits; list on one raises
+MemoryNotFound; `forget_agent` of an unknown agent returns 0 (forgetting is idempotent).
 
 Writes to one agent are serialised in this process (its lock spans the commit and the index update, so
 the index applies changes in commit order). One process owns the indexes: another process writing to the
@@ -23,13 +23,13 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, bindparam, delete, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -74,6 +74,21 @@ def _now() -> datetime:
 RECORD_COLUMNS = (Memory.id, Memory.tenant_id, Memory.agent_id, Memory.kind, Memory.text, Memory.meta.label("meta"),
                   Memory.source_session, Memory.source_step, Memory.created_at, Memory.updated_at,
                   Memory.idempotency_key)
+
+
+# Statements built once (SQLAlchemy caches their compiled form): the hot paths run Core, not the ORM.
+INSERT_MEMORY = insert(Memory.__table__)  # parameters by column name
+READ_ROWS = select(*RECORD_COLUMNS).where(Memory.id.in_(bindparam("ids", expanding=True)))
+WRITE_FIELDS = frozenset({"text", "kind", "metadata", "idempotency_key", "source_session", "source_step"})
+
+
+def _record_of(values: dict[str, Any]) -> MemoryRecord:
+    """The record of a row just inserted, from its INSERT parameters (no read back)."""
+    return MemoryRecord(
+        id=values["id"], tenant=values["tenant_id"], agent=values["agent_id"], kind=values["kind"],
+        text=values["text"], metadata=values["metadata"], source_session=values["source_session"],
+        source_step=values["source_step"], created_at=values["created_at"].replace(tzinfo=UTC),
+        updated_at=values["updated_at"].replace(tzinfo=UTC), idempotency_key=values["idempotency_key"])
 
 
 def _record(row: Any) -> MemoryRecord:
@@ -220,6 +235,21 @@ class AgentMemoryStore:
                 log.exception("index update of memory %s failed; agent %s indexes will be rebuilt", memory_id, key)
                 state.vectors = state.keywords = None
 
+    def _apply_many(self, key: AgentKey, memory_ids: list[str], vectors: np.ndarray, texts: list[str]) -> None:
+        """Mirror committed inserts (new ids) into the agent's indexes in one index call."""
+        state = self._agents.setdefault(key, _AgentIndexes())
+        with state.lock:
+            try:
+                if state.vectors is not None:
+                    state.vectors.add(memory_ids, vectors)
+                if state.keywords is not None:
+                    for memory_id, text in zip(memory_ids, texts):
+                        state.keywords.add(memory_id, text)
+            except Exception:
+                log.exception("index update of %d memories failed; agent %s indexes will be rebuilt",
+                              len(memory_ids), key)
+                state.vectors = state.keywords = None
+
     # ---- helpers ---------------------------------------------------------------------------------------
 
     def _write_lock(self, key: AgentKey) -> threading.RLock:
@@ -244,12 +274,9 @@ class AgentMemoryStore:
         return row
 
     def _by_key(self, tenant: str, key: str) -> MemoryRecord | None:
-        with self._sessions() as session:
-            row = session.execute(select(*RECORD_COLUMNS).where(Memory.tenant_id == tenant,
-                                                               Memory.idempotency_key == key)).one_or_none()
-            return None if row is None else _record(row)
+        return self._by_keys(tenant, [key]).get(key)
 
-    def _ensure_agent(self, session: Session, tenant: str, agent: str, now: datetime) -> None:
+    def _ensure_agent(self, session: Session | Any, tenant: str, agent: str, now: datetime) -> None:
         insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
         session.execute(insert(Tenant).values(id=tenant, created_at=now).on_conflict_do_nothing())
         session.execute(insert(Agent).values(tenant_id=tenant, id=agent, created_at=now).on_conflict_do_nothing())
@@ -258,28 +285,29 @@ class AgentMemoryStore:
 
     def write(self, tenant: str, agent: str, text: str, *, kind: str = "fact", metadata: dict | None = None,
               idempotency_key: str | None = None, source_session: str | None = None,
-              source_step: int | None = None) -> MemoryRecord:
+              source_step: int | None = None, vector: np.ndarray | None = None) -> MemoryRecord:
         """Store a memory. With an idempotency key (unique per tenant), a retried write returns the memory
-        the first write made (whatever the retry's text), never a duplicate."""
+        the first write made (whatever the retry's text), never a duplicate. `vector`: the text's embedding,
+        computed beforehand by this store's embedder (bulk imports); it is checked and normalised, not
+        recomputed."""
         self._open()
         key = (check.name(tenant, "tenant"), check.name(agent, "agent"))
-        text = check.text(text, "text", self.max_text_chars)
-        row = Memory(id=str(uuid.uuid4()), tenant_id=tenant, agent_id=agent, kind=check.kind(kind), text=text,
-                     meta=check.metadata(metadata), embedding_model=self.embedder.name,
-                     source_session=check.optional_key(source_session, "source_session"),
-                     source_step=check.optional_step(source_step),
-                     idempotency_key=check.optional_key(idempotency_key, "idempotency_key"))
+        values = self._row_values(key, dict(text=text, kind=kind, metadata=metadata, idempotency_key=idempotency_key,
+                                            source_session=source_session, source_step=source_step))
         if idempotency_key is not None and (earlier := self._by_key(tenant, idempotency_key)) is not None:
             return earlier
-        vector = self._embed([text], "text")[0]
-        row.embedding = vector.tobytes()
+        if vector is None:
+            vector = self._embed([values["text"]], "text")[0]
+        else:
+            vector = self._given_vectors(np.asarray(vector)[None], 1, "vector")[0]
+        values["embedding"] = vector.tobytes()
         with self._write_lock(key):
-            row.created_at = row.updated_at = _now()
+            values["created_at"] = values["updated_at"] = _now()
             try:
-                with self._sessions.begin() as session:
+                with self._engine.begin() as connection:
                     if key not in self._agents:
-                        self._ensure_agent(session, tenant, agent, row.created_at)
-                    session.add(row)
+                        self._ensure_agent(connection, tenant, agent, values["created_at"])
+                    connection.execute(INSERT_MEMORY, values)
             except IntegrityError:
                 earlier = None if idempotency_key is None else self._by_key(tenant, idempotency_key)
                 if earlier is None:
@@ -287,8 +315,112 @@ class AgentMemoryStore:
                 return earlier
             if key not in self._agents:
                 self._agents[key] = _AgentIndexes(vectors=self._new_vector_index())
-            self._apply(key, row.id, vector, text)
-        return _record(row)
+            self._apply(key, values["id"], vector, values["text"])
+        return _record_of(values)
+
+    def write_many(self, tenant: str, agent: str, items: Sequence[str | Mapping[str, Any]], *,
+                   vectors: np.ndarray | None = None) -> list[MemoryRecord]:
+        """Store many memories of one agent in one transaction and one embedder call: `items` are texts, or
+        dicts of `write`'s keyword arguments (text, kind, metadata, idempotency_key, source_session,
+        source_step). `vectors` [len(items), dim]: precomputed embeddings (as for `write`'s `vector`).
+        Returns the records in item order; an item whose idempotency key was already used (before, or by an
+        earlier item of the batch) gets that memory's record, as `write` would. All items are checked before
+        anything is written: one bad item writes nothing."""
+        self._open()
+        key = (check.name(tenant, "tenant"), check.name(agent, "agent"))
+        if isinstance(items, (str, Mapping)) or not isinstance(items, Sequence):
+            raise MemoryValidationError("items: expected a list of texts or of dicts of write() arguments")
+        rows = []
+        for n, item in enumerate(items):
+            fields = {"text": item} if isinstance(item, str) else dict(item) if isinstance(item, Mapping) else None
+            if fields is None or not set(fields) <= WRITE_FIELDS or "text" not in fields:
+                raise MemoryValidationError(f"items[{n}]: expected a text or a dict with 'text' and any of "
+                                            f"{sorted(WRITE_FIELDS - {'text'})}, got {item!r}")
+            rows.append(self._row_values(key, fields, f"items[{n}]."))
+        if vectors is not None:
+            vectors = self._given_vectors(np.asarray(vectors), len(rows), "vectors")
+        if not rows:
+            return []
+        records: list[MemoryRecord | None] = [None] * len(rows)
+        first_of_key: dict[str, int] = {}
+        fresh = []  # item positions to insert
+        earlier = self._by_keys(tenant, [r["idempotency_key"] for r in rows if r["idempotency_key"] is not None])
+        for n, row in enumerate(rows):
+            idem = row["idempotency_key"]
+            if idem is not None and idem in earlier:
+                records[n] = earlier[idem]
+            elif idem is not None and idem in first_of_key:
+                continue  # filled from the first item with this key below
+            else:
+                if idem is not None:
+                    first_of_key[idem] = n
+                fresh.append(n)
+        if fresh:
+            new_vectors = vectors[fresh] if vectors is not None else \
+                self._embed([rows[n]["text"] for n in fresh], "text")
+            for n, vector in zip(fresh, new_vectors):
+                rows[n]["embedding"] = vector.tobytes()
+            with self._write_lock(key):
+                now = _now()
+                for n in fresh:
+                    rows[n]["created_at"] = rows[n]["updated_at"] = now
+                try:
+                    with self._engine.begin() as connection:
+                        if key not in self._agents:
+                            self._ensure_agent(connection, tenant, agent, now)
+                        connection.execute(INSERT_MEMORY, [rows[n] for n in fresh])
+                except IntegrityError:  # a concurrent writer took one of the keys: one at a time, as write() does
+                    given = dict(zip(fresh, new_vectors))
+                    return [records[n] or self.write(
+                        tenant, agent, row["text"], kind=row["kind"], metadata=row["metadata"],
+                        idempotency_key=row["idempotency_key"], source_session=row["source_session"],
+                        source_step=row["source_step"], vector=given.get(n)) for n, row in enumerate(rows)]
+                if key not in self._agents:
+                    self._agents[key] = _AgentIndexes(vectors=self._new_vector_index())
+                self._apply_many(key, [rows[n]["id"] for n in fresh], np.stack(new_vectors),
+                                 [rows[n]["text"] for n in fresh])
+            for n in fresh:
+                records[n] = _record_of(rows[n])
+        for n, row in enumerate(rows):
+            if records[n] is None:
+                records[n] = records[first_of_key[row["idempotency_key"]]]
+        return records  # type: ignore[return-value]
+
+    def _row_values(self, key: AgentKey, fields: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        """Checked INSERT parameters (by column name) of one memory, without embedding and timestamps."""
+        try:
+            return dict(
+                id=str(uuid.uuid4()), tenant_id=key[0], agent_id=key[1],
+                kind=check.kind(fields.get("kind", "fact")),
+                text=check.text(fields.get("text"), "text", self.max_text_chars),
+                metadata=check.metadata(fields.get("metadata")), embedding_model=self.embedder.name,
+                source_session=check.optional_key(fields.get("source_session"), "source_session"),
+                source_step=check.optional_step(fields.get("source_step")),
+                idempotency_key=check.optional_key(fields.get("idempotency_key"), "idempotency_key"))
+        except MemoryValidationError as exc:
+            if not prefix:
+                raise
+            raise MemoryValidationError(f"{prefix}{exc}") from exc
+
+    def _given_vectors(self, vectors: np.ndarray, rows: int, field_name: str) -> np.ndarray:
+        """Precomputed embeddings [rows, dim]: finite, non-zero, returned as unit float32 rows."""
+        if vectors.shape != (rows, self.embedder.dim) or not np.issubdtype(vectors.dtype, np.floating):
+            raise MemoryValidationError(f"{field_name}: expected floats of shape {(rows, self.embedder.dim)}, got "
+                                        f"{vectors.dtype} {vectors.shape}")
+        vectors = vectors.astype(np.float32)
+        if not np.isfinite(vectors).all():
+            raise MemoryValidationError(f"{field_name}: not finite (NaN or inf)")
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        if (norms < 1e-6).any():
+            raise MemoryValidationError(f"{field_name}: a zero vector")
+        return vectors / norms
+
+    def _by_keys(self, tenant: str, keys: list[str]) -> dict[str, MemoryRecord]:
+        if not keys:
+            return {}
+        stmt = select(*RECORD_COLUMNS).where(Memory.tenant_id == tenant, Memory.idempotency_key.in_(keys))
+        with self._engine.connect() as connection:
+            return {row.idempotency_key: _record(row) for row in connection.execute(stmt)}
 
     def get(self, tenant: str, memory_id: str) -> MemoryRecord:
         self._open()
@@ -313,8 +445,8 @@ class AgentMemoryStore:
         wanted = check.metadata(metadata, "metadata")
         min_score = check.optional_score(min_score)
         state = self._agents.get(key)
-        if state is None:
-            raise MemoryNotFound(f"agent {agent!r} not found")
+        if state is None:  # an agent that never wrote (or was forgotten) has no memories: nothing matches
+            return []
         vector = self._embed([query], "query")[0]
         filtered = kinds is not None or bool(wanted) or min_score is not None
         fetch = 4 * k if filtered else k
@@ -354,9 +486,9 @@ class AgentMemoryStore:
         if not ranked:
             return [], False
         # Only the primary key in SQL: with tenant/agent there too, SQLite's planner may scan the agent's rows.
-        stmt = select(*RECORD_COLUMNS).where(Memory.id.in_([memory_id for memory_id, _, _ in ranked]))
-        with self._sessions() as session:
-            rows = {row.id: row for row in session.execute(stmt) if (row.tenant_id, row.agent_id) == key
+        with self._engine.connect() as connection:
+            result = connection.execute(READ_ROWS, {"ids": [memory_id for memory_id, _, _ in ranked]})
+            rows = {row.id: row for row in result if (row.tenant_id, row.agent_id) == key
                     and (kinds is None or row.kind in kinds)}
         hits = []
         for memory_id, score, cosine in ranked:
