@@ -82,24 +82,24 @@ async def delete_agent(name: str, request: Request, key: Key) -> Response:
 
 
 # ---- tasks ----------------------------------------------------------------------------------------------
-async def _submit(request: Request, response: Response, tenant: str, agent: str, text: str,
-                  conversation_id: str | None, idempotency_key: str | None) -> Task:
+async def _submit(request: Request, tenant: str, agent: str, text: str, conversation_id: str | None,
+                  idempotency_key: str | None) -> Response:
+    """201 with the new task, or 200 with the one an earlier request under this Idempotency-Key created. The
+    task is serialised once here (it is a Task already; the hot path skips FastAPI's re-validation)."""
     service = _service(request)
     task, created = await service.tasks.submit(tenant, agent, text, conversation_id=conversation_id,
                                                idempotency_key=idempotency_key)
-    response.status_code = 201 if created else 200
-    response.headers["Location"] = f"/v1/tasks/{task.id}"
     if created:
         request.app.state.metrics.submitted.inc()
-    return task
+    return Response(task.model_dump_json(), status_code=201 if created else 200, media_type="application/json",
+                    headers={"Location": f"/v1/tasks/{task.id}"})
 
 
 @router.post("/tasks", status_code=201, response_model=Task, tags=["tasks"],
              responses={200: {"model": Task, "description": "the task an earlier request with this "
                               "Idempotency-Key created"}})
-async def submit_task(body: TaskCreate, request: Request, response: Response, key: Key,
-                      idempotency_key: IdempotencyKey = None) -> Task:
-    return await _submit(request, response, key.tenant, body.agent, body.input, body.session_id, idempotency_key)
+async def submit_task(body: TaskCreate, request: Request, key: Key, idempotency_key: IdempotencyKey = None):
+    return await _submit(request, key.tenant, body.agent, body.input, body.session_id, idempotency_key)
 
 
 @router.get("/tasks", response_model=TaskPage, tags=["tasks"])
@@ -157,10 +157,10 @@ async def get_session(session_id: str, request: Request, key: Key) -> Session:
 @router.post("/sessions/{session_id}/messages", status_code=201, response_model=Task, tags=["sessions"],
              responses={200: {"model": Task, "description": "the task an earlier request with this "
                               "Idempotency-Key created"}})
-async def send_message(session_id: str, body: MessageCreate, request: Request, response: Response, key: Key,
-                       idempotency_key: IdempotencyKey = None) -> Task:
+async def send_message(session_id: str, body: MessageCreate, request: Request, key: Key,
+                       idempotency_key: IdempotencyKey = None):
     agent = await _service(request).tasks.conversation_agent(key.tenant, session_id)
-    return await _submit(request, response, key.tenant, agent, body.input, session_id, idempotency_key)
+    return await _submit(request, key.tenant, agent, body.input, session_id, idempotency_key)
 
 
 # ---- memories -------------------------------------------------------------------------------------------
