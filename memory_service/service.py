@@ -9,7 +9,7 @@
 
 The SQL/faiss work is synchronous; the async methods run it on a small thread pool so the event loop
 of the orchestrator (or a Serve replica) never blocks on the database or the embedder. No Ray here:
-`runtime/serve.py` wraps this class in a deployment.
+`runtime/serve/` wraps this class in a deployment.
 """
 
 from __future__ import annotations

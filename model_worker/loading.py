@@ -37,13 +37,16 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(path: str | Path, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-               fp8_mode: str = "dequantize", strict_config: bool = True, pack_weights: bool = True) -> CausalLM:
+               fp8_mode: str = "dequantize", strict_config: bool = True, pack_weights: bool = True,
+               engram_tables: bool = True) -> CausalLM:
     """Load a checkpoint directory (ours, or HF DeepSeek-V2/V3) into an eval-mode CausalLM.
 
     fp8_mode: for FP8 checkpoints (`weight_scale_inv` present), "dequantize" converts the weights to
     `dtype` at load time; "gemm" keeps them in FP8 and runs the block-scaled FP8 GEMM.
     pack_weights: keep oneDNN-packed copies of the decode weights where this host runs them faster
     (`CausalLM.arrange_weights`); False saves that second copy of each weight's memory.
+    engram_tables: False leaves `engram_tables.safetensors` unread (it need not exist): the model's Engram
+    rows come from elsewhere (`attach_engram_tables` with a memory-service client) before it runs.
     """
     if fp8_mode not in FP8_MODES:
         raise ValueError(f"fp8_mode: {fp8_mode!r} not in {FP8_MODES}")
@@ -60,7 +63,7 @@ def load_model(path: str | Path, *, dtype: str | torch.dtype = "float32", device
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.cast(torch_dtype, arrange=False)  # arranged once, on the target device, below
-    if config.uses_engram:
+    if config.uses_engram and engram_tables:
         model.attach_engram_tables(load_engram_tables(path, config))
     return model.to(device).eval().arrange_weights(pack=pack_weights)
 

@@ -126,17 +126,21 @@ class ModelWorker:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: str = "float32", device: str = "cpu",
                         model_name: str | None = None, pack_weights: bool = True,
-                        **engine_settings: Any) -> ModelWorker:
+                        engram_tables: Any = None, **engine_settings: Any) -> ModelWorker:
         """Load model + tokenizer from a checkpoint directory; engine_settings are EngineConfig fields.
         pack_weights=False skips the oneDNN-packed weight copies (`load_model`): half the weight memory on
-        hosts where packing is used, slower CPU decode there."""
+        hosts where packing is used, slower CPU decode there. engram_tables: an EngramTableClient (e.g. over
+        the memory service) to serve the Engram rows; the checkpoint's own tables are then not loaded."""
         from model_worker import load_model, load_tokenizer
 
         known = {f.name for f in dataclasses.fields(EngineConfig)}
         unknown = sorted(set(engine_settings) - known)
         if unknown:
             raise ValueError(f"engine_settings: unknown setting(s) {unknown}; known: {sorted(known)}")
-        model = load_model(path, dtype=dtype, device=device, pack_weights=pack_weights)
+        model = load_model(path, dtype=dtype, device=device, pack_weights=pack_weights,
+                           engram_tables=engram_tables is None)
+        if engram_tables is not None and model.config.uses_engram:
+            model.attach_engram_tables(engram_tables)
         tokenizer = load_tokenizer(path)
         return cls(model, tokenizer, EngineConfig(**engine_settings), model_name or Path(path).name)
 

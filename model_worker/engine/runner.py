@@ -8,8 +8,10 @@ form (`paged_mla_decode_gathered`) runs, with the step's page walk built once an
 layers. Engram rows for the step are looked up as soon as the step's tokens are known, before any
 layer runs: on a background thread when the model runs on a GPU, so the fetch overlaps the layers
 below the first Engram layer; inline on CPU-only hosts, where a second thread of torch work only
-competes with the intra-op thread pool. The runner returns the logits of each sequence
-whose computation reached its last token; sampling is the engine's job.
+competes with the intra-op thread pool. A table client with `lookup_many({layer: hash_ids})` (rows served
+by another process) gets one request for all Engram layers per step, always from the background thread,
+so the transfer overlaps the layers below the first Engram layer on any host. The runner returns the
+logits of each sequence whose computation reached its last token; sampling is the engine's job.
 """
 
 from __future__ import annotations
@@ -155,6 +157,7 @@ class ModelRunner:
         # and 8% inline (2 cores).
         self._engram_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-prefetch") \
             if model.config.uses_engram and self.device.type == "cuda" else None
+        self._batch_pool: ThreadPoolExecutor | None = None  # started on the first step with a batched client
         self.computed_tokens = 0  # tokens run through the model since start (prefix-cache hits excluded)
         self.engram_lookups = 0  # Engram table lookups issued (one per Engram layer per step)
         self.engram_lookup_tokens = 0  # tokens whose Engram rows were looked up, summed over layers
@@ -206,6 +209,8 @@ class ModelRunner:
 
         self.engram_lookups += len(cfg.engram_layer_ids)
         self.engram_lookup_tokens += len(rows) * len(cfg.engram_layer_ids)
+        if callable(getattr(model.engram_tables, "lookup_many", None)):
+            return self._prefetch_batched(compressed, valid, pick)
         if self._engram_pool is not None:
             return {layer: self._engram_pool.submit(lookup, layer) for layer in cfg.engram_layer_ids}
         done = {}
@@ -214,6 +219,50 @@ class ModelRunner:
             done[layer].set_result(lookup(layer))
         return done
 
+    def _prefetch_batched(self, compressed: torch.Tensor, valid: torch.Tensor,
+                          pick: tuple[torch.Tensor, torch.Tensor]) -> dict[int, Future]:
+        """One `lookup_many` request for every Engram layer, on the background thread. Hashing runs there too
+        on a GPU (its ids go to the host for the transfer); on a CPU it runs here, leaving the thread only the
+        transfer. -> {layer: Future[N, C*hd]}, all settled together (with the rows, or the request's error)."""
+        model = self.model
+        layers = list(model.config.engram_layer_ids)
+
+        def hash_all() -> dict[int, torch.Tensor]:
+            return {layer: model.engram_hasher.hash(layer, compressed, valid)[pick] for layer in layers}  # [N, C]
+
+        def fetch(hash_ids: dict[int, torch.Tensor] | None) -> dict[int, torch.Tensor]:
+            if hash_ids is None:
+                hash_ids = hash_all()
+            got = model.engram_tables.lookup_many(hash_ids)
+            missing = [layer for layer in layers if layer not in got]
+            if missing:  # never compute with missing rows
+                raise RuntimeError(f"Engram lookup_many returned no rows for layer(s) {missing}")
+            out = {}
+            for layer in layers:
+                rows = got[layer]
+                if tuple(rows.shape[:-1]) != tuple(hash_ids[layer].shape):
+                    raise RuntimeError(f"Engram lookup_many returned rows {tuple(rows.shape)} for layer {layer}'s "
+                                       f"hash ids {tuple(hash_ids[layer].shape)}")
+                out[layer] = rows.to(self.device).flatten(-2)  # [N, C * head_dim]
+            return out
+
+        if self._batch_pool is None:
+            self._batch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-fetch")
+        step = self._batch_pool.submit(fetch, None if self.device.type == "cuda" else hash_all())
+        futures = {layer: Future() for layer in layers}
+
+        def settle(done: Future) -> None:
+            error = done.exception()
+            for layer, future in futures.items():
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(done.result()[layer])
+
+        step.add_done_callback(settle)
+        return futures
+
     def close(self) -> None:
-        if self._engram_pool is not None:
-            self._engram_pool.shutdown(wait=False)
+        for pool in (self._engram_pool, self._batch_pool):
+            if pool is not None:
+                pool.shutdown(wait=False)

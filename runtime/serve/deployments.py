@@ -1,29 +1,5 @@
-"""The runtime as a Ray Serve application: memory service, model worker and API ingress as deployments.
-
-The one module that imports Ray. Each deployment is a thin shell over the plain classes `LocalRuntime`
-composes in one process:
-
-- `MemoryServiceDeployment`: a `MemoryService` over an `AgentMemoryStore` (the SQL database + faiss);
-  async `write/search/get/list/update/delete/forget_agent` forward to it.
-- `ModelWorkerDeployment`: one `ModelWorker`; `stream_complete` (an async generator of text deltas and a
-  final record, for the orchestrator), the OpenAI handlers (`chat_completions`/`completions` answer
-  one response; `*_stream` are async generators of chunks), `models()` and `info()`.
-- `ApiIngress`: the FastAPI app of `runtime.api.create_app` through `serve.ingress`, over a
-  `RuntimeService` built in the replica (its async constructor, on the replica's event loop: the
-  session store's redis.asyncio client belongs to that loop) from Redis, the orchestrator, and
-  adapters over the two other deployments' handles (`HandleMemory`, `HandleModelClient`,
-  `WorkerProxy`). Replicas share sessions, tasks and API keys through Redis (so `redis_url` is
-  required), and each runs the task runner: leases decide which replica runs a session.
-
-`build_app(args)` is the application builder for `serve run runtime.serve:build_app` and
-`deploy/serve_config.yaml`. Errors raised in another replica come back as `RayTaskError`; the adapters
-re-raise the original exception (`.cause`), so the API maps them as in one process (404, 400 ...).
-`OpenAIError` does not survive pickling (its constructor takes more than its args), so the worker
-deployment returns it as an `ErrorRecord` that the ingress raises again.
-
-Not here (yet): Engram rows served across the split, a session-affinity request router, multi-node
-placement of the checkpoint (the ingress reads the tokenizer from `model_path` itself).
-"""
+"""The three deployments (memory service, model worker, API ingress), the application builder and the
+local deploy/shutdown used by `engram serve --ray`."""
 
 from __future__ import annotations
 
@@ -33,24 +9,20 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray import serve
-from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from model_worker.openai_protocol import OpenAIError
-from runtime.model_client import DeltaCallback, ModelError, ModelReply, _usage_dict
+from runtime.model_client import _usage_dict
+from runtime.serve.adapters import HandleMemory, HandleModelClient, WorkerProxy
+from runtime.serve.handles import ErrorRecord, HandleEngramClient, call
 from runtime.settings import Settings
 
-log = logging.getLogger(__name__)
 serve_log = logging.getLogger("ray.serve")  # what a replica logs here lands in its Serve replica log
-
-__all__ = ["ApiIngress", "ErrorRecord", "HandleMemory", "HandleModelClient", "MemoryServiceDeployment",
-           "ModelWorkerDeployment", "WorkerProxy", "build_app", "deploy", "shutdown"]
 
 # The builder's args that configure the memory service and the model worker (the ingress takes all of
 # them as its Settings).
@@ -58,76 +30,56 @@ MEMORY_ARGS = ("database_url", "embedder")
 WORKER_ARGS = ("model_path", "model_dtype", "kv_cache_dtype", "cache_budget_mib")
 
 
-# ---- errors across replicas ----------------------------------------------------------------------------
-@dataclass
-class ErrorRecord:
-    """An OpenAIError as data (it cannot be pickled as an exception)."""
-
-    status_code: int
-    message: str
-    param: str | None = None
-    code: str | None = None
-
-    @classmethod
-    def of(cls, exc: OpenAIError) -> ErrorRecord:
-        return cls(exc.status_code, exc.message, exc.param, exc.code)
-
-    def error(self) -> OpenAIError:
-        return OpenAIError(self.status_code, self.message, param=self.param, code=self.code)
-
-
-def unwrap(exc: BaseException) -> BaseException:
-    """The exception a replica raised, from the RayTaskError a handle call raised with it."""
-    cause = getattr(exc, "cause", None) if isinstance(exc, RayTaskError) else None
-    return cause if isinstance(cause, BaseException) else exc
-
-
-async def call(method, *args, **kwargs):
-    """`await handle.method.remote(...)`, raising what the replica raised."""
-    try:
-        return await method.remote(*args, **kwargs)
-    except RayTaskError as exc:
-        raise unwrap(exc) from None
-
-
-@contextlib.asynccontextmanager
-async def streaming(method, *args, **kwargs):
-    """An async iterator over a generator method's items (handle `stream=True`), raising what the replica
-    raised; leaving early cancels the call in the replica (closing its generator)."""
-    gen = method.options(stream=True).remote(*args, **kwargs)
-
-    async def items():
-        try:
-            async for item in gen:
-                yield item
-        except RayTaskError as exc:
-            raise unwrap(exc) from None
-
-    it = items()
-    try:
-        yield it
-    finally:
-        await it.aclose()
-        gen.cancel()  # no-op when the generator finished
-
-
 # ---- memory service ------------------------------------------------------------------------------------
 @serve.deployment(ray_actor_options={"num_cpus": 0.2}, health_check_period_s=10, health_check_timeout_s=30)
 class MemoryServiceDeployment:
     """Long-term agent memory: SQL source of truth + faiss indexes, in one replica."""
 
-    def __init__(self, database_url: str, embedder: str = "minilm"):
-        from sqlalchemy import create_engine
-
-        from memory_service.agent_memory.embedder import HashingEmbedder, MiniLMEmbedder
-        from memory_service.agent_memory.store import AgentMemoryStore
+    def __init__(self, database_url: str | None = None, embedder: str = "minilm", *, engram_path: str | None = None,
+                 engram_model: str | None = None, shard: int = 0, num_shards: int = 1,
+                 hot_cache_rows: int = 65536):
+        """database_url: the agent-memory database (None: this replica serves Engram tables only).
+        engram_path: a checkpoint directory (or its engram_tables.safetensors) whose Engram tables this replica
+        serves, as model `engram_model` (default: the checkpoint directory's name); shard/num_shards: serve
+        only the rows `shard_ranges(rows, num_shards)[shard]` of every layer."""
         from memory_service.service import MemoryService
 
-        if embedder not in ("minilm", "hashing"):
-            raise ValueError(f"embedder: 'minilm' or 'hashing', got {embedder!r}")
-        self.service = MemoryService(AgentMemoryStore(database_url, MiniLMEmbedder() if embedder == "minilm"
-                                                      else HashingEmbedder()))
-        self._engine = create_engine(database_url, pool_pre_ping=True)
+        if database_url is None and engram_path is None:
+            raise ValueError("database_url, engram_path: give at least one (agent memory, Engram tables)")
+        agent_memory, engram = None, None
+        self._engine = None
+        if database_url is not None:
+            from sqlalchemy import create_engine
+
+            from memory_service.agent_memory.embedder import HashingEmbedder, MiniLMEmbedder
+            from memory_service.agent_memory.store import AgentMemoryStore
+
+            if embedder not in ("minilm", "hashing"):
+                raise ValueError(f"embedder: 'minilm' or 'hashing', got {embedder!r}")
+            agent_memory = AgentMemoryStore(database_url, MiniLMEmbedder() if embedder == "minilm"
+                                            else HashingEmbedder())
+            self._engine = create_engine(database_url, pool_pre_ping=True)
+        self.engram_shard, self.engram_num_shards = shard, num_shards
+        if engram_path is not None:
+            from memory_service.engram_tables import EngramTableStore
+
+            path = Path(engram_path)
+            name = engram_model or (path.name if path.is_dir() else path.parent.name)
+            engram = EngramTableStore(hot_cache_rows=hot_cache_rows)
+            engram.add_model(name, path, shard=shard, num_shards=num_shards)
+        self.service = MemoryService(agent_memory, engram=engram)
+
+    def engram_lookup_many(self, model: str, requests: dict[int, Any]) -> dict[int, Any]:
+        """{layer: global row ids int64 [n] of this shard} -> {layer: rows fp32 [n, head_dim]} (tensors both
+        ways: Ray's object store carries them). A sync method: Serve runs it on the replica's thread pool."""
+        return {int(layer): self.service.engram_lookup(model, int(layer), ids) for layer, ids in requests.items()}
+
+    def engram_info(self, model: str) -> dict:
+        """{"shard", "num_shards", "layer_rows": {layer: rows of the whole table}} of a served model."""
+        if self.service.engram is None:
+            raise RuntimeError("this memory service serves no Engram tables")
+        return {"shard": self.engram_shard, "num_shards": self.engram_num_shards,
+                "layer_rows": self.service.engram.layer_rows(model)}
 
     async def write(self, tenant: str, agent: str, text: str, **kwargs):
         return await self.service.write(tenant, agent, text, **kwargs)
@@ -158,7 +110,8 @@ class MemoryServiceDeployment:
 
     async def ping(self) -> None:
         """Raises when the database is unreachable (the ingress's /readyz asks this)."""
-        await asyncio.wait_for(asyncio.to_thread(self._select_one), 5.0)
+        if self._engine is not None:
+            await asyncio.wait_for(asyncio.to_thread(self._select_one), 5.0)
 
     async def check_health(self) -> None:
         await self.ping()
@@ -166,7 +119,10 @@ class MemoryServiceDeployment:
     def __del__(self):
         with contextlib.suppress(Exception):
             self.service.close()
-            self._engine.dispose()
+            if self.service.engram is not None:
+                self.service.engram.close()
+            if self._engine is not None:
+                self._engine.dispose()
 
 
 # ---- model worker --------------------------------------------------------------------------------------
@@ -175,20 +131,55 @@ class MemoryServiceDeployment:
 class ModelWorkerDeployment:
     """One ModelWorker (one engine thread batching every request this replica takes)."""
 
-    def __init__(self, model_path: str, model_dtype: str = "float32", kv_cache_dtype: str = "bf16",
-                 cache_budget_mib: int = 256):
+    async def __init__(self, model_path: str, model_dtype: str = "float32", kv_cache_dtype: str = "bf16",
+                       cache_budget_mib: int = 256, *, engram: str = "local",
+                       engram_shards: list[DeploymentHandle] | None = None, engram_model: str | None = None,
+                       engram_timeout_s: float = 30.0):
+        """engram: "local" (the checkpoint's Engram tables in this process) or "remote" (rows from the memory
+        deployments `engram_shards`, shard i of len(engram_shards) at index i, serving the tables as model
+        `engram_model`, default the checkpoint directory's name; a lookup waits at most engram_timeout_s)."""
         from model_worker.worker import ModelWorker
 
+        if engram not in ("local", "remote"):
+            raise ValueError(f"engram: 'local' or 'remote', got {engram!r}")
+        if engram == "remote" and not engram_shards:
+            raise ValueError("engram_shards: engram='remote' needs the memory deployment(s) serving the tables")
         self.model_path = str(model_path)
+        self.engram_client: HandleEngramClient | None = None
+        if engram == "remote":
+            self.engram_client = await HandleEngramClient.connect(
+                engram_model or Path(model_path).name, list(engram_shards), timeout_s=engram_timeout_s)
         self.worker = ModelWorker.from_pretrained(model_path, dtype=model_dtype, kv_cache_dtype=kv_cache_dtype,
-                                                  cache_budget_bytes=cache_budget_mib * 2**20)
+                                                  cache_budget_bytes=cache_budget_mib * 2**20,
+                                                  engram_tables=self.engram_client)
+        if self.engram_client is not None:
+            self.engram_client.check_config(self.worker.engine.model.config)
 
     def info(self) -> dict:
-        return {"model_name": self.worker.model_name, "context_window": self.worker.max_sequence_tokens,
-                "model_path": self.model_path, "models": self.worker.models()}
+        info = {"model_name": self.worker.model_name, "context_window": self.worker.max_sequence_tokens,
+                "model_path": self.model_path, "models": self.worker.models(),
+                "engram": "remote" if self.engram_client is not None else "local",
+                "engram_lookups": self.worker.engine.runner.engram_lookups}  # one per Engram layer per step
+        if self.engram_client is not None:  # requests to the memory service: one lookup_many per step
+            info["engram_requests"] = self.engram_client.client.requests
+        return info
 
     def models(self):
         return self.worker.models()
+
+    async def generate_ids(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        """Greedy output token ids of each prompt (token ids in, token ids out; EOS does not stop it).
+        Raises what failed a request (e.g. the memory service being unreachable)."""
+        from model_worker.engine.sampling import SamplingParams
+        from model_worker.worker import GenerateRequest
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        responses = await self.worker.generate([GenerateRequest(prompt_token_ids=list(p), params=params)
+                                                for p in prompts])
+        for response in responses:
+            if response.finish_reason == "error":
+                raise RuntimeError(response.error or "the request failed")
+        return [r.token_ids for r in responses]
 
     async def stream_complete(self, messages: list[dict], json_schema: dict | None, max_tokens: int,
                               seed: int | None = None, temperature: float = 0.0) -> AsyncIterator[dict]:
@@ -250,135 +241,18 @@ class ModelWorkerDeployment:
         async for item in self._stream(self.worker.completions, body):
             yield item
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         if self.worker._closed:
             raise RuntimeError("the model worker is closed")
         thread = self.worker._thread
         if thread is not None and not thread.is_alive():
             raise RuntimeError("the model worker's engine thread died")
+        if self.engram_client is not None:
+            await self.engram_client.check()
 
     async def __del__(self):
         with contextlib.suppress(Exception):
             await self.worker.close()
-
-
-# ---- adapters used in the ingress replica --------------------------------------------------------------
-class HandleMemory:
-    """The MemoryService interface over the memory deployment's handle."""
-
-    def __init__(self, handle: DeploymentHandle):
-        self.handle = handle
-
-    async def write(self, tenant: str, agent: str, text: str, **kwargs):
-        return await call(self.handle.write, tenant, agent, text, **kwargs)
-
-    async def search(self, tenant: str, agent: str, query: str, **kwargs):
-        return await call(self.handle.search, tenant, agent, query, **kwargs)
-
-    async def get(self, tenant: str, memory_id: str):
-        return await call(self.handle.get, tenant, memory_id)
-
-    async def list(self, tenant: str, agent: str | None = None, **kwargs):
-        return await call(self.handle.list, tenant, agent, **kwargs)
-
-    async def update(self, tenant: str, memory_id: str, **kwargs):
-        return await call(self.handle.update, tenant, memory_id, **kwargs)
-
-    async def delete(self, tenant: str, memory_id: str) -> None:
-        await call(self.handle.delete, tenant, memory_id)
-
-    async def forget_agent(self, tenant: str, agent: str) -> int:
-        return await call(self.handle.forget_agent, tenant, agent)
-
-    async def ping(self) -> None:
-        await call(self.handle.ping)
-
-    def close(self) -> None:
-        pass  # the deployment owns the store
-
-
-class HandleModelClient:
-    """The orchestrator's ModelClient over the model-worker deployment: generation there, token counting
-    here with the checkpoint's own tokenizer."""
-
-    def __init__(self, handle: DeploymentHandle, *, context_window: int, model_path: str | Path,
-                 temperature: float = 0.0):
-        from model_worker import load_tokenizer
-
-        self.handle = handle
-        self.context_window = context_window
-        self.temperature = temperature
-        self.tokenizer = load_tokenizer(model_path)
-
-    async def complete(self, messages: list[dict], *, json_schema: dict | None, max_tokens: int,
-                       seed: int | None = None, on_delta: DeltaCallback | None = None) -> ModelReply:
-        parts: list[str] = []
-        finish, usage = None, {}
-        async with streaming(self.handle.stream_complete, messages, json_schema, max_tokens, seed,
-                             self.temperature) as items:
-            async for item in items:
-                if "text" in item:
-                    parts.append(item["text"])
-                    if on_delta is not None:
-                        await on_delta(item["text"])
-                    continue
-                finish, usage = item["finish_reason"], item["usage"]
-                if finish == "error":
-                    raise ModelError(item.get("error") or "the model worker failed this request")
-        return ModelReply("".join(parts), finish, usage)
-
-    def count_tokens(self, messages: list[dict]) -> int:
-        return len(self.tokenizer.encode_chat(messages))
-
-
-class WorkerProxy:
-    """What the OpenAI routes call as `service.worker`, over the model-worker deployment."""
-
-    def __init__(self, handle: DeploymentHandle, model_list):
-        self.handle = handle
-        self._models = model_list
-
-    def models(self):
-        return self._models
-
-    async def chat_completions(self, body: Any):
-        return await self._call(body, self.handle.chat_completions, self.handle.chat_completions_stream)
-
-    async def completions(self, body: Any):
-        return await self._call(body, self.handle.completions, self.handle.completions_stream)
-
-    async def _call(self, body: Any, method, stream_method):
-        if isinstance(body, dict) and body.get("stream") is True:
-            return await self._stream(stream_method, body)
-        result = await call(method, body)
-        if isinstance(result, ErrorRecord):
-            raise result.error()
-        return result
-
-    async def _stream(self, method, body: Any):
-        """Waits for the worker's verdict on the request (so a bad one is a 400 before the response
-        starts), then returns an async iterator of the chunks."""
-        context = streaming(method, body)
-        items = await context.__aenter__()
-        try:
-            first = await anext(items)
-        except BaseException as exc:
-            await context.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        if isinstance(first, ErrorRecord):
-            await context.__aexit__(None, None, None)
-            raise first.error()
-
-        async def chunks():
-            try:
-                async for item in items:
-                    if isinstance(item, ErrorRecord):
-                        raise item.error()
-                    yield item
-            finally:
-                await context.__aexit__(None, None, None)
-
-        return chunks()
 
 
 # ---- API ingress ---------------------------------------------------------------------------------------

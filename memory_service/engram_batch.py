@@ -1,0 +1,137 @@
+"""The engine's batched `EngramTableClient`: all Engram layers of a step in one request per shard.
+
+`BatchedEngramClient.lookup_many({layer: hash_ids})` routes every layer's ids to their row-range shards
+(`shard_ranges`, as `ShardedEngramClient` does), starts one request per shard that holds any of them
+(`shard.start_many(model, {layer: global ids [n]})`, which returns something with `.result()` -> {layer:
+rows [n, head_dim] fp32}), then waits for all and puts each layer's rows back in the order of its ids. The
+requests run at the same time when the shards' `start_many` does not block (remote handles). `lookup(layer,
+ids)` is `lookup_many` with one layer, so the client also works where per-layer calls are made.
+
+`StoreShard` adapts an in-process `EngramTableStore` / `MemoryService` (anything with `lookup(model, layer,
+ids, out_dtype)`) to `start_many`. Transport (Ray handles) lives in `runtime/serve/`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any, Protocol
+
+import torch
+
+from memory_service.engram_client import check_id_type
+from memory_service.sharding import shard_of, shard_ranges
+
+
+class PendingRows(Protocol):
+    def result(self) -> Mapping[int, torch.Tensor]:
+        ...
+
+
+class BatchedShard(Protocol):
+    def start_many(self, model: str, requests: dict[int, torch.Tensor]) -> PendingRows:
+        """Start looking up {layer: global row ids int64 [n] in this shard's range}; the result is
+        {layer: rows fp32 [n, head_dim]}."""
+        ...
+
+
+class StoreShard:
+    """A BatchedShard over an in-process shard (`EngramTableStore` or `MemoryService`): looks up at once."""
+
+    def __init__(self, store: Any) -> None:
+        if not callable(getattr(store, "lookup", None)):
+            raise TypeError(f"store: {type(store).__name__} has no lookup()")
+        self.store = store
+
+    def start_many(self, model: str, requests: dict[int, torch.Tensor]) -> Future:
+        done: Future = Future()
+        try:
+            done.set_result({layer: self.store.lookup(model, layer, ids, out_dtype=torch.float32)
+                             for layer, ids in requests.items()})
+        except Exception as exc:
+            done.set_exception(exc)
+        return done
+
+
+class BatchedEngramClient:
+    """EngramTableClient (`lookup`, `lookup_many`) for one model whose tables are split by row range over
+    `shards` (shard i holds rows `shard_ranges(rows, len(shards))[i]` of every layer)."""
+
+    def __init__(self, model: str, shards: Sequence[BatchedShard], layers_rows: dict[int, int]) -> None:
+        if not shards:
+            raise ValueError("shards: need at least one shard")
+        for i, shard in enumerate(shards):
+            if not callable(getattr(shard, "start_many", None)):
+                raise TypeError(f"shards[{i}]: {type(shard).__name__} has no start_many()")
+        if not layers_rows:
+            raise ValueError("layers_rows: need at least one Engram layer")
+        for layer, rows in layers_rows.items():
+            if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+                raise ValueError(f"layers_rows[{layer}]: expected a row count >= 1, got {rows!r}")
+        self.model = model
+        self.shards = list(shards)
+        self.layers_rows = dict(layers_rows)
+        self.ranges = {layer: shard_ranges(rows, len(self.shards)) for layer, rows in self.layers_rows.items()}
+        self.requests = 0  # lookup_many calls
+        self.shard_requests = 0  # requests sent to shards (at most one per shard per lookup_many)
+
+    def lookup(self, layer_id: int, hash_ids: torch.Tensor) -> torch.Tensor:
+        """hash_ids int64 [...] -> rows fp32 [..., head_dim], in the order of hash_ids."""
+        return self.lookup_many({layer_id: hash_ids})[layer_id]
+
+    def lookup_many(self, requests: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """{layer: hash_ids int64 [...]} -> {layer: rows fp32 [..., head_dim]}: one request per shard involved."""
+        for layer, hash_ids in requests.items():
+            self._check(layer, hash_ids)
+        per_shard: dict[int, dict[int, torch.Tensor]] = {}
+        plans = {}  # layer: (order, counts)
+        for layer, hash_ids in requests.items():
+            flat = hash_ids.reshape(-1).to(device="cpu", dtype=torch.int64)
+            shard_index = shard_of(flat, self.ranges[layer])  # [n]
+            order = torch.argsort(shard_index, stable=True)
+            counts = torch.bincount(shard_index, minlength=len(self.shards)).tolist()
+            for i, ids in enumerate(torch.split(flat[order], counts)):
+                if ids.numel():
+                    per_shard.setdefault(i, {})[layer] = ids
+            if not flat.numel():  # no ids: ask shard 0 for an empty batch, which also gives head_dim
+                per_shard.setdefault(0, {})[layer] = flat
+            plans[layer] = (order, counts)
+        pending = {i: self.shards[i].start_many(self.model, reqs) for i, reqs in sorted(per_shard.items())}
+        self.requests += 1
+        self.shard_requests += len(pending)
+        answers = {i: p.result() for i, p in pending.items()}
+        out = {}
+        for layer, hash_ids in requests.items():
+            order, counts = plans[layer]
+            parts = []
+            for i, count in enumerate(counts):
+                if count or (not order.numel() and i == 0):
+                    parts.append(self._rows_of(answers, i, layer, count))
+            rows = torch.cat(parts) if len(parts) > 1 else parts[0]  # [n, head_dim], shard order
+            placed = torch.empty_like(rows)
+            placed[order] = rows
+            out[layer] = placed.reshape(*hash_ids.shape, rows.shape[-1]).to(hash_ids.device)
+        return out
+
+    def _rows_of(self, answers: dict, shard: int, layer: int, count: int) -> torch.Tensor:
+        rows = answers[shard].get(layer) if isinstance(answers[shard], Mapping) else None
+        if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[0] != count \
+                or rows.dtype != torch.float32:
+            raise RuntimeError(f"Engram shard {shard} of model {self.model!r} returned "
+                               f"{getattr(rows, 'shape', type(rows).__name__)} {getattr(rows, 'dtype', '')} "
+                               f"for {count} ids of layer {layer} (expected fp32 [{count}, head_dim])")
+        return rows
+
+    def _check(self, layer_id: int, hash_ids: torch.Tensor) -> None:
+        if layer_id not in self.layers_rows:
+            raise ValueError(f"layer_id: model {self.model!r} has no Engram table for layer {layer_id} "
+                             f"(have {sorted(self.layers_rows)})")
+        check_id_type(hash_ids)
+        if hash_ids.numel():
+            low, high = (int(v) for v in torch.aminmax(hash_ids))
+            rows = self.layers_rows[layer_id]
+            if low < 0 or high >= rows:
+                raise ValueError(f"hash_ids: layer {layer_id} has rows [0, {rows}), got min {low} max {high}")
+
+    def close(self) -> None:
+        pass

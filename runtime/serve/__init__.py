@@ -1,0 +1,50 @@
+"""The runtime as a Ray Serve application: memory service, model worker and API ingress as deployments.
+
+The one package that imports Ray (`handles`: calls across replicas and the Engram client; `adapters`:
+the ingress's memory, model and OpenAI clients over handles; `deployments`). Each deployment is a thin
+shell over the plain classes `LocalRuntime` composes in one process:
+
+- `MemoryServiceDeployment`: a `MemoryService` over an `AgentMemoryStore` (the SQL database + faiss);
+  async `write/search/get/list/update/delete/forget_agent` forward to it. Optionally it also serves the
+  Engram tables of a checkpoint (`engram_path`), whole or one row-range shard of `num_shards`:
+  `engram_lookup_many(model, {layer: hash_ids}) -> {layer: rows}` (tensors, through Ray's object store)
+  and `engram_info(model)`. A replica may serve only Engram tables (no `database_url`).
+- `ModelWorkerDeployment`: one `ModelWorker`; `stream_complete` (an async generator of text deltas and a
+  final record, for the orchestrator), the OpenAI handlers (`chat_completions`/`completions` answer
+  one response; `*_stream` are async generators of chunks), `generate_ids`, `models()` and `info()`.
+  With `engram="remote"` it loads the checkpoint without its Engram tables and gets the rows from the
+  memory deployment(s) given as `engram_shards` (shard i of N at index i) through a `HandleEngramClient`:
+  one request per shard per engine step for all Engram layers, started before the layers run. A lookup
+  that cannot reach the memory service raises a RuntimeError naming it, which fails the step's requests
+  (nothing is computed with missing rows); `check_health` then fails while the service stays unreachable.
+- `ApiIngress`: the FastAPI app of `runtime.api.create_app` through `serve.ingress`, over a
+  `RuntimeService` built in the replica (its async constructor, on the replica's event loop: the
+  session store's redis.asyncio client belongs to that loop) from Redis, the orchestrator, and
+  adapters over the two other deployments' handles (`HandleMemory`, `HandleModelClient`,
+  `WorkerProxy`). Replicas share sessions, tasks and API keys through Redis (so `redis_url` is
+  required), and each runs the task runner: leases decide which replica runs a session.
+
+`build_app(args)` is the application builder for `serve run runtime.serve:build_app` and
+`deploy/serve_config.yaml`. Errors raised in another replica come back as `RayTaskError`; the adapters
+re-raise the original exception (`.cause`), so the API maps them as in one process (404, 400 ...).
+`OpenAIError` does not survive pickling (its constructor takes more than its args), so the worker
+deployment returns it as an `ErrorRecord` that the ingress raises again.
+
+Not here (yet): Engram-split options in `build_app`, a session-affinity request router, multi-node
+placement of the checkpoint (the ingress reads the tokenizer from `model_path` itself).
+"""
+
+from runtime.serve.adapters import HandleMemory, HandleModelClient, WorkerProxy
+from runtime.serve.deployments import (
+    ApiIngress,
+    MemoryServiceDeployment,
+    ModelWorkerDeployment,
+    build_app,
+    deploy,
+    shutdown,
+)
+from runtime.serve.handles import ErrorRecord, HandleEngramClient, MemoryServiceUnavailable
+
+__all__ = ["ApiIngress", "ErrorRecord", "HandleEngramClient", "HandleMemory", "HandleModelClient",
+           "MemoryServiceDeployment", "MemoryServiceUnavailable", "ModelWorkerDeployment", "WorkerProxy",
+           "build_app", "deploy", "shutdown"]

@@ -1,0 +1,107 @@
+"""Must-show: Engram across the split is exact. A tiny Engram checkpoint served by a remote-Engram model-worker
+deployment whose tables live in 1, 2 and 3 memory-service shard deployments gives the same greedy tokens, token
+for token, as the same checkpoint in an in-process `ModelWorker`; and a worker whose memory service is gone fails
+its requests with an error naming the memory service (and its health check fails) instead of computing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.model_worker.engine.engine_fixtures import random_prompt
+
+PROMPTS = [random_prompt(n, seed=40 + n) for n in (4, 19, 33)]
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def engram_checkpoint(tmp_path_factory):
+    """(checkpoint dir with a tokenizer, greedy tokens of PROMPTS from an in-process ModelWorker on it)."""
+    from model_worker import save_model
+    from model_worker.demo_tokenizer import build_demo_tokenizer
+    from model_worker.engine.sampling import SamplingParams
+    from model_worker.worker import GenerateRequest, ModelWorker
+    from tests.model_worker.engine.engine_fixtures import tiny_model
+
+    path = tmp_path_factory.mktemp("engram-split") / "split-model"
+    model = tiny_model(seed=6, num_hidden_layers=3, engram_layer_ids=[1, 2])
+    assert model.config.uses_engram
+    save_model(model, path)
+    build_demo_tokenizer(path)
+
+    async def run():
+        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+        async with ModelWorker.from_pretrained(path) as worker:
+            responses = await worker.generate([GenerateRequest(prompt_token_ids=p, params=params) for p in PROMPTS])
+        return [r.token_ids for r in responses]
+
+    want = asyncio.run(run())
+    assert all(len(tokens) == NEW_TOKENS for tokens in want)
+    return path, want
+
+
+def shard_deployment(path, shard: int, num_shards: int, name: str):
+    from runtime.serve import MemoryServiceDeployment
+
+    return MemoryServiceDeployment.options(name=name, ray_actor_options={"num_cpus": 0.1}).bind(
+        engram_path=str(path), shard=shard, num_shards=num_shards, hot_cache_rows=64)
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3])
+def test_remote_engram_equals_in_process(ray_serve, engram_checkpoint, num_shards):
+    from ray import serve
+
+    from runtime.serve import ModelWorkerDeployment
+
+    path, want = engram_checkpoint
+    shards = [shard_deployment(path, i, num_shards, f"EngramShard{i}") for i in range(num_shards)]
+    app = ModelWorkerDeployment.options(name="RemoteEngramWorker", ray_actor_options={"num_cpus": 0.3}).bind(
+        str(path), engram="remote", engram_shards=shards)
+    name = f"engram-split-{num_shards}"
+    handle = serve.run(app, name=name, route_prefix=None)
+    try:
+        got = handle.generate_ids.remote(PROMPTS, NEW_TOKENS).result(timeout_s=120)
+        assert got == want  # token for token
+        info = handle.info.remote().result(timeout_s=30)
+        assert info["engram"] == "remote"
+        steps = info["engram_lookups"] // 2  # two Engram layers: one request per step carried both
+        assert steps > 0 and info["engram_requests"] == steps
+        handle.check_health.remote().result(timeout_s=30)  # healthy while the memory service answers
+    finally:
+        serve.delete(name)
+
+
+def test_worker_without_its_memory_service_fails_clearly(ray_serve, engram_checkpoint):
+    from ray import serve
+
+    from runtime.serve import ModelWorkerDeployment
+
+    path, want = engram_checkpoint
+    serve.run(shard_deployment(path, 0, 1, "GoneShard"), name="engram-gone-memory", route_prefix=None)
+    memory = serve.get_deployment_handle("GoneShard", "engram-gone-memory")
+    app = ModelWorkerDeployment.options(name="OrphanWorker", ray_actor_options={"num_cpus": 0.3},
+                                        health_check_period_s=1, health_check_timeout_s=20).bind(
+        str(path), engram="remote", engram_shards=[memory], engram_timeout_s=3)
+    handle = serve.run(app, name="engram-gone-worker", route_prefix=None)
+    try:
+        assert handle.generate_ids.remote(PROMPTS[:1], NEW_TOKENS).result(timeout_s=120) == want[:1]
+        serve.delete("engram-gone-memory")
+        started = time.monotonic()
+        with pytest.raises(Exception, match="memory service") as failed:
+            handle.generate_ids.remote(PROMPTS[:1], NEW_TOKENS).result(timeout_s=60)
+        assert "Engram rows" in str(failed.value)
+        print(f"the failed request: {failed.value}")
+        assert time.monotonic() - started < 30
+        with pytest.raises(Exception, match="memory service"):
+            handle.check_health.remote().result(timeout_s=60)
+        deadline = time.monotonic() + 45  # Serve's own health checks see it too: the worker is not HEALTHY
+        while True:
+            status = serve.status().applications["engram-gone-worker"].deployments["OrphanWorker"].status
+            if status != "HEALTHY":
+                break
+            assert time.monotonic() < deadline, "the worker still reports healthy without its memory service"
+            time.sleep(0.5)
+    finally:
+        serve.delete("engram-gone-worker")
