@@ -74,11 +74,11 @@ redis.call('EXPIRE', KEYS[7], ARGV[10])
 redis.call('EXPIRE', KEYS[8], ARGV[10])
 local extra = {'thread_id', ARGV[8]}
 if ARGV[13] ~= '' then extra[3] = 'context'; extra[4] = ARGV[13] end
-create_session(KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[1], ARGV[2], ARGV[3], ARGV[4], extra)
+local created = create_session(KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[1], ARGV[2], ARGV[3], ARGV[4], extra)
 if ARGV[5] ~= '' then
   redis.call('SET', KEYS[1], cjson.encode({fingerprint = ARGV[5], task_id = ARGV[1]}), 'EX', ARGV[6])
 end
-return {'ok', redis.call('HGETALL', KEYS[3])}
+return {'ok', created}
 """
 
 
@@ -172,10 +172,11 @@ class TaskBoard:
         if code == "busy":
             raise ConversationBusy(f"session {conversation_id} is still working on task {reply[1]}; "
                                    "wait for it to finish or cancel it")
-        state = SessionState.from_fields(dict(zip(reply[1][::2], reply[1][1::2])))
         if self.on_submit is not None:
             self.on_submit()
-        return task_of(state), True
+        created_ms = int(reply[1])  # the new task is exactly what the script wrote: no read back
+        return Task(id=task_id, session_id=conversation_id, agent=agent, input=text, status="pending",
+                    created_ms=created_ms, updated_ms=created_ms), True
 
     async def _context(self, conversation_id: str) -> str | None:
         """Earlier turns of the conversation, oldest first, for the next task's prompt."""

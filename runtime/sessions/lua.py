@@ -38,7 +38,7 @@ PRELUDE = _PRELUDE
 
 # A new pending session's state hash, indexed in its tenant's sessions and the runnable set; `extra` holds
 # (field, value) pairs set once at creation (thread_id, context). Indexes are scored by a creation
-# sequence number, so "newest first" is exact even within a millisecond.
+# sequence number, so "newest first" is exact even within a millisecond. Returns the creation time (ms).
 CREATE_SESSION = r"""
 local function create_session(state, tenant_index, runnable, seq_key, id, tenant, agent, task, extra)
   local now = now_ms()
@@ -49,6 +49,7 @@ local function create_session(state, tenant_index, runnable, seq_key, id, tenant
   local seq = redis.call('INCR', seq_key)
   redis.call('ZADD', tenant_index, seq, id)
   redis.call('ZADD', runnable, seq, id)
+  return now
 end
 """
 
