@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from memory_service.engram_client import check_id_type
+from memory_service.engram_client import check_lookup
 from memory_service.sharding import shard_of, shard_ranges
 
 
@@ -123,15 +123,7 @@ class BatchedEngramClient:
         return rows
 
     def _check(self, layer_id: int, hash_ids: torch.Tensor) -> None:
-        if layer_id not in self.layers_rows:
-            raise ValueError(f"layer_id: model {self.model!r} has no Engram table for layer {layer_id} "
-                             f"(have {sorted(self.layers_rows)})")
-        check_id_type(hash_ids)
-        if hash_ids.numel():
-            low, high = (int(v) for v in torch.aminmax(hash_ids))
-            rows = self.layers_rows[layer_id]
-            if low < 0 or high >= rows:
-                raise ValueError(f"hash_ids: layer {layer_id} has rows [0, {rows}), got min {low} max {high}")
+        check_lookup(self.model, self.layers_rows, layer_id, hash_ids)
 
     def close(self) -> None:
         pass

@@ -98,17 +98,22 @@ class ShardedEngramClient:
         return rows.to(device=ids.device, dtype=torch.float32)
 
     def _check(self, layer_id: int, hash_ids: torch.Tensor) -> None:
-        if layer_id not in self.layers_rows:
-            raise ValueError(f"layer_id: model {self.model!r} has no Engram table for layer {layer_id} "
-                             f"(have {sorted(self.layers_rows)})")
-        check_id_type(hash_ids)
-        if hash_ids.numel():
-            low, high = (int(v) for v in torch.aminmax(hash_ids))
-            rows = self.layers_rows[layer_id]
-            if low < 0 or high >= rows:
-                raise ValueError(f"hash_ids: layer {layer_id} has rows [0, {rows}), got min {low} max {high}")
+        check_lookup(self.model, self.layers_rows, layer_id, hash_ids)
 
     def close(self) -> None:
         for pool in (self._fanout, self._prefetch):
             if pool is not None:
                 pool.shutdown(wait=False)
+
+
+def check_lookup(model: str, layers_rows: dict[int, int], layer_id: int, hash_ids: torch.Tensor) -> None:
+    """ValueError/TypeError unless `layer_id` has a table and every id is one of its rows."""
+    if layer_id not in layers_rows:
+        raise ValueError(f"layer_id: model {model!r} has no Engram table for layer {layer_id} "
+                         f"(have {sorted(layers_rows)})")
+    check_id_type(hash_ids)
+    if hash_ids.numel():
+        low, high = (int(v) for v in torch.aminmax(hash_ids))
+        rows = layers_rows[layer_id]
+        if low < 0 or high >= rows:
+            raise ValueError(f"hash_ids: layer {layer_id} has rows [0, {rows}), got min {low} max {high}")
