@@ -14,6 +14,8 @@ import asyncio
 import logging
 import sys
 
+import redis.exceptions
+
 from runtime.cli import embedded, remote
 from runtime.sdk.errors import ConnectionFailed, EngramError
 
@@ -117,9 +119,15 @@ def _dispatch(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # a server logs its warnings; a one-shot command's failure is its one error line
+    logging.basicConfig(level=logging.WARNING if args.command == "serve" else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         return _dispatch(args)
+    except redis.exceptions.ConnectionError as exc:
+        print(f"error: cannot reach Redis ({exc}); check ENGRAM_REDIS_URL, or unset it to use the embedded one",
+              file=sys.stderr)
+        return 2
     except ConnectionFailed as exc:
         print(f"error: {exc} (is `engram serve` running there?)", file=sys.stderr)
     except EngramError as exc:

@@ -12,10 +12,14 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
+from pydantic import ValidationError
+
+from runtime.api.errors import classify
 from runtime.api_keys import ApiKeyStore
 from runtime.cli.render import EventPrinter, print_session, print_transcript
 from runtime.redis_server import embedded_or_url
-from runtime.sdk.errors import NotFoundError
+from runtime.resources import TaskCreate
+from runtime.sdk.errors import NotFoundError, error_for_status
 from runtime.sessions import SessionNotFound, SessionStore
 from runtime.settings import Settings
 from runtime.tasks import ConversationNotFound, TaskBoard
@@ -79,6 +83,10 @@ async def _follow(runtime, task_id: str) -> None:
 
 
 async def run(args) -> int:
+    try:  # the API's checks of a task (size, blank input, ids), before anything starts
+        TaskCreate(agent=args.agent, input=args.task, session_id=args.session)
+    except ValidationError as exc:
+        raise error_for_status(*classify(exc)) from None
     settings = Settings()
     runtime = await _started_runtime(settings, args.tenant)
     try:
