@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     finished_session_ttl_s: int = 7 * 86400
     max_concurrent_sessions: int = 8
     key_prefix: str = "engram"  # every Redis key of this runtime starts with it
+    # Ray Serve: 0 keeps the Engram tables in the model worker; N >= 1 serves them from N memory-service
+    # shard deployments (row ranges), fetched once per engine step
+    engram_shards: int = Field(0, ge=0, le=64)
     # HTTP server (`engram serve`)
     host: str = "127.0.0.1"
     port: int = 8080

@@ -332,7 +332,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
     args: Settings fields (redis_url required; database_url, model_path, key_prefix, embedder, ...).
     Without model_path the demo checkpoint is built under data_dir; without database_url, SQLite there
-    (one node only)."""
+    (one node only). engram_shards=N serves the checkpoint's Engram tables from N memory-service shard
+    deployments (`EngramShard{i}`) instead of the worker."""
     from runtime.local import demo_model_path
 
     settings = Settings(**dict(args or {}))
@@ -343,8 +344,15 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     ingress_settings = settings.model_dump(mode="json", exclude_unset=True)
     ingress_settings.update(model_path=model_path, database_url=database_url)
     memory = MemoryServiceDeployment.bind(database_url, settings.embedder)
+    engram: dict[str, Any] = {}
+    if settings.engram_shards:  # the tables in memory-service shards, not in the worker
+        count = settings.engram_shards
+        engram = {"engram": "remote", "engram_shards": [
+            MemoryServiceDeployment.options(name=f"EngramShard{i}").bind(engram_path=model_path, shard=i,
+                                                                        num_shards=count)
+            for i in range(count)]}
     worker = ModelWorkerDeployment.bind(model_path, settings.model_dtype, settings.kv_cache_dtype,
-                                        settings.cache_budget_mib)
+                                        settings.cache_budget_mib, **engram)
     return ApiIngress.bind(memory, worker, ingress_settings)
 
 

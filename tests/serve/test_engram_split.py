@@ -9,6 +9,7 @@ import asyncio
 import time
 
 import pytest
+import redis
 
 from tests.model_worker.engine.engine_fixtures import random_prompt
 
@@ -105,3 +106,29 @@ def test_worker_without_its_memory_service_fails_clearly(ray_serve, engram_check
             time.sleep(0.5)
     finally:
         serve.delete("engram-gone-worker")
+
+
+def test_build_app_serves_engram_from_memory_shards(ray_serve, engram_checkpoint, redis_url, tmp_path):
+    """The application builder's `engram_shards` gives the same split: the worker it deploys fetches its rows
+    from the shard deployments and answers the same greedy tokens."""
+    from ray import serve
+
+    from runtime.serve import build_app
+
+    path, want = engram_checkpoint
+    prefix = f"test-built-{time.time_ns()}"
+    app = build_app({"redis_url": redis_url, "key_prefix": prefix, "model_path": str(path),
+                     "embedder": "hashing", "data_dir": str(tmp_path), "engram_shards": 2})
+    serve.run(app, name="engram-built", route_prefix=None)
+    try:
+        worker = serve.get_deployment_handle("ModelWorkerDeployment", "engram-built")
+        assert worker.generate_ids.remote(PROMPTS, NEW_TOKENS).result(timeout_s=120) == want
+        info = worker.info.remote().result(timeout_s=30)
+        assert info["engram"] == "remote" and info["engram_requests"] > 0
+        statuses = serve.status().applications["engram-built"].deployments
+        assert {"EngramShard0", "EngramShard1"} <= set(statuses)
+    finally:
+        serve.delete("engram-built")
+        with redis.Redis.from_url(redis_url) as client:
+            for key in list(client.scan_iter(match=f"{prefix}:*")):
+                client.delete(key)
