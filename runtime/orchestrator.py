@@ -220,11 +220,8 @@ class Orchestrator:
         query = run.state.task
         if run.steps and run.steps[-1].observations:
             query = f"{query}\n{run.steps[-1].observations[-1]}"
-        try:
-            hits = await self.memory.search(run.state.tenant, run.state.agent, query[:4000], k=settings.k,
-                                            kinds=settings.kinds, min_score=settings.min_score)
-        except KeyError:  # MemoryNotFound: the agent has no memories yet
-            return []
+        hits = await self.memory.search(run.state.tenant, run.state.agent, query[:4000], k=settings.k,
+                                        kinds=settings.kinds, min_score=settings.min_score)  # [] before any memory
         return [{"id": h.memory.id, "kind": h.memory.kind, "text": h.memory.text, "score": round(h.score, 4)}
                 for h in hits]
 

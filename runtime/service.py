@@ -139,11 +139,8 @@ class RuntimeService:
 
     async def search_memories(self, tenant: str, agent: str, body: MemorySearch) -> MemoryHits:
         await self.catalog.get(tenant, agent)
-        try:
-            hits = await self.memory.search(tenant, agent, body.query, k=body.k, kinds=body.kinds,
-                                            metadata=body.metadata, min_score=body.min_score, hybrid=body.hybrid)
-        except MemoryNotFound:
-            hits = []  # the agent has no memories yet
+        hits = await self.memory.search(tenant, agent, body.query, k=body.k, kinds=body.kinds,
+                                        metadata=body.metadata, min_score=body.min_score, hybrid=body.hybrid)
         return MemoryHits(data=[MemoryHit(memory=memory_resource(h.memory), score=h.score) for h in hits])
 
     async def list_memories(self, tenant: str, agent: str, *, kinds: list[str] | None = None, limit: int = 50,

@@ -138,14 +138,9 @@ class Server:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random checkpoint with the demo tokenizer (what tests/runtime/test_local_e2e.py serves)."""
-    from model_worker import save_model
-    from model_worker.demo_tokenizer import build_demo_tokenizer
-    from tests.model_worker.engine.engine_fixtures import tiny_model
+    from tests.model_worker.engine.engine_fixtures import tiny_checkpoint
 
-    model_dir = tmp_path_factory.mktemp("e2e-model") / "model"
-    save_model(tiny_model(seed=2, max_position_embeddings=4096), model_dir)
-    build_demo_tokenizer(model_dir)
-    return model_dir
+    return tiny_checkpoint(tmp_path_factory.mktemp("e2e-model") / "model")
 
 
 @pytest.fixture

@@ -37,15 +37,20 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
     server.stop()
 
 
+def delete_keys(redis_url: str, prefix: str) -> None:
+    """Delete every key under `prefix` (a test's own prefix on the shared server)."""
+    with redis.Redis.from_url(redis_url) as client:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start:start + 500])
+
+
 @pytest.fixture
 def key_prefix(redis_url) -> Iterator[str]:
     """A key prefix of this test's own; every key under it is deleted afterwards."""
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     yield prefix
-    with redis.Redis.from_url(redis_url) as client:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        for start in range(0, len(keys), 500):
-            client.delete(*keys[start:start + 500])
+    delete_keys(redis_url, prefix)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from model_worker import save_model
 from model_worker.demo_tokenizer import build_demo_tokenizer
 from runtime.local import LocalRuntime
 from runtime.settings import Settings
-from tests.model_worker.engine.engine_fixtures import demo_tokenizer, tiny_model
+from tests.model_worker.engine.engine_fixtures import demo_tokenizer, tiny_checkpoint, tiny_model
 
 
 def test_agent_loop_runs_end_to_end_with_the_real_worker_and_memory(tmp_path, redis_url):
@@ -56,9 +56,7 @@ def test_agent_loop_runs_end_to_end_with_the_real_worker_and_memory(tmp_path, re
 def test_cli_runs_a_task_and_shows_the_session(tmp_path, redis_url, monkeypatch, capsys):
     from runtime.cli import main
 
-    model_dir = tmp_path / "model"
-    save_model(tiny_model(seed=3, max_position_embeddings=4096), model_dir)
-    build_demo_tokenizer(model_dir)
+    model_dir = tiny_checkpoint(tmp_path / "model", seed=3)
     for name, value in {"DATA_DIR": tmp_path / "data", "REDIS_URL": redis_url, "MODEL_PATH": model_dir,
                         "EMBEDDER": "hashing"}.items():
         monkeypatch.setenv(f"ENGRAM_{name}", str(value))

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
 import yaml
 
-from tests.runtime.conftest import redis_url  # noqa: F401  (the shared-Redis fixture)
+from tests.model_worker.engine.engine_fixtures import tiny_checkpoint
+from tests.runtime.conftest import delete_keys, redis_url  # noqa: F401  (the shared-Redis fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_PATH = REPO / "deploy" / "serve_config.yaml"
@@ -50,22 +50,12 @@ class ServeServer:
 def serve_prefix(redis_url) -> Iterator[str]:  # noqa: F811
     prefix = f"test-serve-{uuid.uuid4().hex[:12]}"
     yield prefix
-    with redis.Redis.from_url(redis_url) as client:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        for start in range(0, len(keys), 500):
-            client.delete(*keys[start:start + 500])
+    delete_keys(redis_url, prefix)
 
 
 @pytest.fixture(scope="module")
 def serve_model_dir(tmp_path_factory) -> Path:
-    from model_worker import save_model
-    from model_worker.demo_tokenizer import build_demo_tokenizer
-    from tests.model_worker.engine.engine_fixtures import tiny_model
-
-    model_dir = tmp_path_factory.mktemp("serve-model") / "model"
-    save_model(tiny_model(seed=2, max_position_embeddings=4096), model_dir)
-    build_demo_tokenizer(model_dir)
-    return model_dir
+    return tiny_checkpoint(tmp_path_factory.mktemp("serve-model") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import asyncio
 import time
 
 import pytest
-import redis
 
 from tests.model_worker.engine.engine_fixtures import random_prompt
+from tests.runtime.conftest import delete_keys
 
 PROMPTS = [random_prompt(n, seed=40 + n) for n in (4, 19, 33)]
 NEW_TOKENS = 12
@@ -129,6 +129,4 @@ def test_build_app_serves_engram_from_memory_shards(ray_serve, engram_checkpoint
         assert {"EngramShard0", "EngramShard1"} <= set(statuses)
     finally:
         serve.delete("engram-built")
-        with redis.Redis.from_url(redis_url) as client:
-            for key in list(client.scan_iter(match=f"{prefix}:*")):
-                client.delete(key)
+        delete_keys(redis_url, prefix)

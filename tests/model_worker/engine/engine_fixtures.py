@@ -65,3 +65,13 @@ def run_to_completion(engine: LLMEngine, max_steps: int = 100_000) -> dict[str, 
 
 def tokens_of(outputs: list) -> list[int]:
     return [t for out in outputs for t in out.new_token_ids]
+
+
+def tiny_checkpoint(model_dir: Path, *, seed: int = 2, **patch) -> Path:
+    """A tiny random checkpoint saved with the demo tokenizer at `model_dir`: what the runtime's server tests
+    load as a real ModelWorker."""
+    from model_worker import save_model
+
+    save_model(tiny_model(seed=seed, max_position_embeddings=4096, **patch), model_dir)
+    build_demo_tokenizer(model_dir)
+    return model_dir

@@ -13,12 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from runtime.api import create_app
 from runtime.local import LocalRuntime
 from runtime.settings import Settings
 from tests.runtime.api.support import ServedApi, served
+from tests.runtime.conftest import delete_keys
 from tests.runtime.crash_worker import ScriptedModel
 
 # generous by default, so tests that are not about limits never meet them
@@ -97,14 +97,10 @@ MODEL_NAME = "tiny-model"  # the worker serves its checkpoint directory's name
 def model_server(tmp_path_factory, redis_url) -> ServedApi:
     """The app over real HTTP with a real ModelWorker (no scripted model) on a tiny random checkpoint, built
     like tests/runtime/test_local_e2e.py does; shared by the tests of this folder that need a worker."""
-    from model_worker import save_model
-    from model_worker.demo_tokenizer import build_demo_tokenizer
-    from tests.model_worker.engine.engine_fixtures import tiny_model
+    from tests.model_worker.engine.engine_fixtures import tiny_checkpoint
 
     root = tmp_path_factory.mktemp("model-server")
-    model_dir = root / MODEL_NAME
-    save_model(tiny_model(seed=2, max_position_embeddings=4096), model_dir)
-    build_demo_tokenizer(model_dir)
+    model_dir = tiny_checkpoint(root / MODEL_NAME)
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     settings = Settings(data_dir=root / "data", redis_url=redis_url, key_prefix=prefix, embedder="hashing",
                         model_path=model_dir, **DEFAULT_LIMITS)
@@ -113,7 +109,4 @@ def model_server(tmp_path_factory, redis_url) -> ServedApi:
             assert server.runtime.worker is not None  # a real worker, not a scripted model
             yield server
     finally:
-        with redis.Redis.from_url(redis_url) as client:
-            keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-            for start in range(0, len(keys), 500):
-                client.delete(*keys[start:start + 500])
+        delete_keys(redis_url, prefix)

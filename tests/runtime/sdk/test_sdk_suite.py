@@ -1,8 +1,8 @@
 """The SDK's contract, one suite run twice: against `AsyncClient` over HTTP on a real server, and against
-`LocalRuntime`'s in-process namespaces (see conftest's `backend`). Every scenario is an
-`async def scenario(sdk)` whose body knows nothing of the side it runs on, so the same agent code gets the
-same resources, defaults and typed errors from either. A few tests at the end are HTTP-only (retries of a
-dropped submit, an unreachable server, a bad key) or use the synchronous `Client`.
+`LocalRuntime`'s in-process namespaces (see conftest's `backend`). Every scenario is an `async def scenario(sdk)`
+whose body knows nothing of the side it runs on, so the same agent code gets the same resources, defaults and typed
+errors from either. A few tests at the end are HTTP-only (retries of a dropped submit, an unreachable server, a bad
+key) or use the synchronous `Client`.
 """
 
 from __future__ import annotations
@@ -51,8 +51,7 @@ async def collect(sdk, task_id: str, *, after: str | None = None) -> list[TaskEv
 
 
 def event_key(event_id: str) -> tuple[int, int]:
-    millis, _, seq = event_id.partition("-")
-    return int(millis), int(seq)
+    return tuple(int(part) for part in event_id.split("-"))
 
 
 async def make_scribe(sdk, name: str = "scribe") -> Agent:
