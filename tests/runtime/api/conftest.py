@@ -4,6 +4,7 @@ ASGI transport (`open_api`) or over real HTTP from a uvicorn server in a thread 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import uuid
@@ -43,6 +44,17 @@ class Api:
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+async def wait_status(api_or_client, key: str, task_id: str, statuses: tuple[str, ...]) -> dict:
+    """Poll GET /v1/tasks/{id} (through an API fixture or an httpx client) until the task has one of `statuses`."""
+    client = getattr(api_or_client, "client", api_or_client)
+    for _ in range(300):
+        task = (await client.get(f"/v1/tasks/{task_id}", headers=bearer(key))).json()
+        if task["status"] in statuses:
+            return task
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"task {task_id} never reached {statuses}: {task}")
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import json
 
 import httpx
 
-from tests.runtime.api.conftest import bearer
+from tests.runtime.api.conftest import bearer, wait_status
 from tests.runtime.api.support import QuickModel, StuckModel, assert_error, endpoints
 
 
@@ -19,14 +19,6 @@ def _url(endpoint) -> str:
     return endpoint.url({name: f"some-{name}".replace("_", "-") for name in endpoint.params})
 
 
-async def _wait_status(api_or_client, key: str, task_id: str, statuses: tuple[str, ...]) -> dict:
-    client = getattr(api_or_client, "client", api_or_client)
-    for _ in range(300):
-        task = (await client.get(f"/v1/tasks/{task_id}", headers=bearer(key))).json()
-        if task["status"] in statuses:
-            return task
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"task {task_id} never reached {statuses}: {task}")
 
 
 # ---- authentication -------------------------------------------------------------------------------------
@@ -195,7 +187,7 @@ def test_concurrent_event_streams_per_key_are_bounded(serve_api):
             r = await client.post("/v1/tasks", headers=bearer(key), json={"input": "never finishes"})
             assert r.status_code == 201, r.text
             task_id = r.json()["id"]
-            await _wait_status(client, key, task_id, ("running",))
+            await wait_status(client, key, task_id, ("running",))
             url = f"/v1/tasks/{task_id}/events"
             async with contextlib.AsyncExitStack() as streams:
                 opened = [await streams.enter_async_context(client.stream("GET", url, headers=bearer(key)))
@@ -312,7 +304,7 @@ def test_idempotency_key_returns_the_same_task_or_409(open_api):
             assert [t["id"] for t in listed] == [task["id"]]  # one task, however often it was sent
 
             # the same for a message to a session
-            await _wait_status(api, key, task["id"], ("completed",))
+            await wait_status(api, key, task["id"], ("completed",))
             url = f"/v1/sessions/{task['session_id']}/messages"
             headers = {**bearer(key), "Idempotency-Key": "message-1"}
             m1 = await c.post(url, headers=headers, json={"input": "and then?"})

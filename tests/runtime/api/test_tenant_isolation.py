@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from tests.runtime.api.conftest import bearer
+from tests.runtime.api.conftest import bearer, wait_status
 from tests.runtime.api.support import Endpoint, StuckModel, assert_error, endpoints
 
 # A valid body for each route that takes one and has path parameters: an invalid body would answer 422
@@ -45,13 +45,6 @@ def _normalized(message: str, ids: dict[str, str]) -> str:
     return message
 
 
-async def _wait_status(api, key: str, task_id: str, statuses: tuple[str, ...]) -> dict:
-    for _ in range(200):
-        task = (await api.client.get(f"/v1/tasks/{task_id}", headers=bearer(key))).json()
-        if task["status"] in statuses:
-            return task
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"task {task_id} never reached {statuses}: {task}")
 
 
 def test_another_tenants_ids_answer_exactly_like_missing_ones(open_api):
@@ -70,7 +63,7 @@ def test_another_tenants_ids_answer_exactly_like_missing_ones(open_api):
             r = await c.post("/v1/tasks", headers=bearer(key_a), json={"agent": AGENT, "input": TASK_INPUT})
             assert r.status_code == 201, r.text
             task = r.json()
-            await _wait_status(api, key_a, task["id"], ("running",))
+            await wait_status(api, key_a, task["id"], ("running",))
             a_ids = {"agent": AGENT, "name": AGENT, "task_id": task["id"], "session_id": task["session_id"],
                      "memory_id": memory_id, "key_id": a_key_id}
             missing = {"agent": "missing-agent", "name": "missing-agent", "task_id": "task_" + "0" * 24,
