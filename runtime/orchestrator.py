@@ -11,6 +11,11 @@ run replays the same calls instead of asking the model again; each call records 
 `session:step:call`) before running and its result after. On resume a recorded result is reused, and an
 intent without a result runs again with the same key, which built-in tools deduplicate (memory writes
 are idempotent by key). The final summary episode is written (idempotently) before the final commit.
+
+Time: every tool call has a timeout (the tool's own `timeout_s`, else the agent's `limits.tool_timeout_s`);
+a call that runs out is cancelled and its timeout recorded as its result (an error observation), so its
+idempotency key stays reserved and a resume never runs it again. The session's wall-time limit cuts off
+tool calls and model calls that are still running, and the session fails with that reason.
 This module holds no Redis or SQL code: that is `sessions` and the memory service.
 """
 
@@ -39,6 +44,10 @@ SUMMARY_SCHEMA = {"type": "object", "properties": {"summary": {"type": "string",
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+class _OutOfTime(Exception):
+    """The session's wall-time limit passed while the model or memory retrieval was working."""
 
 
 @dataclass
@@ -110,7 +119,10 @@ class Orchestrator:
             if agent is None:
                 await self._fail(run, f"unknown agent {state.agent!r}")
             while run.state.status not in TERMINAL:
-                await self._step(run)
+                try:
+                    await self._step(run)
+                except _OutOfTime:
+                    await self._fail(run, self._limit_exceeded(run) or "wall-time limit reached")
             return run.state
         finally:
             heartbeat.cancel()
@@ -174,7 +186,8 @@ class Orchestrator:
         memories: list[dict] = []
         model_output, usage = None, {}
         if action is None:
-            memories = await self._retrieve(run)
+            async with self._within_wall_time(run):
+                memories = await self._retrieve(run)
             messages = self._messages(run, memories)  # built and measured once, then sent as is
             if await self._maybe_summarize(run, messages):
                 return
@@ -203,10 +216,27 @@ class Orchestrator:
         used = sum(s.usage.get("prompt_tokens", 0) + s.usage.get("completion_tokens", 0) for s in run.steps)
         if used > limits.max_total_tokens:
             return f"token limit reached ({used} > {limits.max_total_tokens})"
-        age_s = (now_ms() - run.state.created_ms) / 1000
-        if age_s > limits.max_wall_time_s:
-            return f"wall-time limit reached ({age_s:.0f}s > {limits.max_wall_time_s:.0f}s)"
+        if self._remaining_s(run) <= 0:
+            age_s = (now_ms() - run.state.created_ms) / 1000
+            return f"wall-time limit reached ({age_s:.1f}s > {limits.max_wall_time_s:g}s)"
         return None
+
+    def _remaining_s(self, run: _Run) -> float:
+        """Seconds left of the session's wall-time limit (counted from its creation)."""
+        return run.agent.limits.max_wall_time_s - (now_ms() - run.state.created_ms) / 1000
+
+    @contextlib.asynccontextmanager
+    async def _within_wall_time(self, run: _Run):
+        """Cancel the body when the session's wall time runs out (raises _OutOfTime). Only for work that
+        commits nothing (model calls, retrieval): a commit is never cut in half."""
+        deadline = asyncio.timeout(max(0.0, self._remaining_s(run)))
+        try:
+            async with deadline:
+                yield
+        except TimeoutError:
+            if deadline.expired():
+                raise _OutOfTime from None
+            raise
 
     async def _recorded_action(self, session_id: str, index: int) -> dict | None:
         """The action a previous (crashed) run of this step already chose, if any."""
@@ -243,8 +273,9 @@ class Orchestrator:
             async def on_delta(text: str) -> None:
                 await self.store.emit(sid, "model_tokens", {"index": run.state.step_count, "text": text})
 
-            reply = await self.model.complete(messages, json_schema=schema,
-                                              max_tokens=agent.limits.max_tokens_per_step, on_delta=on_delta)
+            async with self._within_wall_time(run):
+                reply = await self.model.complete(messages, json_schema=schema,
+                                                  max_tokens=agent.limits.max_tokens_per_step, on_delta=on_delta)
             try:
                 return parse_action(reply.text, agent.tools, max_calls=max_calls), reply.text, reply.usage
             except ActionParseError as exc:
@@ -266,13 +297,31 @@ class Orchestrator:
                                                  "arguments": arguments})
         ctx = ToolContext(tenant=state.tenant, agent=state.agent, session_id=sid, step_index=index,
                           call_index=call_index, idempotency_key=key, memory=self.memory)
-        try:
-            outcome = {"result": await self.tools.call(name, arguments, ctx)}
-        except Exception as exc:  # a failing tool becomes an observation the model can react to
-            outcome = {"error": f"{type(exc).__name__}: {exc}"}
+        outcome = await self._run_tool(run, name, arguments, ctx)
         await self.store.record_tool_result(sid, key, outcome, self.owner, run.token)
         await self.store.emit(sid, "tool_result", {"index": index, "call_index": call_index, **outcome})
         return {**observation, **outcome}
+
+    async def _run_tool(self, run: _Run, name: str, arguments: dict, ctx: ToolContext) -> dict:
+        """{"result": ...} or {"error": ...}: a failing, timed-out or cut-off call becomes an observation the
+        model can react to. The call may run for its tool's timeout, and never past the session's wall time
+        (the step is then committed with the error and the next step fails the session)."""
+        default_s = run.agent.limits.tool_timeout_s
+        limit_s = self.tools.timeout_s(name, default_s) if name in self.tools else default_s
+        remaining_s = self._remaining_s(run)
+        deadline = asyncio.timeout(max(0.0, min(limit_s, remaining_s)))
+        try:
+            async with deadline:
+                return {"result": await self.tools.call(name, arguments, ctx)}
+        except TimeoutError as exc:
+            if not deadline.expired():
+                return {"error": f"{type(exc).__name__}: {exc}"}
+            if remaining_s < limit_s:
+                return {"error": f"ToolTimeout: tool {name!r} was cut off: the session's wall-time limit "
+                                 f"({run.agent.limits.max_wall_time_s:g} s) was reached while it ran"}
+            return {"error": f"ToolTimeout: tool {name!r} timed out after {limit_s:g} s"}
+        except Exception as exc:
+            return {"error": f"{type(exc).__name__}: {exc}"}
 
     async def _maybe_summarize(self, run: _Run, messages: list[dict]) -> bool:
         """When this step's prompt (retrieved memories included) would not fit, fold the oldest
@@ -291,8 +340,9 @@ class Orchestrator:
         request = [{"role": "system", "content": "Summarize these agent steps in a few sentences. Keep every "
                     "fact, number and decision needed to continue the task."},
                    {"role": "user", "content": f"Earlier summary: {state.summary or '(none)'}\n{transcript}"}]
-        reply = await self.model.complete(request, json_schema=SUMMARY_SCHEMA,
-                                          max_tokens=self.settings.summary_max_tokens)
+        async with self._within_wall_time(run):
+            reply = await self.model.complete(request, json_schema=SUMMARY_SCHEMA,
+                                              max_tokens=self.settings.summary_max_tokens)
         try:
             summary = json.loads(reply.text)["summary"]
         except (ValueError, KeyError, TypeError):

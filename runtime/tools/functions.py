@@ -8,7 +8,8 @@ exposed to the model:
 - `ctx` / `context` (or any parameter annotated `ToolContext`): the call's `ToolContext`;
 - `idempotency_key: str`: the call's idempotency key, so the function can apply its effect once when the
   orchestrator re-runs a call after a crash.
-Sync functions run in a worker thread so they never block the orchestrator's event loop.
+Sync functions run in a worker thread so they never block the orchestrator's event loop. `timeout_s` bounds
+one call (see `Tool.timeout_s`).
 
 It deliberately does not: accept `*args`, `**kwargs` or positional-only parameters, guess types for
 parameters without hints, or parse per-argument descriptions out of docstrings.
@@ -60,7 +61,8 @@ def _is_async(fn: Any) -> bool:
 class FunctionTool(Tool):
     """A Tool that calls a plain Python function with the validated arguments as keyword arguments."""
 
-    def __init__(self, fn: Any, *, name: str | None = None, description: str | None = None) -> None:
+    def __init__(self, fn: Any, *, name: str | None = None, description: str | None = None,
+                 timeout_s: float | None = None) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         tool_name = getattr(fn, "__name__", None) if name is None else name
@@ -69,7 +71,7 @@ class FunctionTool(Tool):
         text = _summary(fn) if description is None else description
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"description: tool {tool_name!r} needs a description (pass description= or a docstring)")
-        self.name, self.description = tool_name, text.strip()
+        self.name, self.description, self.timeout_s = tool_name, text.strip(), timeout_s
         self._fn, self._async = fn, _is_async(fn)
         self._context_params: list[str] = []
         self._key_params: list[str] = []

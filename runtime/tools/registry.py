@@ -10,8 +10,12 @@ Each call's context carries its idempotency key `"{session_id}:{step_index}:{cal
 orchestrator re-runs a call whose result was not recorded before a crash with the same key, so a tool
 with effects uses the key to apply them once.
 
+A tool may set `timeout_s` (seconds per call); the orchestrator uses it instead of the agent's
+`limits.tool_timeout_s`, and cancels a call that runs longer (a sync function's worker thread cannot be
+stopped: it runs on, but its late result is ignored).
+
 It deliberately does not: record intents or results (the session store does), retry or time out calls
-(the orchestrator's limits do), or turn plain Python functions into tools (`functions.py`).
+(the orchestrator does, with the timeouts above), or turn plain Python functions into tools (`functions.py`).
 """
 
 from __future__ import annotations
@@ -97,6 +101,7 @@ class Tool(ABC):
     name: str
     description: str
     args_model: type[BaseModel]
+    timeout_s: float | None = None  # per call; None: the agent's limits.tool_timeout_s
 
     def json_schema(self) -> dict[str, Any]:
         """`{"name", "description", "parameters"}` with the arguments' self-contained JSON schema (built once
@@ -122,6 +127,11 @@ def _check_tool(tool: Any) -> None:
         raise ValueError(f"tool {tool.name!r}: description must be a non-empty str")
     if not (isinstance(tool.args_model, type) and issubclass(tool.args_model, BaseModel)):
         raise TypeError(f"tool {tool.name!r}: args_model must be a pydantic BaseModel subclass")
+    timeout = tool.timeout_s
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not 0 < timeout < float("inf")):
+        raise ValueError(f"tool {tool.name!r}: timeout_s must be a positive number of seconds or None, "
+                         f"got {timeout!r}")
     tool.json_schema()  # fails now, not at the first prompt, for arguments that cannot be described
 
 
@@ -161,13 +171,19 @@ class ToolRegistry:
             raise ValueError(f"tool name {tool.name!r} is already registered")
         self._tools[tool.name] = tool
 
-    def register_function(self, fn: Any, *, name: str | None = None, description: str | None = None) -> Tool:
+    def register_function(self, fn: Any, *, name: str | None = None, description: str | None = None,
+                          timeout_s: float | None = None) -> Tool:
         """Register a typed (sync or async) Python callable as a tool; see `FunctionTool`. Returns the tool."""
         from runtime.tools.functions import FunctionTool
 
-        tool = FunctionTool(fn, name=name, description=description)
+        tool = FunctionTool(fn, name=name, description=description, timeout_s=timeout_s)
         self.register(tool)
         return tool
+
+    def timeout_s(self, name: str, default: float) -> float:
+        """Seconds one call of tool `name` may run: its own `timeout_s`, else `default`."""
+        own = self.get(name).timeout_s
+        return default if own is None else float(own)
 
     def get(self, name: str) -> Tool:
         """The tool called `name`; UnknownToolError (a KeyError) listing the registered names otherwise."""
