@@ -1,10 +1,11 @@
 """The agent loop: run sessions step by step so that a crash at any instant loses and repeats nothing.
 
-A step: claim the session's lease -> load state and step log from Redis -> (fold old turns into a
-summary when the context nears its limit) -> retrieve long-term memories -> build the prompt -> ask the
-model for an action under a JSON schema (bounded repairs) -> run the tool calls -> commit the step
-atomically with the lease's fencing token -> repeat until a final answer, a limit, cancellation or a
-failure.
+A run claims the session's lease and keeps it alive with a heartbeat that survives Redis outages; an
+owner that loses it stops the session's work at once (`lease_keeper`). A step: load state and step log
+from Redis -> (fold old turns into a summary when the context nears its limit) -> retrieve long-term
+memories -> build the prompt -> ask the model for an action under a JSON schema (bounded repairs) -> run
+the tool calls -> commit the step atomically with the lease's fencing token -> repeat until a final
+answer, a limit, cancellation or a failure.
 
 Exactly-once tool effects: the parsed action of step N is recorded before any tool runs, so a resumed
 run replays the same calls instead of asking the model again; each call records its intent (key
@@ -31,9 +32,11 @@ import uuid
 from dataclasses import dataclass, field
 
 from runtime.agents import AgentDefinition, AgentSource, agent_source
+from runtime.lease_keeper import run_under_lease
 from runtime.model_client import ModelClient
 from runtime.prompts import ActionParseError, action_schema, build_messages, parse_action, repair_prompt
 from runtime.sessions import LeaseLost, SessionState, SessionStore, Step
+from runtime.sessions.retry import RETRYABLE_ERRORS
 from runtime.tools import ToolContext, ToolRegistry
 
 log = logging.getLogger(__name__)
@@ -106,30 +109,41 @@ class Orchestrator:
                                        context=context)
 
     async def run_session(self, session_id: str) -> SessionState:
-        """Drive one session to a terminal state (or until the lease is lost to another owner)."""
-        state = await self.store.claim(session_id, self.owner, self.settings.lease_ms)
+        """Drive one session to a terminal state. LeaseLost when the lease is lost to another owner, or runs
+        out while Redis is unreachable: the session's work here is then cancelled and commits nothing."""
+        settings = self.settings
+        sent = time.monotonic()
+        state = await self.store.claim(session_id, self.owner, settings.lease_ms)
         token = state.fencing_token
-        heartbeat = asyncio.create_task(self._heartbeat(session_id, token))
+        lost = False
         try:
-            state, steps = await self.store.load(session_id)
-            if state.status in TERMINAL:
-                return state
-            agent = await self.agents.resolve(state.tenant, state.agent)
-            run = _Run(state, steps, agent, token)
-            if agent is None:
-                await self._fail(run, f"unknown agent {state.agent!r}")
-            while run.state.status not in TERMINAL:
-                try:
-                    await self._step(run)
-                except _OutOfTime:
-                    await self._fail(run, self._limit_exceeded(run) or "wall-time limit reached")
-            return run.state
+            return await run_under_lease(self.store, session_id, self.owner, token, self._drive(session_id, token),
+                                         lease_ms=settings.lease_ms, heartbeat_s=settings.heartbeat_s,
+                                         valid_until=sent + settings.lease_ms / 1000)
+        except LeaseLost:
+            lost = True
+            raise
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError, LeaseLost):
-                await heartbeat
-            with contextlib.suppress(LeaseLost):
-                await self.store.release(session_id, self.owner, token)
+            if not lost:
+                try:
+                    await self.store.release(session_id, self.owner, token)
+                except (LeaseLost, *RETRYABLE_ERRORS) as exc:  # the lease then simply expires
+                    log.info("session %s: lease not released (%s)", session_id, exc)
+
+    async def _drive(self, session_id: str, token: int) -> SessionState:
+        state, steps = await self.store.load(session_id)
+        if state.status in TERMINAL:
+            return state
+        agent = await self.agents.resolve(state.tenant, state.agent)
+        run = _Run(state, steps, agent, token)
+        if agent is None:
+            await self._fail(run, f"unknown agent {state.agent!r}")
+        while run.state.status not in TERMINAL:
+            try:
+                await self._step(run)
+            except _OutOfTime:
+                await self._fail(run, self._limit_exceeded(run) or "wall-time limit reached")
+        return run.state
 
     async def run_pending(self, *, stop: asyncio.Event | None = None, poll_s: float = 0.2) -> None:
         """Serve forever: pick up pending sessions and sessions whose owner's lease expired."""
@@ -159,11 +173,6 @@ class Orchestrator:
             except Exception:
                 log.exception("session %s: step failed; will retry", session_id)
                 self._retry_after[session_id] = time.monotonic() + self.settings.retry_backoff_s
-
-    async def _heartbeat(self, session_id: str, token: int) -> None:
-        while True:
-            await asyncio.sleep(self.settings.heartbeat_s)
-            await self.store.heartbeat(session_id, self.owner, token, self.settings.lease_ms)
 
     # ---- one step ---------------------------------------------------------------------------------
     async def _step(self, run: _Run) -> None:
