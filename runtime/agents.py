@@ -44,6 +44,7 @@ class AgentLimits(BaseModel):
     max_wall_time_s: float = Field(600.0, gt=0, allow_inf_nan=False)
     max_parse_repairs: int = Field(2, ge=0)  # re-asks after unparseable model output, per step
     max_tool_calls_per_step: int = Field(4, ge=1, le=32)
+    max_tool_result_chars: int = Field(8000, ge=100)
     tool_timeout_s: float = Field(60.0, gt=0, allow_inf_nan=False)  # per call, unless the tool sets its own
 
 

@@ -17,6 +17,11 @@ Time: every tool call has a timeout (the tool's own `timeout_s`, else the agent'
 a call that runs out is cancelled and its timeout recorded as its result (an error observation), so its
 idempotency key stays reserved and a resume never runs it again. The session's wall-time limit cuts off
 tool calls and model calls that are still running, and the session fails with that reason.
+
+Size: a call's result longer than the agent's `limits.max_tool_result_chars` is recorded in full in the
+tool record and shown to the model (step log, events) cut, with a marker saying how much was cut. A task
+whose first prompt cannot fit the model's context is refused at submission (`check_task`, TaskTooLarge);
+a session whose prompt cannot fit even with its history folded into a summary fails at once, saying so.
 This module holds no Redis or SQL code: that is `sessions` and the memory service.
 """
 
@@ -47,6 +52,10 @@ SUMMARY_SCHEMA = {"type": "object", "properties": {"summary": {"type": "string",
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+class TaskTooLarge(ValueError):
+    """A task whose first prompt cannot fit the model's context window (refused at submission)."""
 
 
 class _OutOfTime(Exception):
@@ -101,12 +110,41 @@ class Orchestrator:
                      thread_id: str | None = None, context: str | None = None) -> SessionState:
         """Create (idempotently by session_id) a pending session for a registered agent; `thread_id` and
         `context` tie it to the conversation it continues (see SessionStore.create)."""
-        if await self.agents.resolve(tenant, agent) is None:
+        definition = await self.agents.resolve(tenant, agent)
+        if definition is None:
             raise KeyError(f"unknown agent {agent!r}")
         if not task or not task.strip():
             raise ValueError("task: must not be empty")
+        self._check_fits(definition, task)
         return await self.store.create(tenant, agent, task, session_id=session_id, thread_id=thread_id,
                                        context=context)
+
+    async def check_task(self, tenant: str, agent: str, task: str) -> None:
+        """TaskTooLarge when the first prompt of `task` for this agent cannot fit the model's context. Cheap
+        for ordinary tasks: measured only when the task's UTF-8 bytes exceed half the context window (a
+        shorter one that still does not fit fails its session at once, with the reason)."""
+        if len(task.encode("utf-8", "replace")) <= self.model.context_window // 2:
+            return
+        definition = await self.agents.resolve(tenant, agent)
+        if definition is not None:  # an unknown agent is the submission's to report
+            self._check_fits(definition, task)
+
+    def _check_fits(self, agent: AgentDefinition, task: str) -> None:
+        messages = build_messages(agent, task, [], [], self.tools.schemas(agent.tools),
+                                  max_calls=agent.limits.max_tool_calls_per_step)
+        tokens, budget = self.model.count_tokens(messages), self._budget(agent)
+        if tokens > budget:
+            raise TaskTooLarge(f"input: the task is too large for the model's context: its first prompt is "
+                               f"{tokens} tokens, more than the {budget} that a {self.model.context_window}-token "
+                               f"context window leaves ({self._reserve(agent)}); shorten the task")
+
+    def _budget(self, agent: AgentDefinition) -> int:
+        """Prompt tokens a step may use: the context window less the reply and a margin."""
+        return self.model.context_window - agent.limits.max_tokens_per_step - self.settings.context_margin_tokens
+
+    def _reserve(self, agent: AgentDefinition) -> str:
+        return (f"{agent.limits.max_tokens_per_step} tokens for the reply and {self.settings.context_margin_tokens} "
+                f"of margin")
 
     async def run_session(self, session_id: str) -> SessionState:
         """Drive one session to a terminal state. LeaseLost when the lease is lost to another owner, or runs
@@ -197,9 +235,13 @@ class Orchestrator:
         if action is None:
             async with self._within_wall_time(run):
                 memories = await self._retrieve(run)
-            messages = self._messages(run, memories)  # built and measured once, then sent as is
-            if await self._maybe_summarize(run, messages):
+            fitted = await self._fit_prompt(run, memories)  # built and measured once, then sent as is
+            if fitted is None:
+                return  # a summary step was committed instead
+            if isinstance(fitted, str):
+                await self._fail(run, fitted)
                 return
+            messages, memories = fitted
             if memories:
                 await self.store.emit(sid, "memory_hits", {"index": index, "memories": memories})
             outcome = await self._ask_for_action(run, messages)
@@ -298,8 +340,9 @@ class Orchestrator:
         name, arguments = call["name"], call.get("arguments", {})
         observation = {"call_index": call_index, "tool": name, "arguments": arguments, "idempotency_key": key}
         record = await self.store.tool_record(sid, key)
+        limit = run.agent.limits.max_tool_result_chars
         if record is not None and record.get("result") is not None:
-            return {**observation, **record["result"]}  # done before a crash: reuse, never re-run
+            return {**observation, **bounded(record["result"], limit, key)}  # done before a crash: never re-run
         if record is None:
             await self.store.record_tool_intent(sid, key, name, arguments, self.owner, run.token)
         await self.store.emit(sid, "tool_call", {"index": index, "call_index": call_index, "tool": name,
@@ -307,9 +350,10 @@ class Orchestrator:
         ctx = ToolContext(tenant=state.tenant, agent=state.agent, session_id=sid, step_index=index,
                           call_index=call_index, idempotency_key=key, memory=self.memory)
         outcome = await self._run_tool(run, name, arguments, ctx)
-        await self.store.record_tool_result(sid, key, outcome, self.owner, run.token)
-        await self.store.emit(sid, "tool_result", {"index": index, "call_index": call_index, **outcome})
-        return {**observation, **outcome}
+        await self.store.record_tool_result(sid, key, outcome, self.owner, run.token)  # in full, once
+        shown = bounded(outcome, limit, key)
+        await self.store.emit(sid, "tool_result", {"index": index, "call_index": call_index, **shown})
+        return {**observation, **shown}
 
     async def _run_tool(self, run: _Run, name: str, arguments: dict, ctx: ToolContext) -> dict:
         """{"result": ...} or {"error": ...}: a failing, timed-out or cut-off call becomes an observation the
@@ -332,17 +376,33 @@ class Orchestrator:
         except Exception as exc:
             return {"error": f"{type(exc).__name__}: {exc}"}
 
-    async def _maybe_summarize(self, run: _Run, messages: list[dict]) -> bool:
-        """When this step's prompt (retrieved memories included) would not fit, fold the oldest
-        unsummarized turns into a summary step. Returns True when a summary step was committed (the
-        caller's step is then over; the next step retrieves and builds its prompt again)."""
-        budget = self.model.context_window - run.agent.limits.max_tokens_per_step - self.settings.context_margin_tokens
-        if self.model.count_tokens(messages) <= budget:
-            return False
+    async def _fit_prompt(self, run: _Run, memories: list[dict]) -> tuple[list[dict], list[dict]] | str | None:
+        """This step's (messages, memories) within the context budget; None when the oldest unsummarized
+        turns were folded into a summary step instead (the caller's step is then over; the next one builds
+        its prompt again); the reason, when nothing is left to fold and even without the retrieved
+        memories the prompt does not fit (the session cannot go on)."""
+        budget = self._budget(run.agent)
+        messages = self._messages(run, memories)
+        tokens = self.model.count_tokens(messages)
+        if tokens <= budget:
+            return messages, memories
+        if await self._summarize(run):
+            return None
+        if memories:
+            messages = self._messages(run, [])
+            tokens = self.model.count_tokens(messages)
+            if tokens <= budget:
+                return messages, []
+        return (f"the prompt cannot fit the model's context: {tokens} tokens, more than the {budget} that a "
+                f"{self.model.context_window}-token context window leaves ({self._reserve(run.agent)}), with "
+                f"the history already folded into a summary")
+
+    async def _summarize(self, run: _Run) -> bool:
+        """Fold the oldest half of the unsummarized turns into the summary; False when fewer than two are left."""
         state = run.state
         pending = [s for s in run.steps if s.index >= state.summarized_through and s.kind == "action"]
         if len(pending) < 2:
-            return False  # nothing left to fold; the step proceeds and the model's context limit applies
+            return False
         fold = pending[: max(1, len(pending) // 2)]
         through = fold[-1].index + 1
         transcript = "\n".join(f"step {s.index}: action {s.action} -> {s.observations}" for s in fold)
@@ -395,6 +455,18 @@ class Orchestrator:
             self.finished[patch["status"]] += 1
         run.steps.append(step)
         run.state = await self.store.state(run.state.session_id)  # the commit also emitted its events
+
+
+def bounded(outcome: dict, limit: int, key: str) -> dict:
+    """A call's outcome as the model sees it: a result or error longer than `limit` characters (as JSON text)
+    cut to `limit`, with a marker saying how much was cut and where the full one is."""
+    name, value = next(iter(outcome.items()))
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if len(text) <= limit:
+        return outcome
+    marker = (f" [... {len(text) - limit} of {len(text)} characters cut; the full {name} is stored with the "
+              f"call {key}]")
+    return {name: text[:limit] + marker}
 
 
 def _action_key(session_id: str, index: int) -> str:

@@ -83,7 +83,8 @@ class RuntimeService:
                  counters: collections.Counter | None = None):
         self.store, self.orchestrator, self.catalog, self.memory, self.keys = store, orchestrator, catalog, memory, keys
         self.worker = worker
-        self.tasks = TaskBoard(store, catalog, key_prefix=store.keys.prefix, on_submit=orchestrator.wake)
+        self.tasks = TaskBoard(store, catalog, key_prefix=store.keys.prefix, on_submit=orchestrator.wake,
+                               check_input=orchestrator.check_task)
         self.database_check = database_check  # () -> None, raises when the database is unreachable
         self.counters = counters if counters is not None else collections.Counter()
         self._runner: asyncio.Task | None = None

@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
@@ -115,12 +115,14 @@ def _fingerprint(kind: str, body: dict) -> str:
 
 class TaskBoard:
     def __init__(self, store: SessionStore, catalog: AgentCatalog | None = None, *, key_prefix: str = "engram",
-                 on_submit: Callable[[], None] | None = None):
+                 on_submit: Callable[[], None] | None = None,
+                 check_input: Callable[[str, str, str], Awaitable[None]] | None = None):
         self.store, self.catalog = store, catalog
         self._redis: aioredis.Redis = store.redis
         self._prefix = key_prefix
         self._submit = store.script(_SUBMIT, "submit")
         self.on_submit = on_submit  # called after each new task (wakes the runner)
+        self.check_input = check_input  # (tenant, agent, input): raises for an input that cannot run
         # a conversation outlives its last task's own retention by a day
         self.conversation_ttl_s = (store.finished_ttl_s or 30 * 86400) + 86400
 
@@ -138,6 +140,8 @@ class TaskBoard:
         round trip for a new conversation (plus the context read when continuing one)."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError("input: must not be blank")
+        if self.check_input is not None:
+            await self.check_input(tenant, agent, text)
         fingerprint = "" if idempotency_key is None else _fingerprint(
             "task", {"agent": agent, "input": text, "session_id": conversation_id})
         context = None

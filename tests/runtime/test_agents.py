@@ -16,7 +16,8 @@ def test_defaults_are_the_documented_ones():
     assert agent.memory == MemorySettings(retrieve=True, k=5, kinds=None, min_score=None, write_summary=True)
     assert agent.limits.model_dump() == {"max_steps": 20, "max_tokens_per_step": 256, "max_total_tokens": 100_000,
                                          "max_wall_time_s": 600.0, "max_parse_repairs": 2,
-                                         "max_tool_calls_per_step": 4, "tool_timeout_s": 60.0}
+                                         "max_tool_calls_per_step": 4, "max_tool_result_chars": 8000,
+                                         "tool_timeout_s": 60.0}
 
 
 def test_json_round_trip_is_lossless():
