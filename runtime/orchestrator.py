@@ -82,7 +82,13 @@ class _Run:
     steps: list[Step]
     agent: AgentDefinition
     token: int
-    started: float = field(default_factory=time.monotonic)
+    step_started_ms: int = field(default_factory=now_ms)  # when the step in progress began
+
+    def step(self, kind: str, **fields) -> Step:
+        """The step in progress, committed now."""
+        index = self.state.step_count
+        return Step(step_id=f"{self.state.session_id}:{index}", index=index, kind=kind,
+                    started_ms=self.step_started_ms, committed_ms=now_ms(), **fields)
 
 
 class Orchestrator:
@@ -214,6 +220,7 @@ class Orchestrator:
 
     # ---- one step ---------------------------------------------------------------------------------
     async def _step(self, run: _Run) -> None:
+        run.step_started_ms = now_ms()
         run.state = await self.store.state(run.state.session_id)  # picks up a cancellation
         if run.state.status in TERMINAL:
             return
@@ -255,9 +262,8 @@ class Orchestrator:
             await self._finish(run, action, model_output, memories, usage)
             return
         observations = [await self._call_tool(run, index, i, call) for i, call in enumerate(action["calls"])]
-        step = Step(step_id=f"{sid}:{index}", index=index, kind="action", model_output=model_output, action=action,
-                    observations=observations, retrieved_memories=memories, usage=usage,
-                    started_ms=now_ms(), committed_ms=now_ms())
+        step = run.step("action", model_output=model_output, action=action, observations=observations,
+                        retrieved_memories=memories, usage=usage)
         await self._commit(run, step, {"status": "running"})
 
     def _limit_exceeded(self, run: _Run) -> str | None:
@@ -423,9 +429,7 @@ class Orchestrator:
                                     idempotency_key=f"{state.session_id}:summary:{state.step_count}",
                                     source_session=state.session_id, source_step=state.step_count,
                                     metadata={"type": "context_summary", "through_step": through})
-        step = Step(step_id=f"{state.session_id}:{state.step_count}", index=state.step_count, kind="summary",
-                    model_output=reply.text, action=None, observations=[], retrieved_memories=[], usage=reply.usage,
-                    started_ms=now_ms(), committed_ms=now_ms())
+        step = run.step("summary", model_output=reply.text, usage=reply.usage)
         await self._commit(run, step, {"summary": summary, "summarized_through": through})
         return True
 
@@ -437,17 +441,11 @@ class Orchestrator:
             await self.memory.write(state.tenant, state.agent, text[:7000], kind="episode",
                                     idempotency_key=f"{state.session_id}:final", source_session=state.session_id,
                                     source_step=state.step_count, metadata={"type": "session_summary"})
-        step = Step(step_id=f"{state.session_id}:{state.step_count}", index=state.step_count, kind="final",
-                    model_output=model_output, action=action, observations=[], retrieved_memories=memories,
-                    usage=usage, started_ms=now_ms(), committed_ms=now_ms())
+        step = run.step("final", model_output=model_output, action=action, retrieved_memories=memories, usage=usage)
         await self._commit(run, step, {"status": "completed", "final_answer": str(action.get("answer", ""))})
 
     async def _fail(self, run: _Run, reason: str, *, status: str = "failed") -> None:
-        state = run.state
-        step = Step(step_id=f"{state.session_id}:{state.step_count}", index=state.step_count, kind="error",
-                    model_output=None, action=None, observations=[], retrieved_memories=[], usage={},
-                    started_ms=now_ms(), committed_ms=now_ms())
-        await self._commit(run, step, {"status": status, "error": reason})
+        await self._commit(run, run.step("error"), {"status": status, "error": reason})
 
     async def _commit(self, run: _Run, step: Step, patch: dict) -> None:
         await self.store.append_step(run.state.session_id, step, self.owner, run.token, state_patch=patch)
