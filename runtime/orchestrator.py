@@ -7,7 +7,7 @@ memories -> build the prompt -> ask the model for an action under a JSON schema 
 the tool calls -> commit the step atomically with the lease's fencing token -> repeat until a final
 answer, a limit, cancellation or a failure.
 
-Exactly-once tool effects: the parsed action of step N is recorded before any tool runs, so a resumed
+Tool results recorded exactly once: the parsed action of step N is recorded before any tool runs, so a resumed
 run replays the same calls instead of asking the model again; each call records its intent (key
 `session:step:call`) before running and its result after. On resume a recorded result is reused, and an
 intent without a result runs again with the same key, which built-in tools deduplicate (memory writes

@@ -4,6 +4,7 @@ from runtime.tools.builtins import BUILTIN_TOOL_NAMES, builtin_tools
 from runtime.tools.calculator import Calculator, CalculatorError, calculate, evaluate
 from runtime.tools.clock import CurrentTime
 from runtime.tools.functions import FunctionTool
+from runtime.tools.idempotent_sql import SqlEffects
 from runtime.tools.memory import MemoryForget, MemorySearch, MemoryWrite
 from runtime.tools.registry import (
     Tool,
@@ -25,6 +26,7 @@ __all__ = [
     "MemoryForget",
     "MemorySearch",
     "MemoryWrite",
+    "SqlEffects",
     "Tool",
     "ToolArgumentError",
     "ToolContext",
