@@ -7,12 +7,21 @@ take Redis down with it. If an earlier process died and left its server running 
 `start()` adopts that server instead of starting a second one on the same files (two servers appending to
 one AOF would corrupt it).
 
+One server is shared by every process using the data dir: each handle that started or adopted it holds a
+lock on a file of its own under `users/` (the kernel drops it when the process dies), and `stop()` stops
+the server only when no other live handle uses it, so the first of two `engram run` processes to finish
+leaves the server to the other. The server is recorded in `server.json` as soon as it is spawned, so a
+process killed while its server was still starting leaves it to be adopted by the next start (which
+waits for it to come up), never orphaned beside a second server. A server whose last user died keeps
+running until the next process on the data dir adopts it and stops it.
+
 Deliberately not here: Redis configuration beyond persistence and auth, replication, clustering,
 and anything about what is stored (that is `runtime.sessions`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -21,6 +30,8 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -29,6 +40,7 @@ _STATE_FILE = "server.json"  # {"pid", "port"} of the server serving this data d
 _LOCK_FILE = "server.lock"
 _LOG_FILE = "redis.log"
 _STDERR_FILE = "redis.stderr"
+_USERS_DIR = "users"  # one locked file per handle using the server
 
 
 def redis_server_binary() -> str:
@@ -94,6 +106,7 @@ class RedisServer:
         self.port: int = port if port is not None else 0
         self._proc: subprocess.Popen | None = None
         self._adopted_pid: int | None = None
+        self._use: tuple[Path, object] | None = None  # this handle's locked file under users/
 
     # -- public surface -------------------------------------------------------------------------------
     @property
@@ -124,25 +137,38 @@ class RedisServer:
         if self.running:
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.data_dir / _LOCK_FILE, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if self._adopt_live_server():
-                return
-            attempts = 1 if self._fixed_port or self.port else 3
-            for attempt in range(attempts):
-                if not self._fixed_port and not self.port:
-                    self.port = free_port()
-                try:
-                    self._spawn()
-                    break
-                except RuntimeError:
-                    if attempt == attempts - 1:
-                        raise
-                    self.port = 0  # the free port was taken meanwhile: pick another
-            (self.data_dir / _STATE_FILE).write_text(json.dumps({"pid": self.pid, "port": self.port}))
+        with self._dir_lock():
+            if not self._adopt_live_server():
+                self._spawn_on_a_free_port()
+            self._register_use()
 
-    def stop(self, *, kill: bool = False, timeout_s: float = 15.0) -> None:
-        """Stop the server: SIGTERM (Redis flushes the AOF and exits) or, with `kill`, SIGKILL."""
+    def _spawn_on_a_free_port(self) -> None:
+        attempts = 1 if self._fixed_port or self.port else 3
+        for attempt in range(attempts):
+            if not self._fixed_port and not self.port:
+                self.port = free_port()
+            try:
+                self._spawn()
+                return
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+                self.port = 0  # the free port was taken meanwhile: pick another
+
+    def stop(self, *, kill: bool = False, timeout_s: float = 15.0, force: bool = False) -> None:
+        """Stop using the server, and stop it (SIGTERM: Redis flushes the AOF and exits; with `kill`,
+        SIGKILL) unless another live handle still uses it; `force` stops it regardless."""
+        if self.pid is None:  # never started, or already stopped or left to the other users
+            self._release_use()
+            return
+        with self._dir_lock():
+            self._release_use()
+            if not force and self.running and self._other_users():
+                self._proc, self._adopted_pid = None, None  # theirs now: left running
+                return
+            self._stop_server(kill, timeout_s)
+
+    def _stop_server(self, kill: bool, timeout_s: float) -> None:
         pid = self.pid
         if pid is None or not self.running:
             if self._proc is not None:  # exited or exiting: reap our child so no zombie is left behind
@@ -169,8 +195,8 @@ class RedisServer:
         self._forget()
 
     def restart(self, *, kill: bool = False) -> None:
-        """Stop and start again on the same port, so clients reconnect to the same URL."""
-        self.stop(kill=kill)
+        """Stop (whoever else uses it) and start again on the same port, so clients reconnect to the same URL."""
+        self.stop(kill=kill, force=True)
         self.start()
 
     def pause(self) -> None:
@@ -212,25 +238,37 @@ class RedisServer:
         return args
 
     def _spawn(self) -> None:
+        """Start the process, record it at once (a crash from here on leaves it adoptable), wait for PING;
+        on any failure (an interrupt included) kill it and drop the record."""
         with open(self.data_dir / _STDERR_FILE, "ab") as stderr:
             self._proc = subprocess.Popen(self._command(), cwd=self.data_dir, stdin=subprocess.DEVNULL,
                                           stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
-        deadline = time.monotonic() + self.startup_timeout_s
-        while True:
-            if self._proc.poll() is not None:
-                self._proc = None
-                raise RuntimeError(f"redis-server exited during startup on port {self.port}: "
+        try:
+            (self.data_dir / _STATE_FILE).write_text(json.dumps({"pid": self._proc.pid, "port": self.port}))
+            if not self._wait_until_serving(self.port, self._proc.pid, self._proc.poll):
+                raise RuntimeError(f"redis-server did not answer PING within {self.startup_timeout_s} s: "
                                    f"{self.log_tail(800)}")
-            if self._ping(self.port):
-                return
+        except BaseException:
+            exited = self._proc.poll() is not None
+            self._proc.kill()
+            self._proc.wait()
+            self._forget()
+            if exited:
+                raise RuntimeError(f"redis-server exited during startup on port {self.port}: "
+                                   f"{self.log_tail(800)}") from None
+            raise
+
+    def _wait_until_serving(self, port: int, pid: int, exited=None) -> bool:
+        """Wait (up to the start-up timeout) until the server `pid` answers for this data dir on `port`;
+        False when it exits or the time runs out."""
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not self._serves_this_dir(port):
+            if (exited is not None and exited() is not None) or not _pid_alive(pid):
+                return False
             if time.monotonic() > deadline:
-                break
+                return False
             time.sleep(0.02)
-        self._proc.kill()
-        self._proc.wait()
-        self._proc = None
-        raise RuntimeError(f"redis-server did not answer PING within {self.startup_timeout_s} s: "
-                           f"{self.log_tail(800)}")
+        return True
 
     def _client(self, port: int):
         import redis
@@ -239,15 +277,6 @@ class RedisServer:
 
         return redis.Redis(host="127.0.0.1", port=port, password=self.password, socket_timeout=2,
                            socket_connect_timeout=2, decode_responses=True, retry=Retry(NoBackoff(), 0))
-
-    def _ping(self, port: int) -> bool:
-        import redis
-
-        try:
-            with self._client(port) as client:
-                return bool(client.ping())
-        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
-            return False  # not listening yet, or still loading the AOF (BusyLoadingError)
 
     def _adopt_live_server(self) -> bool:
         """Adopt a server left running on this data dir by an earlier process; drop a stale record."""
@@ -260,7 +289,12 @@ class RedisServer:
         except (ValueError, KeyError, TypeError):
             state_file.unlink(missing_ok=True)
             return False
-        if not (_pid_alive(pid) and self._serves_this_dir(port)):
+        if not (_pid_alive(pid) and _runs_in(pid, self.data_dir)):
+            state_file.unlink(missing_ok=True)
+            return False
+        if not self._wait_until_serving(port, pid):  # e.g. still starting when its starter died
+            if _pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)  # ours (it runs in this dir), but not coming up
             state_file.unlink(missing_ok=True)
             return False
         if self._fixed_port and port != self.port:
@@ -279,10 +313,58 @@ class RedisServer:
             return False
         return served is not None and Path(served).resolve() == self.data_dir
 
+    @contextlib.contextmanager
+    def _dir_lock(self) -> Iterator[None]:
+        """The data dir's lock, held while starting, adopting or stopping."""
+        with open(self.data_dir / _LOCK_FILE, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _register_use(self) -> None:
+        users = self.data_dir / _USERS_DIR
+        users.mkdir(exist_ok=True)
+        path = users / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        handle = open(path, "w")  # noqa: SIM115 - held open (and locked) while this handle uses the server
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        self._use = (path, handle)
+
+    def _release_use(self) -> None:
+        if self._use is not None:
+            path, handle = self._use
+            path.unlink(missing_ok=True)
+            handle.close()
+            self._use = None
+
+    def _other_users(self) -> int:
+        """Live handles using the server besides this one; files of dead ones (lock free) are removed."""
+        live = 0
+        for path in (self.data_dir / _USERS_DIR).glob("*"):
+            try:
+                with open(path) as handle:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                live += 1
+            except FileNotFoundError:
+                continue
+            else:
+                path.unlink(missing_ok=True)
+        return live
+
     def _forget(self) -> None:
         self._proc = None
         self._adopted_pid = None
         (self.data_dir / _STATE_FILE).unlink(missing_ok=True)
+
+
+def _runs_in(pid: int, data_dir: Path) -> bool:
+    """Whether process `pid` works in `data_dir` (a server of ours, not a reused pid: we start it there and
+    Redis's --dir keeps it there); True without procfs."""
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd")) == data_dir
+    except FileNotFoundError:
+        return not Path("/proc/self/cwd").exists()
+    except OSError:
+        return True
 
 
 def embedded_or_url(url: str | None, data_dir: str | os.PathLike) -> tuple[str, RedisServer | None]:

@@ -70,9 +70,11 @@ def test_second_start_on_the_same_data_dir_adopts_the_live_server(tmp_path):
         assert (second.pid, second.port) == (first.pid, first.port)
         assert redis.Redis.from_url(second.url).get("k") == b"v"
         second.stop()
+        assert first.running  # first still uses it (see test_hardening_redis_sharing.py)
+        first.stop()
         assert not first.running
     finally:
-        first.stop(kill=True)
+        first.stop(kill=True, force=True)
 
 
 def test_a_taken_fixed_port_fails_with_the_servers_reason(tmp_path):
@@ -93,8 +95,10 @@ def test_embedded_or_url_prefers_the_configured_url_else_starts_a_persistent_ser
         redis.Redis.from_url(url).set("k", "v")
         again_url, again = embedded_or_url("", tmp_path)  # a restarted process finds the live server
         assert again_url == url and again.pid == server.pid
+        again.stop()
     finally:
         server.stop()
+    assert not server.running
     url, server = embedded_or_url(None, tmp_path)  # and a fresh one reloads the AOF
     try:
         assert redis.Redis.from_url(url).get("k") == b"v"
