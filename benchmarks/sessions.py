@@ -4,7 +4,10 @@ pattern: every checkpoint holds the whole history again).
 
 Runs against a private redis-server it starts (AOF on, `appendfsync everysec`, over loopback TCP), or
 `--redis-url` (keys under a unique prefix, deleted afterwards). Orchestrator overhead excluding model
-time belongs to the orchestrator's own benchmark; here "store work per step" is the Redis part of it.
+time belongs to the orchestrator's own benchmark; here "store work per step" is the Redis part of it. A
+long session run through the Orchestrator with an instant model gives its work per step at steps 10, 100
+and 400 (flat when the prompt is built incrementally) and the bytes the whole session takes in Redis
+against its payload.
 
     python benchmarks/sessions.py [--quick] [--redis-url redis://...]
 """
@@ -34,6 +37,7 @@ LANGGRAPH_SQLITE_PUT_MS = 2.27  # LangGraph SqliteSaver put, third-party measure
 LANGGRAPH_SQLITE_GET_MS = 0.104
 TARGET_COMMIT_P50_MS = 1.0
 OWNER = "bench-orchestrator"
+LONG_STEPS, LONG_AT = 410, (10, 100, 400)  # the long session, and the steps whose cost is reported
 
 
 def agent_step(session_id: str, index: int, rng: random.Random) -> Step:
@@ -178,6 +182,49 @@ async def orchestrator_overhead(store: SessionStore, sessions: int) -> list[floa
     return samples
 
 
+class _LongSessionModel:
+    """An instant model for one long session: `steps` calculator steps, then a final answer. Its own work is
+    O(1) per call (the step number, not the transcript), so the gaps between its calls are the orchestrator's
+    work per step: prompt building, parsing, the tool, the Redis I/O and the commit."""
+
+    context_window = 100_000_000
+
+    def __init__(self, steps: int):
+        self.steps, self.asked = steps, []
+
+    async def complete(self, messages, *, json_schema, max_tokens, seed=None, on_delta=None):
+        from runtime.model_client import ModelReply
+
+        self.asked.append(time.perf_counter())
+        action = ({"type": "tool_calls", "calls": [{"name": "calculator", "arguments": {"expression": "6*7"}}]}
+                  if len(self.asked) <= self.steps else {"type": "final", "answer": "42"})
+        return ModelReply(json.dumps(action), "stop", {})
+
+    def count_tokens(self, messages) -> int:
+        return sum(len(str(m.get("content") or "")) for m in messages) // 4
+
+
+async def long_session(store: SessionStore, steps: int, at: tuple[int, ...]) -> tuple[dict[int, float], int, int]:
+    """One `steps`-step session through the Orchestrator: ({step: median ms per step over the 10 steps around
+    it}, bytes the session takes in Redis, bytes of its payload: each step's model output and tool results)."""
+    from runtime.agents import AgentDefinition, AgentLimits
+    from runtime.orchestrator import Orchestrator
+    from runtime.tools import ToolRegistry, builtin_tools
+
+    agent = AgentDefinition(name="long", instructions="Compute.", tools=["calculator"],
+                            limits=AgentLimits(max_steps=steps + 10, max_wall_time_s=3600))
+    model = _LongSessionModel(steps)
+    orchestrator = Orchestrator(store, model, ToolRegistry(builtin_tools()), {"long": agent})
+    state = await orchestrator.submit("bench", "long", "compute for a long time")
+    await orchestrator.run_session(state.session_id)
+    gaps = [(b - a) * 1e3 for a, b in zip(model.asked, model.asked[1:])]  # gaps[i]: step i's own work
+    per_step = {n: statistics.median(gaps[max(0, n - 5):n + 5]) for n in at}
+    _, logged = await store.load(state.session_id)
+    payload = sum(len((s.model_output or "").encode()) + len(json.dumps(
+        [o.get("result", o.get("error")) for o in s.observations], ensure_ascii=False).encode()) for s in logged)
+    return per_step, await store.bytes_used(state.session_id), payload
+
+
 def machine_facts(client: redis.Redis, where: str) -> str:
     info = client.info("server")
     fsync = client.config_get("appendfsync").get("appendfsync", "?")
@@ -197,6 +244,7 @@ async def measure(url: str, prefix: str, quick: bool) -> list[tuple[str, str, st
         work = [s * 1e3 for s in await store_work_per_step(store, work_steps, rng)]
         ours, snapshot_mean, snapshot_last = await bytes_per_step(store, client, prefix, byte_steps, rng)
         overhead = [x * 1e3 for x in await orchestrator_overhead(store, 20 if quick else 100)]
+        per_step, session_bytes, payload = await long_session(store, LONG_STEPS, LONG_AT)
     p50, load_p50 = statistics.median(commit), statistics.median(load) * 1e3
     target = "target met" if p50 < TARGET_COMMIT_P50_MS else "TARGET MISSED"
     return [
@@ -216,6 +264,12 @@ async def measure(url: str, prefix: str, quick: bool) -> list[tuple[str, str, st
         (f"bytes per step, {byte_steps}-step session (measured)", f"{ours:.0f} B",
          f"snapshot per step: mean {snapshot_mean:.0f} B, at step {byte_steps} {snapshot_last:.0f} B",
          f"{snapshot_mean / ours:.0f}x / {snapshot_last / ours:.0f}x smaller"),
+        *[(f"orchestrator work per step around step {n} ({LONG_STEPS}-step session, instant model)",
+           f"{per_step[n]:.2f} ms", f"step {LONG_AT[0]}: {per_step[LONG_AT[0]]:.2f} ms; goal <= 1.2x",
+           f"{per_step[n] / per_step[LONG_AT[0]]:.2f}x") for n in LONG_AT],
+        (f"bytes per session, {LONG_STEPS} steps through the orchestrator (step log, tool records, events)",
+         f"{session_bytes / 1e3:.0f} kB", f"payload {payload / 1e3:.0f} kB; goal <= 1.5x (payload + fixed)",
+         f"{session_bytes / payload:.1f}x payload"),
     ]
 
 

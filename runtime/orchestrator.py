@@ -22,6 +22,8 @@ Size: a call's result longer than the agent's `limits.max_tool_result_chars` is 
 tool record and shown to the model (step log, events) cut, with a marker saying how much was cut. A task
 whose first prompt cannot fit the model's context is refused at submission (`check_task`, TaskTooLarge);
 a session whose prompt cannot fit even with its history folded into a summary fails at once, saying so.
+The prompt is built incrementally (`PromptCache`: each step rendered and counted once), so a step's
+orchestrator work does not grow with the session; the exact token count is taken only near the budget.
 This module holds no Redis or SQL code: that is `sessions` and the memory service.
 """
 
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 from runtime.agents import AgentDefinition, AgentSource, agent_source
 from runtime.lease_keeper import run_under_lease
 from runtime.model_client import ModelClient
+from runtime.prompt_cache import PromptCache
 from runtime.prompts import ActionParseError, action_schema, build_messages, parse_action, repair_prompt
 from runtime.sessions import LeaseLost, SessionState, SessionStore, Step
 from runtime.sessions.retry import RETRYABLE_ERRORS
@@ -82,7 +85,12 @@ class _Run:
     steps: list[Step]
     agent: AgentDefinition
     token: int
+    prompt: PromptCache
     step_started_ms: int = field(default_factory=now_ms)  # when the step in progress began
+    tokens_used: int = 0  # prompt + completion tokens of the committed steps
+
+    def __post_init__(self) -> None:
+        self.tokens_used = sum(_tokens_of(step) for step in self.steps)
 
     def step(self, kind: str, **fields) -> Step:
         """The step in progress, committed now."""
@@ -179,7 +187,7 @@ class Orchestrator:
         if state.status in TERMINAL:
             return state
         agent = await self.agents.resolve(state.tenant, state.agent)
-        run = _Run(state, steps, agent, token)
+        run = _Run(state, steps, agent, token, PromptCache(self.model.count_tokens))
         if agent is None:
             await self._fail(run, f"unknown agent {state.agent!r}")
         while run.state.status not in TERMINAL:
@@ -270,7 +278,7 @@ class Orchestrator:
         limits = run.agent.limits
         if run.state.step_count >= limits.max_steps:
             return f"step limit reached ({limits.max_steps} steps)"
-        used = sum(s.usage.get("prompt_tokens", 0) + s.usage.get("completion_tokens", 0) for s in run.steps)
+        used = run.tokens_used
         if used > limits.max_total_tokens:
             return f"token limit reached ({used} > {limits.max_total_tokens})"
         if self._remaining_s(run) <= 0:
@@ -312,11 +320,10 @@ class Orchestrator:
         return [{"id": h.memory.id, "kind": h.memory.kind, "text": h.memory.text, "score": round(h.score, 4)}
                 for h in hits]
 
-    def _messages(self, run: _Run, memories: list[dict]) -> list[dict]:
-        schemas = self.tools.schemas(run.agent.tools)
-        return build_messages(run.agent, run.state.task, [s.model_dump() for s in run.steps], memories, schemas,
-                              run.state.summary, run.state.summarized_through,
-                              max_calls=run.agent.limits.max_tool_calls_per_step, context=run.state.context)
+    def _messages(self, run: _Run, memories: list[dict]) -> tuple[list[dict], int]:
+        """This step's prompt (exactly build_messages over the whole history) and its token count (an upper
+        bound), from the steps rendered and counted once each."""
+        return run.prompt.messages(run.agent, run.state, run.steps, memories, self.tools.schemas(run.agent.tools))
 
     async def _ask_for_action(self, run: _Run, messages: list[dict]):
         """-> (action, raw text, usage), or an error string after the bounded repair attempts."""
@@ -388,14 +395,15 @@ class Orchestrator:
         its prompt again); the reason, when nothing is left to fold and even without the retrieved
         memories the prompt does not fit (the session cannot go on)."""
         budget = self._budget(run.agent)
-        messages = self._messages(run, memories)
-        tokens = self.model.count_tokens(messages)
+        messages, tokens = self._messages(run, memories)
+        if tokens > budget:  # the cached count is an upper bound: decide on the exact one
+            tokens = self.model.count_tokens(messages)
         if tokens <= budget:
             return messages, memories
         if await self._summarize(run):
             return None
         if memories:
-            messages = self._messages(run, [])
+            messages, _ = self._messages(run, [])
             tokens = self.model.count_tokens(messages)
             if tokens <= budget:
                 return messages, []
@@ -452,6 +460,7 @@ class Orchestrator:
         if patch.get("status") in TERMINAL:
             self.finished[patch["status"]] += 1
         run.steps.append(step)
+        run.tokens_used += _tokens_of(step)
         run.state = await self.store.state(run.state.session_id)  # the commit also emitted its events
 
 
@@ -465,6 +474,10 @@ def bounded(outcome: dict, limit: int, key: str) -> dict:
     marker = (f" [... {len(text) - limit} of {len(text)} characters cut; the full {name} is stored with the "
               f"call {key}]")
     return {name: text[:limit] + marker}
+
+
+def _tokens_of(step: Step) -> int:
+    return step.usage.get("prompt_tokens", 0) + step.usage.get("completion_tokens", 0)
 
 
 def _action_key(session_id: str, index: int) -> str:

@@ -22,6 +22,11 @@ def call(name: str, **arguments) -> dict:
 FINAL = {"type": "final", "answer": "done"}
 
 
+def tokens(messages: list[dict]) -> int:
+    """~4 characters per token, plus 4 per message (adds up per message, like a chat template)."""
+    return sum(len(str(m.get("content") or "")) // 4 + 4 for m in messages)
+
+
 class ScriptModel:
     """Answers step N with `actions[N]` (N = assistant turns in the prompt, summaries counted), like a
     real model refuses prompts longer than its context window, and counts ~4 characters per token."""
@@ -33,11 +38,11 @@ class ScriptModel:
         self.called_ms: list[int] = []  # wall-clock time of each action request
 
     def count_tokens(self, messages: list[dict]) -> int:
-        return sum(len(str(m.get("content") or "")) // 4 + 4 for m in messages)
+        return tokens(messages)
 
     async def complete(self, messages, *, json_schema, max_tokens, seed=None, on_delta=None) -> ModelReply:
-        if self.count_tokens(messages) + max_tokens > self.context_window:
-            raise ModelError(f"prompt of {self.count_tokens(messages)} tokens does not fit {self.context_window}")
+        if tokens(messages) + max_tokens > self.context_window:
+            raise ModelError(f"prompt of {tokens(messages)} tokens does not fit {self.context_window}")
         if json_schema is not None and "summary" in json_schema.get("properties", {}):
             self.summaries += 1
             return ModelReply(json.dumps({"summary": f"folded {self.summaries}"}), "stop", {})
