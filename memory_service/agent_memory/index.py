@@ -48,7 +48,8 @@ class VectorIndex:
         self.use_gpu = gpu_available() if use_gpu is None else bool(use_gpu)
         self._ids: list[str | None] = []  # faiss position -> memory id; None marks a tombstone
         self._positions: dict[str, int] = {}  # memory id -> faiss position of its live vector
-        self._live = np.zeros(0, dtype=bool)  # [ntotal] position is live
+        self._live = np.zeros(0, dtype=bool)  # [ntotal] position is live: a view of the start of _live_buffer
+        self._live_buffer = self._live  # grown by doubling, so an add does not copy every flag
         self._bitmap: np.ndarray | None = None  # packed `_live` that a search's IDSelectorBitmap points into
         self.kind = "flat"
         self._index = self._new_index("flat")
@@ -138,7 +139,13 @@ class VectorIndex:
             self._index.add(vectors)
         self._ids.extend(ids)
         self._positions.update((memory_id, start + n) for n, memory_id in enumerate(ids))
-        self._live = np.concatenate([self._live, np.ones(len(ids), dtype=bool)])
+        end = start + len(ids)
+        if end > len(self._live_buffer):
+            buffer = np.zeros(max(end, 2 * len(self._live_buffer), 64), dtype=bool)
+            buffer[:start] = self._live
+            self._live_buffer = buffer
+        self._live_buffer[start:end] = True
+        self._live = self._live_buffer[:end]
 
     def _bury(self, ids: list[str]) -> None:
         for memory_id in ids:
@@ -161,5 +168,6 @@ class VectorIndex:
             vectors = np.concatenate([vectors, extra_vectors])
         self.kind = "hnsw" if len(ids) > self.hnsw_threshold else "flat"
         self._index = self._new_index(self.kind)
-        self._ids, self._positions, self._live = [], {}, np.zeros(0, dtype=bool)
+        self._ids, self._positions = [], {}
+        self._live = self._live_buffer = np.zeros(0, dtype=bool)
         self._append(ids, np.ascontiguousarray(vectors, dtype=np.float32))

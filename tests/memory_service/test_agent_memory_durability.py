@@ -189,3 +189,84 @@ def test_store_refuses_unusable_database_urls(tmp_path):
     for url, match in (("", "database_url"), ("mysql://x/y", "sqlite or postgresql")):
         with pytest.raises(ValueError, match=match):
             AgentMemoryStore(url, HashingEmbedder(16))
+
+
+def raw_rows(url: str) -> list[tuple]:
+    """Every column of every memory as the database holds it (SQLite storage classes included)."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            columns = [c.name for c in Base.metadata.tables["memories"].columns]
+            select_list = ", ".join(f"{c}, typeof({c})" for c in columns)
+            return [tuple(row) for row in connection.execute(text(f"SELECT {select_list} FROM memories ORDER BY id"))]
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_writes_store_exactly_what_sqlalchemy_core_stores(tmp_path):
+    """On SQLite the store inserts on a DBAPI connection of its own (statements compiled once, parameters
+    through the column types' bind processors): the same values give the same stored bytes and storage
+    classes as SQLAlchemy Core's INSERT, and the agent's tenant and agent rows are made in that transaction."""
+    from memory_service.agent_memory.store import INSERT_MEMORY
+
+    fast_url, core_url = (f"sqlite:///{tmp_path / name}" for name in ("fast.sqlite3", "core.sqlite3"))
+    store = AgentMemoryStore(fast_url, HashingEmbedder(16))
+    captured = []
+    real_insert = store._insert
+    store._insert = lambda key, rows, now: (captured.extend(dict(r) for r in rows), real_insert(key, rows, now))
+    store.write("t", "a", "one memory", kind="episode", metadata={"k": [1, "é", None]}, idempotency_key="key-1",
+                source_session="s-1", source_step=7)
+    store.write_many("t", "b", ["a second", {"text": "a third", "metadata": {"n": 1.5}}])
+    assert store.search("t", "b", "a third", k=1)[0].memory.metadata == {"n": 1.5}
+    store.close()
+    core = AgentMemoryStore(core_url, HashingEmbedder(16))  # makes the schema; then rows through Core only
+    core.close()
+    engine = create_engine(core_url)
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO tenants (id, created_at) VALUES ('t', '2024-01-01 00:00:00.000000')"))
+        for agent in ("a", "b"):
+            connection.execute(text("INSERT INTO agents (tenant_id, id, created_at) "
+                                    f"VALUES ('t', '{agent}', '2024-01-01 00:00:00.000000')"))
+        for row in captured:
+            connection.execute(INSERT_MEMORY, row)
+    engine.dispose()
+    assert len(captured) == 3 and raw_rows(fast_url) == raw_rows(core_url)
+    assert count_rows(fast_url) == 3
+
+
+def test_sqlite_insert_error_rolls_back_and_the_store_keeps_writing(tmp_path, monkeypatch):
+    """A failed INSERT on the store's own SQLite connection is SQLAlchemy's IntegrityError, writes nothing
+    and leaves the connection usable; threads writing to many agents at once all land, once each."""
+    from sqlalchemy.exc import IntegrityError
+
+    url = f"sqlite:///{tmp_path / 'memory.sqlite3'}"
+    store = AgentMemoryStore(url, HashingEmbedder(16))
+    first = store.write("t", "a", "the first write", idempotency_key="req-1")
+    monkeypatch.setattr(store, "_by_keys", lambda tenant, keys: {})  # as if another process took the key
+    with pytest.raises(IntegrityError):
+        store.write("t", "a", "a retry that misses the earlier row", idempotency_key="req-1")
+    with pytest.raises(IntegrityError):
+        store.write_many("t", "a", [{"text": "a batch", "idempotency_key": "req-1"}, "fresh"])
+    monkeypatch.undo()
+    assert store.write("t", "a", "written after the failures").text == "written after the failures"
+    assert count_rows(url) == 2 and store.get("t", first.id) == first
+    errors = []
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(10):
+                store.write("t", f"agent-{n}", f"memory {i} of agent {n}")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert count_rows(url) == 2 + 80
+    for n in range(8):
+        assert len(store.list("t", f"agent-{n}", limit=50).items) == 10
+        assert store.index_stats()[("t", f"agent-{n}")]["vectors"] == 10
+    store.close()
