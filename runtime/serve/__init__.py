@@ -1,8 +1,8 @@
 """The runtime as a Ray Serve application: memory service, model worker and API ingress as deployments.
 
 The one package that imports Ray (`handles`: calls across replicas and the Engram client; `adapters`:
-the ingress's memory, model and OpenAI clients over handles; `deployments`). Each deployment is a thin
-shell over the plain classes `LocalRuntime` composes in one process:
+the ingress's memory, model and OpenAI clients over handles; `router`: session affinity;
+`deployments`). Each deployment is a thin shell over the plain classes `LocalRuntime` composes in one process:
 
 - `MemoryServiceDeployment`: a `MemoryService` over an `AgentMemoryStore` (the SQL database + faiss);
   async `write/search/get/list/update/delete/forget_agent` forward to it. Optionally it also serves the
@@ -12,6 +12,10 @@ shell over the plain classes `LocalRuntime` composes in one process:
 - `ModelWorkerDeployment`: one `ModelWorker`; `stream_complete` (an async generator of text deltas and a
   final record, for the orchestrator), the OpenAI handlers (`chat_completions`/`completions` answer
   one response; `*_stream` are async generators of chunks), `generate_ids`, `models()` and `info()`.
+  Its handles route with `router.SessionAffinityRouter` (its `request_router_config`): a session's calls
+  (the handle's `session_id`, which `HandleModelClient` sets from the session the orchestrator drives) go
+  to the replica that served it before while that one is healthy and under `max_queue` requests, else to
+  the least loaded (`affinity.rank_replicas`, Ray-free).
   With `engram="remote"` it loads the checkpoint without its Engram tables and gets the rows from the
   memory deployment(s) given as `engram_shards` (shard i of N at index i) through a `HandleEngramClient`:
   one request per shard per engine step for all Engram layers, started before the layers run. A lookup
@@ -30,11 +34,12 @@ re-raise the original exception (`.cause`), so the API maps them as in one proce
 `OpenAIError` does not survive pickling (its constructor takes more than its args), so the worker
 deployment returns it as an `ErrorRecord` that the ingress raises again.
 
-Not here (yet): Engram-split options in `build_app`, a session-affinity request router, multi-node
-placement of the checkpoint (the ingress reads the tokenizer from `model_path` itself).
+Not here (yet): multi-node placement of the checkpoint (the ingress reads the tokenizer from `model_path`
+itself).
 """
 
-from runtime.serve.adapters import HandleMemory, HandleModelClient, WorkerProxy
+from runtime.serve.adapters import HandleMemory, HandleModelClient, SessionOrchestrator, WorkerProxy, current_session
+from runtime.serve.affinity import SessionReplicas, rank_replicas
 from runtime.serve.deployments import (
     ApiIngress,
     MemoryServiceDeployment,
@@ -44,7 +49,9 @@ from runtime.serve.deployments import (
     shutdown,
 )
 from runtime.serve.handles import ErrorRecord, HandleEngramClient, MemoryServiceUnavailable
+from runtime.serve.router import SessionAffinityRouter
 
 __all__ = ["ApiIngress", "ErrorRecord", "HandleEngramClient", "HandleMemory", "HandleModelClient",
-           "MemoryServiceDeployment", "MemoryServiceUnavailable", "ModelWorkerDeployment", "WorkerProxy",
-           "build_app", "deploy", "shutdown"]
+           "MemoryServiceDeployment", "MemoryServiceUnavailable", "ModelWorkerDeployment", "SessionAffinityRouter",
+           "SessionOrchestrator", "SessionReplicas", "WorkerProxy", "build_app", "current_session", "deploy",
+           "rank_replicas", "shutdown"]

@@ -1,15 +1,32 @@
 """What the ingress replica uses in place of in-process parts: the memory service, the model client and
-the OpenAI handlers, each over a deployment handle."""
+the OpenAI handlers, each over a deployment handle; and the orchestrator that names the session it drives, so
+the model client can pass it to the worker deployment's session-affinity router."""
 
 from __future__ import annotations
 
+import contextvars
 from pathlib import Path
 from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
 from runtime.model_client import DeltaCallback, ModelError, ModelReply
+from runtime.orchestrator import Orchestrator
 from runtime.serve.handles import ErrorRecord, call, streaming
+
+# The session whose step is running ("" outside one): set by SessionOrchestrator, inherited by the tasks it starts.
+current_session: contextvars.ContextVar[str] = contextvars.ContextVar("engram_current_session", default="")
+
+
+class SessionOrchestrator(Orchestrator):
+    """The Orchestrator, with the session it drives in `current_session` while it drives it."""
+
+    async def run_session(self, session_id: str):
+        token = current_session.set(session_id)
+        try:
+            return await super().run_session(session_id)
+        finally:
+            current_session.reset(token)
 
 
 # ---- adapters used in the ingress replica --------------------------------------------------------------
@@ -49,7 +66,8 @@ class HandleMemory:
 
 class HandleModelClient:
     """The orchestrator's ModelClient over the model-worker deployment: generation there, token counting
-    here with the checkpoint's own tokenizer."""
+    here with the checkpoint's own tokenizer. Each call carries `current_session` as the handle's session_id
+    (what the worker deployment's SessionAffinityRouter routes on)."""
 
     def __init__(self, handle: DeploymentHandle, *, context_window: int, model_path: str | Path,
                  temperature: float = 0.0):
@@ -64,7 +82,8 @@ class HandleModelClient:
                        seed: int | None = None, on_delta: DeltaCallback | None = None) -> ModelReply:
         parts: list[str] = []
         finish, usage = None, {}
-        async with streaming(self.handle.stream_complete, messages, json_schema, max_tokens, seed,
+        handle = self.handle.options(session_id=current_session.get())
+        async with streaming(handle.stream_complete, messages, json_schema, max_tokens, seed,
                              self.temperature) as items:
             async for item in items:
                 if "text" in item:

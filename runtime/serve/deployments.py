@@ -14,12 +14,14 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from model_worker.openai_protocol import OpenAIError
 from runtime.model_client import _usage_dict
-from runtime.serve.adapters import HandleMemory, HandleModelClient, WorkerProxy
+from runtime.serve.adapters import HandleMemory, HandleModelClient, SessionOrchestrator, WorkerProxy
 from runtime.serve.handles import ErrorRecord, HandleEngramClient, call
+from runtime.serve.router import DEFAULT_MAX_QUEUE, SessionAffinityRouter
 from runtime.settings import Settings
 
 serve_log = logging.getLogger("ray.serve")  # what a replica logs here lands in its Serve replica log
@@ -127,9 +129,12 @@ class MemoryServiceDeployment:
 
 # ---- model worker --------------------------------------------------------------------------------------
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32, health_check_period_s=10,
-                  health_check_timeout_s=30)
+                  health_check_timeout_s=30, request_router_config=RequestRouterConfig(
+                      request_router_class=SessionAffinityRouter,
+                      request_router_kwargs={"max_queue": DEFAULT_MAX_QUEUE}))
 class ModelWorkerDeployment:
-    """One ModelWorker (one engine thread batching every request this replica takes)."""
+    """One ModelWorker (one engine thread batching every request this replica takes). Handles route a
+    session's calls to the replica that served it before (its prefix cache), see `router`."""
 
     async def __init__(self, model_path: str, model_dtype: str = "float32", kv_cache_dtype: str = "bf16",
                        cache_budget_mib: int = 256, *, engram: str = "local",
@@ -267,7 +272,7 @@ class ApiIngress:
         from runtime.api.app import ensure_first_key
         from runtime.api_keys import ApiKeyStore
         from runtime.catalog import AgentCatalog
-        from runtime.orchestrator import Orchestrator, OrchestratorSettings
+        from runtime.orchestrator import OrchestratorSettings
         from runtime.service import CountingMemory, RuntimeService
         from runtime.sessions import SessionStore
         from runtime.tools import ToolRegistry, builtin_tools
@@ -288,7 +293,7 @@ class ApiIngress:
             DEFAULT_AGENT.check_tools(tools.names())
             catalog = AgentCatalog(self.store.redis, key_prefix=s.key_prefix, builtin=[DEFAULT_AGENT],
                                    tool_names=tools.names())
-            orchestrator = Orchestrator(self.store, model, tools, catalog, counting, settings=(
+            orchestrator = SessionOrchestrator(self.store, model, tools, catalog, counting, settings=(
                 OrchestratorSettings(lease_ms=s.lease_ms, heartbeat_s=s.heartbeat_s,
                                      max_concurrent_sessions=s.max_concurrent_sessions,
                                      max_string_chars=s.max_action_string_chars)))
