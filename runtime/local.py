@@ -2,8 +2,8 @@
 
 `LocalRuntime` wires the same classes a Ray Serve deployment uses: a real Redis (the configured URL,
 or a `redis-server` it starts under the data dir), the memory service over SQLite (or the configured
-database) with the bundled MiniLM embedder, a ModelWorker (the configured checkpoint, or the demo
-checkpoint built on first use), the built-in tools, the agent catalog, the orchestrator, and the
+database) with the bundled MiniLM embedder, a ModelWorker (the configured checkpoint, or the shipped
+demo agent model), the built-in tools, the agent catalog, the orchestrator, and the
 `RuntimeService` over them. Its `agents`, `tasks`, `sessions` and `memories` offer the SDK's interface
 in-process (`runtime.sdk.local`), so the same code runs with or without a server. Nothing here is
 Ray-aware.
@@ -37,10 +37,23 @@ log = logging.getLogger(__name__)
 __all__ = ["DEFAULT_AGENT", "LocalRuntime"]
 
 
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "model_worker" / "demo_model"
+
+
+def trained_demo_model() -> Path | None:
+    """The shipped demo agent model (trained on synthetic tool-use traces by `python -m model_worker.training`),
+    or None when this checkout has none."""
+    return DEMO_MODEL_DIR if (DEMO_MODEL_DIR / "config.json").is_file() else None
+
+
 def demo_model_path(settings: Settings) -> Path:
-    """The configured checkpoint, or the demo checkpoint (built under the data dir on first use)."""
+    """The configured checkpoint; else the shipped demo agent model; else a random-weight checkpoint of the
+    same architecture, built under the data dir on first use (it shows the machinery, not a skill)."""
     if settings.model_path is not None:
         return settings.model_path
+    trained = trained_demo_model()
+    if trained is not None:
+        return trained
     from model_worker.demo import build_demo_checkpoint
 
     path = settings.data_dir / "demo-model"

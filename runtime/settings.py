@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=lambda: Path.cwd() / ".engram")
     redis_url: str | None = None  # None: start an embedded redis-server under data_dir/redis
     database_url: str | None = None  # None: sqlite file under data_dir
-    model_path: Path | None = None  # None: build the demo checkpoint under data_dir/demo-model
+    model_path: Path | None = None  # None: the shipped demo agent model, else a random demo checkpoint
     model_dtype: str = "float32"
     kv_cache_dtype: str = "bf16"
     cache_budget_mib: int = 256

@@ -90,7 +90,13 @@ async def run(args) -> int:
     settings = Settings()
     runtime = await _started_runtime(settings, args.tenant)
     try:
-        if settings.model_path is None:
+        from runtime.local import trained_demo_model
+
+        if settings.model_path is None and trained_demo_model() is not None:
+            print("note: the demo model is a 2.5M-parameter model trained here on synthetic traces: it does "
+                  "arithmetic with the calculator and remembers and recalls facts, nothing else (set "
+                  "ENGRAM_MODEL_PATH to serve a real checkpoint)")
+        elif settings.model_path is None:
             print("note: the demo checkpoint has random weights, so its actions are schema-valid but meaningless "
                   "(set ENGRAM_MODEL_PATH to serve a real checkpoint)")
         await runtime.agents.get(args.agent)  # NotFoundError for an unknown agent

@@ -336,7 +336,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """`serve run runtime.serve:build_app redis_url=... model_path=...`, or `import_path` in a Serve config.
 
     args: Settings fields (redis_url required; database_url, model_path, key_prefix, embedder, ...).
-    Without model_path the demo checkpoint is built under data_dir; without database_url, SQLite there
+    Without model_path the demo model is served (`runtime.local.demo_model_path`); without database_url, SQLite there
     (one node only). engram_shards=N serves the checkpoint's Engram tables from N memory-service shard
     deployments (`EngramShard{i}`) instead of the worker."""
     from runtime.local import demo_model_path

@@ -1,0 +1,109 @@
+"""From traces to token batches: the tokenizer, tokenized examples, and shared-prefix batches.
+
+A training sequence is one whole session: its last step's chat-rendered prompt (as the model worker
+encodes it, ending with the generation prompt) followed by the last action's tokens and EOS. Loss is on
+every assistant turn in it (each action and its EOS), so one sequence teaches every step of the session;
+in the traces a step's decision never depends on retrieved memories that a later step shows differently
+(a memory retrieval missed stays missed for the whole session). A batch's shared prefix is the longest
+run of tokens every one of its sequences starts with.
+
+`short_form` drops the fixed part of the system message (instructions, reply format, tool schemas),
+keeping the retrieved memories: an auxiliary form, a fifth the length, that the trainer mixes in so the
+model learns early to read the task, the memories and the observations (what to copy from) before it
+has learned to look past 700 tokens of constant text; the full form stays half of all batches.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model_worker.demo_tokenizer import ASSISTANT, build_demo_tokenizer
+from model_worker.tokenizer import Tokenizer
+from model_worker.training import traces
+from model_worker.training.forward import PrefixBatch
+
+TOKENIZER_CORPUS_EXAMPLES = 4000
+
+
+@dataclass
+class Tokenized:
+    ids: list[int]
+    spans: list[tuple[int, int]]  # [start, end) of each assistant turn's tokens (action + EOS) in ids
+    kind: str
+
+    @property
+    def first_target(self) -> int:
+        return self.spans[0][0]
+
+
+def train_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int, seed: int,
+                    corpus_examples: int = TOKENIZER_CORPUS_EXAMPLES) -> Tokenizer:
+    """A byte-level BPE tokenizer trained on rendered training traces (never on held-out ones)."""
+    draft = build_demo_tokenizer(Path(out_dir), vocab_size=1024)  # only to render the chat template
+    corpus = [draft.apply_chat_template(e.messages) + e.target
+              for e in traces.examples(corpus_examples, seed=seed + 7919)]
+    return build_demo_tokenizer(Path(out_dir), vocab_size=vocab_size, corpus=corpus)
+
+
+def tokenize(tokenizer: Tokenizer, examples: list[traces.Example]) -> list[Tokenized]:
+    prompts = [tokenizer.apply_chat_template(e.messages) for e in examples]
+    prompt_ids = tokenizer.encode_batch(prompts, add_special_tokens=False)
+    target_ids = tokenizer.encode_batch([e.target for e in examples], add_special_tokens=False)
+    eos, assistant = tokenizer.eos_token_id, tokenizer.token_to_id(ASSISTANT)
+    out = []
+    for prompt, target, example in zip(prompt_ids, target_ids, examples, strict=True):
+        ids = prompt + target + [eos]
+        starts = [i + 1 for i, token in enumerate(ids) if token == assistant]
+        spans = [(start, ids.index(eos, start) + 1) for start in starts]
+        out.append(Tokenized(ids, spans, example.kind))
+    return out
+
+
+MEMORY_HEADING = "## From your long-term memory"
+
+
+def short_form(example: traces.Example) -> traces.Example:
+    """The example without the system message's fixed sections (its memories section, if any, stays)."""
+    system, rest = example.messages[0], example.messages[1:]
+    start = system["content"].find(MEMORY_HEADING)
+    head = [] if start < 0 else [{"role": "system", "content": system["content"][start:]}]
+    return traces.Example(head + rest, example.target, example.kind)
+
+
+def session_examples(count: int, seed: int, held_out: bool = False, short: bool = False) -> list[traces.Example]:
+    """`count` sessions as training examples: each session's last step (its prompt holds every earlier
+    action, so labelling every assistant turn covers the session); `short` gives their short_form."""
+    generator = traces.TraceGenerator(seed, held_out)
+    examples = [generator.session()[-1] for _ in range(count)]
+    return [short_form(e) for e in examples] if short else examples
+
+
+def _common_prefix(sequences: list[list[int]]) -> int:
+    first, n = sequences[0], min(len(s) for s in sequences)
+    for i in range(n):
+        if any(s[i] != first[i] for s in sequences):
+            return i
+    return n
+
+
+def prefix_batch(items: list[Tokenized], pad_id: int) -> PrefixBatch:
+    """Shared prefix (never reaching into a target, so every labelled position is in a suffix), padded
+    suffixes, and labels: position t of a sequence predicts token t + 1, labelled on assistant turns."""
+    P = min(_common_prefix([item.ids for item in items]), min(item.first_target for item in items) - 1)
+    P = max(P, 1)
+    prefix = torch.tensor(items[0].ids[:P], dtype=torch.int64)
+    S = max(len(item.ids) for item in items) - P
+    suffixes = torch.full((len(items), S), pad_id, dtype=torch.int64)
+    labels = torch.full((len(items), S), -100, dtype=torch.int64)
+    lengths = torch.zeros(len(items), dtype=torch.int64)
+    for b, item in enumerate(items):
+        rest = item.ids[P:]
+        suffixes[b, : len(rest)] = torch.tensor(rest)
+        lengths[b] = len(rest)
+        for start, end in item.spans:  # position t predicts ids[t + 1]; its suffix index is t - P
+            labels[b, start - 1 - P:end - 1 - P] = torch.tensor(item.ids[start:end])
+    return PrefixBatch(prefix, suffixes, lengths, labels)

@@ -1,0 +1,100 @@
+"""Word pools for the synthetic traces, each split into a training part and a held-out part.
+
+Held-out subjects and values never occur in a training trace (`split` partitions every pool by a fixed
+rule, and `invented_names` draws two disjoint sets of made-up names), so an evaluation on the held-out
+split measures copying and matching, not memorisation.
+"""
+
+from __future__ import annotations
+
+import random
+
+FIRST_NAMES = (
+    "Alice Bob Carol David Emma Frank Grace Henry Irene Jack Karen Liam Maria Nathan Olivia Peter Quinn Rachel "
+    "Samuel Tara Umar Vera Walter Xenia Yusuf Zoe Aaron Bella Caleb Diana Ethan Fiona George Hannah Isaac Julia "
+    "Kevin Laura Mason Nora Oscar Paula Ryan Sofia Thomas Ursula Victor Wendy Adam Brenda Carlos Daisy Edward "
+    "Felix Gloria Hugo Ingrid James Kira Leo Mila Noah Omar Priya Rosa Simon Tina Uma Violet Wyatt Yara Zack "
+    "Amir Beatrice Chen Dmitri Elena Farah Gustav Helga Ivan Jonas Keiko Lars Mei Nadia Otto Pablo Rania Sven "
+    "Tomas Ulla Vivian Wei Yuki Zara Anya Boris Clara Dario Elif Femi Greta Hiro Ines Jorge Kofi Lena Marco Nina "
+    "Oleg Petra Raj Sara Theo Ulrich Valentina Willem Xavier Yasmin Zeno Arjun Bianca Cyrus Delia Emil Freya "
+    "Gideon Hazel Idris Jada Kai Luca Maya Nico Orla Pia Reza Selma Tobias Una Vito Wanda Yosef Zelda"
+).split()
+
+COLOURS = ("teal crimson amber olive navy maroon ivory coral indigo lavender scarlet turquoise beige magenta "
+           "mustard silver bronze emerald charcoal peach plum saffron cobalt jade ochre mauve azure lilac").split()
+CITIES = ("Lisbon Oslo Dublin Vienna Prague Madrid Berlin Paris Rome Athens Warsaw Helsinki Zurich Geneva "
+          "Seattle Denver Boston Austin Toronto Montreal Chicago Portland Sydney Auckland Nairobi Cairo Lagos "
+          "Mumbai Delhi Seoul Osaka Kyoto Manila Jakarta Lima Quito Bogota Santiago Havana Porto Bergen Krakow "
+          "Riga Tallinn Vilnius Sofia Zagreb Split Graz Lyon Nantes Seville Valencia Naples Turin Bremen").split()
+FOODS = ("sushi lasagna paella ramen tacos curry risotto falafel pancakes dumplings goulash burritos pho "
+         "ravioli pierogi kimchi hummus moussaka gnocchi couscous biryani ceviche tiramisu waffles brownies "
+         "gazpacho omelettes quesadillas baklava croissants").split()
+JOBS = ("nurse pilot teacher architect chemist plumber lawyer baker dentist engineer librarian electrician "
+        "journalist pharmacist surveyor carpenter translator geologist florist welder optician accountant "
+        "veterinarian firefighter animator economist").split()
+PETS = ("Biscuit Pepper Mochi Rex Luna Ziggy Noodle Pickles Waffles Tofu Maple Clover Pumpkin Oreo Sprout "
+        "Nacho Bingo Domino Figaro Juniper Kiwi Marble Nutmeg Pebble Rocket Sushi Tango Velvet Whiskers Yoshi").split()
+SPORTS = ("tennis rugby cricket hockey chess rowing fencing cycling badminton golf judo archery curling "
+          "volleyball handball sailing climbing skiing surfing karate").split()
+DRINKS = ("espresso lemonade green tea cocoa cider kombucha chai matcha iced coffee mint tea ginger ale "
+          "hot chocolate orange juice sparkling water").split(" ")
+INSTRUMENTS = ("piano violin cello flute trumpet guitar drums clarinet harp oboe banjo saxophone ukulele "
+               "accordion trombone").split()
+WEEKDAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+MONTHS = "January February March April May June July August September October November December".split()
+
+_SYLLABLES = ("ka ri to mel an dor vi sa len bra qu ix ol fen tar zu mo ne lis gar pe thu ra co vel "
+              "syn dra kor ma bel ul ven ish ta na ro fi").split()
+
+
+def split(pool: tuple[str, ...] | list[str], held_out: bool) -> list[str]:
+    """Every fourth item (by position) is held out; the rest are for training."""
+    return [item for i, item in enumerate(pool) if (i % 4 == 3) == held_out]
+
+
+def invented_names(count: int, held_out: bool) -> list[str]:
+    """Made-up capitalised names from syllables; the training and held-out sets are disjoint."""
+    rng = random.Random(9001 if held_out else 1009)
+    other = set() if held_out else set(invented_names(count, held_out=True))
+    names: list[str] = []
+    while len(names) < count:
+        name = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+        if name not in names and name not in other and name not in FIRST_NAMES:
+            names.append(name)
+    return names
+
+
+def _digits(rng: random.Random, low: int, high: int) -> str:
+    return str(rng.randint(low, high))
+
+
+def attribute_values(held_out: bool) -> dict[str, callable]:
+    """attribute phrase -> a function rng -> value, drawing from that split's pools."""
+
+    def pick(pool: tuple[str, ...] | list[str]) -> callable:
+        part = split(pool, held_out)
+        return lambda rng: rng.choice(part)
+
+    return {
+        "favourite colour": pick(COLOURS),
+        "favourite food": pick(FOODS),
+        "home city": pick(CITIES),
+        "job": pick(JOBS),
+        "pet's name": pick(PETS),
+        "favourite sport": pick(SPORTS),
+        "favourite drink": pick(DRINKS),
+        "instrument": pick(INSTRUMENTS),
+        "meeting day": pick(WEEKDAYS),
+        "birthday": lambda rng: f"{rng.choice(MONTHS)} {rng.randint(1, 28)}",
+        "phone extension": lambda rng: _digits(rng, 100, 9999),
+        "locker number": lambda rng: _digits(rng, 1, 999),
+        "room number": lambda rng: _digits(rng, 100, 899),
+        "lucky number": lambda rng: _digits(rng, 1, 99),
+        "employee id": lambda rng: f"E-{rng.randint(1000, 9999)}",
+        "flight number": lambda rng: f"{rng.choice('ABCDEFKLMSTUZ')}{rng.choice('AKLXYZ')} {rng.randint(10, 999)}",
+    }
+
+
+def subjects(held_out: bool) -> list[str]:
+    """People the facts are about: real first names and invented ones, disjoint between the splits."""
+    return split(FIRST_NAMES, held_out) + invented_names(60 if held_out else 240, held_out)

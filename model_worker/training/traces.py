@@ -1,0 +1,319 @@
+"""Synthetic agent traces in the exact prompt format the orchestrator renders, for training the demo model.
+
+Each trace is one session of the built-in `assistant` agent: the task, the memories a step's retrieval
+puts in the prompt, the actions (tool calls or a final answer) and the tools' real observations. Every
+step's prompt comes from `runtime.prompts.build_messages` with the registry's real tool schemas, and the
+calculator's observations from the real calculator, so the text is byte for byte what the runtime
+shows the model. A step is one training example: its prompt, and as the target the action JSON the
+model must write (`json.dumps`, the form structured decoding produces).
+
+Task kinds (one policy, as a careful agent would follow it):
+- remember: "Remember that Alice's home city is Lisbon." -> memory_write the fact -> "Noted: ...".
+- recall: "What is Alice's home city?" -> answer from the retrieved-memory block when a memory there
+  states it; otherwise memory_search, then answer by copying the hit, or say there is no such memory.
+- arithmetic: calculator -> "17 times 23 is 391."; with "Remember the result." it also memory_writes
+  the sentence before answering. Asking later for "the result of 17 times 23" is a recall.
+
+Retrieval is simulated (word overlap with a little noise, top k like the agent's settings) over a store
+of prior memories that holds hard negatives: the same person with another attribute, another person
+with the same attribute, and the episode summaries the runtime writes when a session ends. Subjects and
+values come from `pools`, split so that held-out traces use names and facts no training trace has.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from model_worker.training import pools
+from runtime.agents import DEFAULT_AGENT
+from runtime.prompts import build_messages
+from runtime.tools.builtins import builtin_tools
+from runtime.tools.calculator import calculate
+from runtime.tools.registry import ToolRegistry
+
+AGENT = DEFAULT_AGENT
+TOOL_SCHEMAS = ToolRegistry(builtin_tools()).schemas(AGENT.tools)
+RETRIEVE_K = AGENT.memory.k
+SEARCH_K = 5  # memory_search's default k
+KINDS = ("remember", "recall", "recall_search", "refusal", "arithmetic", "arithmetic_remember", "recall_result")
+KIND_WEIGHTS = (0.2, 0.2, 0.12, 0.1, 0.16, 0.12, 0.1)
+
+REMEMBER_PHRASES = ("Remember that {s}'s {a} is {v}.", "Please note that {s}'s {a} is {v}.",
+                    "Save this: {s}'s {a} is {v}.", "Keep in mind: {s}'s {a} is {v}.",
+                    "Remember: the {a} of {s} is {v}.", "FYI, {s}'s {a} is {v}. Remember it.",
+                    "Please remember that {s}'s {a} is {v}.")
+RECALL_PHRASES = ("What is {k}?", "What was {k} again?", "Do you remember {k}?", "Tell me {k}.",
+                  "What's {k}?", "Can you recall {k}?", "Look up {k}.")
+RESULT_RECALL_PHRASES = ("What was the result of {k}?", "Do you remember the result of {k}?",
+                         "What did you save for {k}?", "Recall the result of {k}.",
+                         "What was {k}? You saved it earlier.")
+COMPUTE_PHRASES = ("What is {k}?", "Compute {k}.", "Calculate {k}.", "How much is {k}?",
+                   "Use the calculator: {k}", "What do you get for {k}?")
+REMEMBER_SUFFIXES = (" Remember the result.", " Save the result to memory.", " Then remember it.",
+                     " Please remember the answer.", " Remember the answer.")
+OPERATORS = {"+": ("plus",), "-": ("minus",), "*": ("times", "multiplied by"), "/": ("divided by",)}
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+@dataclass(frozen=True)
+class Fact:
+    """Something the agent can remember: `key` is what a question names, `sentence` what is stored."""
+
+    key: str  # "Alice's home city" / "17 times 23"
+    value: str
+
+    @property
+    def sentence(self) -> str:
+        return f"{self.key} is {self.value}."
+
+
+@dataclass
+class Example:
+    """One model call: the chat messages of the step and the action JSON the model should answer with."""
+
+    messages: list[dict[str, str]]
+    target: str
+    kind: str
+
+
+@dataclass
+class Memory:
+    id: str
+    kind: str
+    text: str
+
+
+@dataclass
+class _Session:
+    """Drives one simulated session: retrieval per step, tool results, the examples it yields."""
+
+    task: str
+    kind: str
+    store: list[Memory]
+    rng: random.Random
+    hidden: set[str] = field(default_factory=set)  # memory ids retrieval misses (search still finds them)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    examples: list[Example] = field(default_factory=list)
+    _block: tuple[int, list[dict[str, Any]]] | None = None
+
+    def _query(self) -> str:
+        if self.steps and self.steps[-1]["observations"]:
+            return f"{self.task}\n{self.steps[-1]['observations'][-1]}"
+        return self.task
+
+    def block(self) -> list[dict[str, Any]]:
+        """The memories this step's retrieval puts in the prompt (drawn once per step)."""
+        if self._block is None or self._block[0] != len(self.steps):
+            visible = [m for m in self.store if m.id not in self.hidden]
+            self._block = (len(self.steps), ranked(visible, self._query(), RETRIEVE_K, self.rng))
+        return self._block[1]
+
+    def act(self, action: dict[str, Any]) -> list[dict[str, Any]]:
+        """Record the example for this step, run its tool calls; returns their results."""
+        messages = build_messages(AGENT, self.task, self.steps, self.block(), TOOL_SCHEMAS)
+        self.examples.append(Example(messages, json.dumps(action, ensure_ascii=False), self.kind))
+        if action["type"] == "final":
+            return []
+        index = len(self.steps)
+        observations, results = [], []
+        for i, call in enumerate(action["calls"]):
+            result = self._run_tool(call["name"], call["arguments"])
+            results.append(result)
+            observations.append({"call_index": i, "tool": call["name"], "arguments": call["arguments"],
+                                 "idempotency_key": f"s:{index}:{i}", "result": result})
+        self.steps.append({"index": index, "kind": "action", "action": action, "observations": observations})
+        return results
+
+    def _run_tool(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        if name == "calculator":
+            return calculate(args["expression"])
+        if name == "memory_write":
+            memory = Memory(new_id(self.rng), "fact", args["text"])
+            self.store.append(memory)
+            return {"id": memory.id, "kind": memory.kind, "text": memory.text}
+        if name == "memory_search":
+            return {"hits": ranked(self.store, args["query"], SEARCH_K, self.rng)}
+        raise ValueError(f"no simulated tool {name!r}")
+
+
+def new_id(rng: random.Random) -> str:
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def ranked(memories: list[Memory], query: str, k: int, rng: random.Random) -> list[dict[str, Any]]:
+    """The top k memories for `query` as retrieval returns them ({"id", "kind", "text", "score"}), scored by
+    word overlap plus noise into the range a sentence embedder's cosine similarities take."""
+    words = set(_WORD.findall(query.lower()))
+    scored = []
+    for memory in memories:
+        own = set(_WORD.findall(memory.text.lower()))
+        overlap = len(words & own) / max(1, len(own))
+        scored.append((min(0.95, 0.12 + 0.7 * overlap + rng.uniform(-0.06, 0.06)), memory))
+    scored.sort(key=lambda pair: -pair[0])
+    return [{"id": m.id, "kind": m.kind, "text": m.text, "score": round(score, 4)} for score, m in scored[:k]]
+
+
+def final(answer: str) -> dict[str, Any]:
+    return {"type": "final", "answer": answer}
+
+
+def call(name: str, **arguments: Any) -> dict[str, Any]:
+    return {"type": "tool_calls", "calls": [{"name": name, "arguments": arguments}]}
+
+
+class TraceGenerator:
+    """Draws traces for one split (training or held-out); deterministic in the seed."""
+
+    def __init__(self, seed: int, held_out: bool = False):
+        self.rng = random.Random(seed)
+        self.held_out = held_out
+        self.subjects = pools.subjects(held_out)
+        self.attributes = pools.attribute_values(held_out)
+
+    # ---- facts and questions ----------------------------------------------------------------------
+    def person_fact(self, subject: str | None = None, attribute: str | None = None) -> Fact:
+        subject = subject or self.rng.choice(self.subjects)
+        attribute = attribute or self.rng.choice(list(self.attributes))
+        return Fact(f"{subject}'s {attribute}", self.attributes[attribute](self.rng))
+
+    def arithmetic(self) -> tuple[str, str, str]:
+        """(key as the question words it, expression, result as the calculator's JSON shows it)."""
+        rng = self.rng
+        if rng.random() < 0.15:
+            a, b, c = rng.randint(2, 99), rng.randint(2, 99), rng.randint(2, 20)
+            inner = rng.choice("+-")
+            expression = f"({a} {inner} {b}) * {c}"
+            key = expression
+        else:
+            op = rng.choice("+-*/")
+            if op == "*":
+                a, b = rng.randint(2, 99), rng.randint(2, 999)
+            elif op == "/":
+                b = rng.choice((2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 20, 25))
+                a = b * rng.randint(2, 300)
+                if b in (2, 4, 5, 8, 10, 20, 25) and rng.random() < 0.3:
+                    a += rng.choice((1, 3))  # a short decimal result
+            else:
+                a, b = rng.randint(2, 9999), rng.randint(2, 999)
+            expression = f"{a} {op} {b}"
+            word = op if rng.random() < 0.3 else rng.choice(OPERATORS[op])
+            key = f"{a} {word} {b}"
+        result = json.dumps(calculate(expression)["result"])
+        return key, expression, result
+
+    def arithmetic_fact(self) -> Fact:
+        key, _, result = self.arithmetic()
+        return Fact(key, result)
+
+    def prior_store(self, avoid: Fact | None) -> list[Memory]:
+        """Memories from earlier sessions: facts (hard negatives near `avoid`), results, episode summaries."""
+        rng, store = self.rng, []
+        subject = avoid.key.split("'s ")[0] if avoid and "'s " in avoid.key else None
+        attribute = avoid.key.split("'s ", 1)[1] if avoid and "'s " in avoid.key else None
+        for _ in range(rng.choice((0, 1, 2, 3, 4, 5, 6, 8))):
+            roll = rng.random()
+            if roll < 0.25 and subject:
+                fact = self.person_fact(subject=subject)
+            elif roll < 0.45 and attribute:
+                fact = self.person_fact(attribute=attribute)
+            elif roll < 0.6:
+                fact = self.arithmetic_fact()
+            else:
+                fact = self.person_fact()
+            if avoid and fact.key == avoid.key:
+                continue
+            if rng.random() < 0.3:  # the summary the runtime writes at the end of a remember session
+                task = rng.choice(REMEMBER_PHRASES).format(s=fact.key.split("'s ")[0],
+                                                           a=fact.key.split("'s ", 1)[-1], v=fact.value) \
+                    if "'s " in fact.key else f"What is {fact.key}?{rng.choice(REMEMBER_SUFFIXES)}"
+                text = f"Task: {task}\nOutcome after 2 steps: Noted: {fact.sentence}"
+                store.append(Memory(new_id(rng), "episode", text))
+            else:
+                store.append(Memory(new_id(rng), "fact", fact.sentence))
+        rng.shuffle(store)
+        return store
+
+    # ---- sessions ---------------------------------------------------------------------------------
+    def session(self, kind: str | None = None) -> list[Example]:
+        """One session's examples (one per step) of the given kind, or of a kind drawn by KIND_WEIGHTS."""
+        kind = kind or self.rng.choices(KINDS, KIND_WEIGHTS)[0]
+        return getattr(self, f"_{kind}")(kind)
+
+    def _remember(self, kind: str) -> list[Example]:
+        fact = self.person_fact()
+        subject, attribute = fact.key.split("'s ", 1)
+        task = self.rng.choice(REMEMBER_PHRASES).format(s=subject, a=attribute, v=fact.value)
+        s = _Session(task, kind, self.prior_store(fact), self.rng)
+        s.act(call("memory_write", text=fact.sentence))
+        s.act(final(f"Noted: {fact.sentence}"))
+        return s.examples
+
+    def _recall_from(self, kind: str, fact: Fact, phrases: tuple[str, ...], *, stored: bool,
+                     in_block: bool) -> list[Example]:
+        store = self.prior_store(fact)
+        task = self.rng.choice(phrases).format(k=fact.key)
+        target = None
+        if stored:
+            target = Memory(new_id(self.rng), "fact", fact.sentence)
+            if self.rng.random() < 0.25:  # found as the summary of the session that stored it
+                target.kind, target.text = "episode", f"Task: Remember: {fact.sentence}\nOutcome after 2 steps: " \
+                                                      f"Noted: {fact.sentence}"
+            store.insert(self.rng.randrange(len(store) + 1), target)
+        s = _Session(task, kind, store, self.rng, hidden=set() if in_block or target is None else {target.id})
+        if not any(fact.sentence in memory["text"] for memory in s.block()):
+            results = s.act(call("memory_search", query=fact.key))
+            found = any(fact.sentence in hit["text"] for hit in results[0]["hits"])
+            if not found:
+                s.act(final(f"I have no memory of {fact.key}."))
+                return s.examples
+        s.act(final(fact.sentence))
+        return s.examples
+
+    def _recall(self, kind: str) -> list[Example]:
+        return self._recall_from(kind, self.person_fact(), RECALL_PHRASES, stored=True, in_block=True)
+
+    def _recall_search(self, kind: str) -> list[Example]:
+        return self._recall_from(kind, self.person_fact(), RECALL_PHRASES, stored=True, in_block=False)
+
+    def _refusal(self, kind: str) -> list[Example]:
+        fact = self.person_fact()
+        phrases = RECALL_PHRASES
+        if self.rng.random() < 0.3:
+            fact, phrases = self.arithmetic_fact(), RESULT_RECALL_PHRASES
+        return self._recall_from(kind, fact, phrases, stored=False, in_block=False)
+
+    def _recall_result(self, kind: str) -> list[Example]:
+        return self._recall_from(kind, self.arithmetic_fact(), RESULT_RECALL_PHRASES, stored=True,
+                                 in_block=self.rng.random() < 0.75)
+
+    def _arithmetic(self, kind: str, remember: bool = False) -> list[Example]:
+        key, expression, _ = self.arithmetic()
+        task = self.rng.choice(COMPUTE_PHRASES).format(k=key)
+        if remember:
+            task += self.rng.choice(REMEMBER_SUFFIXES)
+        s = _Session(task, kind, self.prior_store(None), self.rng)
+        result = json.dumps(s.act(call("calculator", expression=expression))[0]["result"])
+        sentence = Fact(key, result).sentence
+        if remember:
+            s.act(call("memory_write", text=sentence))
+            s.act(final(f"{sentence} I saved it to memory."))
+        else:
+            s.act(final(sentence))
+        return s.examples
+
+    def _arithmetic_remember(self, kind: str) -> list[Example]:
+        return self._arithmetic(kind, remember=True)
+
+
+def examples(count: int, seed: int, held_out: bool = False) -> list[Example]:
+    """At least `count` examples from whole sessions of a generator with this seed."""
+    generator = TraceGenerator(seed, held_out)
+    out: list[Example] = []
+    while len(out) < count:
+        out.extend(generator.session())
+    return out

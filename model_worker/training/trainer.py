@@ -1,0 +1,268 @@
+"""Train the demo model on synthetic traces: AdamW, warmup + cosine schedule, clipping, resumable.
+
+Engram tables train at their own learning rate (`engram_lr_scale` x the base rate) without weight
+decay, as the Engram paper does; norms, biases and mHC/Engram gate vectors get no weight decay either.
+Loss is on the assistant's action tokens only. The data stream is a pure function of (seed, step), so a
+run stopped and resumed from its last checkpoint sees the same batches as an uninterrupted one. State
+is saved as safetensors + JSON (no pickles): weights, optimizer moments, step and the loss history.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model_worker.tokenizer import Tokenizer
+from model_worker.training import data
+from model_worker.training.forward import batch_loss
+from model_worker.training.model_setup import build_trainable, demo_model_config, export_checkpoint
+
+BATCHES_PER_CHUNK = 8  # batches drawn together and bucketed by length (less padding)
+HELD_OUT_SEED = 4242
+
+
+@dataclass
+class TrainSettings:
+    out_dir: Path
+    steps: int = 700
+    batch_size: int = 16
+    short_batch_size: int = 32  # batches of short-form sessions between the full-form ones (0: none)
+    full_every: int = 3  # every full_every-th step is a full-form batch, the others short-form
+    lr: float = 3e-3
+    engram_lr_scale: float = 5.0
+    weight_decay: float = 0.1
+    warmup_steps: int = 60
+    min_lr_ratio: float = 0.1
+    clip_norm: float = 1.0
+    seed: int = 0
+    vocab_size: int = 4096
+    tokenizer_examples: int = data.TOKENIZER_CORPUS_EXAMPLES
+    eval_every: int = 200
+    eval_examples: int = 96
+    checkpoint_every: int = 50
+    engram: bool = True
+    mhc: bool = True
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "out_dir": str(self.out_dir)}
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    train_loss: float  # mean over the last 50 steps
+    held_out_loss: float
+    held_out_exact: float  # fraction of held-out sessions whose every action token the model predicts greedily
+    history: list[dict] = field(default_factory=list)
+
+
+def learning_rate_factor(step: int, settings: TrainSettings) -> float:
+    """Linear warmup to 1, then cosine decay to min_lr_ratio at the last step."""
+    if step < settings.warmup_steps:
+        return (step + 1) / settings.warmup_steps
+    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def chunk_batches(tokenizer: Tokenizer, settings: TrainSettings, chunk: int,
+                  short: bool = False) -> list[list[data.Tokenized]]:
+    """Chunk `chunk` of a stream (full-form or short-form sessions): BATCHES_PER_CHUNK batches drawn from a
+    generator seeded by (seed, chunk, form), sorted by length (less padding), split, and put in a seeded
+    random order."""
+    size = settings.short_batch_size if short else settings.batch_size
+    pool = data.session_examples(BATCHES_PER_CHUNK * size, seed=settings.seed * 1_000_003 + chunk * 2 + short,
+                                 short=short)
+    items = sorted(data.tokenize(tokenizer, pool), key=lambda item: len(item.ids))
+    batches = [items[i * size:(i + 1) * size] for i in range(BATCHES_PER_CHUNK)]
+    random.Random(chunk).shuffle(batches)
+    return batches
+
+
+def held_out_batches(tokenizer: Tokenizer, count: int, batch_size: int) -> list[data.PrefixBatch]:
+    items = sorted(data.tokenize(tokenizer, data.session_examples(count, HELD_OUT_SEED, held_out=True)),
+                   key=lambda item: len(item.ids))
+    return [data.prefix_batch(items[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, count, batch_size)]
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[data.PrefixBatch]) -> tuple[float, float]:
+    """(token-weighted mean loss, fraction of sequences whose every labelled token is predicted greedily)."""
+    was_training = model.training
+    model.eval()
+    total, tokens, exact, examples = 0.0, 0, 0, 0
+    for batch in batches:
+        loss, all_correct, n = batch_loss(model, batch)
+        total, tokens = total + float(loss) * n, tokens + n
+        exact, examples = exact + int(all_correct.sum()), examples + all_correct.numel()
+    model.train(was_training)
+    return total / max(1, tokens), exact / max(1, examples)
+
+
+class Trainer:
+    """One training run; `run()` trains (resuming from out_dir/train_state when it exists) and exports."""
+
+    def __init__(self, settings: TrainSettings, log=None):
+        self.settings = settings
+        self.log = log or _Progress(settings.steps)
+        out = settings.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        self.state_dir = out / "train_state"
+        self.tokenizer_dir = self.state_dir / "tokenizer"
+        if (self.tokenizer_dir / "tokenizer.json").is_file():
+            self.tokenizer = Tokenizer.from_pretrained(self.tokenizer_dir)
+        else:
+            self.tokenizer = data.train_tokenizer(self.tokenizer_dir, settings.vocab_size, settings.seed,
+                                                  settings.tokenizer_examples)
+        config = demo_model_config(self.tokenizer, engram=settings.engram, mhc=settings.mhc)
+        self.model, self.tables = build_trainable(config, self.tokenizer, settings.seed)
+        self.params = dict(self.model.named_parameters())
+        if self.tables is not None:
+            self.params.update({f"engram.{layer}": p for layer, p in self.tables.tables.items()})
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=settings.lr, betas=(0.9, 0.95), eps=1e-8)
+        self.step = 0
+        self.history: list[dict] = []
+        self._chunks: dict[bool, tuple[int, list[list[data.Tokenized]]]] = {}
+
+    def _param_groups(self) -> list[dict]:
+        s = self.settings
+        decay, no_decay, tables = [], [], []
+        for name, param in self.params.items():
+            if name.startswith("engram."):
+                tables.append(param)
+            elif param.dim() >= 2 and "_hc." not in name and ".hc_head." not in name:
+                decay.append(param)
+            else:
+                no_decay.append(param)
+        groups = [{"params": decay, "weight_decay": s.weight_decay, "lr_scale": 1.0},
+                  {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+        if tables:
+            groups.append({"params": tables, "weight_decay": 0.0, "lr_scale": s.engram_lr_scale})
+        return groups
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def save_state(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        weights = {name: p.detach().contiguous() for name, p in self.params.items()}
+        moments = {}
+        for name, param in self.params.items():
+            state = self.optimizer.state.get(param)
+            if state:
+                moments[f"{name}/exp_avg"] = state["exp_avg"].contiguous()
+                moments[f"{name}/exp_avg_sq"] = state["exp_avg_sq"].contiguous()
+                moments[f"{name}/step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
+        save_file(weights, str(self.state_dir / "weights.tmp"))
+        save_file(moments, str(self.state_dir / "optimizer.tmp"))
+        (self.state_dir / "state.tmp").write_text(json.dumps(
+            {"step": self.step, "settings": self.settings.to_json(), "history": self.history}))
+        for name in ("weights", "optimizer"):
+            (self.state_dir / f"{name}.tmp").replace(self.state_dir / f"{name}.safetensors")
+        (self.state_dir / "state.tmp").replace(self.state_dir / "state.json")
+
+    def load_state(self) -> bool:
+        state_file = self.state_dir / "state.json"
+        if not state_file.is_file():
+            return False
+        state = json.loads(state_file.read_text())
+        weights = load_file(str(self.state_dir / "weights.safetensors"))
+        moments = load_file(str(self.state_dir / "optimizer.safetensors"))
+        if set(weights) != set(self.params):
+            raise ValueError(f"{self.state_dir}: saved weights do not match this model (other settings?)")
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(weights[name])
+                if f"{name}/exp_avg" in moments:
+                    self.optimizer.state[param] = {"step": moments[f"{name}/step"][0].clone(),
+                                                   "exp_avg": moments[f"{name}/exp_avg"].clone(),
+                                                   "exp_avg_sq": moments[f"{name}/exp_avg_sq"].clone()}
+        self.step, self.history = state["step"], state["history"]
+        return True
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def training_batch(self, step: int) -> data.PrefixBatch:
+        """Batch `step`, a pure function of (seed, batch sizes, step): full-form sessions at every
+        full_every-th step, short-form ones in between (only full-form ones without short batches)."""
+        k = self.settings.full_every if self.settings.short_batch_size > 0 else 1
+        short = step % k != 0
+        full_before = (step + k - 1) // k  # full-form steps before this one
+        index = step - full_before if short else step // k
+        chunk, position = divmod(index, BATCHES_PER_CHUNK)
+        if self._chunks.get(short, (None,))[0] != chunk:
+            self._chunks[short] = (chunk, chunk_batches(self.tokenizer, self.settings, chunk, short))
+        return data.prefix_batch(self._chunks[short][1][position], self.tokenizer.pad_token_id)
+
+    def run(self) -> TrainResult:
+        s = self.settings
+        torch.manual_seed(s.seed)
+        resumed = self.load_state()
+        if resumed:
+            self.log.note(f"resumed at step {self.step} from {self.state_dir}")
+        held_out = held_out_batches(self.tokenizer, s.eval_examples, s.batch_size)
+        started, recent = time.perf_counter(), []
+        while self.step < s.steps:
+            factor = learning_rate_factor(self.step, s)
+            for group in self.optimizer.param_groups:
+                group["lr"] = s.lr * factor * group["lr_scale"]
+            batch = self.training_batch(self.step)
+            tick = time.perf_counter()
+            loss, _, _ = batch_loss(self.model, batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(self.params.values()), s.clip_norm)
+            self.optimizer.step()
+            self.step += 1
+            loss_value = loss.item()
+            recent = (recent + [loss_value])[-50:]
+            entry = {"step": self.step, "loss": round(loss_value, 4)}
+            if self.step % s.eval_every == 0 or self.step == s.steps:
+                entry["held_out_loss"], entry["held_out_exact"] = (round(v, 4) for v in evaluate(self.model, held_out))
+            self.history.append(entry)
+            self.log.step(self.step, loss_value, batch.tokens / (time.perf_counter() - tick), entry)
+            if self.step % s.checkpoint_every == 0 or self.step == s.steps:
+                self.save_state()
+        final_loss, final_exact = evaluate(self.model, held_out)
+        export_checkpoint(self.model, self.tables, self.tokenizer_dir, s.out_dir)
+        result = TrainResult(self.step, time.perf_counter() - started, sum(recent) / max(1, len(recent)),
+                             final_loss, final_exact, self.history)
+        (s.out_dir / "training.json").write_text(json.dumps(
+            {"settings": s.to_json(), "train_loss": result.train_loss, "held_out_loss": final_loss,
+             "held_out_exact": final_exact, "seconds_this_run": round(result.seconds, 1)}, indent=2) + "\n")
+        self.log.done(result)
+        return result
+
+
+class _Progress:
+    """One status line (rewritten in place on a terminal, every 10 steps otherwise) with loss and tokens/s."""
+
+    def __init__(self, total: int):
+        self.total, self.started, self.tty = total, time.perf_counter(), sys.stderr.isatty()
+        self.held_out = ""
+
+    def note(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def step(self, step: int, loss: float, tokens_per_s: float, entry: dict) -> None:
+        if "held_out_loss" in entry:
+            self.held_out = f" | held-out loss {entry['held_out_loss']:.3f}, exact {entry['held_out_exact']:.0%}"
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / max(1, step) * (self.total - step)
+        line = (f"step {step}/{self.total} loss {loss:.3f}{self.held_out} | {tokens_per_s:,.0f} tok/s | "
+                f"{elapsed / 60:.1f} min, ~{eta / 60:.0f} min left")
+        if self.tty:
+            print("\r" + line.ljust(110), end="", file=sys.stderr, flush=True)
+        elif step % 10 == 0 or "held_out_loss" in entry:
+            print(line, file=sys.stderr, flush=True)
+
+    def done(self, result: TrainResult) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+        print(f"done: {result.steps} steps; held-out loss {result.held_out_loss:.3f}, "
+              f"exact {result.held_out_exact:.0%}", file=sys.stderr, flush=True)

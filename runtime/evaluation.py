@@ -1,0 +1,212 @@
+"""Held-out agent tasks run through the whole embedded runtime, scored: how well does a model do the job?
+
+`evaluate_agent` builds tasks from the held-out split of the training traces (names and facts no
+training trace has), runs each as a real session of the built-in `assistant` agent in `LocalRuntime`
+(orchestrator, model worker with structured decoding, memory service with the MiniLM embedder, Redis),
+and checks the final answers:
+
+- arithmetic: the calculator's result is in the answer; with "Remember the result." a memory holding
+  the sentence is written too;
+- remember: a memory with the fact is written and the answer confirms it;
+- recall (and recall of a computed result): the fact was stored by an earlier *session* of the agent,
+  among distractor memories (the same person's other facts, other people's same attribute); the runtime
+  is closed and reopened between the storing and the asking session, and half of the storing sessions
+  are interrupted after their first step and resumed from Redis by the reopened runtime;
+- refusal: asked for a fact never stored, the answer says there is no such memory.
+
+Every tenant is fresh, so memories never leak between tasks. It deliberately does not judge wording,
+only the facts an answer must hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model_worker.training import traces
+from runtime.local import LocalRuntime
+from runtime.settings import Settings
+
+RECALL_KINDS = ("recall", "recall_result")
+MIX = {"arithmetic": 20, "arithmetic_remember": 15, "remember": 15, "recall": 25, "recall_result": 10,
+       "refusal": 15}
+NO_MEMORY = "no memory"
+
+
+@dataclass
+class AgentTask:
+    kind: str
+    tenant: str
+    task: str
+    expect: str  # a string the final answer must contain
+    setup: list[str] = field(default_factory=list)  # distractor memories written before the run
+    store_task: str | None = None  # recall kinds: the earlier session that stores the fact
+    memory_expect: str | None = None  # a memory of the tenant must contain this after the run
+
+
+@dataclass
+class TaskOutcome:
+    task: AgentTask
+    status: str
+    answer: str
+    steps: int
+    valid_actions: bool
+    correct: bool
+    note: str = ""
+
+
+@dataclass
+class EvalReport:
+    outcomes: list[TaskOutcome]
+
+    @property
+    def success_rate(self) -> float:
+        return sum(o.correct for o in self.outcomes) / max(1, len(self.outcomes))
+
+    @property
+    def all_actions_valid(self) -> bool:
+        return all(o.valid_actions for o in self.outcomes)
+
+    def by_kind(self) -> dict[str, tuple[int, int]]:
+        total, right = Counter(), Counter()
+        for o in self.outcomes:
+            total[o.task.kind] += 1
+            right[o.task.kind] += o.correct
+        return {kind: (right[kind], total[kind]) for kind in total}
+
+
+def held_out_tasks(count: int = 100, seed: int = 0) -> list[AgentTask]:
+    """`count` tasks in the proportions of MIX, from the held-out split."""
+    gen = traces.TraceGenerator(seed=10_000 + seed, held_out=True)
+    rng = random.Random(seed)
+    kinds = [kind for kind, n in MIX.items() for _ in range(n)]
+    kinds = (kinds * (count // len(kinds) + 1))[:count]
+    tasks = []
+    for i, kind in enumerate(kinds):
+        tenant = f"eval-{seed}-{i}"
+        if kind in ("arithmetic", "arithmetic_remember"):
+            key, _, result = gen.arithmetic()
+            task = rng.choice(traces.COMPUTE_PHRASES).format(k=key)
+            remember = kind == "arithmetic_remember"
+            if remember:
+                task += rng.choice(traces.REMEMBER_SUFFIXES)
+            tasks.append(AgentTask(kind, tenant, task, result,
+                                   memory_expect=f"{key} is {result}." if remember else None))
+            continue
+        fact = gen.arithmetic_fact() if kind == "recall_result" else gen.person_fact()
+        setup = [m.text for m in gen.prior_store(fact)] if kind != "remember" else []
+        if kind == "remember":
+            subject, attribute = fact.key.split("'s ", 1)
+            task = rng.choice(traces.REMEMBER_PHRASES).format(s=subject, a=attribute, v=fact.value)
+            tasks.append(AgentTask(kind, tenant, task, fact.value, memory_expect=fact.sentence))
+        elif kind == "refusal":
+            tasks.append(AgentTask(kind, tenant, rng.choice(traces.RECALL_PHRASES).format(k=fact.key), NO_MEMORY,
+                                   setup=setup))
+        elif kind == "recall":
+            subject, attribute = fact.key.split("'s ", 1)
+            store = rng.choice(traces.REMEMBER_PHRASES).format(s=subject, a=attribute, v=fact.value)
+            tasks.append(AgentTask(kind, tenant, rng.choice(traces.RECALL_PHRASES).format(k=fact.key), fact.value,
+                                   setup=setup, store_task=store))
+        else:
+            store = rng.choice(traces.COMPUTE_PHRASES).format(k=fact.key) + rng.choice(traces.REMEMBER_SUFFIXES)
+            tasks.append(AgentTask(kind, tenant, rng.choice(traces.RESULT_RECALL_PHRASES).format(k=fact.key),
+                                   fact.value, setup=setup, store_task=store))
+    return tasks
+
+
+async def _run(rt: LocalRuntime, tenant: str, task: str, *, interrupt_after_first_step: bool = False):
+    """Run one task to its end; or, interrupted, drive it one step and abandon it (as a crash would)."""
+    submitted, _ = await rt.service.tasks.submit(tenant, "assistant", task)
+    if not interrupt_after_first_step:
+        await rt.orchestrator.run_session(submitted.id)
+        return submitted.id
+    runner = asyncio.ensure_future(rt.orchestrator.run_session(submitted.id))
+    while not runner.done() and (await rt.store.state(submitted.id)).step_count < 1:
+        await asyncio.sleep(0.01)
+    runner.cancel()
+    await asyncio.gather(runner, return_exceptions=True)
+    return submitted.id
+
+
+async def _score(rt: LocalRuntime, task: AgentTask, session_id: str) -> TaskOutcome:
+    state, steps = await rt.store.load(session_id)
+    answer = state.final_answer or ""
+    # valid: every action the model gave parsed under the schema (a session may still fail on a limit)
+    valid = all(step.action is not None for step in steps if step.kind in ("action", "final")) and \
+        "could not be parsed" not in (state.error or "")
+    correct = valid and state.status == "completed" and task.expect.lower() in answer.lower()
+    note = state.error or ""
+    if correct and task.memory_expect is not None:
+        memories = await rt.memory.list(task.tenant, "assistant", limit=50)
+        correct = any(task.memory_expect in m.text for m in memories)
+        note = note or ("" if correct else f"no memory holds {task.memory_expect!r}")
+    return TaskOutcome(task, state.status, answer, len(steps), valid, correct, note)
+
+
+async def evaluate_agent(model_path: Path | None, tasks: list[AgentTask], *, data_dir: Path | None = None,
+                         progress: Callable[[TaskOutcome], None] | None = None,
+                         redis_url: str | None = None) -> EvalReport:
+    """Run `tasks` through LocalRuntime on `model_path` (None: the shipped demo model) and score them."""
+    with tempfile.TemporaryDirectory(prefix="engram-eval-") as tmp:
+        settings = Settings(data_dir=data_dir or Path(tmp), model_path=model_path, redis_url=redis_url,
+                            key_prefix=f"engram-eval-{random.getrandbits(32):08x}", lease_ms=1500, heartbeat_s=0.5)
+        stored: dict[int, str] = {}
+        async with LocalRuntime(settings) as rt:  # first life: distractors and the storing sessions
+            for i, task in enumerate(tasks):
+                for text in task.setup:
+                    await rt.memory.write(task.tenant, "assistant", text, kind="fact")
+                if task.store_task is not None:
+                    stored[i] = await _run(rt, task.tenant, task.store_task, interrupt_after_first_step=i % 2 == 0)
+        outcomes = []
+        async with LocalRuntime(settings) as rt:  # second life: resume the interrupted ones, then ask
+            await asyncio.sleep(settings.lease_ms / 1000)  # the abandoned leases run out
+            for i, task in enumerate(tasks):
+                if i in stored:
+                    await rt.orchestrator.run_session(stored[i])
+                    state = await rt.store.state(stored[i])
+                    if state.status != "completed":
+                        outcomes.append(TaskOutcome(task, state.status, "", state.step_count, False, False,
+                                                    f"storing session {state.status}: {state.error}"))
+                        continue
+                outcome = await _score(rt, task, await _run(rt, task.tenant, task.task))
+                outcomes.append(outcome)
+                if progress is not None:
+                    progress(outcome)
+        return EvalReport(outcomes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m runtime.evaluation [--model PATH] [--tasks N]`: score a checkpoint (default: the demo model)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m runtime.evaluation", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the demo model)")
+    parser.add_argument("--tasks", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.tasks < 1:
+        parser.error("--tasks must be positive")
+    if args.model is not None and not (args.model / "config.json").is_file():
+        print(f"error: no checkpoint at {args.model} (config.json missing)", file=sys.stderr)
+        return 2
+
+    def show(outcome: TaskOutcome) -> None:
+        mark = "ok  " if outcome.correct else "FAIL"
+        print(f"{mark} {outcome.task.kind:<20} {outcome.task.task[:60]!r} -> {outcome.answer[:70]!r} "
+              f"{outcome.note[:60]}".rstrip(), flush=True)
+
+    report = asyncio.run(evaluate_agent(args.model, held_out_tasks(args.tasks, args.seed), progress=show))
+    figures = ", ".join(f"{kind} {right}/{total}" for kind, (right, total) in sorted(report.by_kind().items()))
+    print(f"{report.success_rate:.0%} of {len(report.outcomes)} held-out tasks correct ({figures}); every action "
+          f"valid: {'yes' if report.all_actions_valid else 'NO'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""The demo model's training pieces against independent references: the model's own prefill, the real
+tools and prompt builder, the tokenizer's chat rendering, and a resumed run against an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from model_worker.loading import load_model
+from model_worker.training import data, forward, pools, traces
+from model_worker.training.model_setup import build_trainable, demo_model_config, export_checkpoint
+from model_worker.training.trainer import Trainer, TrainSettings
+from runtime.prompts import parse_action
+from runtime.tools.calculator import calculate
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return data.train_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=1024, seed=0, corpus_examples=300)
+
+
+def test_held_out_split_shares_no_subject_or_value_with_training():
+    for held_out_pool, train_pool in ((pools.subjects(True), pools.subjects(False)),):
+        assert not set(held_out_pool) & set(train_pool)
+    for pool in (pools.COLOURS, pools.CITIES, pools.FOODS, pools.JOBS, pools.PETS):
+        assert not set(pools.split(pool, True)) & set(pools.split(pool, False))
+        assert pools.split(pool, True) and pools.split(pool, False)
+
+
+def test_every_target_is_a_valid_action_and_observations_are_real_tool_results():
+    kinds = set()
+    for session in [traces.TraceGenerator(seed=3).session(kind) for kind in traces.KINDS for _ in range(5)]:
+        for example in session:
+            kinds.add(example.kind)
+            action = parse_action(example.target, traces.AGENT.tools, max_calls=2)
+            assert json.dumps(action, ensure_ascii=False) == example.target
+        # the last step's prompt replays every earlier action and its observations
+        replayed = [m for m in session[-1].messages if m["role"] == "assistant"]
+        assert [m["content"] for m in replayed] == [e.target for e in session[:-1]]
+        for message in session[-1].messages:
+            if message["role"] != "tool":
+                continue
+            for observation in json.loads(message["content"]):
+                if observation["tool"] == "calculator":
+                    index = session[-1].messages.index(message)
+                    call = json.loads(session[-1].messages[index - 1]["content"])["calls"][0]
+                    assert observation["result"] == calculate(call["arguments"]["expression"])
+    assert kinds == set(traces.KINDS)
+
+
+def test_recall_answers_copy_the_stored_fact_and_refusals_name_the_key():
+    gen = traces.TraceGenerator(seed=5, held_out=True)
+    for _ in range(20):
+        session = gen.session("recall_search")
+        answer = json.loads(session[-1].target)["answer"]
+        tool_text = " ".join(m["content"] for m in session[-1].messages if m["role"] == "tool")
+        assert answer in tool_text  # copied from the search hit
+        refusal = json.loads(gen.session("refusal")[-1].target)["answer"]
+        assert refusal.startswith("I have no memory of ")
+
+
+def test_labels_are_exactly_the_assistant_turns(tokenizer):
+    examples = data.session_examples(6, seed=1)
+    items = data.tokenize(tokenizer, examples)
+    batch = data.prefix_batch(items, tokenizer.pad_token_id)
+    P = batch.prefix.numel()
+    for b, (item, example) in enumerate(zip(items, examples, strict=True)):
+        assert item.ids == tokenizer.encode_chat(example.messages) + \
+            tokenizer.encode(example.target, add_special_tokens=False) + [tokenizer.eos_token_id]
+        labelled = batch.labels[b][batch.labels[b] >= 0].tolist()
+        turns = [m["content"] for m in example.messages if m["role"] == "assistant"] + [example.target]
+        expected = []
+        for turn in turns:
+            expected += tokenizer.encode(turn, add_special_tokens=False) + [tokenizer.eos_token_id]
+        assert labelled == expected
+        assert torch.equal(batch.suffixes[b, : len(item.ids) - P], torch.tensor(item.ids[P:]))
+
+
+def test_shared_prefix_forward_equals_the_model_prefill_per_sequence(tokenizer):
+    model, _ = build_trainable(demo_model_config(tokenizer), tokenizer, seed=0)
+    model.eval()
+    items = data.tokenize(tokenizer, data.session_examples(3, seed=2))
+    batch = data.prefix_batch(items, tokenizer.pad_token_id)
+    P = batch.prefix.numel()
+    assert P > 100  # the shared system text
+    with torch.no_grad():
+        logits = model.head(forward.suffix_hidden(model, batch))
+        for b, item in enumerate(items):
+            reference = model.prefill(torch.tensor([item.ids])).logits[0, P:]
+            torch.testing.assert_close(logits[b, : len(item.ids) - P], reference, rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_reach_every_parameter_and_the_engram_tables(tokenizer):
+    model, tables = build_trainable(demo_model_config(tokenizer), tokenizer, seed=0)
+    batch = data.prefix_batch(data.tokenize(tokenizer, data.session_examples(2, seed=4)), tokenizer.pad_token_id)
+    loss, _, n = forward.batch_loss(model, batch)
+    loss.backward()
+    assert n > 0 and torch.isfinite(loss)
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+    for table in tables.parameters():
+        assert table.grad is not None and table.grad.abs().sum() > 0
+
+
+def test_resumed_run_matches_an_uninterrupted_one_and_exports_a_loadable_checkpoint(tmp_path):
+    def settings(out: Path, steps: int) -> TrainSettings:
+        return TrainSettings(out_dir=out, steps=steps, batch_size=2, vocab_size=1024, eval_every=100,
+                             eval_examples=2, checkpoint_every=2, warmup_steps=2, tokenizer_examples=300,
+                             short_batch_size=3, full_every=2)
+
+    class Silent:
+        def note(self, text): pass
+        def step(self, *args): pass
+        def done(self, result): pass
+
+    straight = Trainer(settings(tmp_path / "a", 4), log=Silent())
+    straight.run()
+    Trainer(settings(tmp_path / "b", 2), log=Silent()).run()  # stopped after 2 steps ...
+    resumed = Trainer(settings(tmp_path / "b", 4), log=Silent())  # ... and continued to 4
+    resumed.run()
+    for name, param in straight.params.items():
+        torch.testing.assert_close(resumed.params[name], param, rtol=0, atol=0, msg=name)
+
+    loaded = load_model(tmp_path / "a")
+    fp8_tables = straight.tables.to_fp8()
+    straight.model.engram_tables = fp8_tables  # the exported (FP8) tables, as the loaded model reads them
+    straight.model.eval()
+    probe = torch.tensor([data.tokenize(straight.tokenizer, data.session_examples(1, seed=9))[0].ids[:200]])
+    torch.testing.assert_close(loaded(probe), straight.model.prefill(probe).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_export_writes_the_tokenizer_and_fp8_tables(tmp_path, tokenizer):
+    model, tables = build_trainable(demo_model_config(tokenizer), tokenizer, seed=0)
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tokenizer_dir / name).write_text("{}")
+    export_checkpoint(model, tables, tokenizer_dir, tmp_path / "out")
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["config.json", "engram_tables.safetensors", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json"]
+    assert model.engram_tables is tables  # training continues on the fp32 tables
