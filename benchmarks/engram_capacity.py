@@ -191,8 +191,8 @@ def main() -> None:
     parser.add_argument("--nic-gbit", type=float, default=25.0, help="NIC line rate, Gbit/s (assumption)")
     parser.add_argument("--nic-usable", type=float, default=0.7, help="usable share of the NIC (assumption)")
     parser.add_argument("--gather-mrows", type=float, default=20.0,
-                        help="Mrows/s a node gathers+serialises (assumption; this 2-core host's store did "
-                             "2-6 Mrows/s single-threaded in benchmarks/engram_lookup.py)")
+                        help="Mrows/s a node gathers, dequantizes and serialises (assumption: a many-core node; "
+                             "engram_remote.py measured the shard's lookup at ~3 Mrows/s on one thread here)")
     parser.add_argument("--replicas", type=int, default=2, help="copies of each shard")
     parser.add_argument("--steps-ms", default="15,34,50,100,300", help="decode step times for the latency table")
     parser.add_argument("--exposed-ms", default="0.1,0.5,2,8.4,13.2",
