@@ -67,8 +67,9 @@ def build_checkpoint(path: Path, quick: bool):
     token_map = torch.tensor(tokenizer.compressed_token_map(), dtype=torch.int64)
     model = build_random_model(bench_config(tokenizer, quick), seed=0, token_map=token_map)
     save_model(model, path)
-    n_params = sum(p.numel() for name, p in model.named_parameters())
-    return model.config, n_params, tokenizer.vocab_size
+    n_params = sum(p.numel() for p in model.parameters())
+    table_rows = sum(t.rows for t in model.engram_tables.tables.values())
+    return model.config, (n_params, table_rows), tokenizer.vocab_size
 
 
 def counted_shard_deployment():
@@ -257,13 +258,15 @@ def predicted_cost(local_tokens_per_s: float, level: int, trip: dict[str, float]
     return extra / (1e3 * level / local_tokens_per_s + extra)
 
 
-def report(args, config, n_params: int, rates: dict, trips: dict, traffic: dict, wall: float) -> None:
+def report(args, config, sizes: tuple[int, int], rates: dict, trips: dict, traffic: dict, wall: float) -> None:
     geo = geometry(config)
     print(f"Engram rows in-process (a) vs from the memory-service deployment (b), Ray Serve on one local Ray "
           f"instance, {args.shards} shard(s)")
-    print(f"model: our architecture, {n_params / 1e6:.1f}M parameters (Engram tables included), "
-          f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, Engram layers {config.engram_layer_ids}: "
-          f"{geo.cols} rows of {config.engram_head_dim} per layer per token, FP8 tables")
+    n_params, table_rows = sizes
+    print(f"model: our architecture, {n_params / 1e6:.1f}M parameters, {config.num_hidden_layers} layers, hidden "
+          f"{config.hidden_size}, Engram layers {config.engram_layer_ids}: {geo.cols} rows of {config.engram_head_dim} "
+          f"per layer per token; FP8 tables of {table_rows:,} rows, "
+          f"{table_rows * (config.engram_head_dim + config.engram_head_dim // 32) / 2**20:.0f} MiB")
     switch = f"{args.switch_interval_ms:g} ms" if args.switch_interval_ms else "Python's default 5 ms"
     print(f"{machine_line()} (driver); worker replicas num_cpus=0.5 (1 torch thread), GIL switch interval "
           f"{switch}; a long CPU-bound job shares this host, all of this ran at nice 19; load average at start "
@@ -325,7 +328,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MODEL_NAME
-        config, n_params, vocab = build_checkpoint(path, args.quick)
+        config, sizes, vocab = build_checkpoint(path, args.quick)
         start_ray()
         try:
             local, remote, shards = deploy(path, args.shards, args.switch_interval_ms and args.switch_interval_ms / 1e3)
@@ -335,7 +338,7 @@ def main() -> None:
         finally:
             serve.shutdown()
             ray.shutdown()
-    report(args, config, n_params, rates, trips, traffic, time.perf_counter() - started)
+    report(args, config, sizes, rates, trips, traffic, time.perf_counter() - started)
 
 
 if __name__ == "__main__":
