@@ -1,7 +1,8 @@
 """The `engram` command line.
 
 Embedded (this process, ENGRAM_* settings): `engram run "task"`, `engram show ID`, `engram resume ID`
-(also as `engram sessions resume ID`), `engram keys create|revoke|list`, `engram serve`.
+(also as `engram sessions resume ID`), `engram keys create|revoke|list`, `engram serve --embedded`.
+`engram serve`: the HTTP API as a Ray Serve application on a local Ray instance (or `--address`).
 Against a server (--url / ENGRAM_URL, --api-key / ENGRAM_API_KEY): `engram tasks list|show|logs|submit|
 cancel`, `engram sessions show|send`, `engram memories search|add|list`.
 Errors are one line on stderr with a non-zero exit (1: the request failed, 2: bad usage or setup).
@@ -40,13 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("id", help="a task id or session id")
 
-    serve = sub.add_parser("serve", help="run the HTTP API server (embedded defaults)")
+    serve = sub.add_parser("serve", help="run the HTTP API server: a Ray Serve application on a local Ray instance "
+                           "(or --address), or one process with --embedded",
+                           description="Serve the HTTP API. By default as a Ray Serve application (memory service, "
+                           "model worker and API ingress as separate deployments) on a local Ray instance started "
+                           "here, or on the cluster at --address; --embedded runs everything in this process.")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--embedded", action="store_true", help="one process (the default)")
-    serve.add_argument("--ray", action="store_true", help="as a Ray Serve application: memory service, model "
-                       "worker and API ingress as separate deployments")
-    serve.add_argument("--address", help="with --ray: join this Ray cluster instead of starting one")
+    mode = serve.add_mutually_exclusive_group()
+    mode.add_argument("--embedded", action="store_true", help="one process, no Ray: API, orchestrator, memory "
+                      "service and model worker here")
+    mode.add_argument("--ray", action="store_true", help="on Ray Serve (the default; kept as an alias)")
+    serve.add_argument("--address", help="join this Ray cluster (e.g. auto, HOST:PORT) instead of starting one")
 
     keys = sub.add_parser("keys", help="create, revoke or list API keys (directly in Redis)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

@@ -1,6 +1,6 @@
 """CLI commands that run the runtime in this process on the embedded defaults (or the ENGRAM_* settings):
-`run`, `resume`, `show`, `keys` and `serve`. Commands that only read or write Redis (`show`, `keys`, and
-`resume`'s check of the id) never load a model."""
+`run`, `resume`, `show`, `keys` and `serve --embedded` (plain `serve` hands over to `on_ray`). Commands that
+only read or write Redis (`show`, `keys`, and `resume`'s check of the id) never load a model."""
 
 from __future__ import annotations
 
@@ -199,7 +199,10 @@ def serve(args) -> int:
             print(f"error: cannot listen on {host}:{port} ({exc.strerror}); choose another with --port",
                   file=sys.stderr)
             return 2
-    if args.ray:
+    if args.embedded and args.address:
+        print("error: --address joins a Ray cluster; --embedded runs without Ray", file=sys.stderr)
+        return 2
+    if not args.embedded:  # Ray Serve, the default (--ray says the same)
         from runtime.cli.on_ray import serve_on_ray
 
         return serve_on_ray(args, settings, host, port)

@@ -1,7 +1,7 @@
-"""`engram serve --ray`: the runtime as a Ray Serve application (memory service, model worker and API
-ingress as separate deployments, `runtime.serve`) on a local Ray instance this command starts, or on the
-cluster at `--address`. Without ENGRAM_REDIS_URL it starts the embedded Redis and keeps it for the run.
-The first API key is created here (before deploying) and printed once."""
+"""`engram serve` (the default mode; `--ray` is an alias): the runtime as a Ray Serve application (memory
+service, model worker and API ingress as separate deployments, `runtime.serve`) on a local Ray instance this
+command starts, or on the cluster at `--address`. Without ENGRAM_REDIS_URL it starts the embedded Redis and
+keeps it for the run. The first API key is created here (before deploying) and printed once."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""End-to-end fixtures: the real `engram serve` in a subprocess, on a free port of 127.0.0.1, over the shared
+"""End-to-end fixtures: the real `engram serve --embedded` in a subprocess, on a free port of 127.0.0.1, over the shared
 Redis (its own key prefix, deleted afterwards) and a tiny random checkpoint built once per test session.
 
 `engram_server` yields a started `Server`; a test may `kill()` it (SIGKILL), `stop()` it (SIGTERM) and `start()`
@@ -73,7 +73,7 @@ class Server:
         lines: list[str] = []
         self.runs.append(lines)
         ready = threading.Event()
-        proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "--port", str(self.port)],
+        proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "--embedded", "--port", str(self.port)],
                                 cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1)
         self.proc = proc
