@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench-prefill train-demo eval-demo clean
+.PHONY: demo test lint bench-prefill train-demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,14 +25,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-# Re-train the demo agent model from scratch (same seed and settings as the shipped one; ~70 min on 2 cores),
-# then score it on 100 held-out tasks through the whole runtime.
+# Train the demo agent model (resumable: run again to continue), then score it on 100 held-out tasks
+# through the whole runtime.
 train-demo: $(STAMP)
 	$(PY) -m model_worker.training --out .engram/demo-train
 	$(PY) -m runtime.evaluation --model .engram/demo-train
-
-eval-demo: $(STAMP)
-	$(PY) -m runtime.evaluation
 
 bench-prefill: $(STAMP)
 	$(PY) benchmarks/prefill.py --quick
