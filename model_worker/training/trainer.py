@@ -50,6 +50,11 @@ class TrainSettings:
     checkpoint_every: int = 50
     engram: bool = True
     mhc: bool = True
+    stop_after: int | None = None  # stop (and export) at this step of the `steps`-long schedule
+
+    @property
+    def last_step(self) -> int:
+        return self.steps if self.stop_after is None else min(self.steps, self.stop_after)
 
     def to_json(self) -> dict:
         return {**asdict(self), "out_dir": str(self.out_dir)}
@@ -112,7 +117,7 @@ class Trainer:
 
     def __init__(self, settings: TrainSettings, log=None):
         self.settings = settings
-        self.log = log or _Progress(settings.steps)
+        self.log = log or _Progress(settings.last_step)
         out = settings.out_dir
         out.mkdir(parents=True, exist_ok=True)
         self.state_dir = out / "train_state"
@@ -207,7 +212,7 @@ class Trainer:
             self.log.note(f"resumed at step {self.step} from {self.state_dir}")
         held_out = held_out_batches(self.tokenizer, s.eval_examples, s.batch_size)
         started, recent = time.perf_counter(), []
-        while self.step < s.steps:
+        while self.step < s.last_step:
             factor = learning_rate_factor(self.step, s)
             for group in self.optimizer.param_groups:
                 group["lr"] = s.lr * factor * group["lr_scale"]
@@ -222,11 +227,11 @@ class Trainer:
             loss_value = loss.item()
             recent = (recent + [loss_value])[-50:]
             entry = {"step": self.step, "loss": round(loss_value, 4)}
-            if self.step % s.eval_every == 0 or self.step == s.steps:
+            if self.step % s.eval_every == 0 or self.step == s.last_step:
                 entry["held_out_loss"], entry["held_out_exact"] = (round(v, 4) for v in evaluate(self.model, held_out))
             self.history.append(entry)
             self.log.step(self.step, loss_value, batch.tokens / (time.perf_counter() - tick), entry)
-            if self.step % s.checkpoint_every == 0 or self.step == s.steps:
+            if self.step % s.checkpoint_every == 0 or self.step == s.last_step:
                 self.save_state()
         final_loss, final_exact = evaluate(self.model, held_out)
         export_checkpoint(self.model, self.tables, self.tokenizer_dir, s.out_dir)

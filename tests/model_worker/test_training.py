@@ -106,8 +106,8 @@ def test_gradients_reach_every_parameter_and_the_engram_tables(tokenizer):
 
 
 def test_resumed_run_matches_an_uninterrupted_one_and_exports_a_loadable_checkpoint(tmp_path):
-    def settings(out: Path, steps: int) -> TrainSettings:
-        return TrainSettings(out_dir=out, steps=steps, batch_size=2, vocab_size=1024, eval_every=100,
+    def settings(out: Path, stop_after: int | None) -> TrainSettings:
+        return TrainSettings(out_dir=out, steps=6, stop_after=stop_after, batch_size=2, vocab_size=1024, eval_every=100,
                              eval_examples=2, checkpoint_every=2, warmup_steps=2, tokenizer_examples=300,
                              short_batch_size=3, full_every=2)
 
@@ -116,11 +116,12 @@ def test_resumed_run_matches_an_uninterrupted_one_and_exports_a_loadable_checkpo
         def step(self, *args): pass
         def done(self, result): pass
 
-    straight = Trainer(settings(tmp_path / "a", 4), log=Silent())
+    straight = Trainer(settings(tmp_path / "a", None), log=Silent())
     straight.run()
-    Trainer(settings(tmp_path / "b", 2), log=Silent()).run()  # stopped after 2 steps ...
-    resumed = Trainer(settings(tmp_path / "b", 4), log=Silent())  # ... and continued to 4
+    Trainer(settings(tmp_path / "b", 4), log=Silent()).run()  # stopped after 4 of the 6 steps ...
+    resumed = Trainer(settings(tmp_path / "b", None), log=Silent())  # ... and continued to the end
     resumed.run()
+    assert straight.step == resumed.step == 6
     for name, param in straight.params.items():
         torch.testing.assert_close(resumed.params[name], param, rtol=0, atol=0, msg=name)
 
