@@ -139,7 +139,17 @@ def build_random_model(config: ModelConfig, *, seed: int = 0, token_map: torch.T
     (identity when omitted); Engram tables are random in the config's table dtype."""
     torch.manual_seed(seed)
     model = CausalLM(config)
-    gen = torch.Generator().manual_seed(seed)
+    init_weights(model, torch.Generator().manual_seed(seed), std)
+    if config.uses_engram:
+        if token_map is None:
+            token_map = torch.arange(config.vocab_size) % config.engram_num_embeddings
+        model.model.engram_token_map.copy_(token_map)
+        model.attach_engram_tables(random_engram_tables(config, seed))
+    return model.eval().arrange_weights()
+
+
+def init_weights(model: CausalLM, generator: torch.Generator, std: float) -> None:
+    """Norm weights 1, mHC and Engram gate parameters as their modules initialise them, the rest N(0, std^2)."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:
@@ -147,13 +157,7 @@ def build_random_model(config: ModelConfig, *, seed: int = 0, token_map: torch.T
             elif "_hc." in name or ".hc_head." in name or name.endswith(("q_weight", "k_weight")):
                 continue  # mHC and Engram gate parameters keep their modules' own initialisation
             else:
-                param.copy_(torch.randn(param.shape, generator=gen) * std)
-    if config.uses_engram:
-        if token_map is None:
-            token_map = torch.arange(config.vocab_size) % config.engram_num_embeddings
-        model.model.engram_token_map.copy_(token_map)
-        model.attach_engram_tables(random_engram_tables(config, seed))
-    return model.eval().arrange_weights()
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
 def random_engram_tables(config: ModelConfig, seed: int = 0) -> InProcessEngramTables:

@@ -17,7 +17,7 @@ from model_worker.config import ModelConfig
 from model_worker.engram_hashing import EngramHasher
 from model_worker.engram_tables import EngramTable, InProcessEngramTables
 from model_worker.layers.fused import fusions_of
-from model_worker.loading import save_model
+from model_worker.loading import init_weights, save_model
 from model_worker.model import CausalLM
 from model_worker.tokenizer import Tokenizer
 
@@ -73,14 +73,7 @@ def build_trainable(config: ModelConfig, tokenizer: Tokenizer,
     for module in model.modules():
         for fusion in fusions_of(module).values():
             fusion.disable()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                param.fill_(1.0)
-            elif "_hc." in name or ".hc_head." in name or name.endswith(("q_weight", "k_weight")):
-                continue  # mHC and Engram gate parameters keep their modules' own initialisation
-            else:
-                param.copy_(torch.randn(param.shape, generator=generator) * INIT_STD)
+    init_weights(model, generator, INIT_STD)
     tables = None
     if config.uses_engram:
         model.model.engram_token_map.copy_(torch.tensor(tokenizer.compressed_token_map(), dtype=torch.int64))
