@@ -52,7 +52,7 @@ class _Quiet:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="training steps per variant (same for all)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=TrainSettings(out_dir=Path(".")).batch_size)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tasks", type=int, default=40, help="held-out agent tasks per variant")
     parser.add_argument("--out", type=Path, default=Path(".engram/ablation"))

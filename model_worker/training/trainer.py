@@ -32,9 +32,9 @@ HELD_OUT_SEED = 4242
 @dataclass
 class TrainSettings:
     out_dir: Path
-    steps: int = 700
-    batch_size: int = 16
-    short_batch_size: int = 32  # batches of short-form sessions between the full-form ones (0: none)
+    steps: int = 3000
+    batch_size: int = 8
+    short_batch_size: int = 16  # batches of short-form sessions between the full-form ones (0: none)
     full_every: int = 3  # every full_every-th step is a full-form batch, the others short-form
     lr: float = 3e-3
     engram_lr_scale: float = 5.0
