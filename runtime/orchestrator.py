@@ -18,12 +18,14 @@ a call that runs out is cancelled and its timeout recorded as its result (an err
 idempotency key stays reserved and a resume never runs it again. The session's wall-time limit cuts off
 tool calls and model calls that are still running, and the session fails with that reason.
 
-Size: a call's result longer than the agent's `limits.max_tool_result_chars` is recorded in full in the
-tool record and shown to the model (step log, events) cut, with a marker saying how much was cut. A task
+Size: a call's result longer than the agent's `limits.max_tool_result_chars` is stored in full (tool record,
+then step log) and shown to the model and in events cut, with a marker saying how much was cut. A task
 whose first prompt cannot fit the model's context is refused at submission (`check_task`, TaskTooLarge);
 a session whose prompt cannot fit even with its history folded into a summary fails at once, saying so.
 The prompt is built incrementally (`PromptCache`: each step rendered and counted once), so a step's
 orchestrator work does not grow with the session; the exact token count is taken only near the budget.
+Each payload is stored once (`sessions.payloads`): events refer to the action and the call outcomes, and
+the commit of a step drops its tool records and its streamed `model_tokens` events.
 This module holds no Redis or SQL code: that is `sessions` and the memory service.
 """
 
@@ -44,6 +46,7 @@ from runtime.model_client import ModelClient
 from runtime.prompt_cache import PromptCache
 from runtime.prompts import ActionParseError, action_schema, build_messages, parse_action, repair_prompt
 from runtime.sessions import LeaseLost, SessionState, SessionStore, Step
+from runtime.sessions.payloads import action_key, bounded, call_event, call_key, outcome_event, outcome_of
 from runtime.sessions.retry import RETRYABLE_ERRORS
 from runtime.tools import ToolContext, ToolRegistry
 
@@ -87,6 +90,7 @@ class _Run:
     token: int
     prompt: PromptCache
     step_started_ms: int = field(default_factory=now_ms)  # when the step in progress began
+    streamed: list[str] = field(default_factory=list)  # ids of the step's model_tokens events (dropped at commit)
     tokens_used: int = 0  # prompt + completion tokens of the committed steps
 
     def __post_init__(self) -> None:
@@ -228,7 +232,7 @@ class Orchestrator:
 
     # ---- one step ---------------------------------------------------------------------------------
     async def _step(self, run: _Run) -> None:
-        run.step_started_ms = now_ms()
+        run.step_started_ms, run.streamed = now_ms(), []
         run.state = await self.store.state(run.state.session_id)  # picks up a cancellation
         if run.state.status in TERMINAL:
             return
@@ -264,7 +268,7 @@ class Orchestrator:
                 await self._fail(run, outcome)
                 return
             action, model_output, usage = outcome
-            await self.store.record_tool_intent(sid, _action_key(sid, index), "__action__", action, self.owner,
+            await self.store.record_tool_intent(sid, action_key(sid, index), "__action__", action, self.owner,
                                                 run.token)
         if action["type"] == "final":
             await self._finish(run, action, model_output, memories, usage)
@@ -305,7 +309,7 @@ class Orchestrator:
 
     async def _recorded_action(self, session_id: str, index: int) -> dict | None:
         """The action a previous (crashed) run of this step already chose, if any."""
-        record = await self.store.tool_record(session_id, _action_key(session_id, index))
+        record = await self.store.tool_record(session_id, action_key(session_id, index))
         return None if record is None else record["intent"]["arguments"]
 
     async def _retrieve(self, run: _Run) -> list[dict]:
@@ -335,7 +339,8 @@ class Orchestrator:
         for _attempt in range(agent.limits.max_parse_repairs + 1):
 
             async def on_delta(text: str) -> None:
-                await self.store.emit(sid, "model_tokens", {"index": run.state.step_count, "text": text})
+                run.streamed.append(await self.store.emit(sid, "model_tokens",
+                                                          {"index": run.state.step_count, "text": text}))
 
             async with self._within_wall_time(run):
                 reply = await self.model.complete(messages, json_schema=schema,
@@ -349,24 +354,22 @@ class Orchestrator:
 
     async def _call_tool(self, run: _Run, index: int, call_index: int, call: dict) -> dict:
         sid, state = run.state.session_id, run.state
-        key = f"{sid}:{index}:{call_index}"
+        key = call_key(sid, index, call_index)
         name, arguments = call["name"], call.get("arguments", {})
         observation = {"call_index": call_index, "tool": name, "arguments": arguments, "idempotency_key": key}
         record = await self.store.tool_record(sid, key)
         limit = run.agent.limits.max_tool_result_chars
         if record is not None and record.get("result") is not None:
-            return {**observation, **bounded(record["result"], limit, key)}  # done before a crash: never re-run
+            return {**observation, **record["result"]}  # done before a crash: never re-run
         if record is None:
             await self.store.record_tool_intent(sid, key, name, arguments, self.owner, run.token)
-        await self.store.emit(sid, "tool_call", {"index": index, "call_index": call_index, "tool": name,
-                                                 "arguments": arguments})
+        await self.store.emit(sid, "tool_call", call_event(index, call_index))
         ctx = ToolContext(tenant=state.tenant, agent=state.agent, session_id=sid, step_index=index,
                           call_index=call_index, idempotency_key=key, memory=self.memory)
         outcome = await self._run_tool(run, name, arguments, ctx)
         await self.store.record_tool_result(sid, key, outcome, self.owner, run.token)  # in full, once
-        shown = bounded(outcome, limit, key)
-        await self.store.emit(sid, "tool_result", {"index": index, "call_index": call_index, **shown})
-        return {**observation, **shown}
+        await self.store.emit(sid, "tool_result", outcome_event(index, call_index, limit))
+        return {**observation, **outcome}
 
     async def _run_tool(self, run: _Run, name: str, arguments: dict, ctx: ToolContext) -> dict:
         """{"result": ...} or {"error": ...}: a failing, timed-out or cut-off call becomes an observation the
@@ -419,7 +422,10 @@ class Orchestrator:
             return False
         fold = pending[: max(1, len(pending) // 2)]
         through = fold[-1].index + 1
-        transcript = "\n".join(f"step {s.index}: action {s.action} -> {s.observations}" for s in fold)
+        limit = run.agent.limits.max_tool_result_chars
+        transcript = "\n".join(f"step {s.index}: action {s.action} -> "
+                               f"{[bounded(outcome_of(o), limit, o['idempotency_key']) for o in s.observations]}"
+                               for s in fold)
         request = [{"role": "system", "content": "Summarize these agent steps in a few sentences. Keep every "
                     "fact, number and decision needed to continue the task."},
                    {"role": "user", "content": f"Earlier summary: {state.summary or '(none)'}\n{transcript}"}]
@@ -456,7 +462,8 @@ class Orchestrator:
         await self._commit(run, run.step("error"), {"status": status, "error": reason})
 
     async def _commit(self, run: _Run, step: Step, patch: dict) -> None:
-        await self.store.append_step(run.state.session_id, step, self.owner, run.token, state_patch=patch)
+        await self.store.append_step(run.state.session_id, step, self.owner, run.token, state_patch=patch,
+                                     transient_events=run.streamed)
         if patch.get("status") in TERMINAL:
             self.finished[patch["status"]] += 1
         run.steps.append(step)
@@ -464,21 +471,5 @@ class Orchestrator:
         run.state = await self.store.state(run.state.session_id)  # the commit also emitted its events
 
 
-def bounded(outcome: dict, limit: int, key: str) -> dict:
-    """A call's outcome as the model sees it: a result or error longer than `limit` characters (as JSON text)
-    cut to `limit`, with a marker saying how much was cut and where the full one is."""
-    name, value = next(iter(outcome.items()))
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    if len(text) <= limit:
-        return outcome
-    marker = (f" [... {len(text) - limit} of {len(text)} characters cut; the full {name} is stored with the "
-              f"call {key}]")
-    return {name: text[:limit] + marker}
-
-
 def _tokens_of(step: Step) -> int:
     return step.usage.get("prompt_tokens", 0) + step.usage.get("completion_tokens", 0)
-
-
-def _action_key(session_id: str, index: int) -> str:
-    return f"{session_id}:{index}:action"

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from runtime.agents import AgentDefinition
+from runtime.sessions.payloads import bounded
 from runtime.tools.schema import bound_schema
 
 ACTION_TYPES = ("tool_calls", "final")
@@ -237,21 +238,22 @@ def _step_dict(step: Any, position: int) -> dict[str, Any]:
     return dict(step)
 
 
-def _observation_view(observation: Mapping[str, Any]) -> dict[str, Any]:
+def _observation_view(observation: Mapping[str, Any], max_chars: int) -> dict[str, Any]:
+    """What the model sees of a call: its index, tool and outcome (a long outcome cut to max_chars)."""
     view = {k: observation[k] for k in ("call_index", "tool") if k in observation}
     for key in ("result", "error"):
         if key in observation and observation[key] is not None:
-            view[key] = observation[key]
+            view.update(bounded({key: observation[key]}, max_chars, observation.get("idempotency_key", "")))
     return view
 
 
-def _step_messages(step: dict[str, Any]) -> list[dict[str, str]]:
+def _step_messages(step: dict[str, Any], max_result_chars: int) -> list[dict[str, str]]:
     action = step.get("action")
     content = json.dumps(action, ensure_ascii=False) if action is not None else (step.get("model_output") or "")
     messages = [{"role": "assistant", "content": content}]
     observations = step.get("observations") or []
     if observations:
-        views = [_observation_view(o) for o in observations]
+        views = [_observation_view(o, max_result_chars) for o in observations]
         messages.append({"role": "tool", "content": json.dumps(views, ensure_ascii=False)})
     return messages
 
@@ -291,7 +293,7 @@ def build_messages(agent: AgentDefinition, task: str, steps: list[Any], memories
         step = _step_dict(raw, position)
         if step.get("index", position) < summarized_through or step.get("kind") in ("summary", "error"):
             continue
-        messages.extend(_step_messages(step))
+        messages.extend(_step_messages(step, agent.limits.max_tool_result_chars))
     return messages
 
 

@@ -103,7 +103,8 @@ return {'ok'}
 
 # KEYS: state, steps, runnable, events, tools, tenant_index, tenant_finished.
 # ARGV: owner, token, index, step_json, patch_json, finished_ttl_ms, event_maxlen, committed_event_json,
-#       terminal_event_type, terminal_event_json, session_id.
+#       terminal_event_type, terminal_event_json, session_id, redundant tool-record fields (JSON list),
+#       transient event ids (JSON list): both deleted with the commit (the step log now holds their payloads).
 # Order of checks: stale token (lease_lost) before "already committed" (dup), so a superseded owner learns
 # at once; a retry by the current token holder is a no-op even after its final commit released the lease.
 APPEND_STEP = _PRELUDE + r"""
@@ -119,6 +120,9 @@ local problem = lease_problem(KEYS[1], ARGV[1], ARGV[2], now)
 if problem then return problem end
 if index > count then return {'gap', count} end
 redis.call('RPUSH', KEYS[2], ARGV[4])
+local redundant, transient = cjson.decode(ARGV[12]), cjson.decode(ARGV[13])
+if #redundant > 0 then redis.call('HDEL', KEYS[5], unpack(redundant)) end
+if #transient > 0 then redis.call('XDEL', KEYS[4], unpack(transient)) end
 redis.call('HSET', KEYS[1], 'step_count', int(count + 1), 'updated_ms', int(now))
 local patch = cjson.decode(ARGV[5])
 for name, value in pairs(patch) do

@@ -41,6 +41,7 @@ from .models import (
     validate_patch,
     validate_session_id,
 )
+from .payloads import action_key, call_key, committed_record_fields, outcome_of, pack_step, resolve_event, unpack_step
 from .retry import with_retry
 
 T = TypeVar("T")
@@ -184,7 +185,7 @@ class SessionStore:
         if not fields:
             raise SessionNotFound(session_id)
         state = self._remember(SessionState.from_fields(fields))
-        steps = [Step.model_validate_json(raw) for raw in raw_steps]
+        steps = [unpack_step(raw, session_id) for raw in raw_steps]
         if len(steps) != state.step_count or any(step.index != i for i, step in enumerate(steps)):
             raise RuntimeError(f"session {session_id}: step log ({len(steps)} entries) disagrees with "
                                f"step_count {state.step_count}")
@@ -221,9 +222,11 @@ class SessionStore:
 
     # -- the step log ---------------------------------------------------------------------------------
     async def append_step(self, session_id: str, step: Step, owner: str, fencing_token: int, *,
-                          state_patch: dict | None = None) -> bool:
+                          state_patch: dict | None = None, transient_events: list[str] = ()) -> bool:
         """Commit `step` atomically: True when written now, False when it was already committed (a retry).
 
+        The commit also deletes the step's tool records and the `transient_events` (ids of the step's
+        streamed `model_tokens` events): the step log holds their payloads from then on (see payloads.py).
         LeaseLost for a stale token / lost lease, SessionFinished after a terminal commit, ValueError when
         `step.index` is not the next index. A terminal `status` in `state_patch` ends the session."""
         if not isinstance(step, Step):
@@ -236,7 +239,7 @@ class SessionStore:
         keys = self._session(session_id)
         tenant = await self._tenant_of(session_id)
         status = patch.get("status")
-        committed = {"index": step.index, "step_id": step.step_id, "kind": step.kind}
+        committed = {"index": step.index, "kind": step.kind}  # the step id is the session id + index
         if status == "completed":
             terminal_type, terminal = "final", {"status": status, "answer": patch.get("final_answer")}
         else:
@@ -246,9 +249,9 @@ class SessionStore:
             "APPEND_STEP", "append_step",
             [keys.state, keys.steps, self.keys.runnable, keys.events, keys.tools,
              self.keys.tenant_index(tenant), self.keys.tenant_finished(tenant)],
-            [owner, fencing_token, step.index, step.model_dump_json(), _dumps(patch, "state_patch"), ttl_ms,
+            [owner, fencing_token, step.index, pack_step(step), _dumps(patch, "state_patch"), ttl_ms,
              self.event_maxlen, _dumps(committed, "event"), terminal_type, _dumps(terminal, "event"),
-             session_id])
+             session_id, json.dumps(committed_record_fields(step)), json.dumps(list(transient_events))])
         self._raise_for(reply, session_id)
         if reply[0] == "gap":
             raise ValueError(f"step.index {step.index} is not the next index of session {session_id} "
@@ -328,7 +331,7 @@ class SessionStore:
         if not isinstance(data, dict):
             raise TypeError(f"data must be a dict, got {type(data).__name__}")
         keys = self._session(session_id)
-        payload, nonce = _dumps(data, "data"), uuid.uuid4().hex[:16]
+        payload, nonce = _dumps(data, "data"), uuid.uuid4().hex[:8]  # told apart among the newest 256 entries
         reply = await self._retrying("emit", lambda attempt: self._scripts["EMIT"](
             keys=[keys.state, keys.events],
             args=[event_type, payload, self.event_maxlen, nonce, "1" if attempt else "0"]))
@@ -352,9 +355,43 @@ class SessionStore:
                 {keys.events: after_id}, count=count, block=chunk))
             entries = reply[0][1] if reply else []
             if entries or remaining is None or remaining <= chunk:
-                return [(entry_id, fields.get("type", ""), json.loads(fields.get("data", "{}")))
-                        for entry_id, fields in entries]
+                events = [(entry_id, fields.get("type", ""), json.loads(fields.get("data", "{}")))
+                          for entry_id, fields in entries]
+                return await self._resolve_references(session_id, keys, events)
             remaining -= chunk
+
+    async def _resolve_references(self, session_id: str, keys: SessionKeys,
+                                  events: list[tuple[str, str, dict]]) -> list[tuple[str, str, dict]]:
+        """Events whose data refers to a payload (tool calls and results) with the payload filled in, read in
+        one transaction from the tool records (step not yet committed) or the step log (committed)."""
+        wanted = [data for _, _, data in events if "ref" in data]
+        if not wanted:
+            return events
+        indexes = sorted({data["index"] for data in wanted})
+        calls = sorted({(data["index"], data["call_index"]) for data in wanted})
+
+        async def read(_attempt: int) -> list:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for index in indexes:
+                    pipe.hget(keys.tools, f"intent:{action_key(session_id, index)}")
+                    pipe.lindex(keys.steps, index)
+                for index, call_index in calls:
+                    pipe.hget(keys.tools, f"result:{call_key(session_id, index, call_index)}")
+                return await pipe.execute()
+
+        replies = await self._retrying("resolve events", read)
+        actions, steps = {}, {}
+        for n, index in enumerate(indexes):
+            intent, raw_step = replies[2 * n], replies[2 * n + 1]
+            actions[index] = json.loads(intent)["arguments"] if intent else None
+            steps[index] = unpack_step(raw_step, session_id) if raw_step else None
+        outcomes: dict[int, dict[int, dict]] = {}
+        for (index, call_index), raw in zip(calls, replies[2 * len(indexes):]):
+            if raw:
+                outcomes.setdefault(index, {})[call_index] = outcome_of(json.loads(raw))
+        return [(event_id, kind, resolve_event(data, session_id, actions[data["index"]],
+                                               outcomes.get(data["index"], {}), steps[data["index"]])
+                 if "ref" in data else data) for event_id, kind, data in events]
 
     # -- listings -------------------------------------------------------------------------------------
     async def list_sessions(self, tenant: str, *, status: str | None = None, limit: int = 100) -> list[SessionState]:

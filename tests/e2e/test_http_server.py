@@ -135,14 +135,15 @@ def test_task_events_reconnect_and_second_message(engram_server):
         full = read_events(server, task_id)  # a fresh read of the whole stream, from the start
         assert full and full[-1].terminal, full[-3:]
 
-        resumed_ids = [e.id for e in first + rest]
+        # streamed tokens are live-only (a step's commit drops them), so a later read has every other event
+        resumed_ids = [e.id for e in first + rest if e.type != "model_tokens"]
         full_ids = [e.id for e in full]
         assert resumed_ids == full_ids, (  # nothing lost, nothing repeated across the reconnect
             f"reconnect lost {sorted(set(full_ids) - set(resumed_ids))[:5]}, "
             f"repeated {[i for i in resumed_ids if resumed_ids.count(i) > 1][:5]}")
         assert_strictly_increasing(full_ids)
         assert [e.terminal for e in full].count(True) == 1, "exactly one terminal event, the last one"
-        assert [e.type for e in first + rest] == [e.type for e in full]
+        assert [e.type for e in first + rest if e.type != "model_tokens"] == [e.type for e in full]
 
         result = http.get(f"/v1/tasks/{task_id}")
         assert result.status_code == 200, result.text

@@ -31,11 +31,14 @@ class ScriptModel:
     """Answers step N with `actions[N]` (N = assistant turns in the prompt, summaries counted), like a
     real model refuses prompts longer than its context window, and counts ~4 characters per token."""
 
-    def __init__(self, actions: list[dict], *, context_window: int = 100_000, delay_s: float = 0.0):
+    def __init__(self, actions: list[dict], *, context_window: int = 100_000, delay_s: float = 0.0,
+                 stream_chunks: int = 0):
         self.actions, self.context_window, self.delay_s = actions, context_window, delay_s
+        self.stream_chunks = stream_chunks  # > 0: stream each action's text in this many on_delta pieces
         self.calls = 0
         self.summaries = 0
         self.called_ms: list[int] = []  # wall-clock time of each action request
+        self.prompts: list[list[dict]] = []  # the messages of each action request
 
     def count_tokens(self, messages: list[dict]) -> int:
         return tokens(messages)
@@ -48,11 +51,17 @@ class ScriptModel:
             return ModelReply(json.dumps({"summary": f"folded {self.summaries}"}), "stop", {})
         self.calls += 1
         self.called_ms.append(int(time.time() * 1000))
+        self.prompts.append(messages)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         done = sum(1 for m in messages if m["role"] == "assistant")
         action = self.actions[min(done, len(self.actions) - 1)]
-        return ModelReply(json.dumps(action), "stop", {"prompt_tokens": 1, "completion_tokens": 1})
+        text = json.dumps(action)
+        if self.stream_chunks and on_delta is not None:
+            size = -(-len(text) // self.stream_chunks)
+            for start in range(0, len(text), size):
+                await on_delta(text[start:start + size])
+        return ModelReply(text, "stop", {"prompt_tokens": 1, "completion_tokens": 1})
 
 
 def agent(tools: list[str], **limits) -> AgentDefinition:

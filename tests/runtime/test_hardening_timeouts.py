@@ -45,7 +45,7 @@ def test_hanging_tool_times_out_into_an_error_observation_and_stays_reserved(red
     assert final.status == "completed" and started == ["a"]
     timed_out = steps[0].observations[0]
     assert "timed out after 0.3 s" in timed_out["error"] and "result" not in timed_out
-    assert record["result"] == {"error": timed_out["error"]}  # reserved: a resume reuses it, never re-runs
+    assert record is None  # recorded until the step committed; the step log holds the outcome now
     assert steps[1].observations[0]["result"] == {"note": "b"}  # the model saw the error and went on
 
 

@@ -23,11 +23,14 @@ def test_agent_loop_runs_end_to_end_with_the_real_worker_and_memory(tmp_path, re
 
     async def scenario():
         async with LocalRuntime(settings) as runtime:
-            state, steps = await runtime.run_task("What is 6 times 7?", tenant="t1")
-            events, after = [], "0-0"
-            while batch := await runtime.store.events(state.session_id, after_id=after, count=500):
-                events += batch
-                after = batch[-1][0]
+            submitted, _ = await runtime.service.tasks.submit("t1", "assistant", "What is 6 times 7?")
+            runner = asyncio.ensure_future(runtime.orchestrator.run_session(submitted.id))
+            events, after = [], "0-0"  # followed live: streamed tokens are dropped when their step commits
+            while not events or events[-1][1] not in ("final", "error"):
+                batch = await runtime.store.events(submitted.id, after_id=after, block_ms=1000, count=500)
+                events, after = events + batch, (batch[-1][0] if batch else after)
+            await runner
+            state, steps = await runtime.store.load(submitted.id)
             return state, steps, events
 
     state, steps, events = asyncio.run(scenario())

@@ -9,7 +9,7 @@ import json
 import pytest
 import redis
 
-from runtime.sessions import LeaseLost, SessionFinished, SessionNotFound, SessionStore, Step, step_id_for
+from runtime.sessions import LeaseLost, SessionFinished, SessionNotFound, SessionStore, Step
 
 OWNER = "orchestrator-1"
 LEASE_MS = 60_000
@@ -36,7 +36,7 @@ def test_committed_steps_load_back_equal_and_in_order(redis_url, key_prefix, mak
             assert loaded == steps
             assert state.step_count == 5 and state.status == "running"
             raw = redis.Redis.from_url(redis_url).lrange(f"{key_prefix}:session:{sid}:steps", 0, -1)
-            assert [json.loads(r)["step_id"] for r in raw] == [step_id_for(sid, i) for i in range(5)]
+            assert [json.loads(r)["index"] for r in raw] == list(range(5))  # the step id is derived on load
 
     run(body())
 
@@ -52,7 +52,7 @@ def test_same_step_committed_twice_leaves_one_entry(redis_url, key_prefix, make_
             state, loaded = await store.load(sid)
             assert state.step_count == 1 and loaded == [step]
             committed = [e for e in await store.events(sid) if e[1] == "step_committed"]
-            assert len(committed) == 1 and committed[0][2]["step_id"] == step.step_id
+            assert len(committed) == 1 and committed[0][2]["index"] == step.index
 
     run(body())
 
@@ -109,7 +109,7 @@ def test_final_commit_ends_the_session_releases_the_lease_and_sets_the_ttl(redis
             assert state.step_count == 2
             assert sid not in await store.runnable_sessions()
             kinds = [(e[1], e[2]) for e in await store.events(sid)][-2:]
-            assert kinds == [("step_committed", {"index": 1, "step_id": f"{sid}:1", "kind": "final"}),
+            assert kinds == [("step_committed", {"index": 1, "kind": "final"}),
                              ("final", {"status": "completed", "answer": "2"})]
             # the final commit retried (reply lost) is a no-op, not an error
             assert await store.finish(sid, make_step(sid, 1, kind="final"), OWNER, token, final_answer="2") is False
