@@ -30,7 +30,7 @@ IGNORED_FIELDS = frozenset({
     "router_aux_loss_coef", "quantization_config", "head_dim", "qk_head_dim", "num_key_value_heads",
     "hidden_act", "mlp_bias", "_name_or_path", "name_or_path", "return_dict", "id2label", "label2id",
     "is_encoder_decoder", "tie_encoder_decoder", "chunk_size_feed_forward", "output_attentions",
-    "output_hidden_states", "problem_type", "moe_layer_freq",
+    "output_hidden_states", "problem_type",
 })
 
 
@@ -139,6 +139,10 @@ class ModelConfig:
             # V2 defaults differ from V3: softmax router, greedy top-k, no normalisation, no scaling.
             kwargs.update(topk_method="greedy", scoring_func="softmax", norm_topk_prob=False,
                           routed_scaling_factor=1.0, first_k_dense_replace=0, n_group=None, topk_group=None)
+        freq = data.pop("moe_layer_freq", 1)
+        if freq != 1:  # every layer from first_k_dense_replace on is MoE here; another spacing is not supported
+            raise ConfigError(f"moe_layer_freq: only 1 (an MoE layer at every layer after first_k_dense_replace) "
+                              f"is supported, got {freq!r}")
         kwargs.update(_rope_fields(data))
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = []

@@ -3,7 +3,8 @@
 Routing follows MODEL_SPEC.md: V3 selects with sigmoid scores + e_score_correction_bias, group-limited
 (group score = sum of its top-2 biased scores), and weights the chosen experts by their unbiased scores
 (normalised when norm_topk_prob) times routed_scaling_factor. V2 uses softmax scores with greedy or
-group-limited greedy top-k. Float experts run as stacked weights (tokens sorted by expert): where the
+group-limited greedy top-k, and as DeepSeek's V2 code either normalises the chosen weights (norm_topk_prob,
+top_k > 1) or scales them by routed_scaling_factor, never both (transformers' V2 always scales). Float experts run as stacked weights (tokens sorted by expert): where the
 stacks are panel-packed (`layers.panel_packs`, fp32 on hosts where our C panel kernel won), all experts in
 one grouped call of that kernel per projection, at any row count; else in a decode step where no expert
 has more rows than the C decode kernel takes, through its grouped GEMM, all experts in one call per
@@ -89,8 +90,8 @@ class Router(nn.Module):
                 group_scores = scores.view(-1, self.n_group, self.n_experts // self.n_group).max(dim=-1).values
                 scores = self._keep_top_groups(scores, group_scores, fill=0.0)
             weights, ids = scores.topk(self.top_k, dim=-1)
-            if self.norm_topk_prob and self.top_k > 1:
-                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            if self.norm_topk_prob and self.top_k > 1:  # DeepSeek's V2 code: normalise *or* scale, not both
+                return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20), ids
         return weights * self.routed_scaling_factor, ids
 
     def _routes_in_c(self, logits: torch.Tensor) -> bool:
