@@ -4,7 +4,8 @@ Routing follows MODEL_SPEC.md: V3 selects with sigmoid scores + e_score_correcti
 (group score = sum of its top-2 biased scores), and weights the chosen experts by their unbiased scores
 (normalised when norm_topk_prob) times routed_scaling_factor. V2 uses softmax scores with greedy or
 group-limited greedy top-k, and as DeepSeek's V2 code either normalises the chosen weights (norm_topk_prob,
-top_k > 1) or scales them by routed_scaling_factor, never both (transformers' V2 always scales). Float experts run as stacked weights (tokens sorted by expert): where the
+top_k > 1) or scales them by routed_scaling_factor, never both (transformers' V2 always scales).
+Float experts run as stacked weights (tokens sorted by expert): where the
 stacks are panel-packed (`layers.panel_packs`, fp32 on hosts where our C panel kernel won), all experts in
 one grouped call of that kernel per projection, at any row count; else in a decode step where no expert
 has more rows than the C decode kernel takes, through its grouped GEMM, all experts in one call per
