@@ -21,13 +21,14 @@ from model_worker.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "engram_mhc")
 ENGRAM_TABLE_DTYPES = ("fp8", "bfloat16", "float32")
+FP8_SCALE_FMTS = ("fp32", "ue8m0")  # activation scales in the FP8 GEMM mode: plain fp32, or powers of two
 
 # Fields that HF or DeepSeek config.json files carry but that do not change inference here.
 IGNORED_FIELDS = frozenset({
     "architectures", "auto_map", "dtype", "torch_dtype", "transformers_version", "use_cache",
     "initializer_range", "attention_dropout", "pretraining_tp", "output_router_logits",
     "num_nextn_predict_layers", "num_mtp_layers", "ep_size", "aux_loss_alpha", "seq_aux",
-    "router_aux_loss_coef", "quantization_config", "head_dim", "qk_head_dim", "num_key_value_heads",
+    "router_aux_loss_coef", "head_dim", "qk_head_dim", "num_key_value_heads",
     "hidden_act", "mlp_bias", "_name_or_path", "name_or_path", "return_dict", "id2label", "label2id",
     "is_encoder_decoder", "tie_encoder_decoder", "chunk_size_feed_forward", "output_attentions",
     "output_hidden_states", "problem_type",
@@ -100,6 +101,8 @@ class ModelConfig:
     engram_num_embeddings: int = 0  # compressed tokenizer vocabulary size (ids after the Engram token map)
     engram_pad_token_id: int = 0  # raw token id whose compressed id pads n-grams at sequence starts
     engram_table_dtype: str = "fp8"
+    # FP8 checkpoints: the activation scale format of their FP8 GEMMs (`quantization_config.scale_fmt`)
+    fp8_scale_fmt: str = "fp32"
 
     # ---- derived -------------------------------------------------------------------------------
     @property
@@ -139,6 +142,11 @@ class ModelConfig:
             # V2 defaults differ from V3: softmax router, greedy top-k, no normalisation, no scaling.
             kwargs.update(topk_method="greedy", scoring_func="softmax", norm_topk_prob=False,
                           routed_scaling_factor=1.0, first_k_dense_replace=0, n_group=None, topk_group=None)
+        quantization = data.pop("quantization_config", None) or {}
+        if not isinstance(quantization, dict):
+            raise ConfigError(f"quantization_config: must be an object, got {quantization!r}")
+        if quantization.get("scale_fmt") is not None:
+            kwargs["fp8_scale_fmt"] = quantization["scale_fmt"]
         freq = data.pop("moe_layer_freq", 1)
         if freq != 1:  # every layer from first_k_dense_replace on is MoE here; another spacing is not supported
             raise ConfigError(f"moe_layer_freq: only 1 (an MoE layer at every layer after first_k_dense_replace) "
@@ -194,6 +202,8 @@ class ModelConfig:
     # ---- validation ----------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ConfigError naming the first inconsistent field."""
+        if self.fp8_scale_fmt not in FP8_SCALE_FMTS:
+            raise ConfigError(f"quantization_config.scale_fmt: {self.fp8_scale_fmt!r} not in {FP8_SCALE_FMTS}")
         positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "intermediate_size",
                     "max_position_embeddings", "hc_mult", "hc_sinkhorn_iters"]

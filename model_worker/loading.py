@@ -59,7 +59,8 @@ def load_model(path: str | Path, *, dtype: str | torch.dtype = "float32", device
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # the shared tensor is loaded once, as the embedding
     model = CausalLM(config)
-    load_state(model, tensors, fp8_mode=fp8_mode, dtype=torch_dtype, ignore=_ignorable(config))
+    load_state(model, tensors, fp8_mode=fp8_mode, dtype=torch_dtype, ignore=_ignorable(config),
+               activation_scale_fmt=config.fp8_scale_fmt)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.cast(torch_dtype, arrange=False)  # arranged once, on the target device, below

@@ -86,7 +86,11 @@ def list_models(worker: ModelWorker) -> ModelList:
 async def create_completion(worker: ModelWorker, body: Any) -> CompletionResponse | AsyncIterator[CompletionChunk]:
     req = _parse(CompletionRequest, body)
     _check_common(worker, req)
-    prompt = worker.tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
+    try:
+        prompt = worker.text_tokenizer("a text prompt").encode(req.prompt) if isinstance(req.prompt, str) \
+            else list(req.prompt)
+    except ValueError as exc:
+        raise OpenAIError(400, f"prompt: {exc}", param="prompt") from exc
     max_tokens = _max_tokens(worker, len(prompt), req.max_tokens, "max_tokens", "prompt")
     params = _sampling(req, max_tokens, req.logprobs)
     handle = await _submit(worker, GenerateRequest(prompt_token_ids=prompt, params=params), "prompt", None)
@@ -109,7 +113,8 @@ async def create_chat_completion(worker: ModelWorker,
         raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     tool_dicts = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     try:
-        prompt = worker.tokenizer.encode_chat(req.messages, add_generation_prompt=True, tools=tool_dicts)
+        prompt = worker.text_tokenizer("a chat request").encode_chat(req.messages, add_generation_prompt=True,
+                                                                     tools=tool_dicts)
     except (TypeError, ValueError) as exc:
         raise OpenAIError(400, f"messages: {exc}", param="messages") from exc
     requested, param = ((req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens is not None
@@ -398,6 +403,8 @@ def _raise_if_failed(delta: StreamDelta) -> None:
 
 
 def _token_text(worker: ModelWorker, token_id: int) -> str:
+    if worker.tokenizer is None:
+        return ""  # a model without a tokenizer has ids, no text
     return worker.tokenizer.decode([token_id], skip_special_tokens=False)
 
 

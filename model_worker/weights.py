@@ -148,13 +148,15 @@ def load_state(
     fp8_mode: str = "dequantize",
     dtype: torch.dtype = torch.float32,
     ignore: Callable[[str], bool] | None = None,
+    activation_scale_fmt: str = "fp32",
 ) -> None:
     """Load checkpoint `tensors` into `model`, all or nothing.
 
     Float tensors become `dtype` (fp32 for names in `model.keep_fp32_names()`), on the device of the
     model tensor they replace (CPU for meta tensors). `X.weight` e4m3 + `X.weight_scale_inv`:
-    fp8_mode "dequantize" -> a float weight; "gemm" -> the `Linear` at X keeps e4m3 + scales (other
-    modules are dequantized). Tied parameters are filled from whichever alias the checkpoint has.
+    fp8_mode "dequantize" -> a float weight; "gemm" -> the `Linear` at X keeps e4m3 + scales and quantizes
+    its activations with `activation_scale_fmt` scales (the checkpoint's `quantization_config.scale_fmt`);
+    other modules are dequantized. Tied parameters are filled from whichever alias the checkpoint has.
     Raises CheckpointError listing every missing, unexpected (unless `ignore(name)`), mis-shaped or
     mis-typed tensor before anything in the model changes.
     """
@@ -190,7 +192,7 @@ def load_state(
     owners = _owners(model)
     for update, value in made:
         if update.fp8:
-            update.layer.to_fp8(*value)
+            update.layer.to_fp8(*value, activation_scale_fmt)
         elif update.layer is not None and update.layer.is_fp8:
             update.layer.to_float(value)  # back to float storage (a float layer goes through _replace)
         else:

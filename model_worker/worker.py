@@ -22,6 +22,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -35,6 +36,8 @@ from model_worker.engine.engine import EngineConfig, LLMEngine, RequestOutput, U
 from model_worker.engine.sampling import SamplingParams
 from model_worker.model import CausalLM
 from model_worker.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class GenerateRequest(pydantic.BaseModel):
@@ -111,8 +114,9 @@ class _Submission:
 class ModelWorker:
     """Serves one model: async generate/stream over an LLMEngine driven by one background thread."""
 
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer, engine_config: EngineConfig | None = None,
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, engine_config: EngineConfig | None = None,
                  model_name: str = "engram-model"):
+        """tokenizer None: a model without one serves token-id requests only (see `text_tokenizer`)."""
         self.engine = LLMEngine(model, tokenizer, engine_config, model_name=model_name)
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -127,8 +131,9 @@ class ModelWorker:
     def from_pretrained(cls, path: str | Path, *, dtype: str = "float32", device: str = "cpu",
                         model_name: str | None = None, pack_weights: bool = True,
                         engram_tables: Any = None, **engine_settings: Any) -> ModelWorker:
-        """Load model + tokenizer from a checkpoint directory; engine_settings are EngineConfig fields.
-        pack_weights=False skips the oneDNN-packed weight copies (`load_model`): half the weight memory on
+        """Load model + tokenizer from a checkpoint directory; engine_settings are EngineConfig fields. The
+        tokenizer is read first (a broken one fails before the weights load); a checkpoint without
+        `tokenizer.json` is served for token-id requests only. pack_weights=False skips the oneDNN-packed weight copies (`load_model`): half the weight memory on
         hosts where packing is used, slower CPU decode there. engram_tables: an EngramTableClient (e.g. over
         the memory service) to serve the Engram rows; the checkpoint's own tables are then not loaded."""
         from model_worker import load_model, load_tokenizer
@@ -137,11 +142,13 @@ class ModelWorker:
         unknown = sorted(set(engine_settings) - known)
         if unknown:
             raise ValueError(f"engine_settings: unknown setting(s) {unknown}; known: {sorted(known)}")
+        tokenizer = load_tokenizer(path) if (Path(path) / "tokenizer.json").is_file() else None
+        if tokenizer is None:
+            log.info("%s has no tokenizer.json: serving token-id requests only", path)
         model = load_model(path, dtype=dtype, device=device, pack_weights=pack_weights,
                            engram_tables=engram_tables is None)
         if engram_tables is not None and model.config.uses_engram:
             model.attach_engram_tables(engram_tables)
-        tokenizer = load_tokenizer(path)
         return cls(model, tokenizer, EngineConfig(**engine_settings), model_name or Path(path).name)
 
     # ---- public async API -------------------------------------------------------------------------
@@ -213,8 +220,16 @@ class ModelWorker:
         if request.prompt_token_ids is not None:
             return list(request.prompt_token_ids)
         if request.prompt is not None:
-            return self.tokenizer.encode(request.prompt)
-        return self.tokenizer.encode_chat(request.messages, add_generation_prompt=True, tools=request.tools)
+            return self.text_tokenizer("a text prompt").encode(request.prompt)
+        return self.text_tokenizer("a chat request").encode_chat(request.messages, add_generation_prompt=True,
+                                                                  tools=request.tools)
+
+    def text_tokenizer(self, what: str) -> Tokenizer:
+        """The tokenizer, for `what` (e.g. "a text prompt"); ValueError saying so when this model has none."""
+        if self.tokenizer is None:
+            raise ValueError(f"{what} needs a tokenizer, and model {self.model_name!r} has none (no tokenizer.json "
+                             f"in its checkpoint): send prompt token ids")
+        return self.tokenizer
 
     @property
     def max_sequence_tokens(self) -> int:

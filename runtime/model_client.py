@@ -42,6 +42,7 @@ class WorkerModelClient:
     """ModelClient over a ModelWorker: structured decoding keeps actions valid even from a weak model."""
 
     def __init__(self, worker: ModelWorker, *, temperature: float = 0.0):
+        worker.text_tokenizer("an agent (chat prompts, structured actions)")  # ValueError now, not per step
         self.worker = worker
         self.temperature = temperature
         self.context_window = worker.max_sequence_tokens
@@ -66,7 +67,7 @@ class WorkerModelClient:
         return ModelReply("".join(parts), finish, usage)
 
     def count_tokens(self, messages: list[dict]) -> int:
-        return len(self.worker.tokenizer.encode_chat(messages))
+        return len(self.worker.text_tokenizer("counting prompt tokens").encode_chat(messages))
 
 
 def _usage_dict(usage) -> dict:

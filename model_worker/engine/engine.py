@@ -62,15 +62,16 @@ class _RequestState:
     """Per-request state the engine keeps beside the scheduler's Sequence."""
 
     seq: Sequence
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None  # None: the model has no tokenizer (token ids only, no text)
     generator: torch.Generator | None
     grammar: object | None = None
     logprobs: list[dict] = field(default_factory=list)
 
 
 class LLMEngine:
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer, config: EngineConfig | None = None,
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, config: EngineConfig | None = None,
                  model_name: str = "engram-model"):
+        """tokenizer None: requests give and get token ids only (no text, stop strings or grammars)."""
         self.config = config or EngineConfig()
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         cfg = model.config
@@ -90,7 +91,7 @@ class LLMEngine:
         self.sampler = Sampler()
         self._grammars: GrammarBackend | None = None
         self._requests: dict[str, _RequestState] = {}
-        self.eos_token_ids = _as_set(cfg.eos_token_id) | ({tokenizer.eos_token_id} - {None})
+        self.eos_token_ids = _as_set(cfg.eos_token_id) | ({getattr(tokenizer, "eos_token_id", None)} - {None})
         self.preemptions = 0
         self._ids = itertools.count()
 
@@ -112,13 +113,17 @@ class LLMEngine:
         if pages_needed > self.block_manager.num_blocks:
             raise ValueError(f"prompt + max_tokens needs {pages_needed} cache pages; the cache holds "
                              f"{self.block_manager.num_blocks} (raise cache_budget_bytes)")
+        if self.tokenizer is None and (params.stop or params.json_schema is not None or params.regex is not None):
+            raise ValueError("stop strings and structured output need a tokenizer, and this model has none "
+                             "(no tokenizer.json in its checkpoint)")
         grammar = None
         if params.json_schema is not None or params.regex is not None:
             compiled = self._grammar_backend().compile(json_schema=params.json_schema, regex=params.regex)
             grammar = self._grammar_backend().matcher(compiled)
         seq = Sequence(request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling=params, arrival=0)
-        state = _RequestState(seq, IncrementalDetokenizer(self.tokenizer, list(prompt_token_ids), params.stop),
-                              make_generator(params.seed), grammar)
+        detokenizer = None if self.tokenizer is None else \
+            IncrementalDetokenizer(self.tokenizer, list(prompt_token_ids), params.stop)
+        state = _RequestState(seq, detokenizer, make_generator(params.seed), grammar)
         self._requests[request_id] = state
         self.scheduler.add(seq)
 
@@ -162,7 +167,7 @@ class LLMEngine:
         try:
             if state.grammar is not None:
                 state.grammar.accept(token)
-            delta, hit_stop = state.detokenizer.step([token])
+            delta, hit_stop = state.detokenizer.step([token]) if state.detokenizer is not None else ("", False)
             if params.logprobs is not None:
                 state.logprobs.append({"token_id": token, "logprob": logprob, "top": top or []})
             if hit_stop or token in params.stop_token_ids:
@@ -175,7 +180,8 @@ class LLMEngine:
                 reason = "length"
         except Exception as exc:  # a bad token for one grammar must not take down the batch
             delta, reason, error = "", "error", f"{type(exc).__name__}: {exc}"
-        if reason is not None and reason != "error" and not state.detokenizer.stopped:
+        if reason is not None and reason != "error" and state.detokenizer is not None and \
+                not state.detokenizer.stopped:
             delta += state.detokenizer.flush()  # release text held back for a possible stop string
         if reason is not None:
             self.scheduler.finish(seq, reason)

@@ -235,6 +235,7 @@ class Linear(nn.Module):
             self.register_parameter("bias", None)
         # Registered (as None) so that FP8 mode can set it and it then appears in state_dict().
         self.register_parameter("weight_scale_inv", None)
+        self.activation_scale_fmt = "fp32"  # FP8 mode: how activations' per-block scales are stored
         self.reset_parameters()
 
     @property
@@ -253,11 +254,15 @@ class Linear(nn.Module):
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def to_fp8(self, weight_q: torch.Tensor, scale_inv: torch.Tensor) -> None:
+    def to_fp8(self, weight_q: torch.Tensor, scale_inv: torch.Tensor, activation_scale_fmt: str = "fp32") -> None:
         """Switch to FP8 storage: weight_q e4m3 [out, in], scale_inv [ceil(out/128), ceil(in/128)].
 
-        The scales are stored as fp32 on weight_q's device; the bias is left as it is.
+        The scales are stored as fp32 on weight_q's device; the bias is left as it is. activation_scale_fmt:
+        "fp32" or "ue8m0" (activation scales rounded up to powers of two, as the checkpoint was trained).
         """
+        from kernels.quant.fp8_format import check_scale_fmt
+
+        check_scale_fmt(activation_scale_fmt)
         self._check_weight("weight_q", weight_q)
         if weight_q.dtype != FP8_WEIGHT_DTYPE:
             raise TypeError(f"weight_q must be {FP8_WEIGHT_DTYPE}, got {weight_q.dtype}")
@@ -271,6 +276,7 @@ class Linear(nn.Module):
         scale_inv = scale_inv.to(device=weight_q.device, dtype=torch.float32)
         self.weight = nn.Parameter(weight_q, requires_grad=False)
         self.weight_scale_inv = nn.Parameter(scale_inv, requires_grad=False)
+        self.activation_scale_fmt = activation_scale_fmt
 
     def to_float(self, weight: torch.Tensor) -> None:
         """Switch to (or stay in) float storage with this weight [out, in]."""
@@ -298,7 +304,7 @@ class Linear(nn.Module):
             return linear(x, self.weight, self.bias)
         from kernels.gemm import fp8_linear
 
-        return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias)
+        return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias, scale_fmt=self.activation_scale_fmt)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Linear:
         """Move FP8 storage along with the module but never cast it.

@@ -15,7 +15,7 @@ from tests.model_worker.hf_checkpoints import write_hf_checkpoint
 QUANTIZED = ("_proj.weight",)  # DeepSeek quantizes attention/MLP/expert projections only
 
 
-def _quantize_checkpoint(src, dst):
+def _quantize_checkpoint(src, dst, scale_fmt=None):
     """Rewrite an fp32 checkpoint in DeepSeek's FP8 format; returns the dequantized tensors."""
     tensors = load_file(str(src / "model.safetensors"))
     out, dequantized = {}, {}
@@ -30,6 +30,8 @@ def _quantize_checkpoint(src, dst):
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                      "weight_block_size": [128, 128]}
+    if scale_fmt is not None:
+        config["quantization_config"]["scale_fmt"] = scale_fmt  # as DeepSeek-V3.1's config.json
     (dst / "config.json").write_text(json.dumps(config))
     save_file(out, str(dst / "model.safetensors"))
     return dequantized
@@ -76,18 +78,31 @@ def test_fp8_checkpoint_logits_track_the_bf16_original(tmp_path, variant):
         assert rel_rms <= max_rel_rms and top1 >= min_top1, (rel_rms, top1)
 
 
-def test_fp8_gemm_path_quantizes_activations_per_token(tmp_path):
-    """In gemm mode a layer's output equals the block-scaled GEMM of per-token-quantized activations."""
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+def test_fp8_gemm_path_quantizes_activations_per_token(tmp_path, scale_fmt):
+    """In gemm mode a layer's output equals the block-scaled GEMM of per-token-quantized activations, with the
+    activation scales in the checkpoint's `quantization_config.scale_fmt` (fp32 when it names none)."""
     from kernels.gemm import fp8_gemm_ref
     from kernels.quant import quantize_fp8_block_ref
 
     src, _ = write_hf_checkpoint(tmp_path, "v3", "no_q_lora")
-    _quantize_checkpoint(src, tmp_path / "fp8")
+    _quantize_checkpoint(src, tmp_path / "fp8", scale_fmt)
     layer = load_model(tmp_path / "fp8", fp8_mode="gemm").model.layers[1].self_attn.q_proj
-    x = torch.randn(5, layer.in_features)
-    a_q, a_scale = quantize_fp8_block_ref(x, block=128)
+    x = torch.randn(5, layer.in_features) * torch.linspace(0.1, 3.0, layer.in_features)
+    a_q, a_scale = quantize_fp8_block_ref(x, block=128, scale_fmt=scale_fmt or "fp32")
     expected = fp8_gemm_ref(a_q, a_scale, layer.weight, layer.weight_scale_inv)
     assert torch.allclose(layer(x), expected, atol=1e-5, rtol=1e-5)
+    other = quantize_fp8_block_ref(x, block=128, scale_fmt="fp32" if scale_fmt else "ue8m0")
+    assert not torch.allclose(layer(x), fp8_gemm_ref(*other, layer.weight, layer.weight_scale_inv), atol=1e-5)
+
+
+def test_an_unknown_scale_format_is_a_config_error(tmp_path):
+    from model_worker import ConfigError
+
+    src, _ = write_hf_checkpoint(tmp_path, "v3", "no_q_lora")
+    _quantize_checkpoint(src, tmp_path / "fp8", "e5m2")
+    with pytest.raises(ConfigError, match="scale_fmt"):
+        load_model(tmp_path / "fp8", fp8_mode="gemm")
 
 
 def test_absorbed_kv_b_of_an_fp8_layer_is_the_dequantized_weight_computed_once(tmp_path):
