@@ -1,8 +1,9 @@
 """Word pools for the synthetic traces, each split into a training part and a held-out part.
 
 Held-out subjects and values never occur in a training trace (`split` partitions every pool by a fixed
-rule, and `invented_names` draws two disjoint sets of made-up names), so an evaluation on the held-out
-split measures copying and matching, not memorisation.
+rule; training names and many training values are made up on the spot from syllables, never one of the
+held-out invented names), so an evaluation on the held-out split measures copying and matching, not
+memorisation, and training cannot get far by memorising names instead of copying them.
 """
 
 from __future__ import annotations
@@ -68,12 +69,43 @@ def _digits(rng: random.Random, low: int, high: int) -> str:
     return str(rng.randint(low, high))
 
 
+FRESH_SHARE = 0.6  # training draws: the share of names (and of word values) made up on the spot
+
+
+def held_out_words() -> frozenset[str]:
+    """Every held-out name and word value, lower-cased: what a made-up training word must never be."""
+    pools = (FIRST_NAMES, COLOURS, CITIES, FOODS, JOBS, PETS, SPORTS, DRINKS, INSTRUMENTS)
+    words = [w for pool in pools for w in split(pool, True)] + invented_names(HELD_OUT_INVENTED, True)
+    return frozenset(w.lower() for w in words)
+
+
+def fresh_word(rng: random.Random, reserved: frozenset[str]) -> str:
+    """A made-up lower-case word from syllables, not in `reserved` (training only): with tens of thousands
+    of them, a name cannot be memorised, only copied from where the prompt states it."""
+    while True:
+        word = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3)))
+        if word not in reserved:
+            return word
+
+
 def attribute_values(held_out: bool) -> dict[str, callable]:
-    """attribute phrase -> a function rng -> value, drawing from that split's pools."""
+    """attribute phrase -> a function rng -> value, drawing from that split's pools; training word values are
+    made up on the spot FRESH_SHARE of the time (held-out values are the pools' held-out words only)."""
+    reserved = held_out_words()
 
     def pick(pool: tuple[str, ...] | list[str]) -> callable:
         part = split(pool, held_out)
-        return lambda rng: rng.choice(part)
+        capital = part[0][:1].isupper()
+        if held_out:
+            return lambda rng: rng.choice(part)
+
+        def draw(rng: random.Random) -> str:
+            if rng.random() >= FRESH_SHARE:
+                return rng.choice(part)
+            word = fresh_word(rng, reserved)
+            return word.capitalize() if capital else word
+
+        return draw
 
     return {
         "favourite colour": pick(COLOURS),
@@ -95,6 +127,19 @@ def attribute_values(held_out: bool) -> dict[str, callable]:
     }
 
 
-def subjects(held_out: bool) -> list[str]:
-    """People the facts are about: real first names and invented ones, disjoint between the splits."""
-    return split(FIRST_NAMES, held_out) + invented_names(60 if held_out else 240, held_out)
+HELD_OUT_INVENTED = 60
+
+
+def subject_sampler(held_out: bool) -> callable:
+    """rng -> a person the fact is about. Held out: real first names and invented ones no training trace
+    has. Training: the other real first names, or (FRESH_SHARE of the time) a name made up on the spot."""
+    if held_out:
+        names = split(FIRST_NAMES, True) + invented_names(HELD_OUT_INVENTED, True)
+        return lambda rng: rng.choice(names)
+    names = split(FIRST_NAMES, False)
+    reserved = held_out_words() | frozenset(name.lower() for name in FIRST_NAMES)
+
+    def draw(rng: random.Random) -> str:
+        return fresh_word(rng, reserved).capitalize() if rng.random() < FRESH_SHARE else rng.choice(names)
+
+    return draw

@@ -172,12 +172,12 @@ class TraceGenerator:
     def __init__(self, seed: int, held_out: bool = False):
         self.rng = random.Random(seed)
         self.held_out = held_out
-        self.subjects = pools.subjects(held_out)
+        self.subject = pools.subject_sampler(held_out)
         self.attributes = pools.attribute_values(held_out)
 
     # ---- facts and questions ----------------------------------------------------------------------
     def person_fact(self, subject: str | None = None, attribute: str | None = None) -> Fact:
-        subject = subject or self.rng.choice(self.subjects)
+        subject = subject or self.subject(self.rng)
         attribute = attribute or self.rng.choice(list(self.attributes))
         return Fact(f"{subject}'s {attribute}", self.attributes[attribute](self.rng))
 

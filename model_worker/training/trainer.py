@@ -32,7 +32,7 @@ HELD_OUT_SEED = 4242
 @dataclass
 class TrainSettings:
     out_dir: Path
-    steps: int = 3000
+    steps: int = 2600
     batch_size: int = 8
     short_batch_size: int = 16  # batches of short-form sessions between the full-form ones (0: none)
     full_every: int = 3  # every full_every-th step is a full-form batch, the others short-form
