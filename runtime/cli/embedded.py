@@ -90,18 +90,10 @@ async def run(args) -> int:
     settings = Settings()
     runtime = await _started_runtime(settings, args.tenant)
     try:
-        from runtime.local import trained_demo_model
-
-        if settings.model_path is None and trained_demo_model() is not None:
-            print("note: the demo model is a 2.5M-parameter model trained here on synthetic traces: it does "
-                  "arithmetic with the calculator and remembers and recalls facts, nothing else (set "
-                  "ENGRAM_MODEL_PATH to serve a real checkpoint)")
-        elif settings.model_path is None:
-            print("note: the demo checkpoint has random weights, so its actions are schema-valid but meaningless "
-                  "(set ENGRAM_MODEL_PATH to serve a real checkpoint)")
         await runtime.agents.get(args.agent)  # NotFoundError for an unknown agent
         task, _ = await runtime.service.tasks.submit(args.tenant, args.agent, args.task, conversation_id=args.session)
         print(f"session {task.session_id}  task {task.id}", flush=True)
+        print(_model_note(settings), flush=True)
         await _follow(runtime, task.id)
         done = await runtime.tasks.get(task.id)
         print(f"task {done.status} in {done.step_count} steps. Show it: engram show {done.id}  "
@@ -216,3 +208,17 @@ def serve(args) -> int:
     app = create_app(settings, on_new_key=first_key, on_ready=lambda: print(f"engram: ready at {url}", flush=True))
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
+
+
+def _model_note(settings: Settings) -> str:
+    """One line on what the served model can do (the demo models are not general assistants)."""
+    from runtime.local import trained_demo_model
+
+    if settings.model_path is not None:
+        return f"model: {settings.model_path}"
+    if trained_demo_model() is not None:
+        return ("model: the demo model, a small model trained here on synthetic traces: it does arithmetic with "
+                "the calculator and remembers and recalls facts, nothing else (ENGRAM_MODEL_PATH serves a real "
+                "checkpoint)")
+    return ("model: the demo checkpoint with random weights: its actions are valid but meaningless "
+            "(ENGRAM_MODEL_PATH serves a real checkpoint)")

@@ -77,4 +77,4 @@ def test_cli_runs_a_task_and_shows_the_session(tmp_path, redis_url, monkeypatch,
     assert capsys.readouterr().out.startswith(f"session {session_id} (agent assistant): 1 task(s)")
     assert main(["show", "no-such-task"]) == 1
     assert "error: no task or session 'no-such-task'" in capsys.readouterr().err
-    assert "note: the demo checkpoint" not in out  # a configured model path is not the demo
+    assert out.splitlines()[out.splitlines().index(first) + 1] == f"model: {model_dir}"  # ids first, then the model
