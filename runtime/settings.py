@@ -22,7 +22,7 @@ class Settings(BaseSettings):
     database_url: str | None = None  # None: sqlite file under data_dir
     model_path: Path | None = None  # None: the shipped demo agent model, else a random demo checkpoint
     model_dtype: str = "float32"
-    kv_cache_dtype: str = "bf16"
+    kv_cache_dtype: str = "auto"
     cache_budget_mib: int = 256
     embedder: str = "minilm"  # "minilm" (the bundled all-MiniLM-L6-v2) or "hashing" (fast, no model)
     lease_ms: int = 15_000

@@ -52,8 +52,8 @@ def paged_mla_decode_gathered(q_lat: torch.Tensor, q_rope: torch.Tensor, cache: 
     """q_lat [B, H, r]; q_rope [B, H, rope]; cache [num_blocks, block_size, row_width] (one layer)
     -> o_lat [B, H, r] fp32."""
     rows = cache.view(-1, cache.shape[-1])[gather.slots]  # [B, S, row_width]
-    if layout.fmt == "bf16":
-        kv = rows.float()  # a bf16 row is [c | k_rope]
+    if layout.is_plain:
+        kv = rows.float()  # a bf16 / fp32 row is [c | k_rope]
     else:
         kv = torch.cat(unpack_tokens(layout, rows), dim=-1)
     q = torch.cat((q_lat, q_rope), dim=-1)  # [B, H, r + rope]

@@ -2,10 +2,12 @@
 
 Per token per layer MLA caches the normalised latent c [r = kv_lora_rank] and the rotated shared key
 k_rope [rope_dim]. A page holds `block_size` consecutive tokens; storage of one layer is
-[num_blocks, block_size, row_width] and a token's row is one of the two formats below.
+[num_blocks, block_size, row_width] and a token's row is one of the three formats below.
 
 "bf16": torch.bfloat16 [r + rope_dim] = c values, then k_rope values. 2 * (r + rope) bytes
     (1152 for V3's 512 + 64).
+
+"fp32": torch.float32 [r + rope_dim], the same order, lossless for an fp32 model. 4 * (r + rope) bytes.
 
 "fp8" (FlashMLA's V3.2 layout, generalised): torch.uint8 [bytes_per_token], packed as
 
@@ -31,7 +33,8 @@ import torch.nn.functional as F
 from kernels.quant import quantize_fp8_block
 from kernels.quant.fp8_format import BLOCK_SIZES, FP8_DTYPE, check_float, one_byte_float_to_float32
 
-CACHE_FORMATS = ("bf16", "fp8")
+CACHE_FORMATS = ("bf16", "fp32", "fp8")
+_PLAIN = {"bf16": torch.bfloat16, "fp32": torch.float32}  # formats that store [c | k_rope] as is
 MAX_TILE = 128
 SCALE_BYTES = 4  # float32
 ROPE_BYTES = 2  # bfloat16
@@ -83,13 +86,18 @@ class LatentCacheLayout:
     @property
     def bytes_per_token(self) -> int:
         """Bytes of one token's row (one layer): 656 for V3 dims in fp8, 1152 in bf16."""
-        if self.fmt == "bf16":
-            return ROPE_BYTES * (self.kv_lora_rank + self.rope_dim)
+        if self.fmt in _PLAIN:
+            return _PLAIN[self.fmt].itemsize * (self.kv_lora_rank + self.rope_dim)
         return self.rope_offset + ROPE_BYTES * self.rope_dim
 
     @property
     def storage_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.fmt == "bf16" else torch.uint8
+        return _PLAIN.get(self.fmt, torch.uint8)
+
+    @property
+    def is_plain(self) -> bool:
+        """Rows hold [c | k_rope] as plain floats (bf16, fp32): no scales to apply."""
+        return self.fmt in _PLAIN
 
     @property
     def row_width(self) -> int:
@@ -118,8 +126,8 @@ def pack_tokens(layout: LatentCacheLayout, latent: torch.Tensor, k_rope: torch.T
         raise ValueError(f"latent must have shape [N, {layout.kv_lora_rank}], got {tuple(latent.shape)}")
     if tuple(k_rope.shape) != (n, layout.rope_dim):
         raise ValueError(f"k_rope must have shape [{n}, {layout.rope_dim}], got {tuple(k_rope.shape)}")
-    if layout.fmt == "bf16":
-        return torch.cat((latent, k_rope), dim=-1).to(torch.bfloat16)  # each value rounded once, as separately
+    if layout.is_plain:  # each value rounded once, as separately
+        return torch.cat((latent, k_rope), dim=-1).to(layout.storage_dtype)
     rope_bf16 = k_rope.to(torch.bfloat16)
     q, scale = _quantize_tiles(latent.float(), layout.tile)
     parts = (q.view(torch.uint8), scale.contiguous().view(torch.uint8), rope_bf16.contiguous().view(torch.uint8))
@@ -133,7 +141,7 @@ def unpack_tokens(layout: LatentCacheLayout, rows: torch.Tensor) -> tuple[torch.
             f"rows must be {layout.storage_dtype} [..., {layout.row_width}], got {rows.dtype} {tuple(rows.shape)}"
         )
     r = layout.kv_lora_rank
-    if layout.fmt == "bf16":
+    if layout.is_plain:
         return rows[..., :r].float(), rows[..., r:].float()
     q = one_byte_float_to_float32(rows[..., :r].view(FP8_DTYPE))  # [..., r]
     scale = rows[..., layout.scale_offset : layout.rope_offset].contiguous().view(torch.float32)  # [..., n_tiles]

@@ -29,7 +29,9 @@ from model_worker.tokenizer import Tokenizer
 
 @dataclass
 class EngineConfig:
-    kv_cache_dtype: str = "bf16"  # "bf16" or "fp8" (FlashMLA V3.2 layout)
+    # "auto" (the model's own precision: fp32 for an fp32 model, lossless; else bf16), "bf16", "fp32" or
+    # "fp8" (FlashMLA V3.2 layout)
+    kv_cache_dtype: str = "auto"
     cache_budget_bytes: int = 256 * 2**20
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -68,6 +70,14 @@ class _RequestState:
     logprobs: list[dict] = field(default_factory=list)
 
 
+def cache_format(kv_cache_dtype: str, model: CausalLM) -> str:
+    """The cache row format for a `kv_cache_dtype` setting: "auto" follows the model's precision (fp32 rows
+    for an fp32 model, so its cached decode equals a full recompute; bf16 rows otherwise)."""
+    if kv_cache_dtype != "auto":
+        return kv_cache_dtype  # checked by the cache layout ("bf16", "fp32", "fp8")
+    return "fp32" if model.model.embed_tokens.weight.dtype == torch.float32 else "bf16"
+
+
 class LLMEngine:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, config: EngineConfig | None = None,
                  model_name: str = "engram-model"):
@@ -76,13 +86,14 @@ class LLMEngine:
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         cfg = model.config
         self.max_model_len = cfg.max_position_embeddings
+        self.kv_cache_format = cache_format(self.config.kv_cache_dtype, model)
         bytes_per_token = PagedLatentCache.bytes_per_token(cfg.kv_lora_rank, cfg.qk_rope_head_dim,
-                                                           self.config.kv_cache_dtype) * cfg.num_hidden_layers
+                                                           self.kv_cache_format) * cfg.num_hidden_layers
         num_blocks = BlockManager.blocks_for_budget(self.config.cache_budget_bytes, bytes_per_token,
                                                     self.config.block_size)
         device = next(model.parameters()).device
         self.cache = PagedLatentCache(cfg.num_hidden_layers, num_blocks, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
-                                      fmt=self.config.kv_cache_dtype, block_size=self.config.block_size,
+                                      fmt=self.kv_cache_format, block_size=self.config.block_size,
                                       device=device)
         self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs,

@@ -136,7 +136,7 @@ class ModelWorkerDeployment:
     """One ModelWorker (one engine thread batching every request this replica takes). Handles route a
     session's calls to the replica that served it before (its prefix cache), see `router`."""
 
-    async def __init__(self, model_path: str, model_dtype: str = "float32", kv_cache_dtype: str = "bf16",
+    async def __init__(self, model_path: str, model_dtype: str = "float32", kv_cache_dtype: str = "auto",
                        cache_budget_mib: int = 256, *, engram: str = "local",
                        engram_shards: list[DeploymentHandle] | None = None, engram_model: str | None = None,
                        engram_timeout_s: float = 30.0):

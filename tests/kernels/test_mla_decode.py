@@ -23,9 +23,9 @@ RAGGED_LENS = (1, 63, 64, 65, 200)
 
 
 def _garbage_rows(layout: LatentCacheLayout, shape: tuple[int, ...]) -> torch.Tensor:
-    """Rows full of NaN (bf16 0x7FC0 / e4m3 0x7F codes and NaN scales): what a stale slot may hold."""
-    if layout.fmt == "bf16":
-        return torch.full((*shape, layout.row_width), float("nan"), dtype=torch.bfloat16)
+    """Rows full of NaN (bf16 / fp32 NaN, e4m3 0x7F codes and NaN scales): what a stale slot may hold."""
+    if layout.is_plain:
+        return torch.full((*shape, layout.row_width), float("nan"), dtype=layout.storage_dtype)
     return torch.full((*shape, layout.row_width), 0x7F, dtype=torch.uint8)
 
 
@@ -72,7 +72,7 @@ def _run(impl, q_lat, q_rope, cache, block_table, lens, layout, scale=0.125):
                 fmt=layout.fmt, block_size=BLOCK)
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp32", "fp8"])
 def test_reference_equals_dense_attention_over_each_sequence_context(fmt):
     layout = LatentCacheLayout(64, 16, fmt)
     cache, block_table, lens, slots = _paged_context(layout, RAGGED_LENS, num_blocks=12, seed=1)
@@ -106,7 +106,7 @@ IMPLEMENTATIONS = pytest.mark.parametrize("impl", [paged_mla_decode_triton, _gat
 
 
 @IMPLEMENTATIONS
-@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp32", "fp8"])
 @pytest.mark.parametrize("rank,rope,heads", [(64, 16, 5), (128, 32, 3), (96, 8, 2)])
 def test_matches_reference_on_ragged_lengths_and_shuffled_pages(impl, fmt, rank, rope, heads):
     """Ragged contexts (1, page-1, page, page+1, several pages) in shuffled pages."""
@@ -121,7 +121,7 @@ def test_matches_reference_on_ragged_lengths_and_shuffled_pages(impl, fmt, rank,
 
 
 @IMPLEMENTATIONS
-@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp32", "fp8"])
 @pytest.mark.parametrize("lens", [(70, 70, 70), (1,), (64, 64)])
 def test_matches_reference_when_every_context_has_the_same_length(impl, fmt, lens):
     """Equal lengths (a lone sequence, lockstep batches) take the gathered form's unmasked path."""
@@ -134,7 +134,7 @@ def test_matches_reference_when_every_context_has_the_same_length(impl, fmt, len
 
 
 @IMPLEMENTATIONS
-@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp32", "fp8"])
 def test_matches_reference_for_v3_dims(impl, fmt):
     """kv_lora_rank 512, rope 64: FP8 rows are the 656-byte V3.2 layout with 4 scale tiles."""
     layout = LatentCacheLayout(512, 64, fmt)
@@ -205,7 +205,7 @@ def test_triton_rejects_a_page_size_it_cannot_tile():
 # ---- gathered (batched torch) form, the engine's CPU decode path ----------------------------------
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp32", "fp8"])
 def test_gathered_never_reads_unused_pages_or_stale_slots(fmt):
     """block_table is -1 past each sequence's pages and every other slot holds NaN: the output is finite
     and equals the reference, also with the shortest context far below max_len."""

@@ -93,12 +93,7 @@ def test_completion_logprobs_match_the_models_full_forward():
         return response.choices[0].logprobs, tokens.token_ids
 
     logprobs, generated = run_with_worker(test)
-    model = shared_model()
-    model.set_latent_rounding(torch.bfloat16)  # what the bf16 cache stores
-    try:
-        logits = model(torch.tensor([prompt + generated]))[0, len(prompt) - 1:-1]
-    finally:
-        model.set_latent_rounding(None)
+    logits = shared_model()(torch.tensor([prompt + generated]))[0, len(prompt) - 1:-1]  # fp32 cache (auto)
     expected = logits.log_softmax(-1)
     want = expected.gather(1, torch.tensor(generated)[:, None])[:, 0]
     torch.testing.assert_close(torch.tensor(logprobs.token_logprobs), want, atol=2e-3, rtol=0)

@@ -20,18 +20,23 @@ from tests.model_worker.engine.engine_fixtures import (
 )
 
 
-def _reference(model, prompt, n):
-    model.set_latent_rounding(torch.bfloat16)  # the bf16 cache stores latents at this precision
+def _reference(model, prompt, n, cache="auto"):
+    """Naive full recompute; for a bf16 cache, with latents rounded to bf16 as the cache stores them (the
+    default "auto" cache of an fp32 model is fp32: the naive recompute as is)."""
+    model.set_latent_rounding(torch.bfloat16 if cache == "bf16" else None)
     try:
         return greedy_generate(model, prompt, n)
     finally:
         model.set_latent_rounding(None)
 
 
-def test_continuous_batching_matches_full_recompute_greedy():
-    """8 prompts of different lengths joining at different steps, 64 new tokens each, bf16 cache."""
+@pytest.mark.parametrize("cache", ["auto", "bf16"])
+def test_continuous_batching_matches_full_recompute_greedy(cache):
+    """8 prompts of different lengths joining at different steps, 64 new tokens each; under the default
+    cache of an fp32 model (fp32 rows) the greedy tokens equal a naive full recompute token for token."""
     model = tiny_model()
-    engine = make_engine(model, max_num_batched_tokens=96)  # forces chunked prefill of the longer prompts
+    engine = make_engine(model, max_num_batched_tokens=96, kv_cache_dtype=cache)  # chunked prefill of longer ones
+    assert engine.kv_cache_format == ("fp32" if cache == "auto" else "bf16")
     lengths = [3, 17, 40, 64, 65, 100, 130, 9]
     prompts = {f"r{i}": random_prompt(n, seed=i) for i, n in enumerate(lengths)}
     outputs: dict[str, list] = {}
@@ -46,7 +51,7 @@ def test_continuous_batching_matches_full_recompute_greedy():
         step += 1
     for request_id, prompt in prompts.items():
         got = tokens_of(outputs[request_id])
-        assert got == _reference(model, prompt, 64), request_id
+        assert got == _reference(model, prompt, 64, cache), request_id
         assert outputs[request_id][-1].finish_reason == "length"
 
 
@@ -84,7 +89,7 @@ def test_prefix_cache_shares_whole_pages_of_an_unaligned_prefix():
 def test_page_exhaustion_preempts_and_every_request_completes_correctly():
     model = tiny_model()
     cfg = model.config
-    per_token = 2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers  # bf16 bytes
+    per_token = 4 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers  # fp32 rows (auto)
     engine = make_engine(model, cache_budget_bytes=per_token * 64 * 6)  # 6 pages of 64 tokens
     prompts = {f"p{i}": random_prompt(60 + 7 * i, seed=20 + i) for i in range(4)}  # each needs 2-3 pages
     for request_id, prompt in prompts.items():

@@ -42,9 +42,12 @@ def _decode_fp8_row(row: bytes, rank: int, rope: int) -> tuple[torch.Tensor, lis
     return values, scales, k_rope
 
 
-def test_bf16_write_then_gather_round_trips_exactly_through_shuffled_pages():
-    cache = PagedLatentCache(num_layers=2, num_blocks=9, kv_lora_rank=64, rope_dim=16, fmt="bf16")
+@pytest.mark.parametrize("fmt", ["bf16", "fp32"])
+def test_plain_write_then_gather_round_trips_exactly_through_shuffled_pages(fmt):
+    cache = PagedLatentCache(num_layers=2, num_blocks=9, kv_lora_rank=64, rope_dim=16, fmt=fmt)
     latent, k_rope = _tokens(150, 64, 16, seed=0)
+    if fmt == "fp32":  # fp32 rows keep any fp32 value, not only bf16-representable ones
+        latent, k_rope = latent + 1e-4 * torch.rand_like(latent), k_rope + 1e-4 * torch.rand_like(k_rope)
     pages = _shuffled_pages(9, 3, seed=1)
     cache.write(1, _slots(pages, 150), latent, k_rope)
     got_latent, got_rope = cache.gather(1, pages, 150)
@@ -108,7 +111,7 @@ def test_fp8_round_trip_is_within_e4m3_rounding(rank, rope):
 @pytest.mark.parametrize(
     "rank,rope,fmt,expected",
     [(512, 64, "fp8", 656), (512, 64, "bf16", 1152), (64, 16, "fp8", 64 + 4 + 32), (256, 32, "fp8", 256 + 8 + 64),
-     (48, 8, "bf16", 112)],
+     (48, 8, "bf16", 112), (512, 64, "fp32", 2304)],
 )
 def test_bytes_per_token_follows_the_layout_rule(rank, rope, fmt, expected):
     assert PagedLatentCache.bytes_per_token(rank, rope, fmt) == expected
