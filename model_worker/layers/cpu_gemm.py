@@ -1,4 +1,4 @@
-"""How this host's CPU GEMM likes its operands, measured once per process.
+"""How this host's CPU GEMM likes its operands, measured once per host.
 
 torch's fp32 CPU GEMM (MKL) runs the same product at very different speeds depending on the operand
 order and the weight's memory order, and which is fastest differs between CPUs. On the AMD EPYC (AVX2)
@@ -22,6 +22,8 @@ weight the first time it is asked (a fraction of a second) and enables it only w
 the winner depends on the shape (the wide form for input-major weights, packed weights), `choice_wins`
 decides per shape and row count on the first such product.
 `set_cpu_gemm_preferences` pins a choice (tests pin one so they do not depend on the host's timing).
+Measured answers are kept per host on disk (`host_choices`): the first process measures, every later one
+on the host reads the same answers, so all of them run the same kernels and compute the same logits.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from model_worker.layers import host_choices
 
 _MARGIN = 1.1  # a choice must be this much faster than torch's default to be taken
 
@@ -100,7 +104,9 @@ def cpu_gemm_preferences() -> CpuGemmPreferences:
         if mode == "torch":
             _measured = TORCH_DEFAULTS
         else:
-            _measured = measure_cpu_gemm_preferences()
+            recorded = host_choices.recorded_or_measured(
+                "preferences", lambda: dataclasses.asdict(measure_cpu_gemm_preferences()))
+            _measured = CpuGemmPreferences(**recorded)
             if mode == "packed":
                 _measured = dataclasses.replace(_measured, pack_weights=True, tune_packed=False)
     return _measured
@@ -209,9 +215,11 @@ def choice_wins(key: tuple, contenders: Callable[[], tuple[Callable[[], object],
     is one dict lookup."""
     won = _choices.get(key)
     if won is None:
-        default, candidate = contenders()
-        won = _choices[key] = _faster(lambda _x, _w: default(), [None], lambda _x, _w: candidate(), [None],
-                                      None, rounds=5)
+        def measure() -> bool:
+            default, candidate = contenders()
+            return _faster(lambda _x, _w: default(), [None], lambda _x, _w: candidate(), [None], None, rounds=5)
+
+        won = _choices[key] = bool(host_choices.recorded_or_measured(repr(key), measure))
     return won
 
 
