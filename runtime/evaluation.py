@@ -84,7 +84,9 @@ def held_out_tasks(count: int = 100, seed: int = 0) -> list[AgentTask]:
     """`count` tasks in the proportions of MIX, from the held-out split."""
     gen = traces.TraceGenerator(seed=10_000 + seed, held_out=True)
     rng = random.Random(seed)
-    kinds = [kind for kind, n in MIX.items() for _ in range(n)]
+    # interleaved by each kind's share, so that any prefix (fewer than 100 tasks) keeps the proportions
+    per_hundred = sorted(((j + 0.5) / n, kind) for kind, n in MIX.items() for j in range(n))
+    kinds = [kind for _, kind in per_hundred]
     kinds = (kinds * (count // len(kinds) + 1))[:count]
     tasks = []
     for i, kind in enumerate(kinds):
@@ -133,12 +135,16 @@ async def _run(rt: LocalRuntime, tenant: str, task: str, *, interrupt_after_firs
     return submitted.id
 
 
+def _actions_valid(state, steps) -> bool:
+    """Every action the model gave parsed under the schema (a session may still fail on a limit)."""
+    return all(step.action is not None for step in steps if step.kind in ("action", "final")) and \
+        "could not be parsed" not in (state.error or "")
+
+
 async def _score(rt: LocalRuntime, task: AgentTask, session_id: str) -> TaskOutcome:
     state, steps = await rt.store.load(session_id)
     answer = state.final_answer or ""
-    # valid: every action the model gave parsed under the schema (a session may still fail on a limit)
-    valid = all(step.action is not None for step in steps if step.kind in ("action", "final")) and \
-        "could not be parsed" not in (state.error or "")
+    valid = _actions_valid(state, steps)
     correct = valid and state.status == "completed" and task.expect.lower() in answer.lower()
     note = state.error or ""
     if correct and task.memory_expect is not None:
@@ -167,10 +173,14 @@ async def evaluate_agent(model_path: Path | None, tasks: list[AgentTask], *, dat
             await asyncio.sleep(settings.lease_ms / 1000)  # the abandoned leases run out
             for i, task in enumerate(tasks):
                 if i in stored:
-                    await rt.orchestrator.run_session(stored[i])
                     state = await rt.store.state(stored[i])
+                    if not state.finished:  # interrupted in the first life: resumed from Redis now
+                        await rt.orchestrator.run_session(stored[i])
+                        state = await rt.store.state(stored[i])
                     if state.status != "completed":
-                        outcomes.append(TaskOutcome(task, state.status, "", state.step_count, False, False,
+                        _, steps = await rt.store.load(stored[i])
+                        outcomes.append(TaskOutcome(task, state.status, "", state.step_count,
+                                                    _actions_valid(state, steps), False,
                                                     f"storing session {state.status}: {state.error}"))
                         continue
                 outcome = await _score(rt, task, await _run(rt, task.tenant, task.task))

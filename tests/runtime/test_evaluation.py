@@ -1,0 +1,58 @@
+"""The held-out agent evaluation (`runtime.evaluation`): its task mix, its expectations against the real
+calculator and the training split, and a run through the whole embedded runtime that scores every task."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+from collections import Counter
+
+from model_worker.training import pools
+from runtime.evaluation import MIX, RECALL_KINDS, evaluate_agent, held_out_tasks
+from runtime.tools.calculator import calculate
+from tests.model_worker.engine.engine_fixtures import tiny_checkpoint
+
+
+def test_any_number_of_tasks_keeps_the_mix():
+    assert Counter(t.kind for t in held_out_tasks(100)) == Counter(MIX)
+    for count in (10, 20, 40):
+        got = Counter(t.kind for t in held_out_tasks(count))
+        for kind, share in MIX.items():
+            assert abs(got[kind] - share * count / 100) <= 1, (count, got)
+
+
+def test_expectations_come_from_the_calculator_and_the_held_out_split():
+    tasks = held_out_tasks(100)
+    held_out_people = {pools.subject_sampler(True)(random.Random(i)) for i in range(2000)}  # all ~90 of them
+    for task in tasks:
+        if task.kind.startswith("arithmetic"):
+            expression = task.memory_expect.rsplit(" is ", 1)[0] if task.memory_expect else None
+            assert task.expect == json.dumps(calculate(_expression_of(task.task, expression))["result"])
+        elif task.kind in ("remember", "recall"):
+            text = task.memory_expect or task.store_task
+            assert any(re.search(rf"\b{re.escape(p)}\b", text) for p in held_out_people), task  # a held-out name
+        if task.kind in RECALL_KINDS:
+            assert task.store_task and task.expect in task.store_task or task.kind == "recall_result"
+
+
+def _expression_of(task: str, key: str | None) -> str:
+    """The arithmetic a task asks for, in calculator syntax (its words replaced by operators)."""
+    text = key or task
+    for word, op in (("multiplied by", "*"), ("divided by", "/"), ("times", "*"), ("plus", "+"), ("minus", "-")):
+        text = text.replace(word, op)
+    prefixes = ("What is ", "Compute ", "Calculate ", "How much is ", "Use the calculator: ", "What do you get for ")
+    for prefix in prefixes:
+        text = text.removeprefix(prefix)
+    return text.split("?")[0].split(". ")[0].rstrip(".").strip()
+
+
+def test_a_run_through_the_whole_runtime_scores_every_task(tmp_path, redis_url):
+    model = tiny_checkpoint(tmp_path / "model", seed=2)  # random weights: valid actions, wrong answers
+    tasks = held_out_tasks(6)
+    report = asyncio.run(evaluate_agent(model, tasks, data_dir=tmp_path / "data", redis_url=redis_url))
+    assert [o.task for o in report.outcomes] == tasks
+    assert report.all_actions_valid  # structured decoding: every action parses, whatever the weights
+    assert all(o.status in ("completed", "failed") for o in report.outcomes)
+    assert report.success_rate < 0.5  # a random model does not do these tasks
