@@ -275,7 +275,7 @@ def test_from_pretrained_loads_a_checkpoint_and_checks_engine_settings(tmp_path)
     build_demo_tokenizer(tmp_path)
     with pytest.raises(ValueError, match="max_batch_size"):
         ModelWorker.from_pretrained(tmp_path, max_batch_size=4)
-    worker = ModelWorker.from_pretrained(tmp_path, max_num_seqs=4, kv_cache_dtype="bf16")
+    worker = ModelWorker.from_pretrained(tmp_path, max_num_seqs=4)  # the default cache, as _engine_tokens
     assert worker.engine.config.max_num_seqs == 4 and worker.model_name == tmp_path.name
     prompt = random_prompt(11, seed=12)
 

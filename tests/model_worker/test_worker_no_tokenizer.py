@@ -22,7 +22,7 @@ def _checkpoint(path):
 
 
 def test_token_id_requests_are_served_without_a_tokenizer(tmp_path):
-    worker = ModelWorker.from_pretrained(_checkpoint(tmp_path), kv_cache_dtype="bf16")
+    worker = ModelWorker.from_pretrained(_checkpoint(tmp_path))  # the default cache, as make_engine below
     assert worker.tokenizer is None
     prompt = random_prompt(9, seed=4)
 
