@@ -11,9 +11,7 @@ MemoryNotFound; `forget_agent` of an unknown agent returns 0 (forgetting is idem
 
 Writes to one agent are serialised in this process (its lock spans the commit and the index update, so
 the index applies changes in commit order). One process owns the indexes: another process writing to the
-same database is seen by this one only after a restart. Not here: embedding model choice (an `Embedder`
-is passed in), HTTP, Ray.
-"""
+same database is seen by this one only after a restart. Not here: embedding model choice, HTTP, Ray."""
 
 from __future__ import annotations
 

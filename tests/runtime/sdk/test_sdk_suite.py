@@ -1,9 +1,7 @@
 """The SDK's contract, one suite run twice: against `AsyncClient` over HTTP on a real server, and against
-`LocalRuntime`'s in-process namespaces (see conftest's `backend`). Every scenario is an `async def scenario(sdk)`
-whose body knows nothing of the side it runs on, so the same agent code gets the same resources, defaults and typed
-errors from either. A few tests at the end are HTTP-only (retries of a dropped submit, an unreachable server, a bad
-key) or use the synchronous `Client`.
-"""
+`LocalRuntime`'s in-process namespaces (conftest's `backend`). Each `async def scenario(sdk)` knows nothing of its
+side, so agent code gets the same resources, defaults and typed errors from either. The last tests are HTTP-only
+(retries of a dropped submit, an unreachable server, a bad key) or use the synchronous `Client`."""
 
 from __future__ import annotations
 
@@ -48,6 +46,10 @@ async def raises(cls: type[EngramError], awaitable) -> EngramError:
 
 async def collect(sdk, task_id: str, *, after: str | None = None) -> list[TaskEvent]:
     return [event async for event in sdk.tasks.events(task_id, after=after)]
+
+
+def durable(events) -> list[tuple]:  # all but streamed tokens: those are for live readers (a commit drops them)
+    return [(e.id, e.type, e.data) for e in events if e.type != "model_tokens"]
 
 
 def event_key(event_id: str) -> tuple[int, int]:
@@ -287,16 +289,10 @@ async def task_events(sdk) -> None:
     calls = [e.data for e in live if e.type == "tool_call"]
     assert [c["arguments"]["text"] for c in calls] == expected_memory_texts("stream me")
 
-    # the stream replays from the start once the task is done, and resumes exactly after a given id; streamed
-    # tokens are for live readers only (a step's commit drops them: the step log holds its output)
-    def durable(events):
-        return [(e.id, e.type, e.data) for e in events if e.type != "model_tokens"]
-
-    replay = await collect(sdk, task.id)
-    assert [(e.id, e.type, e.data) for e in replay] == durable(live)
-    for mid in (1, len(live) // 2, len(live) - 2):
-        tail = await collect(sdk, task.id, after=live[mid].id)
-        assert [(e.id, e.type, e.data) for e in tail] == durable(live[mid + 1:])
+    # the stream replays from the start once the task is done, and resumes exactly after a given id
+    for mid in (None, 1, len(live) // 2, len(live) - 2):  # a finished step's tokens are gone, nothing else
+        tail = await collect(sdk, task.id, after=None if mid is None else live[mid].id)
+        assert [(e.id, e.type, e.data) for e in tail] == durable(live if mid is None else live[mid + 1:])
 
     await raises(NotFoundError, collect(sdk, "task_doesnotexist"))
     await raises(InvalidRequestError, collect(sdk, task.id, after="not-an-id"))
