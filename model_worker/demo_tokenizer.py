@@ -112,13 +112,13 @@ def _check_arguments(vocab_size: int, corpus: list[str]) -> None:
         raise ValueError("corpus must be a non-empty iterable of str")
 
 
-def _train(vocab_size: int, corpus: list[str]) -> _BackendTokenizer:
+def _train(vocab_size: int, corpus: list[str], isolate_spaces: bool = False) -> _BackendTokenizer:
     backend = _BackendTokenizer(models.BPE())
+    splits = [pre_tokenizers.Split(Regex(r"\p{N}{1,3}"), behavior="isolated")]
+    if isolate_spaces:  # a word gets the same tokens after a space, a quote or a line start
+        splits.append(pre_tokenizers.Split(Regex(r"\s"), behavior="isolated"))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(r"\p{N}{1,3}"), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
+        [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
     )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -141,7 +141,8 @@ def _train(vocab_size: int, corpus: list[str]) -> _BackendTokenizer:
 
 
 def build_demo_tokenizer(
-    out_dir: str | os.PathLike[str], vocab_size: int = 2048, corpus: Iterable[str] | None = None
+    out_dir: str | os.PathLike[str], vocab_size: int = 2048, corpus: Iterable[str] | None = None,
+    isolate_spaces: bool = False,
 ) -> Tokenizer:
     """Train the demo tokenizer, write tokenizer.json + tokenizer_config.json to out_dir, load it back.
 
@@ -151,7 +152,7 @@ def build_demo_tokenizer(
     _check_arguments(vocab_size, corpus_list)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _train(vocab_size, corpus_list).save(str(out / TOKENIZER_FILE))
+    _train(vocab_size, corpus_list, isolate_spaces).save(str(out / TOKENIZER_FILE))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS,

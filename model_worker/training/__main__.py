@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop and export at this step of the --steps schedule (a later one goes on)")
     parser.add_argument("--no-engram", action="store_true", help="ablation: no Engram layers")
-    parser.add_argument("--no-mhc", action="store_true", help="ablation: a plain residual instead of mHC")
+    parser.add_argument("--mhc", action="store_true", help="ablation: mHC (4 streams) instead of the plain residual")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or (args.stop_after is not None and args.stop_after < 1):
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     settings = TrainSettings(out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              seed=args.seed, eval_every=args.eval_every, engram=not args.no_engram,
-                             mhc=not args.no_mhc, stop_after=args.stop_after)
+                             mhc=args.mhc, stop_after=args.stop_after)
     print(f"training into {args.out} ({settings.steps} steps of {settings.batch_size}, seed {settings.seed})",
           file=sys.stderr, flush=True)
     try:

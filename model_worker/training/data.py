@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from model_worker.demo_tokenizer import ASSISTANT, build_demo_tokenizer
+from model_worker.demo_tokenizer import ASSISTANT, SPECIAL_TOKENS, build_demo_tokenizer
 from model_worker.tokenizer import Tokenizer
 from model_worker.training import traces
 from model_worker.training.forward import PrefixBatch
@@ -42,11 +42,13 @@ class Tokenized:
 
 def train_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int, seed: int,
                     corpus_examples: int = TOKENIZER_CORPUS_EXAMPLES) -> Tokenizer:
-    """A byte-level BPE tokenizer trained on rendered training traces (never on held-out ones)."""
+    """A byte-level BPE tokenizer trained on rendered training traces (never on held-out ones). Spaces are
+    tokens of their own, so a name or a value has the same tokens after a space as after a quote (in the
+    action JSON): copying it is then repeating tokens, which a small model learns far sooner."""
     draft = build_demo_tokenizer(Path(out_dir), vocab_size=1024)  # only to render the chat template
     corpus = [draft.apply_chat_template(e.messages) + e.target
               for e in traces.examples(corpus_examples, seed=seed + 7919)]
-    return build_demo_tokenizer(Path(out_dir), vocab_size=vocab_size, corpus=corpus)
+    return build_demo_tokenizer(Path(out_dir), vocab_size=vocab_size, corpus=corpus, isolate_spaces=True)
 
 
 def tokenize(tokenizer: Tokenizer, examples: list[traces.Example]) -> list[Tokenized]:
@@ -80,6 +82,21 @@ def session_examples(count: int, seed: int, held_out: bool = False, short: bool 
     generator = traces.TraceGenerator(seed, held_out)
     examples = [generator.session()[-1] for _ in range(count)]
     return [short_form(e) for e in examples] if short else examples
+
+
+def copy_batch(generator: torch.Generator, vocab_size: int, bos_id: int, batch: int, span: int) -> PrefixBatch:
+    """A batch of pure copying: random tokens then the same tokens again ([x; x], x of `span` ids drawn past
+    the special tokens), labelled on the repeat. It grows induction heads (attend to the token after an
+    earlier occurrence of the current one) within a few hundred steps, the circuit every skill here needs
+    to copy names and numbers; agent traces alone take far longer to grow it."""
+    x = torch.randint(SPECIAL_IDS, vocab_size, (batch, span), generator=generator)
+    suffixes = torch.cat((x, x), dim=1)  # [B, 2*span]
+    labels = torch.full_like(suffixes, -100)
+    labels[:, span:2 * span - 1] = suffixes[:, span + 1:]  # position t predicts t + 1, from the repeat's first token
+    return PrefixBatch(torch.tensor([bos_id]), suffixes, torch.full((batch,), 2 * span), labels)
+
+
+SPECIAL_IDS = len(SPECIAL_TOKENS)  # ids below this are special tokens: never drawn for copy batches
 
 
 def _common_prefix(sequences: list[list[int]]) -> int:

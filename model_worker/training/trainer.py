@@ -2,7 +2,9 @@
 
 Engram tables train at their own learning rate (`engram_lr_scale` x the base rate) without weight
 decay, as the Engram paper does; norms, biases and mHC/Engram gate vectors get no weight decay either.
-Loss is on the assistant's action tokens only. The data stream is a pure function of (seed, step), so a
+Loss is on the assistant's action tokens only. The run opens with `copy_warmup_steps` of pure copying
+(`data.copy_batch`) and keeps a small copy batch in every later step: it grows the induction heads that
+copying names and numbers out of a prompt needs, which agent traces alone take thousands of steps to grow. The data stream is a pure function of (seed, step), so a
 run stopped and resumed from its last checkpoint sees the same batches as an uninterrupted one. State
 is saved as safetensors + JSON (no pickles): weights, optimizer moments, step and the loss history.
 """
@@ -48,8 +50,11 @@ class TrainSettings:
     eval_every: int = 200
     eval_examples: int = 96
     checkpoint_every: int = 50
+    copy_warmup_steps: int = 300  # steps of pure copying (data.copy_batch) before the agent traces
+    copy_batch_size: int = 16  # a copy batch added to every later step (0: none)
+    copy_span: int = 32
     engram: bool = True
-    mhc: bool = True
+    mhc: bool = False  # the plain residual learns fastest at this budget (benchmarks/engram_ablation.py)
     stop_after: int | None = None  # stop (and export) at this step of the `steps`-long schedule
 
     @property
@@ -67,6 +72,7 @@ class TrainResult:
     train_loss: float  # mean over the last 50 steps
     held_out_loss: float
     held_out_exact: float  # fraction of held-out sessions whose every action token the model predicts greedily
+    held_out_copy: float  # fraction of held-out action tokens outside the action format predicted greedily
     history: list[dict] = field(default_factory=list)
 
 
@@ -98,18 +104,30 @@ def held_out_batches(tokenizer: Tokenizer, count: int, batch_size: int) -> list[
     return [data.prefix_batch(items[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, count, batch_size)]
 
 
+def format_tokens(tokenizer: Tokenizer, seed: int, count: int = 400, share: float = 0.05) -> torch.Tensor:
+    """[vocab] bool: the ids of the action format (in at least `share` of training sessions' actions: braces,
+    keys, tool names, common words). The other action tokens are what the model must copy or compute."""
+    counts = torch.zeros(tokenizer.vocab_size)
+    for item in data.tokenize(tokenizer, data.session_examples(count, seed=seed + 77, short=True)):
+        counts[sorted({t for start, end in item.spans for t in item.ids[start:end]})] += 1
+    return counts >= share * count
+
+
 @torch.no_grad()
-def evaluate(model, batches: list[data.PrefixBatch]) -> tuple[float, float]:
-    """(token-weighted mean loss, fraction of sequences whose every labelled token is predicted greedily)."""
+def evaluate(model, batches: list[data.PrefixBatch], formatting: torch.Tensor) -> tuple[float, float, float]:
+    """(token-weighted mean loss, fraction of sequences whose every labelled token is predicted greedily,
+    fraction of labelled tokens outside `formatting` predicted greedily: copying and computing)."""
     was_training = model.training
     model.eval()
-    total, tokens, exact, examples = 0.0, 0, 0, 0
+    total, tokens, exact, examples, copied, content = 0.0, 0, 0, 0, 0, 0
     for batch in batches:
-        loss, all_correct, n = batch_loss(model, batch)
-        total, tokens = total + float(loss) * n, tokens + n
-        exact, examples = exact + int(all_correct.sum()), examples + all_correct.numel()
+        loss, hits, labels = batch_loss(model, batch, token_hits=True)
+        total, tokens = total + float(loss) * labels.numel(), tokens + labels.numel()
+        exact, examples = exact + int(hits.all(dim=1).sum()), examples + hits.shape[0]
+        outside = ~formatting[labels]
+        copied, content = copied + int(hits[batch.labels >= 0][outside].sum()), content + int(outside.sum())
     model.train(was_training)
-    return total / max(1, tokens), exact / max(1, examples)
+    return total / max(1, tokens), exact / max(1, examples), copied / max(1, content)
 
 
 class Trainer:
@@ -135,6 +153,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=settings.lr, betas=(0.9, 0.95), eps=1e-8)
         self.step = 0
         self.history: list[dict] = []
+        self.formatting = format_tokens(self.tokenizer, settings.seed)
         self._chunks: dict[bool, tuple[int, list[list[data.Tokenized]]]] = {}
 
     def _param_groups(self) -> list[dict]:
@@ -192,8 +211,30 @@ class Trainer:
         return True
 
     # ---- the loop ---------------------------------------------------------------------------------
+    def copy_batch(self, step: int) -> data.PrefixBatch | None:
+        """Step `step`'s copy batch (a pure function of seed and step): a large one during the warm-up, the
+        settings' copy_batch_size after it (None when 0)."""
+        s = self.settings
+        size = 2 * s.copy_batch_size if step < s.copy_warmup_steps else s.copy_batch_size
+        if size == 0:
+            return None
+        generator = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
+        return data.copy_batch(generator, self.tokenizer.vocab_size, self.tokenizer.bos_token_id, size, s.copy_span)
+
+    def step_loss(self, step: int) -> tuple[torch.Tensor, int]:
+        """(the loss step `step` trains on, tokens it computed): the copy batch, plus after the warm-up batch
+        `step - copy_warmup_steps` of the agent traces."""
+        losses, tokens = [], 0
+        for batch in (self.copy_batch(step),
+                      self.training_batch(step - self.settings.copy_warmup_steps)
+                      if step >= self.settings.copy_warmup_steps else None):
+            if batch is not None:
+                losses.append(batch_loss(self.model, batch)[0])
+                tokens += batch.tokens
+        return sum(losses), tokens
+
     def training_batch(self, step: int) -> data.PrefixBatch:
-        """Batch `step`, a pure function of (seed, batch sizes, step): full-form sessions at every
+        """Agent batch `step`, a pure function of (seed, batch sizes, step): full-form sessions at every
         full_every-th step, short-form ones in between (only full-form ones without short batches)."""
         k = self.settings.full_every if self.settings.short_batch_size > 0 else 1
         short = step % k != 0
@@ -216,9 +257,8 @@ class Trainer:
             factor = learning_rate_factor(self.step, s)
             for group in self.optimizer.param_groups:
                 group["lr"] = s.lr * factor * group["lr_scale"]
-            batch = self.training_batch(self.step)
             tick = time.perf_counter()
-            loss, _, _ = batch_loss(self.model, batch)
+            loss, tokens = self.step_loss(self.step)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), s.clip_norm)
@@ -228,18 +268,19 @@ class Trainer:
             recent = (recent + [loss_value])[-50:]
             entry = {"step": self.step, "loss": round(loss_value, 4)}
             if self.step % s.eval_every == 0 or self.step == s.last_step:
-                entry["held_out_loss"], entry["held_out_exact"] = (round(v, 4) for v in evaluate(self.model, held_out))
+                figures = evaluate(self.model, held_out, self.formatting)
+                entry.update(zip(("held_out_loss", "held_out_exact", "held_out_copy"), (round(v, 4) for v in figures)))
             self.history.append(entry)
-            self.log.step(self.step, loss_value, batch.tokens / (time.perf_counter() - tick), entry)
+            self.log.step(self.step, loss_value, tokens / (time.perf_counter() - tick), entry)
             if self.step % s.checkpoint_every == 0 or self.step == s.last_step:
                 self.save_state()
-        final_loss, final_exact = evaluate(self.model, held_out)
+        final_loss, final_exact, final_copy = evaluate(self.model, held_out, self.formatting)
         export_checkpoint(self.model, self.tables, self.tokenizer_dir, s.out_dir)
         result = TrainResult(self.step, time.perf_counter() - started, sum(recent) / max(1, len(recent)),
-                             final_loss, final_exact, self.history)
+                             final_loss, final_exact, final_copy, self.history)
         (s.out_dir / "training.json").write_text(json.dumps(
             {"settings": s.to_json(), "train_loss": result.train_loss, "held_out_loss": final_loss,
-             "held_out_exact": final_exact, "seconds_this_run": round(result.seconds, 1)}, indent=2) + "\n")
+             "held_out_exact": final_exact, "held_out_copy": final_copy, "seconds_this_run": round(result.seconds, 1)}, indent=2) + "\n")
         self.log.done(result)
         return result
 
@@ -256,7 +297,8 @@ class _Progress:
 
     def step(self, step: int, loss: float, tokens_per_s: float, entry: dict) -> None:
         if "held_out_loss" in entry:
-            self.held_out = f" | held-out loss {entry['held_out_loss']:.3f}, exact {entry['held_out_exact']:.0%}"
+            self.held_out = (f" | held-out loss {entry['held_out_loss']:.3f}, copied {entry['held_out_copy']:.0%}, "
+                             f"exact {entry['held_out_exact']:.0%}")
         elapsed = time.perf_counter() - self.started
         eta = elapsed / max(1, step) * (self.total - step)
         line = (f"step {step}/{self.total} loss {loss:.3f}{self.held_out} | {tokens_per_s:,.0f} tok/s | "
@@ -269,5 +311,5 @@ class _Progress:
     def done(self, result: TrainResult) -> None:
         if self.tty:
             print(file=sys.stderr)
-        print(f"done: {result.steps} steps; held-out loss {result.held_out_loss:.3f}, "
-              f"exact {result.held_out_exact:.0%}", file=sys.stderr, flush=True)
+        print(f"done: {result.steps} steps; held-out loss {result.held_out_loss:.3f}, copied "
+              f"{result.held_out_copy:.0%}, exact {result.held_out_exact:.0%}", file=sys.stderr, flush=True)

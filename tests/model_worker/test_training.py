@@ -88,6 +88,25 @@ def test_labels_are_exactly_the_assistant_turns(tokenizer):
         assert torch.equal(batch.suffixes[b, : len(item.ids) - P], torch.tensor(item.ids[P:]))
 
 
+def test_copy_batches_label_exactly_the_repeat(tokenizer):
+    gen = torch.Generator().manual_seed(3)
+    batch = data.copy_batch(gen, tokenizer.vocab_size, tokenizer.bos_token_id, batch=4, span=10)
+    assert batch.prefix.tolist() == [tokenizer.bos_token_id] and batch.suffixes.shape == (4, 20)
+    assert torch.equal(batch.suffixes[:, :10], batch.suffixes[:, 10:])
+    assert int(batch.suffixes.min()) >= len(data.SPECIAL_TOKENS)  # never a special token
+    for row, labels in zip(batch.suffixes.tolist(), batch.labels.tolist(), strict=True):
+        # position t predicts token t + 1, labelled from the repeat's first token (the one before is a guess)
+        assert [(t, label) for t, label in enumerate(labels) if label >= 0] == [(t, row[t + 1]) for t in range(10, 19)]
+
+
+def test_a_word_has_the_same_tokens_after_a_space_and_after_a_quote(tokenizer):
+    for word in ("Qorvelix", "Chen", "lilac", "E-1765"):
+        spaced = tokenizer.encode(f"is {word}", add_special_tokens=False)
+        quoted = tokenizer.encode(f'"{word}', add_special_tokens=False)
+        alone = tokenizer.encode(word, add_special_tokens=False)
+        assert spaced[-len(alone):] == quoted[-len(alone):] == alone, word
+
+
 def test_shared_prefix_forward_equals_the_model_prefill_per_sequence(tokenizer):
     model, _ = build_trainable(demo_model_config(tokenizer), tokenizer, seed=0)
     model.eval()
@@ -118,7 +137,7 @@ def test_resumed_run_matches_an_uninterrupted_one_and_exports_a_loadable_checkpo
     def settings(out: Path, stop_after: int | None) -> TrainSettings:
         return TrainSettings(out_dir=out, steps=6, stop_after=stop_after, batch_size=2, vocab_size=1024, eval_every=100,
                              eval_examples=2, checkpoint_every=2, warmup_steps=2, tokenizer_examples=300,
-                             short_batch_size=3, full_every=2)
+                             short_batch_size=3, full_every=2, copy_warmup_steps=2, copy_batch_size=2, copy_span=8)
 
     class Silent:
         def note(self, text): pass
