@@ -3,23 +3,15 @@ computations and brute-force sums, so the doc's numbers rest on checked formulas
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "engram_capacity.py"
+from tests.benchmarks import load_script
 
 
 @pytest.fixture(scope="module")
 def capacity():
-    spec = importlib.util.spec_from_file_location("engram_capacity", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("engram_capacity", module)  # dataclasses look their module up there
-    spec.loader.exec_module(sys.modules["engram_capacity"])
-    return sys.modules["engram_capacity"]
+    return load_script("engram_capacity")
 
 
 def test_v41_bytes_per_token_match_hand_computation(capacity):

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kv_capacity.py"
+from tests.benchmarks import load_script
 
 
 @pytest.fixture(scope="module")
 def kv():
-    spec = importlib.util.spec_from_file_location("kv_capacity", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("kv_capacity", module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("kv_capacity")
 
 
 def test_v3_is_656_bytes_per_token_per_layer(kv):
