@@ -105,7 +105,8 @@ def token_fields(pages: torch.Tensor, layout: Model1CacheLayout) -> tuple[torch.
     """Views of the fields of pages uint8 [num_pages, page_bytes]: (nope e4m3 [P, T, nope], rope bf16 [P, T, rope],
     scales e8m0 [P, T, num_tiles])."""
     if pages.dtype != torch.uint8 or pages.dim() != 2 or pages.shape[1] != layout.page_bytes:
-        raise ValueError(f"pages must be uint8 [num_pages, {layout.page_bytes}], got {pages.dtype} {tuple(pages.shape)}")
+        raise ValueError(f"pages must be uint8 [num_pages, {layout.page_bytes}], "
+                         f"got {pages.dtype} {tuple(pages.shape)}")
     data = pages[:, : layout.scales_offset].view(pages.shape[0], layout.block_size, layout.token_data_bytes)
     nope = data[..., : layout.nope_dim].view(torch.float8_e4m3fn)
     rope = data[..., layout.nope_dim:].contiguous().view(torch.bfloat16)

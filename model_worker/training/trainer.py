@@ -4,9 +4,10 @@ Engram tables train at their own learning rate (`engram_lr_scale` x the base rat
 decay, as the Engram paper does; norms, biases and mHC/Engram gate vectors get no weight decay either.
 Loss is on the assistant's action tokens only. The run opens with `copy_warmup_steps` of pure copying
 (`data.copy_batch`) and keeps a small copy batch in every later step: it grows the induction heads that
-copying names and numbers out of a prompt needs, which agent traces alone take thousands of steps to grow. The data stream is a pure function of (seed, step), so a
-run stopped and resumed from its last checkpoint sees the same batches as an uninterrupted one. State
-is saved as safetensors + JSON (no pickles): weights, optimizer moments, step and the loss history.
+copying names and numbers out of a prompt needs, which agent traces alone take thousands of steps to grow.
+The data stream is a pure function of (seed, step), so a run stopped and resumed from its last checkpoint
+sees the same batches as an uninterrupted one. State is saved as safetensors + JSON (no pickles): weights,
+optimizer moments, step and the loss history.
 """
 
 from __future__ import annotations
@@ -280,7 +281,8 @@ class Trainer:
                              final_loss, final_exact, final_copy, self.history)
         (s.out_dir / "training.json").write_text(json.dumps(
             {"settings": s.to_json(), "train_loss": result.train_loss, "held_out_loss": final_loss,
-             "held_out_exact": final_exact, "held_out_copy": final_copy, "seconds_this_run": round(result.seconds, 1)}, indent=2) + "\n")
+             "held_out_exact": final_exact, "held_out_copy": final_copy,
+             "seconds_this_run": round(result.seconds, 1)}, indent=2) + "\n")
         self.log.done(result)
         return result
 

@@ -53,7 +53,8 @@ def test_round_trip_is_within_e4m3_precision_and_rope_is_bf16_exact():
     gen = torch.Generator().manual_seed(1)
     kv = torch.randn(3, V4.block_size, V4.head_dim, generator=gen) * 5
     back = dequantize_pages(quantize_pages(kv, V4), V4)
-    torch.testing.assert_close(back[..., V4.nope_dim:], kv[..., V4.nope_dim:].to(torch.bfloat16).float(), rtol=0, atol=0)
+    rope = kv[..., V4.nope_dim:].to(torch.bfloat16).float()
+    torch.testing.assert_close(back[..., V4.nope_dim:], rope, rtol=0, atol=0)
     nope, got = kv[..., :V4.nope_dim], back[..., :V4.nope_dim]
     tile_amax = nope.unflatten(-1, (7, 64)).abs().amax(-1, keepdim=True).expand(-1, -1, -1, 64).flatten(-2)
     # e4m3 keeps 3 mantissa bits (relative step 1/8, error <= 1/16); the power-of-two scale can leave a tile's
