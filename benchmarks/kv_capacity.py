@@ -1,156 +1,81 @@
-"""KV-cache capacity: tokens of context that fit a fixed cache budget, DeepSeek-V3-style MLA against DeepSeek-V4,
-both with FP8 caches, at 8k and 128k tokens per sequence, printed side by side.
+"""KV-cache capacity: tokens that fit in a fixed memory budget, from real allocations.
 
-Per sequence of L tokens, per layer, in pages of `block_size` tokens (a partly filled page costs a page):
+For DeepSeek-V3 dimensions (61 layers, kv_lora_rank 512, rope 64, 128 heads of 128+64 / 128) and for
+the ~100M benchmark model, it allocates the engine's paged latent cache in the FP8 (FlashMLA V3.2
+layout) and bf16 formats under the same byte budget, and a per-head K/V cache (what attention without
+MLA's latent compression stores: every head's full key and value, bf16), then counts tokens and
+reads bytes per token per layer from the allocated tensors.
 
-- V3 (MLA): L latent rows of 656 B (FlashMLA's V3.2 FP8 layout, `kernels.mla_decode.layout`: 512 e4m3 + 4 fp32
-  tile scales + 64 bf16 rope), on every layer.
-- V4 (`kernels.mla_decode.model1_layout`, FlashMLA's MODEL1 layout: 584 B per token, pages padded to a
-  multiple of 576 B) on every layer: the sliding window's last min(L, window) tokens (older pages are
-  recycled), plus on compressed layers one entry per `rate` tokens (CSA rate 4, HCA rate 128); CSA layers
-  also keep the lightning indexer's compressed keys (index_head_dim values per entry, assumed stored as
-  V3.2's indexer cache is: e4m3 plus one fp32 scale, 132 B for 128 values) and every compressed layer the
-  compressor's open window (up to rate - 1 tokens of the compressor's kv and gate inputs, 2 x head_dim
-  values each (CSA: 2 x 2 x head_dim, its overlapping windows), assumed bf16).
+Then DeepSeek-V3's MLA against DeepSeek-V4 at 8k and 128k tokens per sequence, side by side: the tokens of
+context that fit a fixed FP8 cache budget (V3: 656 B per token per layer; V4: 584 B per entry in FlashMLA's
+MODEL1 layout, a sliding window plus compressed entries; arithmetic on the layouts, `v4_cache_model.py`).
 
-Layer counts and sizes come from transformers' config defaults (DeepseekV3Config; DeepseekV4Config, which
-documents DeepSeek-V4-Flash-Base: 43 layers, window 128, 2 HCA layers then CSA/HCA alternating), or from a
-checkpoint's config.json (`--v3-config`, `--v4-config`). This is arithmetic on the cache layouts, no timing.
-
-    python benchmarks/kv_capacity.py [--budget-gib 64] [--v3-config PATH] [--v4-config PATH]
+    python benchmarks/kv_capacity.py [--quick] [--context-budget-gib 64] [--v3-config PATH] [--v4-config PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels.mla_decode.layout import LatentCacheLayout  # noqa: E402
-from kernels.mla_decode.model1_layout import Model1CacheLayout  # noqa: E402
+import torch
 
-BLOCK_SIZE = 64
-CONTEXTS = (8 * 1024, 128 * 1024)
-INDEXER_SCALE_BYTES = 4  # one fp32 scale per indexer key (V3.2's indexer cache format; an assumption for V4)
-BF16 = 2
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import V3_100M, machine_line  # noqa: E402
+from v4_cache_model import print_context_table  # noqa: E402
 
-
-def pages(entries: int, block_size: int = BLOCK_SIZE) -> int:
-    return -(-entries // block_size)
+V3_FULL = dict(num_hidden_layers=61, kv_lora_rank=512, qk_rope_head_dim=64, num_attention_heads=128,
+               qk_nope_head_dim=128, v_head_dim=128)
 
 
-@dataclass(frozen=True)
-class V3Cache:
-    layers: int
-    kv_lora_rank: int
-    rope_dim: int
+def latent_capacity(dims: dict, fmt: str, budget: int, block_size: int = 64) -> tuple[int, float]:
+    """(tokens that fit, measured bytes per token per layer) for the paged latent cache."""
+    from model_worker.engine.block_manager import BlockManager
+    from model_worker.engine.kv_cache import PagedLatentCache
 
-    @classmethod
-    def from_config(cls, config: dict) -> V3Cache:
-        return cls(config["num_hidden_layers"], config["kv_lora_rank"], config["qk_rope_head_dim"])
-
-    @property
-    def row_bytes(self) -> int:
-        return LatentCacheLayout(self.kv_lora_rank, self.rope_dim, "fp8").bytes_per_token
-
-    def bytes_per_sequence(self, length: int) -> dict[str, int]:
-        return {"latent rows": self.layers * pages(length) * BLOCK_SIZE * self.row_bytes}
+    layers = dims["num_hidden_layers"]
+    per_token = PagedLatentCache.bytes_per_token(dims["kv_lora_rank"], dims["qk_rope_head_dim"], fmt) * layers
+    blocks = BlockManager.blocks_for_budget(budget, per_token, block_size)
+    cache = PagedLatentCache(layers, blocks, dims["kv_lora_rank"], dims["qk_rope_head_dim"], fmt=fmt,
+                             block_size=block_size)
+    allocated = sum(cache.layer_storage(i).nbytes for i in range(layers))
+    tokens = blocks * block_size
+    return tokens, allocated / tokens / layers
 
 
-@dataclass(frozen=True)
-class V4Cache:
-    layer_types: tuple[str, ...]
-    head_dim: int
-    rope_dim: int
-    window: int
-    rates: dict[str, int]
-    index_head_dim: int
-
-    @classmethod
-    def from_config(cls, config: dict) -> V4Cache:
-        rope = int(config["head_dim"] * config["partial_rotary_factor"])
-        return cls(tuple(config["layer_types"]), config["head_dim"], rope, config["sliding_window"],
-                   dict(config["compress_rates"]), config["index_head_dim"])
-
-    @property
-    def layout(self) -> Model1CacheLayout:
-        return Model1CacheLayout(nope_dim=self.head_dim - self.rope_dim, rope_dim=self.rope_dim, block_size=BLOCK_SIZE)
-
-    def bytes_per_sequence(self, length: int) -> dict[str, int]:
-        page = self.layout.page_bytes
-        out = {"sliding window": 0, "compressed entries": 0, "indexer keys": 0, "open windows": 0}
-        for kind in self.layer_types:
-            out["sliding window"] += pages(min(length, self.window) + BLOCK_SIZE - 1) * page  # window spans pages
-            if kind == "sliding_attention":
-                continue
-            rate = self.rates[kind]
-            entries = length // rate
-            out["compressed entries"] += pages(entries) * page
-            overlap = 2 if kind == "compressed_sparse_attention" else 1
-            out["open windows"] += (rate - 1) * 2 * overlap * self.head_dim * BF16
-            if kind == "compressed_sparse_attention":
-                out["indexer keys"] += pages(entries) * BLOCK_SIZE * (self.index_head_dim + INDEXER_SCALE_BYTES)
-        return out
-
-
-def transformers_defaults() -> tuple[dict, dict]:
-    from transformers import DeepseekV3Config, DeepseekV4Config
-
-    v4 = DeepseekV4Config()
-    return DeepseekV3Config().to_dict(), {**v4.to_dict(), "partial_rotary_factor": v4.partial_rotary_factor,
-                                          "layer_types": v4.layer_types, "compress_rates": v4.compress_rates}
-
-
-def capacity_rows(v3: V3Cache, v4: V4Cache, budget: int) -> list[dict]:
-    rows = []
-    for length in CONTEXTS:
-        for name, cache in (("V3 MLA (656 B FP8)", v3), ("V4 (584 B FP8 + compressed)", v4)):
-            parts = cache.bytes_per_sequence(length)
-            per_seq = sum(parts.values())
-            sequences = budget // per_seq
-            rows.append({"context": length, "model": name, "per_seq": per_seq, "parts": parts,
-                         "sequences": sequences, "tokens": sequences * length})
-    return rows
+def per_head_capacity(dims: dict, budget: int) -> tuple[int, float]:
+    """Same budget as expanded per-head keys (nope + rope) and values in bf16, counted per token (a
+    64-token page of V3's per-head cache is 320 MB, so pages would round small budgets down to zero)."""
+    layers, heads = dims["num_hidden_layers"], dims["num_attention_heads"]
+    width = heads * (dims["qk_nope_head_dim"] + dims["qk_rope_head_dim"] + dims["v_head_dim"])
+    tokens = budget // (layers * width * 2)
+    storage = [torch.empty(tokens, width, dtype=torch.bfloat16) for _ in range(layers)]
+    return tokens, sum(t.nbytes for t in storage) / max(tokens, 1) / layers
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget-gib", type=float, default=64.0, help="cache budget (default 64 GiB)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--budget-mib", type=int, default=None)
+    parser.add_argument("--context-budget-gib", type=float, default=64.0, help="budget of the V3/V4 table")
     parser.add_argument("--v3-config", type=Path, help="a V3 checkpoint's config.json (default: transformers')")
     parser.add_argument("--v4-config", type=Path, help="a V4 checkpoint's config.json (default: transformers')")
     args = parser.parse_args()
-    v3_config, v4_config = transformers_defaults()
-    if args.v3_config:
-        v3_config = json.loads(args.v3_config.read_text())
-    if args.v4_config:
-        from transformers import DeepseekV4Config
-
-        loaded = DeepseekV4Config(**json.loads(args.v4_config.read_text()))
-        v4_config = {**loaded.to_dict(), "partial_rotary_factor": loaded.partial_rotary_factor,
-                     "layer_types": loaded.layer_types, "compress_rates": loaded.compress_rates}
-    v3, v4 = V3Cache.from_config(v3_config), V4Cache.from_config(v4_config)
-    budget = int(args.budget_gib * 2**30)
-    kinds = {k: v4.layer_types.count(k) for k in dict.fromkeys(v4.layer_types)}
-    print(f"KV cache capacity in a {args.budget_gib:g} GiB budget, FP8 caches, pages of {BLOCK_SIZE} tokens")
-    print(f"V3: {v3.layers} layers x {v3.row_bytes} B per token; V4: {len(v4.layer_types)} layers {kinds}, "
-          f"{v4.layout.bytes_per_token} B per entry ({v4.layout.page_bytes} B per page of {BLOCK_SIZE}), window "
-          f"{v4.window}, rates {v4.rates}, indexer keys {v4.index_head_dim} + {INDEXER_SCALE_BYTES} B")
-    header = ("context", "model", "MiB per sequence", "of which", "sequences", "tokens in budget", "V4/V3")
-    rows = capacity_rows(v3, v4, budget)
-    table = []
-    for i, row in enumerate(rows):
-        parts = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in row["parts"].items() if v)
-        ratio = f"{row['tokens'] / rows[i - 1]['tokens']:.1f}x" if i % 2 and rows[i - 1]["tokens"] else ""
-        table.append((f"{row['context'] // 1024}k", row["model"], f"{row['per_seq'] / 2**20:.1f}", parts,
-                      f"{row['sequences']:,}", f"{row['tokens']:,}", ratio))
-    widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
-    for r in [header, tuple("-" * w for w in widths), *table]:
-        print("  ".join(c.ljust(w) if i in (1, 3) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    print("V4/V3: tokens that fit, V4 over V3. Assumed, not taken from a kernel: indexer keys as e4m3 + one fp32 "
-          "scale; the compressor's open windows as bf16 (kv and gate).")
+    budget = (args.budget_mib or (256 if args.quick else 1024)) * 2**20
+    print(f"KV capacity in a {budget / 2**20:.0f} MiB budget (latent caches in pages of 64 tokens)")
+    print(machine_line())
+    print(f"{'model':<14}{'cache':<22}{'bytes/token/layer':>18}{'tokens':>10}{'vs per-head':>13}")
+    for name, dims in (("DeepSeek-V3", V3_FULL), ("bench ~100M", V3_100M)):
+        head_tokens, head_bytes = per_head_capacity(dims, budget)
+        rows = [("per-head K/V bf16", head_tokens, head_bytes)]
+        for fmt in ("bf16", "fp8"):
+            tokens, per_layer = latent_capacity(dims, fmt, budget)
+            rows.append((f"latent {fmt}", tokens, per_layer))
+        for label, tokens, per_layer in rows:
+            ratio = tokens / head_tokens if head_tokens else float("inf")
+            print(f"{name:<14}{label:<22}{per_layer:>18.0f}{tokens:>10}{ratio:>12.1f}x")
+    print_context_table(args.context_budget_gib, args.v3_config, args.v4_config)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""benchmarks/kv_capacity.py's arithmetic against sums worked by hand from the two cache layouts."""
+"""benchmarks/v4_cache_model.py's arithmetic (kv_capacity.py's V3/V4 table) against sums worked by hand from
+the two cache layouts."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from tests.benchmarks import load_script
 
 @pytest.fixture(scope="module")
 def kv():
-    return load_script("kv_capacity")
+    return load_script("v4_cache_model")
 
 
 def test_v3_is_656_bytes_per_token_per_layer(kv):
@@ -32,8 +33,9 @@ def test_v4_layer_kinds_by_hand(kv):
 
 
 def test_transformers_defaults_give_v4_more_tokens_than_v3(kv):
-    v3_config, v4_config = kv.transformers_defaults()
-    v3, v4 = kv.V3Cache.from_config(v3_config), kv.V4Cache.from_config(v4_config)
+    from transformers import DeepseekV3Config
+
+    v3, v4 = kv.V3Cache.from_config(DeepseekV3Config().to_dict()), kv.V4Cache.from_config(kv.v4_config(None))
     assert len(v4.layer_types) == 43 and v4.layout.bytes_per_token == 584
     rows = kv.capacity_rows(v3, v4, 64 * 2**30)
     for short, long in ((rows[0], rows[1]), (rows[2], rows[3])):
