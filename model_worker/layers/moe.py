@@ -1,10 +1,9 @@
-"""Feed-forward blocks: dense SwiGLU MLP, DeepSeek routers (V3 sigmoid, V2 softmax) and the MoE block.
+"""Feed-forward blocks: dense SwiGLU MLP, the DeepSeek router and the MoE block.
 
-Routing follows MODEL_SPEC.md: V3 selects with sigmoid scores + e_score_correction_bias, group-limited
-(group score = sum of its top-2 biased scores), and weights the chosen experts by their unbiased scores
-(normalised when norm_topk_prob) times routed_scaling_factor. V2 uses softmax scores with greedy or
-group-limited greedy top-k, and as DeepSeek's V2 code either normalises the chosen weights (norm_topk_prob,
-top_k > 1) or scales them by routed_scaling_factor, never both (transformers' V2 always scales).
+Routing follows MODEL_SPEC.md and is defined once, in `kernels.moe_routing`: V3 selects with sigmoid scores
++ e_score_correction_bias, group-limited (group score = sum of its top-2 biased scores), and weights the
+chosen experts by their unbiased scores (normalised when norm_topk_prob) times routed_scaling_factor; V2
+uses softmax scores with greedy or group-limited greedy top-k, normalised *or* scaled (DeepSeek's V2 code).
 Float experts run as stacked weights (tokens sorted by expert): where the
 stacks are panel-packed (`layers.panel_packs`, fp32 on hosts where our C panel kernel won), all experts in
 one grouped call of that kernel per projection, at any row count; else in a decode step where no expert
@@ -23,15 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.cpu_decode import decode_gemm_available, grouped_decode_gemm, grouped_panel_gemm, sigmoid_route
-from kernels.cpu_decode.moe_router import MAX_EXPERTS as ROUTE_MAX_EXPERTS
+from kernels.cpu_decode import grouped_decode_gemm, grouped_panel_gemm
+from kernels.moe_routing import Routing, select_experts
 from model_worker.config import ModelConfig
 from model_worker.layers.cpu_gemm import choice_wins, cpu_gemm_preferences, row_bucket
 from model_worker.layers.fused import ConcatenatedWeight, StackedWeight, grouped_linear, grouped_mm_available
 from model_worker.layers.linear import Linear, linear, linear_accumulate, native_kernel_takes, panel_for
 from model_worker.layers.packed_gemm import packed
-
-ROUTE_IN_C_MAX_TOKENS = 64  # V3 routing of up to this many tokens runs in C (Router._routes_in_c)
 
 
 class MLP(nn.Module):
@@ -50,70 +47,24 @@ class MLP(nn.Module):
 
 
 class Router(nn.Module):
-    """Top-k expert selection (`mlp.gate`); weight kept in fp32 like the reference implementations."""
+    """Top-k expert selection (`mlp.gate`, `kernels.moe_routing`); weight kept in fp32 like the reference
+    implementations."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.kind = config.router_kind
-        self.n_experts = config.n_routed_experts
-        self.top_k = config.num_experts_per_tok
-        self.n_group = config.n_group or 1
-        self.topk_group = config.topk_group or self.n_group
-        self.topk_method = config.topk_method
-        self.norm_topk_prob = config.norm_topk_prob
-        self.routed_scaling_factor = config.routed_scaling_factor
-        self.weight = nn.Parameter(torch.zeros(self.n_experts, config.hidden_size, dtype=torch.float32))
-        if self.kind == "sigmoid":
-            self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
-        # Whether `sigmoid_route` takes this configuration: its groups divide the experts and hold top_k.
-        self._c_routable = self.kind == "sigmoid" and self.n_experts <= ROUTE_MAX_EXPERTS and \
-            self.n_experts % self.n_group == 0 and self.top_k <= self.topk_group * (self.n_experts // self.n_group)
+        self.routing = Routing(config.router_kind, config.n_routed_experts, config.num_experts_per_tok,
+                               config.n_group or 1, config.topk_group or config.n_group or 1, config.topk_method,
+                               config.norm_topk_prob, config.routed_scaling_factor)
+        self.weight = nn.Parameter(torch.zeros(config.n_routed_experts, config.hidden_size, dtype=torch.float32))
+        if self.routing.kind == "sigmoid":
+            self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts,
+                                                                        dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] -> (weights [N, k] fp32, expert ids [N, k] int64)."""
         weight = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
         logits = F.linear(x if x.dtype == torch.float32 else x.float(), weight)  # [N, E]
-        if self._routes_in_c(logits):
-            return sigmoid_route(logits, self.e_score_correction_bias, self.n_group, self.topk_group, self.top_k,
-                                 self.norm_topk_prob, self.routed_scaling_factor)
-        if self.kind == "sigmoid":
-            scores = logits.sigmoid()
-            biased = scores + self.e_score_correction_bias
-            group_scores = biased.view(-1, self.n_group, self.n_experts // self.n_group).topk(2, dim=-1)[0].sum(-1)
-            choice = self._keep_top_groups(biased, group_scores, fill=float("-inf"))
-            ids = choice.topk(self.top_k, dim=-1)[1]
-            weights = scores.gather(1, ids)
-            if self.norm_topk_prob:
-                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        else:
-            scores = logits.softmax(dim=-1)
-            if self.topk_method == "group_limited_greedy":
-                group_scores = scores.view(-1, self.n_group, self.n_experts // self.n_group).max(dim=-1).values
-                scores = self._keep_top_groups(scores, group_scores, fill=0.0)
-            weights, ids = scores.topk(self.top_k, dim=-1)
-            if self.norm_topk_prob and self.top_k > 1:  # DeepSeek's V2 code: normalise *or* scale, not both
-                return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20), ids
-        return weights * self.routed_scaling_factor, ids
-
-    def _routes_in_c(self, logits: torch.Tensor) -> bool:
-        """Whether V3 selection of these logits [N, E] runs as one C call (`kernels.cpu_decode.sigmoid_route`, the
-        same selection; ties aside, which random scores do not produce): sigmoid routing of at most
-        ROUTE_IN_C_MAX_TOKENS tokens (decode; torch's vectorised ops win on prefill) on the CPU, no gradient
-        wanted, the bias contiguous, and the C kernels built here."""
-        if self.kind != "sigmoid" or logits.shape[0] > ROUTE_IN_C_MAX_TOKENS or logits.device.type != "cpu":
-            return False
-        if torch.is_grad_enabled() and logits.requires_grad or not self.e_score_correction_bias.is_contiguous():
-            return False
-        return self._c_routable and decode_gemm_available()
-
-    def _keep_top_groups(self, scores: torch.Tensor, group_scores: torch.Tensor, fill: float) -> torch.Tensor:
-        """Mask experts outside the topk_group best groups. scores [N, E], group_scores [N, G]."""
-        if self.n_group == 1:
-            return scores
-        top_groups = group_scores.topk(self.topk_group, dim=-1)[1]
-        dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, False)  # [N, G]
-        grouped = scores.view(scores.shape[0], self.n_group, -1)  # [N, G, E/G]
-        return grouped.masked_fill(dropped[..., None], fill).view_as(scores)
+        return select_experts(logits, self.routing, getattr(self, "e_score_correction_bias", None))
 
 
 class MoE(nn.Module):

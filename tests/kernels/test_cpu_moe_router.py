@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels import moe_routing as routing_module
 from kernels.cpu_decode import decode_gemm_available, native, sigmoid_route, sigmoid_route_ref
 from model_worker.layers import moe as moe_module
 from tests.model_worker.engine.engine_fixtures import tiny_config
@@ -55,14 +56,14 @@ def test_configurations_it_cannot_select_are_refused():
 
 
 def test_the_router_selects_in_c_for_decode_batches_and_in_torch_for_prefill(monkeypatch):
-    spy = spy_on(monkeypatch, moe_module, "sigmoid_route")
+    spy = spy_on(monkeypatch, routing_module, "sigmoid_route")
     config = tiny_config(hidden_size=64, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
     router = moe_module.Router(config)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         router.weight.normal_(generator=g)
         router.e_score_correction_bias.normal_(generator=g)
-    most = moe_module.ROUTE_IN_C_MAX_TOKENS
+    most = routing_module.C_MAX_TOKENS
     for tokens, in_c in ((1, True), (most, True), (most + 1, False)):
         x = torch.randn(tokens, 64, generator=g)
         calls = spy.calls
@@ -71,6 +72,7 @@ def test_the_router_selects_in_c_for_decode_batches_and_in_torch_for_prefill(mon
         assert (spy.calls > calls) == in_c
         logits = x @ router.weight.t()
         want_weights, want_ids = sigmoid_route_ref(logits, router.e_score_correction_bias, 4, 2, 4,
-                                                   router.norm_topk_prob, router.routed_scaling_factor)
+                                                   router.routing.norm_topk_prob,
+                                                   router.routing.routed_scaling_factor)
         assert torch.equal(ids, want_ids)
         torch.testing.assert_close(weights, want_weights, rtol=1e-5, atol=1e-6)
