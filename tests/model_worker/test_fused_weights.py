@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from kernels.quant import quantize_fp8_weight_ref
 from model_worker import load_model, save_model
-from model_worker.layers import moe as moe_module
+from model_worker.execution import experts as experts_module
 from model_worker.layers.fused import ConcatenatedWeight, StackedWeight, grouped_linear, grouped_mm_available
 from model_worker.layers.linear import Linear
 from model_worker.layers.moe import MLP, MoE
@@ -306,7 +306,7 @@ def test_moe_equals_per_token_float64_reference(monkeypatch, tokens, grouped):
     """N*k < n_experts -> loop over used experts; N*k >= n_experts -> grouped GEMM. Both = the definition."""
     moe = _moe()
     spy = _CountGrouped()
-    monkeypatch.setattr(moe_module, "grouped_linear", spy)
+    monkeypatch.setattr(experts_module, "grouped_linear", spy)
     x = torch.randn(1, tokens, 64, generator=torch.Generator().manual_seed(tokens))
     want = _moe_reference(moe, x[0])
     got = moe(x)
@@ -356,7 +356,7 @@ def test_moe_with_fp8_experts_equals_dequantized_reference(monkeypatch, tokens):
         for lin in (expert.gate_proj, expert.up_proj, expert.down_proj):
             _fp8(lin)
     spy = _CountGrouped()
-    monkeypatch.setattr(moe_module, "grouped_linear", spy)
+    monkeypatch.setattr(experts_module, "grouped_linear", spy)
     x = torch.randn(1, tokens, 64, generator=torch.Generator().manual_seed(10 + tokens))
     want = _moe_reference(moe, x[0])
     want_fp8 = _moe_reference(moe, x[0], mlp=lambda module, rows: module(rows))

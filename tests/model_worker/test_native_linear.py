@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from kernels.cpu_decode import decode_gemm_available
+from model_worker.execution import experts as experts_module
 from model_worker.layers import cpu_gemm
 from model_worker.layers import linear as linear_module
-from model_worker.layers import moe as moe_module
 from model_worker.layers.cpu_gemm import set_cpu_gemm_preferences
 from model_worker.layers.linear import linear, linear_accumulate
 from tests.conftest import PINNED_CPU_GEMM
@@ -137,7 +137,7 @@ def test_moe_experts_run_in_two_grouped_kernel_calls_when_no_expert_has_more_row
     for fusion in (moe._stacked_gate_up, moe._stacked_down):
         fusion.input_major = False  # the order the kernel reads (arrange_weights does this where it wins)
         fusion.get()
-    calls = spy_on(monkeypatch, moe_module, "grouped_decode_gemm")
+    calls = spy_on(monkeypatch, experts_module, "grouped_decode_gemm")
     x = torch.randn(1, tokens, 64, generator=_gen(tokens))
     with torch.inference_mode():
         want = _moe_reference(moe, x[0])

@@ -13,8 +13,8 @@ import gc
 import pytest
 import torch
 
+from model_worker.execution import experts as experts_module
 from model_worker.layers import linear as linear_module
-from model_worker.layers import moe as moe_module
 from model_worker.layers import packed_gemm
 from model_worker.layers.linear import linear, linear_accumulate
 from tests.model_worker.engine.engine_fixtures import tiny_model
@@ -143,7 +143,7 @@ def test_packed_experts_run_one_packed_gemm_each_and_equal_the_definition(monkey
         fusion.get()
         for view in fusion.per_group()[0]:
             packed_gemm.pack(view)
-    grouped = spy_on(monkeypatch, moe_module, "grouped_linear")
+    grouped = spy_on(monkeypatch, experts_module, "grouped_linear")
     x = torch.randn(1, tokens, 64, generator=_gen(tokens))
     with torch.inference_mode():
         want = _moe_reference(moe, x[0])

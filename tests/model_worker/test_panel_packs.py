@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kernels.cpu_decode import decode_gemm_available
+from model_worker.execution import experts as experts_module
 from model_worker.layers import linear as linear_module
-from model_worker.layers import moe as moe_module
 from model_worker.layers import packed_gemm, panel_packs
 from model_worker.layers.linear import linear, linear_accumulate
 from tests.model_worker.engine.engine_fixtures import greedy, make_engine, random_prompt, run_to_completion, tiny_model
@@ -27,7 +27,7 @@ def spy(monkeypatch):
 
 @pytest.fixture
 def grouped_spy(monkeypatch):
-    return spy_on(monkeypatch, moe_module, "grouped_panel_gemm")
+    return spy_on(monkeypatch, experts_module, "grouped_panel_gemm")
 
 
 def _gen(seed: int) -> torch.Generator:
