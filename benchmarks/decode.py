@@ -39,7 +39,7 @@ from common import ByteTokenizer, machine_line, median_time, peak_rss_mib, save_
 def weight_read_bandwidths(mib: int = 256) -> dict[str, float]:
     """Bytes/s of an fp32 matrix-vector product over a matrix much larger than the caches: "torch" is the
     faster of torch's product on the matrix stored row-major and stored transposed (our weights use both
-    orders, `layers.layout`), "ours" the faster of our C kernels (`kernels.cpu_decode`: the dot-product one on
+    orders, `execution.layout`), "ours" the faster of our C kernels (`kernels.cpu_decode`: the dot-product one on
     the row-major matrix, the panel one on its panel-packed copy) where they build. The roofline uses the
     faster of the two, so that no kernel of ours reads faster than the bound it is held to; the torch-only
     figure is printed beside it."""
@@ -64,9 +64,9 @@ def weight_read_bandwidths(mib: int = 256) -> dict[str, float]:
 
 def matmul_flops(dtype: torch.dtype = torch.float32, rows: int = 256) -> float:
     """FLOP/s of this machine's fastest GEMM kernel we have (torch's own or the oneDNN-packed one,
-    `layers.packed_gemm`) on a compute-bound shape: `rows` rows through a 4096 x 4096 weight in dtype, so the
+    `execution.packed_gemm`) on a compute-bound shape: `rows` rows through a 4096 x 4096 weight in dtype, so the
     weight is reused `rows` times and memory is not the limit (the compute ceiling of decode at any batch)."""
-    from model_worker.layers import packed_gemm
+    from model_worker.execution import packed_gemm
 
     a, w = torch.randn(rows, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
     seconds = median_time(lambda: a @ w, repeats=7, warmup=2)
@@ -124,7 +124,7 @@ def gemm_floor_tokens_per_s(model, concurrency: int, repeats: int = 5) -> float:
     concurrency can be faster than this on this machine. Median pass time over `repeats`.
     """
     from kernels.cpu_decode import grouped_panel_gemm
-    from model_worker.layers.linear import linear, panel_for
+    from model_worker.execution.gemm import linear, panel_for
 
     cfg = model.config
     pairs = concurrency * (cfg.num_experts_per_tok or 0)
@@ -296,14 +296,14 @@ def main() -> None:
         if concurrency > 1:
             print(f"at {concurrency} concurrent: 3x transformers = {3 * theirs:.0f} tok/s; GEMM ceiling {floor:.0f}; "
                   f"memory bound {bound[concurrency]:.0f}; compute bound {compute_bound:.0f}")
-    from model_worker.layers.cpu_gemm import cpu_gemm_preferences
-    from model_worker.layers.packed_gemm import packed_bytes
-    from model_worker.layers.panel_packs import panel_bytes
+    from model_worker.execution.cpu_gemm import cpu_gemm_preferences
+    from model_worker.execution.packed_gemm import packed_bytes
+    from model_worker.execution.panel_packs import panel_bytes
 
-    print(f"this process's CPU kernel choices (layers.cpu_gemm): {cpu_gemm_preferences()}")
+    print(f"this process's CPU kernel choices (execution.cpu_gemm): {cpu_gemm_preferences()}")
 
     print(f"peak RSS: {peak_rss_mib():.0f} MiB (whole process: both models, caches); of it, packed weight copies: "
-          f"oneDNN (layers.packed_gemm) {packed_bytes() / 2**20:.0f} MiB, panel (layers.panel_packs) "
+          f"oneDNN (execution.packed_gemm) {packed_bytes() / 2**20:.0f} MiB, panel (execution.panel_packs) "
           f"{panel_bytes() / 2**20:.0f} MiB")
 
 

@@ -1,9 +1,9 @@
 """Decode GEMM kernels: weight memory order, product form and oneDNN packing for decode-sized batches.
 
-`CausalLM.arrange_weights` stores fp32 weights with out >= in input-major on CPU (`layers.layout`) and keeps
-panel-packed copies of the decode weights for our C panel kernel (`layers.panel_packs`) or oneDNN-packed
-ones (`layers.packed_gemm`); `layers.linear.linear` runs our kernels, the packed kernel, or 2..512 rows as
-(W @ x^T)^T, each where `layers.cpu_gemm` measured it faster on the host. This
+`CausalLM.arrange_weights` stores fp32 weights with out >= in input-major on CPU (`execution.layout`) and keeps
+panel-packed copies of the decode weights for our C panel kernel (`execution.panel_packs`) or oneDNN-packed
+ones (`execution.packed_gemm`); `layers.linear.linear` runs our kernels, the packed kernel, or 2..512 rows as
+(W @ x^T)^T, each where `execution.cpu_gemm` measured it faster on the host. This
 prints the evidence, in two parts, same weights, one process:
 
 1. Per shape: for each distinct GEMM shape of the DeepSeek-V3-shaped benchmark model, at 1, 4 and 16
@@ -56,7 +56,7 @@ def _w_xt(x, w):
 
 
 def _gemv(x, w):
-    from model_worker.layers.linear import unpacked_linear
+    from model_worker.execution.gemm import unpacked_linear
 
     return unpacked_linear(x, w)  # one bf16 row: the engine's GEMV path
 
@@ -75,7 +75,7 @@ def _panel(x, w):
 
 
 def _packed(x, w):
-    from model_worker.layers.packed_gemm import packed_linear
+    from model_worker.execution.packed_gemm import packed_linear
 
     return packed_linear(x, w)  # w is a packed copy (any source order gives the same packed copy)
 
@@ -84,11 +84,11 @@ def shape_seconds(out_features: int, in_features: int, rows: int, trials: int,
                   dtype: torch.dtype = torch.float32) -> dict[tuple[str, str], float]:
     """Median seconds per product of [rows, in] with an [out, in] weight in dtype, per (form, memory order).
     fp32: forms x @ W^T and (W @ x^T)^T; bf16: the engine's one-row GEMV (`layers.linear`); both: the
-    oneDNN-packed kernel, as ("packed", "packed") where this torch has it (`layers.packed_gemm`), and our C
+    oneDNN-packed kernel, as ("packed", "packed") where this torch has it (`execution.packed_gemm`), and our C
     decode kernel as ("C kernel", "output-major") where it builds (`kernels.cpu_decode`); fp32: our C panel
     kernel on panel-packed copies as ("panel", "panel") there too."""
     from kernels.cpu_decode import decode_gemm_available, panel_pack
-    from model_worker.layers import packed_gemm
+    from model_worker.execution import packed_gemm
 
     copies = max(2, _CACHE_DEFEAT_BYTES // (out_features * in_features * dtype.itemsize))
     weights = [_orders(torch.randn(out_features, in_features, dtype=dtype)) for _ in range(copies)]
@@ -170,7 +170,7 @@ def step_seconds(variants: dict, concurrency: int, rounds: int, per_round: int =
     variant, alternating; and whether all produced the same tokens."""
     from model_worker.engine.engine import EngineConfig, LLMEngine
     from model_worker.engine.sampling import SamplingParams
-    from model_worker.layers.cpu_gemm import set_cpu_gemm_preferences
+    from model_worker.execution.cpu_gemm import set_cpu_gemm_preferences
 
     vocab = next(iter(variants.values()))[0].config.vocab_size
     params = SamplingParams(max_tokens=rounds * per_round + 8, temperature=0.0, ignore_eos=True)
@@ -204,9 +204,9 @@ def main() -> None:
     trials, rounds = (3, 8) if args.quick else (7, 25)
 
     from model_worker import load_model
-    from model_worker.layers.cpu_gemm import TORCH_DEFAULTS, cpu_gemm_preferences, set_cpu_gemm_preferences
+    from model_worker.execution.cpu_gemm import TORCH_DEFAULTS, cpu_gemm_preferences, set_cpu_gemm_preferences
 
-    measured = cpu_gemm_preferences()  # this host's choices (layers.cpu_gemm)
+    measured = cpu_gemm_preferences()  # this host's choices (execution.cpu_gemm)
     library = dataclasses.replace(measured, native_max_rows=0, panel_weights=False)
     unpacked = dataclasses.replace(library, pack_weights=False)
     with tempfile.TemporaryDirectory() as tmp:
@@ -257,7 +257,7 @@ def main() -> None:
     bw = bandwidth_by_order(trials)
     print("256 MiB fp32 matrix-vector product (decode.py's bandwidth probe): "
           + ", ".join(f"{name} {value:.1f} GB/s" for name, value in bw.items()))
-    print(f"this host's measured choices (layers.cpu_gemm): {measured}")
+    print(f"this host's measured choices (execution.cpu_gemm): {measured}")
     print(f"per step: median ms per engine decode step, {rounds} rounds of 3 steps each, alternating; torch "
           "defaults = every weight output-major, every product x @ W^T, no packing; layout + forms = weights "
           "arranged, this host's product forms, no packing, no C kernel; libraries = that plus packing where "

@@ -4,7 +4,7 @@
     y = addend + alpha * x @ weight^T                              (`panel_gemm`, from the packed weight)
     y[rows of g] = x[rows of g] @ weight[g]^T for each group g     (`grouped_panel_gemm`: a MoE layer's experts)
 
-Packing costs one extra copy of the weight, made once at load (`model_worker.layers.panel_packs`); in return
+Packing costs one extra copy of the weight, made once at load (`model_worker.execution.panel_packs`); in return
 the kernel reads a few rows' weights at the memory bandwidth and runs many rows (prefill) near the FMA
 peak, where torch's kernels read small weights at half of it (benchmarks/weight_layout.py). The
 definition is `decode_gemm_ref` on the unpacked weight.

@@ -1,7 +1,7 @@
 """How a MoE block's routed experts run: chosen per call from the block's weights and the batch.
 
 Float experts run as stacked weights (tokens sorted by expert): where the stacks are panel-packed
-(`layers.panel_packs`, fp32 on hosts where our C panel kernel won), all experts in one grouped call of that
+(`execution.panel_packs`, fp32 on hosts where our C panel kernel won), all experts in one grouped call of that
 kernel per projection, at any row count; else in a decode step where no expert has more rows than the C
 decode kernel takes, through its grouped GEMM, all experts in one call per projection
 (`kernels.cpu_decode`, where it builds and won on this host); otherwise one grouped GEMM per projection,
@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from kernels.cpu_decode import grouped_decode_gemm, grouped_panel_gemm
-from model_worker.layers.cpu_gemm import choice_wins, cpu_gemm_preferences, row_bucket
-from model_worker.layers.fused import grouped_linear, grouped_mm_available
-from model_worker.layers.linear import linear, linear_accumulate, native_kernel_takes, panel_for
-from model_worker.layers.packed_gemm import packed
+from model_worker.execution.cpu_gemm import choice_wins, cpu_gemm_preferences, row_bucket
+from model_worker.execution.fused import grouped_linear, grouped_mm_available
+from model_worker.execution.gemm import linear, linear_accumulate, native_kernel_takes, panel_for
+from model_worker.execution.packed_gemm import packed
 
 
 def run_experts(moe, flat: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ def run_experts(moe, flat: torch.Tensor, weights: torch.Tensor, ids: torch.Tenso
     pair_weight = weights.flatten()[order, None].to(flat.dtype)  # [N*k, 1]
     # The C kernel's grouped GEMM where it takes every expert's rows and wins here; else, when most experts
     # have tokens, one grouped GEMM per projection over the stacked weights, unless the experts are packed
-    # (`layers.packed_gemm`), where one packed GEMM per expert with tokens beats it.
+    # (`execution.packed_gemm`), where one packed GEMM per expert with tokens beats it.
     per_expert = counts.tolist() if stacked else []
     sorted_x = flat[token] if stacked else flat  # [N*k, D] each pair's token row, sorted by expert
     if panels[0] is not None and panels[1] is not None:
@@ -86,7 +86,7 @@ def _native_experts_win(moe, sorted_x: torch.Tensor, counts: list[int], gate_up:
                         down: torch.Tensor) -> bool:
     """Whether every expert's rows go through the C kernel's grouped GEMM (`_native_experts`): it takes the
     operands with as many rows as the busiest expert has (`native_kernel_takes`), and on this host it beat
-    the per-expert loop for this stack shape and that row count (`layers.cpu_gemm.choice_wins`)."""
+    the per-expert loop for this stack shape and that row count (`execution.cpu_gemm.choice_wins`)."""
     busiest = max(counts)
     if gate_up.dtype != torch.float32 or not (native_kernel_takes(sorted_x, busiest, gate_up)
                                               and native_kernel_takes(sorted_x, busiest, down)):
@@ -102,7 +102,7 @@ def _panel_experts(sorted_x: torch.Tensor, counts: list[int], gate_up: torch.Ten
                    hidden2: int, width: int) -> torch.Tensor:
     """All experts in two calls of our C panel kernel (`kernels.cpu_decode.grouped_panel_gemm`), any number
     of rows each: sorted_x [N*k, D] sorted by expert, counts per expert, the stacks' panel-packed copies
-    (`layers.panel_packs`) gate_up (of [E, 2I, D], hidden2 = 2I) and down (of [E, D, I], width = D)
+    (`execution.panel_packs`) gate_up (of [E, 2I, D], hidden2 = 2I) and down (of [E, D, I], width = D)
     -> [N*k, D] in the same order."""
     return _grouped_swiglu(sorted_x, counts, lambda x, offsets: grouped_panel_gemm(x, offsets, gate_up, hidden2),
                            lambda h, offsets: grouped_panel_gemm(h, offsets, down, width))

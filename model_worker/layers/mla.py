@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_worker.config import ModelConfig
-from model_worker.layers.fused import ConcatenatedWeight
+from model_worker.execution.fused import ConcatenatedWeight
 from model_worker.layers.linear import Linear
 from model_worker.layers.norm import RMSNorm
 from model_worker.layers.rope import RotaryEmbedding, softmax_scale

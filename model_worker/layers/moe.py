@@ -4,7 +4,7 @@ Routing follows MODEL_SPEC.md and is defined once, in `kernels.moe_routing`: V3 
 + e_score_correction_bias, group-limited (group score = sum of its top-2 biased scores), and weights the
 chosen experts by their unbiased scores (normalised when norm_topk_prob) times routed_scaling_factor; V2
 uses softmax scores with greedy or group-limited greedy top-k, normalised *or* scaled (DeepSeek's V2 code).
-An MLP's gate and up projections run as one GEMM (`layers.fused`); how the routed experts run is up to
+An MLP's gate and up projections run as one GEMM (`execution.fused`); how the routed experts run is up to
 `model_worker.execution.experts`.
 """
 
@@ -17,7 +17,7 @@ from torch import nn
 from kernels.moe_routing import Routing, select_experts
 from model_worker.config import ModelConfig
 from model_worker.execution.experts import run_experts
-from model_worker.layers.fused import ConcatenatedWeight, StackedWeight
+from model_worker.execution.fused import ConcatenatedWeight, StackedWeight
 from model_worker.layers.linear import Linear
 
 

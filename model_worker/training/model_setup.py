@@ -16,7 +16,7 @@ from torch import nn
 from model_worker.config import ModelConfig
 from model_worker.engram_hashing import EngramHasher
 from model_worker.engram_tables import EngramTable, InProcessEngramTables
-from model_worker.layers.fused import fusions_of
+from model_worker.execution.fused import fusions_of
 from model_worker.loading import init_weights, save_model
 from model_worker.model import CausalLM
 from model_worker.tokenizer import Tokenizer

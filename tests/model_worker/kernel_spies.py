@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
-from model_worker.layers import cpu_gemm
+from model_worker.execution import cpu_gemm
 from tests.conftest import PINNED_CPU_GEMM
 
 

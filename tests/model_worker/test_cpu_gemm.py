@@ -1,4 +1,4 @@
-"""The measured mode of `layers.cpu_gemm`: whatever this host's timings choose, every projection must
+"""The measured mode of `execution.cpu_gemm`: whatever this host's timings choose, every projection must
 compute the same function; choices are made once and remembered."""
 
 from __future__ import annotations
@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_worker.layers import cpu_gemm
-from model_worker.layers.cpu_gemm import CpuGemmPreferences, set_cpu_gemm_preferences
-from model_worker.layers.layout import arranged, is_input_major
-from model_worker.layers.linear import linear
+from model_worker.execution import cpu_gemm
+from model_worker.execution.cpu_gemm import CpuGemmPreferences, set_cpu_gemm_preferences
+from model_worker.execution.gemm import linear
+from model_worker.execution.layout import arranged, is_input_major
 from tests.conftest import PINNED_CPU_GEMM
 
 
@@ -48,7 +48,7 @@ def test_the_input_major_choice_is_made_per_shape_and_power_of_two_row_bucket(me
 
 
 def test_packed_weights_give_the_same_products_whatever_the_host_chooses_and_choose_per_bucket(measured):
-    from model_worker.layers import packed_gemm
+    from model_worker.execution import packed_gemm
 
     weight = torch.randn(160, 48)
     if not packed_gemm.pack(weight):

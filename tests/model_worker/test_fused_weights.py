@@ -1,4 +1,4 @@
-"""Inference-time weight fusion (`model_worker.layers.fused`) and the MoE block's two expert paths.
+"""Inference-time weight fusion (`model_worker.execution.fused`) and the MoE block's two expert paths.
 
 Every result is checked against an independent float64 computation from the original (cloned, or
 dequantized) weights: fusion must change how the weights are stored and multiplied, never the function,
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from kernels.quant import quantize_fp8_weight_ref
 from model_worker import load_model, save_model
 from model_worker.execution import experts as experts_module
-from model_worker.layers.fused import ConcatenatedWeight, StackedWeight, grouped_linear, grouped_mm_available
+from model_worker.execution.fused import ConcatenatedWeight, StackedWeight, grouped_linear, grouped_mm_available
 from model_worker.layers.linear import Linear
 from model_worker.layers.moe import MLP, MoE
 from tests.model_worker.engine.engine_fixtures import tiny_config, tiny_model
@@ -416,7 +416,7 @@ def test_save_and_load_after_fusion_round_trips_exactly(tmp_path):
 @pytest.mark.parametrize("shape", [(24,), (1, 24), (1, 1, 24), (3, 24), (2, 5, 24)])
 def test_linear_helpers_match_float64_for_one_row_and_many(dtype, shape):
     """`linear` (a GEMV for one half-precision row on CPU) and `linear_accumulate` against float64."""
-    from model_worker.layers.linear import linear, linear_accumulate
+    from model_worker.execution.gemm import linear, linear_accumulate
 
     g = torch.Generator().manual_seed(len(shape))
     x = torch.randn(shape, generator=g).to(dtype)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from model_worker.layers.cpu_gemm import TORCH_DEFAULTS
+from model_worker.execution.cpu_gemm import TORCH_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 300
@@ -22,7 +22,7 @@ RUN_TIMEOUT_S = 300
 GENERATE = """
 import hashlib, json, torch
 from model_worker.engine.sampling import SamplingParams
-from model_worker.layers import cpu_gemm
+from model_worker.execution import cpu_gemm
 from tests.model_worker.engine.engine_fixtures import (make_engine, random_prompt, run_to_completion, tiny_model,
                                                       tokens_of)
 
@@ -71,18 +71,18 @@ def test_two_processes_on_one_host_give_identical_tokens_and_logits(tmp_path):
 
 
 def test_a_recorded_choice_is_what_a_later_process_uses(tmp_path):
-    _run(tmp_path, "from model_worker.layers import cpu_gemm; import json; "
+    _run(tmp_path, "from model_worker.execution import cpu_gemm; import json; "
                    "print(json.dumps(cpu_gemm.cpu_gemm_preferences().__dict__))")
     (record,) = _choice_files(tmp_path)
     record.write_text(json.dumps({"preferences": dataclasses.asdict(TORCH_DEFAULTS)}))
-    used = _run(tmp_path, "from model_worker.layers import cpu_gemm; import json; "
+    used = _run(tmp_path, "from model_worker.execution import cpu_gemm; import json; "
                           "print(json.dumps(cpu_gemm.cpu_gemm_preferences().__dict__))")
     assert used == dataclasses.asdict(TORCH_DEFAULTS)
 
 
 @pytest.mark.parametrize("damage", ["{not json", "[1, 2]", ""])
 def test_a_damaged_record_is_measured_again_and_rewritten(tmp_path, damage):
-    code = ("from model_worker.layers import cpu_gemm; import json; "
+    code = ("from model_worker.execution import cpu_gemm; import json; "
             "print(json.dumps(cpu_gemm.cpu_gemm_preferences().__dict__))")
     _run(tmp_path, code)
     (record,) = _choice_files(tmp_path)
@@ -92,6 +92,6 @@ def test_a_damaged_record_is_measured_again_and_rewritten(tmp_path, damage):
 
 
 def test_the_cache_can_be_switched_off(tmp_path):
-    _run(tmp_path, "from model_worker.layers import cpu_gemm; print('{}'); cpu_gemm.cpu_gemm_preferences()",
+    _run(tmp_path, "from model_worker.execution import cpu_gemm; print('{}'); cpu_gemm.cpu_gemm_preferences()",
          ENGRAM_CPU_GEMM_CACHE="off")
     assert _choice_files(tmp_path) == []

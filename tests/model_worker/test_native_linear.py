@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from kernels.cpu_decode import decode_gemm_available
+from model_worker.execution import cpu_gemm
 from model_worker.execution import experts as experts_module
-from model_worker.layers import cpu_gemm
-from model_worker.layers import linear as linear_module
-from model_worker.layers.cpu_gemm import set_cpu_gemm_preferences
-from model_worker.layers.linear import linear, linear_accumulate
+from model_worker.execution import gemm as linear_module
+from model_worker.execution.cpu_gemm import set_cpu_gemm_preferences
+from model_worker.execution.gemm import linear, linear_accumulate
 from tests.conftest import PINNED_CPU_GEMM
 from tests.model_worker.engine.engine_fixtures import greedy, make_engine, random_prompt, run_to_completion, tiny_model
 from tests.model_worker.kernel_spies import pinned_cpu_gemm, spy_on

@@ -1,4 +1,4 @@
-"""oneDNN-packed weights (`model_worker.layers.packed_gemm`) through `linear`, the MoE and a whole model.
+"""oneDNN-packed weights (`model_worker.execution.packed_gemm`) through `linear`, the MoE and a whole model.
 
 Every product is checked against float64 or against the same model without packs; spies confirm that
 the packed kernel really ran (or, where it must not, that it did not). The conftest pins packing on with
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from model_worker.execution import experts as experts_module
-from model_worker.layers import linear as linear_module
-from model_worker.layers import packed_gemm
-from model_worker.layers.linear import linear, linear_accumulate
+from model_worker.execution import gemm as linear_module
+from model_worker.execution import packed_gemm
+from model_worker.execution.gemm import linear, linear_accumulate
 from tests.model_worker.engine.engine_fixtures import tiny_model
 from tests.model_worker.kernel_spies import pinned_cpu_gemm, spy_on
 from tests.model_worker.test_fused_weights import _moe, _moe_reference, _storage

@@ -1,4 +1,4 @@
-"""Panel-packed weights (`layers.panel_packs`) inside `layers.linear`, the MoE block and a whole model: which
+"""Panel-packed weights (`execution.panel_packs`) inside `layers.linear`, the MoE block and a whole model: which
 products take our C panel kernel (spies count its calls), that they equal float64, that the packs follow
 weight updates, and that a model's logits and greedy tokens are the same with and without them. The
 conftest pins the panel kernel on (it is what this host's measurement picks where the kernel builds)."""
@@ -10,9 +10,9 @@ import torch
 
 from kernels.cpu_decode import decode_gemm_available
 from model_worker.execution import experts as experts_module
-from model_worker.layers import linear as linear_module
-from model_worker.layers import packed_gemm, panel_packs
-from model_worker.layers.linear import linear, linear_accumulate
+from model_worker.execution import gemm as linear_module
+from model_worker.execution import packed_gemm, panel_packs
+from model_worker.execution.gemm import linear, linear_accumulate
 from tests.model_worker.engine.engine_fixtures import greedy, make_engine, random_prompt, run_to_completion, tiny_model
 from tests.model_worker.kernel_spies import pinned_cpu_gemm, spy_on
 from tests.model_worker.test_fused_weights import _moe, _moe_reference, _storage

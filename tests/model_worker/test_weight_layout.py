@@ -1,4 +1,4 @@
-"""Decode weight layout (`model_worker.layers.layout`, `CausalLM.arrange_weights`).
+"""Decode weight layout (`model_worker.execution.layout`, `CausalLM.arrange_weights`).
 
 The layout may change strides only: every check compares values, state_dict() and logits against the
 same model stored in nn.Linear's order, and the saved checkpoint against the original tensors.
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from model_worker import load_model, save_model
-from model_worker.layers.fused import fusions_of
-from model_worker.layers.layout import arranged, is_input_major, prefers_input_major
+from model_worker.execution.fused import fusions_of
+from model_worker.execution.layout import arranged, is_input_major, prefers_input_major
 from model_worker.layers.linear import Linear
 from tests.model_worker.engine.engine_fixtures import tiny_model
 
@@ -102,7 +102,7 @@ def test_a_tied_head_stays_the_row_major_embedding_table():
 def test_linear_matches_float64_in_either_order_across_the_wide_product_bounds(input_major, rows):
     """`linear` runs 2..512 fp32 rows (16..512 input-major) as (W @ x^T)^T, else F.linear: every path
     must compute x @ W^T + b, for flat and batched leading dims, with and without bias."""
-    from model_worker.layers.linear import linear
+    from model_worker.execution.gemm import linear
 
     g = torch.Generator().manual_seed(rows)
     weight = torch.randn(72, 40, generator=g)

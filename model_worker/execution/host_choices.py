@@ -1,6 +1,6 @@
 """CPU kernel choices kept per host on disk, so every process on a host runs the same kernels.
 
-`layers.cpu_gemm` picks kernels by timing them. Timed in each process, two processes on one machine could
+`execution.cpu_gemm` picks kernels by timing them. Timed in each process, two processes on one machine could
 pick differently (a noisy neighbour is enough) and so compute slightly different logits for the same
 prompt. Instead the first process that needs a choice measures it while holding an exclusive lock on the
 host's choice file and records it; every other process, including one that was waiting for the lock, reads

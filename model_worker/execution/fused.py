@@ -13,9 +13,9 @@ checkpoint names, `state_dict()` and memory use stay as they were. Anything that
 storage (`cast`, `.to(device)`, a weight update, switching to FP8) is noticed by comparing data
 pointers on every call, and the fusion is rebuilt or, for FP8 or biased members, skipped (callers then
 run the members one by one); the previous fused tensor is released on that call. The fused tensor is
-stored in the memory order its kernels read fastest (`layers.layout`) unless `input_major` is cleared.
+stored in the memory order its kernels read fastest (`execution.layout`) unless `input_major` is cleared.
 Its per-group views are what `linear` receives, so they are what `CausalLM.arrange_weights` packs
-(`layers.packed_gemm`).
+(`execution.packed_gemm`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model_worker.layers.layout import arranged
-from model_worker.layers.linear import Linear, linear
+from model_worker.execution.gemm import linear
+from model_worker.execution.layout import arranged
+from model_worker.layers.linear import Linear
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
@@ -44,7 +45,7 @@ class _FusedWeight:
 
     @property
     def input_major(self) -> bool:
-        """A setting: may the fused tensor be stored input-major (`layers.layout`). Changing it rebuilds."""
+        """A setting: may the fused tensor be stored input-major (`execution.layout`). Changing it rebuilds."""
         return self._input_major
 
     @input_major.setter

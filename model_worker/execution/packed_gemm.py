@@ -7,19 +7,19 @@ the best other form. oneDNN's matmul, given the weight reordered once into the b
 for this CPU (`torch.ops.mkldnn._reorder_linear_weight`, the packing PyTorch's Inductor applies to frozen
 CPU Linears), took 0.50 ms; at 16 rows it was 1.9x faster than the best other form, and at one bf16 row
 1.9-2.6x faster than torch's GEMV. For some small weights at 1 or 4 rows it is slower, hence the per-shape
-choice (`layers.cpu_gemm.choice_wins`).
+choice (`execution.cpu_gemm.choice_wins`).
 
-Packs are explicit: `pack(weight)` keeps a packed copy beside the dense weight (`layers.weight_copies`:
+Packs are explicit: `pack(weight)` keeps a packed copy beside the dense weight (`execution.weight_copies`:
 twice the memory; repacked when the weight changes, released with it). `CausalLM.arrange_weights` packs
-the weights a decode step runs when this host's measurement says packing pays (`layers.cpu_gemm`) and
-our panel kernel does not take them (`layers.panel_packs`).
+the weights a decode step runs when this host's measurement says packing pays (`execution.cpu_gemm`) and
+our panel kernel does not take them (`execution.panel_packs`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from model_worker.layers.weight_copies import WeightCopies
+from model_worker.execution.weight_copies import WeightCopies
 
 _mkldnn = getattr(torch.ops, "mkldnn", None)
 

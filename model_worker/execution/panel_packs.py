@@ -1,12 +1,12 @@
 """Panel-packed copies of fp32 weights for our C panel GEMM (`kernels.cpu_decode.panel_gemm`).
 
-Where this host measured the panel kernel faster than the library kernels (`layers.cpu_gemm`,
+Where this host measured the panel kernel faster than the library kernels (`execution.cpu_gemm`,
 `panel_weights`), `CausalLM.arrange_weights` keeps a panel-packed copy of every fp32 weight a step runs
 as a GEMM, instead of a oneDNN-packed one: `linear` then runs any number of rows of x through it, decode and
 prefill alike. A MoE layer's expert stack [E, out, in] is packed whole (`pack_stack`), so that all its
 experts run in one grouped call (`layers.moe`), and each expert's weight view gets the slice of that copy
 as its own, so the stack costs one copy, not two. Copies are kept per weight object and remade when the
-weight changes (`layers.weight_copies`).
+weight changes (`execution.weight_copies`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from kernels.cpu_decode import panel_pack, panel_width
-from model_worker.layers.weight_copies import WeightCopies
+from model_worker.execution.weight_copies import WeightCopies
 
 
 def packable(weight: torch.Tensor) -> bool:

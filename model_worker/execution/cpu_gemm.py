@@ -5,12 +5,12 @@ order and the weight's memory order, and which is fastest differs between CPUs. 
 host of benchmarks/weight_layout.py, for decode-sized batches:
 
 - one row `x @ W^T` reads a wide weight (out >= in) 1.1-1.6x faster stored input-major ([in, out]
-  memory, `layers.layout`) than output-major;
+  memory, `execution.layout`) than output-major;
 - 4 and 16 rows run 2.3-3.5x and 1.15-1.6x faster as `(W @ x^T)^T` (the weight as the tall left
   operand) than as `x @ W^T` for an output-major weight; for an input-major weight from about 16 rows for
   the LM head (below that this form is several times slower).
 
-A third choice replaces the kernel: oneDNN with prepacked weights (`layers.packed_gemm`), up to 1.9x faster
+A third choice replaces the kernel: oneDNN with prepacked weights (`execution.packed_gemm`), up to 1.9x faster
 than the best of the forms on the AMD EPYC (Zen 4) host of benchmarks/weight_layout.py (16 rows; slower for
 some small weights at 1 or 4 rows), at the cost of a second copy of each packed weight. A fourth is our own
 C kernel for a few rows (`kernels.cpu_decode.decode_gemm`, built on this machine), which reads small
@@ -38,18 +38,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model_worker.layers import host_choices
+from model_worker.execution import host_choices
 
 _MARGIN = 1.1  # a choice must be this much faster than torch's default to be taken
 
 
 @dataclass(frozen=True)
 class CpuGemmPreferences:
-    """input_major_one_row: store wide fp32 weights input-major (`layers.layout`).
+    """input_major_one_row: store wide fp32 weights input-major (`execution.layout`).
     wide_min_rows_*: fewest rows run as (W @ x^T)^T for an output-/input-major weight; None disables it.
-    pack_weights: keep oneDNN-packed copies of decode weights (`layers.packed_gemm`) and use them.
+    pack_weights: keep oneDNN-packed copies of decode weights (`execution.packed_gemm`) and use them.
     native_max_rows: most rows run through the C decode kernel (`kernels.cpu_decode`); 0 disables it.
-    panel_weights: keep panel-packed copies of fp32 weights for our C panel kernel (`layers.panel_packs`)
+    panel_weights: keep panel-packed copies of fp32 weights for our C panel kernel (`execution.panel_packs`)
     instead of oneDNN-packed ones, and run every fp32 product of them through it."""
 
     input_major_one_row: bool
@@ -122,7 +122,7 @@ def measure_cpu_gemm_preferences(rounds: int = 5) -> CpuGemmPreferences:
     wins by 1.3x and 1.9x at 4 and 16). The wide form for input-major weights, packed weights and the C
     kernel are then confirmed per shape and row count (`choice_wins`)."""
     from kernels.cpu_decode import decode_gemm_available
-    from model_worker.layers import packed_gemm
+    from model_worker.execution import packed_gemm
 
     gen = torch.Generator().manual_seed(0)
     output_major = [torch.randn(4096, 768, generator=gen) for _ in range(3)]
@@ -163,7 +163,7 @@ def _native_wins_one_row(input_major_one_row: bool, pack: bool, rounds: int) -> 
     weights (`_expert_sized_weights`): the small weights are where it gains most (the large ones are then
     confirmed per shape)."""
     from kernels.cpu_decode import decode_gemm
-    from model_worker.layers import packed_gemm
+    from model_worker.execution import packed_gemm
 
     weights = _expert_sized_weights()
     one = torch.randn(1, 768)
@@ -182,7 +182,7 @@ def _panels_win(native: bool, input_major_one_row: bool, pack: bool, wide: bool,
     its copies replace the oneDNN ones (no extra memory), and a close call decided by this host's noise
     would flip the whole process's kernels from run to run."""
     from kernels.cpu_decode import decode_gemm, panel_gemm, panel_pack
-    from model_worker.layers import packed_gemm
+    from model_worker.execution import packed_gemm
 
     weights = _expert_sized_weights(32)
     panels = [panel_pack(w) for w in weights]
