@@ -94,10 +94,11 @@ async def _create_key(url: str, prefix: str) -> tuple[int, str]:
 
 
 def deploy_config_app(http_port: int, redis_url: str, prefix: str, model_dir: Path, data_dir: Path,  # noqa: F811
-                      deployments: dict[str, dict] | None = None) -> ServeServer:
+                      deployments: dict[str, dict] | None = None, args: dict | None = None) -> ServeServer:
     """The config's application deployed on the connected Ray (Serve started on http_port), its args pointed at
-    the test's Redis/prefix/model/data dir; `deployments`: {name: options} replacing the config's options of
-    those deployments. Waits until it runs; its own first API key must exist by then."""
+    the test's Redis/prefix/model/data dir and updated with `args`; `deployments`: {name: options} replacing the
+    config's options of those deployments (or added, for deployments the config does not list, such as
+    EngramShard{i}). Waits until it runs; its own first API key must exist by then."""
     from ray import serve
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ApplicationStatus, ServeDeploySchema
@@ -107,7 +108,9 @@ def deploy_config_app(http_port: int, redis_url: str, prefix: str, model_dir: Pa
     (app,) = config["applications"]
     app["args"].update(redis_url=redis_url, key_prefix=prefix, model_path=str(model_dir),
                        database_url=f"sqlite:///{data_dir / 'memory.sqlite3'}", data_dir=str(data_dir),
-                       embedder="hashing", lease_ms=2000, heartbeat_s=0.5)
+                       embedder="hashing", lease_ms=2000, heartbeat_s=0.5, **(args or {}))
+    listed = {options["name"] for options in app["deployments"]}
+    app["deployments"] += [{"name": name} for name in (deployments or {}) if name not in listed]
     for options in app["deployments"]:
         options.update((deployments or {}).get(options["name"], {}), name=options["name"])
         if "num_replicas" in options:

@@ -1,10 +1,12 @@
 """Must-show 3: a 3-node Ray cluster on one machine (`ray.cluster_utils.Cluster`: a head with no CPUs that holds
-Serve's controller, HTTP proxy and the memory service, and two worker nodes) runs the config's application with
-the model worker and the API ingress at 2 replicas each, one per node. Removing a worker node mid-run (its
-raylet and every process on it killed: a model-worker replica and an orchestrator/ingress replica) loses no
-session: every task ends, its step log gap-free and each step committed once (the surviving ingress replica's
-runner takes the lost replica's sessions over when their leases expire; model calls that were in flight on
-the lost worker are retried on the surviving one)."""
+Serve's controller, HTTP proxy and the agent-memory service, and two worker nodes) runs the config's application
+with the model worker and the API ingress at 2 replicas each, one per node, and the model's Engram tables in two
+memory-service shard deployments (`EngramShard0/1`, on the worker nodes). Removing the worker node that holds
+Engram shard 0 mid-run (its raylet and every process on it killed: a model-worker replica, an
+orchestrator/ingress replica and at least that shard) loses no session: every task ends, its step log gap-free
+and each step committed once (the surviving ingress replica's runner takes the lost replica's sessions over
+when their leases expire; steps that failed meanwhile, a model call in flight on the lost worker or an Engram
+fetch from the lost shard, are retried), and the lost shard is served again from the surviving node."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ DEPLOYMENTS = {
     "MemoryServiceDeployment": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0, "resources": {"head": 0.01}}},
     "ModelWorkerDeployment": {**ONE_PER_NODE, "ray_actor_options": {"num_cpus": 0.5}},
     "ApiIngress": {**ONE_PER_NODE, "ray_actor_options": {"num_cpus": 0.2}},
+    **{f"EngramShard{i}": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}} for i in range(2)},
 }
 
 
@@ -74,19 +77,22 @@ def test_losing_a_node_loses_no_session(cluster, redis_url, serve_model_dir, tmp
     ray_cluster, nodes, port = cluster
     prefix = f"test-cluster-{uuid.uuid4().hex[:12]}"
     try:
-        server = deploy_config_app(port, redis_url, prefix, serve_model_dir, tmp_path, DEPLOYMENTS)
+        server = deploy_config_app(port, redis_url, prefix, serve_model_dir, tmp_path, DEPLOYMENTS,
+                                   args={"engram_shards": 2})
         worker_nodes = {node.node_id for node in nodes}
-        placed = {name: set(node_of(server.app_name, name).values())
-                  for name in ("ModelWorkerDeployment", "ApiIngress")}
-        assert placed == {"ModelWorkerDeployment": worker_nodes, "ApiIngress": worker_nodes}, placed
+        names = ("ModelWorkerDeployment", "ApiIngress", "EngramShard0", "EngramShard1")
+        placed = {name: set(node_of(server.app_name, name).values()) for name in names}
+        assert placed["ModelWorkerDeployment"] == placed["ApiIngress"] == worker_nodes, placed
+        assert placed["EngramShard0"] | placed["EngramShard1"] <= worker_nodes, placed
 
         tasks, _ = start_until_one_is_mid_run(server, "wanderer")
-        victim = nodes[1]
+        (victim,) = [node for node in nodes if node.node_id in placed["EngramShard0"]]
         ray_cluster.remove_node(victim, allow_graceful=False)
         assert_tasks_end_once_each(server, tasks)
-        survivors = {name: set(node_of(server.app_name, name).values()) for name in placed}
+        survivors = {name: set(node_of(server.app_name, name).values()) for name in names}
         assert all(victim.node_id not in where for where in survivors.values()), survivors
-        print(f"removed node {victim.node_id[:8]} (a model-worker and an ingress replica); {len(tasks)} tasks "
-              f"ended, gap-free; replicas now on {survivors}")
+        assert survivors["EngramShard0"] and survivors["EngramShard1"], survivors  # both shards served again
+        print(f"removed node {victim.node_id[:8]} (a model-worker, an ingress replica and Engram shard 0); "
+              f"{len(tasks)} tasks ended, gap-free; replicas now on {survivors}")
     finally:
         delete_keys(redis_url, prefix)
