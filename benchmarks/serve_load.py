@@ -21,6 +21,8 @@ and each request's time are bounded; the run stops by itself. The server process
 and the other processes' share of the cores during the run are printed too (this box is shared).
 
     python benchmarks/serve_load.py [--quick] [--redis-url redis://127.0.0.1:6379/0]
+    python benchmarks/serve_load.py --ray [--quick]   # the same API through Ray Serve (serve_load_ray.py):
+                                                      # Serve's own overhead, and 1/2/4 orchestrator replicas
 """
 
 from __future__ import annotations
@@ -437,9 +439,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (about a minute in all)")
     parser.add_argument("--redis-url", default=os.environ.get("ENGRAM_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--ray", action="store_true", help="through Ray Serve instead (benchmarks/serve_load_ray.py)")
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "PREFIX"), help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ray:  # run as a script of its own, so Ray ships its deployment classes to the replicas by value
+        import runpy
+
+        sys.argv = [str(Path(__file__).with_name("serve_load_ray.py")), *(["--quick"] if args.quick else []),
+                    "--redis-url", args.redis_url]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        return
     if args.serve:
         asyncio.run(serve(int(args.serve[0]), args.serve[1], args.redis_url, args.data_dir))
         return
