@@ -120,10 +120,10 @@ def suffix_hidden(model: CausalLM, batch: PrefixBatch) -> torch.Tensor:
     return h[0, P:].view(B, S, *h.shape[2:])
 
 
-def batch_loss(model: CausalLM, batch: PrefixBatch, token_hits: bool = False):
-    """(mean cross-entropy over the labelled positions, per-sequence all-correct flags [B] of greedy
-    teacher-forced predictions, labelled token count); with token_hits, (loss, hits [B, S] bool (True where
-    unlabelled), labels [M] of the labelled positions) instead. Logits are computed only where labels are."""
+def batch_loss(model: CausalLM, batch: PrefixBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy over the labelled positions, hits [B, S] bool: greedy teacher-forced prediction
+    right (True where unlabelled), labels [M] of the labelled positions). Logits are computed only where
+    labels are."""
     h = suffix_hidden(model, batch)
     where = batch.labels >= 0  # [B, S]
     logits = model.head(h[where])  # [M, vocab]
@@ -131,6 +131,4 @@ def batch_loss(model: CausalLM, batch: PrefixBatch, token_hits: bool = False):
     loss = F.cross_entropy(logits, labels)
     hits = torch.ones_like(batch.labels, dtype=torch.bool)
     hits[where] = logits.argmax(-1) == labels
-    if token_hits:
-        return loss, hits, labels
-    return loss, hits.all(dim=1), int(labels.numel())
+    return loss, hits, labels

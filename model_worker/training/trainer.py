@@ -122,7 +122,7 @@ def evaluate(model, batches: list[data.PrefixBatch], formatting: torch.Tensor) -
     model.eval()
     total, tokens, exact, examples, copied, content = 0.0, 0, 0, 0, 0, 0
     for batch in batches:
-        loss, hits, labels = batch_loss(model, batch, token_hits=True)
+        loss, hits, labels = batch_loss(model, batch)
         total, tokens = total + float(loss) * labels.numel(), tokens + labels.numel()
         exact, examples = exact + int(hits.all(dim=1).sum()), examples + hits.shape[0]
         outside = ~formatting[labels]
@@ -253,7 +253,7 @@ class Trainer:
         if resumed:
             self.log.note(f"resumed at step {self.step} from {self.state_dir}")
         held_out = held_out_batches(self.tokenizer, s.eval_examples, s.batch_size)
-        started, recent = time.perf_counter(), []
+        started, recent, figures = time.perf_counter(), [], None
         while self.step < s.last_step:
             factor = learning_rate_factor(self.step, s)
             for group in self.optimizer.param_groups:
@@ -268,6 +268,7 @@ class Trainer:
             loss_value = loss.item()
             recent = (recent + [loss_value])[-50:]
             entry = {"step": self.step, "loss": round(loss_value, 4)}
+            figures = None  # the held-out figures of this step, when it is evaluated
             if self.step % s.eval_every == 0 or self.step == s.last_step:
                 figures = evaluate(self.model, held_out, self.formatting)
                 entry.update(zip(("held_out_loss", "held_out_exact", "held_out_copy"), (round(v, 4) for v in figures)))
@@ -275,7 +276,9 @@ class Trainer:
             self.log.step(self.step, loss_value, tokens / (time.perf_counter() - tick), entry)
             if self.step % s.checkpoint_every == 0 or self.step == s.last_step:
                 self.save_state()
-        final_loss, final_exact, final_copy = evaluate(self.model, held_out, self.formatting)
+        if figures is None:  # a resumed run that had nothing left to train
+            figures = evaluate(self.model, held_out, self.formatting)
+        final_loss, final_exact, final_copy = figures
         export_checkpoint(self.model, self.tables, self.tokenizer_dir, s.out_dir)
         result = TrainResult(self.step, time.perf_counter() - started, sum(recent) / max(1, len(recent)),
                              final_loss, final_exact, final_copy, self.history)

@@ -124,9 +124,9 @@ def test_shared_prefix_forward_equals_the_model_prefill_per_sequence(tokenizer):
 def test_gradients_reach_every_parameter_and_the_engram_tables(tokenizer):
     model, tables = build_trainable(demo_model_config(tokenizer), tokenizer, seed=0)
     batch = data.prefix_batch(data.tokenize(tokenizer, data.session_examples(2, seed=4)), tokenizer.pad_token_id)
-    loss, _, n = forward.batch_loss(model, batch)
+    loss, _, labels = forward.batch_loss(model, batch)
     loss.backward()
-    assert n > 0 and torch.isfinite(loss)
+    assert labels.numel() > 0 and torch.isfinite(loss)
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
     for table in tables.parameters():
