@@ -26,8 +26,26 @@ class ApiKeyNotFound(KeyError):
     """No key with this id."""
 
 
+# HSET only when the hash is empty (or absent); returns 1 when it wrote.
+_CREATE_IF_EMPTY = """
+if redis.call('HLEN', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
 def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _new_record(tenant: str, name: str, admin: bool) -> tuple[dict, str]:
+    """(the stored record, the whole key to hand out once)."""
+    key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+    record = {"id": key_id, "tenant": tenant, "name": name, "admin": admin,
+              "created_ms": int(time.time() * 1000), "sha256": _digest(secret)}
+    return record, f"{KEY_PREFIX}{key_id}_{secret}"
 
 
 class ApiKeyStore:
@@ -41,11 +59,16 @@ class ApiKeyStore:
         self._verified: dict[str, tuple[float, ApiKey]] = {}  # sha256 of the presented key -> (expiry, key)
 
     async def create(self, tenant: str, *, name: str = "", admin: bool = False) -> NewApiKey:
-        key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
-        record = {"id": key_id, "tenant": tenant, "name": name, "admin": admin,
-                  "created_ms": int(time.time() * 1000), "sha256": _digest(secret)}
-        await self._redis.hset(self._hash, key_id, json.dumps(record))
-        return NewApiKey(**record, key=f"{KEY_PREFIX}{key_id}_{secret}")
+        record, key = _new_record(tenant, name, admin)
+        await self._redis.hset(self._hash, record["id"], json.dumps(record))
+        return NewApiKey(**record, key=key)
+
+    async def create_first(self, tenant: str, *, name: str = "", admin: bool = True) -> NewApiKey | None:
+        """Create a key only if the store has none, atomically (one Lua script), so that several processes
+        starting at once (API replicas, `engram serve`) create exactly one first key. None: keys existed."""
+        record, key = _new_record(tenant, name, admin)
+        created = await self._redis.eval(_CREATE_IF_EMPTY, 1, self._hash, record["id"], json.dumps(record))
+        return NewApiKey(**record, key=key) if created else None
 
     async def verify(self, presented: str) -> ApiKey | None:
         """The live key record for a presented key, or None (malformed, unknown, revoked or wrong secret)."""

@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 
 
 async def ensure_first_key(service, on_new_key: Callable[[str], None] | None) -> None:
-    """On a store with no API keys at all, create an admin key for tenant 'default' and hand it over once."""
-    if await service.keys.count() == 0:
-        key = await service.keys.create("default", name="first admin key", admin=True)
+    """On a store with no API keys at all, create an admin key for tenant 'default' and hand it over once
+    (atomically: of several replicas starting together, one creates it)."""
+    key = await service.keys.create_first("default", name="first admin key", admin=True)
+    if key is not None:
         (on_new_key or (lambda k: log.warning("created the first API key (shown once): %s", k)))(key.key)
 
 

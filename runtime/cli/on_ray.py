@@ -19,9 +19,8 @@ from runtime.settings import Settings
 async def _first_key(settings: Settings) -> str | None:
     async with open_store(settings) as store:
         keys = ApiKeyStore(store.redis, key_prefix=settings.key_prefix)
-        if await keys.count() == 0:
-            return (await keys.create("default", name="first admin key", admin=True)).key
-    return None
+        key = await keys.create_first("default", name="first admin key", admin=True)
+    return key.key if key is not None else None
 
 
 def serve_on_ray(args, settings: Settings, host: str, port: int) -> int:

@@ -318,3 +318,28 @@ def test_idempotency_key_returns_the_same_task_or_409(open_api):
             assert (a.status_code, b.status_code) == (201, 201) and a.json()["id"] != b.json()["id"]
 
     asyncio.run(scenario())
+
+
+def test_first_key_is_created_once_by_replicas_starting_together(redis_url, key_prefix):
+    """Twelve stores starting at once (API replicas, `engram serve`) each try to create the first key against
+    the real Redis: exactly one does, and a store that already has keys creates none."""
+    import redis.asyncio as aioredis
+
+    from runtime.api_keys import ApiKeyStore
+
+    async def scenario():
+        clients = [aioredis.from_url(redis_url) for _ in range(12)]
+        try:
+            stores = [ApiKeyStore(c, key_prefix=key_prefix) for c in clients]
+            made = await asyncio.gather(*(s.create_first("default", name="first") for s in stores))
+            created = [k for k in made if k is not None]
+            assert len(created) == 1 and created[0].admin
+            assert [k.id for k in await stores[0].list()] == [created[0].id]
+            assert (await stores[3].verify(created[0].key)).id == created[0].id
+            assert await stores[5].create_first("default") is None
+            assert await stores[0].count() == 1
+        finally:
+            for c in clients:
+                await c.aclose()
+
+    asyncio.run(scenario())
