@@ -39,11 +39,11 @@ from common import ByteTokenizer, machine_line, median_time, peak_rss_mib, save_
 def weight_read_bandwidths(mib: int = 256) -> dict[str, float]:
     """Bytes/s of an fp32 matrix-vector product over a matrix much larger than the caches: "torch" is the
     faster of torch's product on the matrix stored row-major and stored transposed (our weights use both
-    orders, `execution.layout`), "ours" the faster of our C kernels (`kernels.cpu_decode`: the dot-product one on
+    orders, `execution.layout`), "ours" the faster of our C kernels (`engram_kernels.cpu_decode`: the dot-product one on
     the row-major matrix, the panel one on its panel-packed copy) where they build. The roofline uses the
     faster of the two, so that no kernel of ours reads faster than the bound it is held to; the torch-only
     figure is printed beside it."""
-    from kernels.cpu_decode import decode_gemm, decode_gemm_available, panel_gemm, panel_pack
+    from engram_kernels.cpu_decode import decode_gemm, decode_gemm_available, panel_gemm, panel_pack
 
     cols = 4096
     rows = mib * 2**20 // (4 * cols)
@@ -123,7 +123,7 @@ def gemm_floor_tokens_per_s(model, concurrency: int, repeats: int = 5) -> float:
     routing, norms, sampling and the engine are left out, so no decode step of this engine at this
     concurrency can be faster than this on this machine. Median pass time over `repeats`.
     """
-    from kernels.cpu_decode import grouped_panel_gemm
+    from engram_kernels.cpu_decode import grouped_panel_gemm
     from model_worker.execution.gemm import linear, panel_for
 
     cfg = model.config

@@ -83,7 +83,7 @@ def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int, in
 
 
 def gather_rows(path: Path, rows: int, sizes: list[tuple[str, int]], repeats: int) -> list[tuple]:
-    from kernels.engram import engram_gather
+    from engram_kernels.engram import engram_gather
     from memory_service.engram_tables import EngramTableStore
 
     plain = EngramTableStore(hot_cache_rows=0)

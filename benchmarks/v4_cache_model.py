@@ -3,9 +3,9 @@ against DeepSeek-V4, both with FP8 caches, and the tokens of context that fit a 
 
 Per sequence of L tokens, per layer, in pages of `block_size` tokens (a partly filled page costs a page):
 
-- V3 (MLA): L latent rows of 656 B (FlashMLA's V3.2 FP8 layout, `kernels.mla_decode.layout`: 512 e4m3 + 4 fp32
+- V3 (MLA): L latent rows of 656 B (FlashMLA's V3.2 FP8 layout, `engram_kernels.mla_decode.layout`: 512 e4m3 + 4 fp32
   tile scales + 64 bf16 rope), on every layer.
-- V4 (`kernels.mla_decode.model1_layout`, FlashMLA's MODEL1 layout: 584 B per token, pages padded to a
+- V4 (`engram_kernels.mla_decode.model1_layout`, FlashMLA's MODEL1 layout: 584 B per token, pages padded to a
   multiple of 576 B) on every layer: the sliding window's last min(L, window) tokens (older pages are
   recycled), plus on compressed layers one entry per `rate` tokens (CSA rate 4, HCA rate 128); CSA layers
   also keep the lightning indexer's compressed keys (index_head_dim values per entry, assumed stored as
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels.mla_decode.layout import LatentCacheLayout  # noqa: E402
-from kernels.mla_decode.model1_layout import Model1CacheLayout  # noqa: E402
+from engram_kernels.mla_decode.layout import LatentCacheLayout  # noqa: E402
+from engram_kernels.mla_decode.model1_layout import Model1CacheLayout  # noqa: E402
 
 BLOCK_SIZE = 64
 CONTEXTS = (8 * 1024, 128 * 1024)

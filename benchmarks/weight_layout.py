@@ -9,7 +9,7 @@ prints the evidence, in two parts, same weights, one process:
 1. Per shape: for each distinct GEMM shape of the DeepSeek-V3-shaped benchmark model, at 1, 4 and 16
    rows in fp32, the product as x @ W^T (torch's default) and as (W @ x^T)^T, with the weight in either
    order, and through the weight's oneDNN-packed copy; in bf16 at one row the engine's GEMV in either
-   order and the packed kernel; in both also our C decode kernel (`kernels.cpu_decode`) on the
+   order and the packed kernel; in both also our C decode kernel (`engram_kernels.cpu_decode`) on the
    output-major weight, and in fp32 our C panel kernel on the weight's panel-packed copy. Every call
    reads a different copy of the weight (copies add up to more than the caches), as a decode step does.
    Also the 256 MiB matrix-vector product `decode.py` uses for the bandwidth roofline, in both orders
@@ -62,15 +62,15 @@ def _gemv(x, w):
 
 
 def _c_kernel(x, w):
-    from kernels.cpu_decode import decode_gemm
+    from engram_kernels.cpu_decode import decode_gemm
 
-    return decode_gemm(x, w)  # our C decode kernel (kernels.cpu_decode), output-major weights only
+    return decode_gemm(x, w)  # our C decode kernel (engram_kernels.cpu_decode), output-major weights only
 
 
 def _panel(x, w):
-    from kernels.cpu_decode import panel_gemm
+    from engram_kernels.cpu_decode import panel_gemm
 
-    packed, out_features = w  # the weight's panel-packed copy (kernels.cpu_decode.panel_pack) and its rows
+    packed, out_features = w  # the weight's panel-packed copy (engram_kernels.cpu_decode.panel_pack) and its rows
     return panel_gemm(x, packed, out_features)
 
 
@@ -85,9 +85,9 @@ def shape_seconds(out_features: int, in_features: int, rows: int, trials: int,
     """Median seconds per product of [rows, in] with an [out, in] weight in dtype, per (form, memory order).
     fp32: forms x @ W^T and (W @ x^T)^T; bf16: the engine's one-row GEMV (`layers.linear`); both: the
     oneDNN-packed kernel, as ("packed", "packed") where this torch has it (`execution.packed_gemm`), and our C
-    decode kernel as ("C kernel", "output-major") where it builds (`kernels.cpu_decode`); fp32: our C panel
+    decode kernel as ("C kernel", "output-major") where it builds (`engram_kernels.cpu_decode`); fp32: our C panel
     kernel on panel-packed copies as ("panel", "panel") there too."""
-    from kernels.cpu_decode import decode_gemm_available, panel_pack
+    from engram_kernels.cpu_decode import decode_gemm_available, panel_pack
     from model_worker.execution import packed_gemm
 
     copies = max(2, _CACHE_DEFEAT_BYTES // (out_features * in_features * dtype.itemsize))
@@ -122,7 +122,7 @@ def bandwidth_by_order(trials: int) -> dict[str, float]:
     """GB/s of the 256 MiB fp32 matrix-vector product (decode.py's bandwidth probe): torch's in both orders,
     and where they build our C decode kernel on the output-major matrix ("C kernel") and our panel kernel on
     its panel-packed copy ("panel")."""
-    from kernels.cpu_decode import decode_gemm_available, panel_pack
+    from engram_kernels.cpu_decode import decode_gemm_available, panel_pack
 
     matrix = _orders(torch.randn(16384, 4096))
     vector = torch.randn(4096)

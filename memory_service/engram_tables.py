@@ -3,7 +3,7 @@
 A model's tables (`engram.{layer}.table` e4m3 with `engram.{layer}.scales` e8m0 per 32 values, or
 bf16/fp32 tables without scales: the dtypes the in-process tables take) are memory-mapped from
 `engram_tables.safetensors`; a shard maps only its row range (`shard_ranges`). `lookup` gathers and
-dequantizes rows with the same kernel as the in-process tables (`kernels.engram.engram_gather`), through a
+dequantizes rows with the same kernel as the in-process tables (`engram_kernels.engram.engram_gather`), through a
 per-layer hot-row cache. Optional: `pin_gpu` copies the shard's tables to the GPU when CUDA is present;
 `resident_budget_bytes` bounds the table pages kept mapped in this process (RSS) by dropping them (madvise)
 once that many bytes may have been faulted in. Every lookup first checks that the table file was not
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from kernels.engram import engram_gather
-from kernels.engram.gather import OUT_DTYPES, SCALE_BLOCK
+from engram_kernels.engram import engram_gather
+from engram_kernels.engram.gather import OUT_DTYPES, SCALE_BLOCK
 from memory_service.engram_client import ShardedEngramClient, check_id_type
 from memory_service.hot_cache import HotRowCache
 from memory_service.sharding import shard_ranges

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kernels.engram.gather import SCALE_BLOCK
+from engram_kernels.engram.gather import SCALE_BLOCK
 from memory_service.table_file import CHECKSUM_KEY
 
 _PLACEHOLDER = "0" * 64  # a hex SHA-256 is 64 characters: the real one overwrites it in place

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kernels.engram import engram_hash
+from engram_kernels.engram import engram_hash
 
 MULTIPLIER_SEED_STRIDE = 10007
 

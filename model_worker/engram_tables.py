@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import torch
 
-from kernels.engram import engram_gather
-from kernels.engram.gather import SCALE_BLOCK
+from engram_kernels.engram import engram_gather
+from engram_kernels.engram.gather import SCALE_BLOCK
 
 E4M3_MAX = 448.0
 E8M0_BIAS = 127

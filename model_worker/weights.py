@@ -306,7 +306,7 @@ class _Planner:
             )
 
         def dequantize() -> torch.Tensor:
-            from kernels.quant import dequantize_fp8_weight
+            from engram_kernels.quant import dequantize_fp8_weight
 
             return dequantize_fp8_weight(
                 weight.to(device=device), scale.to(device=device, dtype=torch.float32), dtype=out_dtype

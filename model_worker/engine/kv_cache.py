@@ -3,7 +3,7 @@
 Per layer, storage is one tensor [num_blocks, block_size, row_width]; a token lives in slot
 `block_id * block_size + offset`. Each token row stores the normalised latent c [kv_lora_rank] and
 the rotated shared key k_rope [rope_dim] in one of two formats (defined in
-`kernels.mla_decode.layout`, which the decode kernel reads the same way):
+`engram_kernels.mla_decode.layout`, which the decode kernel reads the same way):
 
     "bf16": bfloat16 [r + rope]                        -> 2 * (r + rope) bytes   (1152 for V3)
     "fp8" : uint8    [r | 4 * r/tile | 2 * rope]        -> FlashMLA V3.2 layout   (656 for V3)
@@ -11,7 +11,7 @@ the rotated shared key k_rope [rope_dim] in one of two formats (defined in
             (scale = max(amax, 1e-4) / 448, value = e4m3 * scale); then k_rope in bf16.
 
 This module only stores and reads rows by slot. Which pages a sequence owns (allocation, ref counts,
-prefix hashes) is the BlockManager's job; attention over the pages is `kernels.mla_decode`.
+prefix hashes) is the BlockManager's job; attention over the pages is `engram_kernels.mla_decode`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels.mla_decode.layout import LatentCacheLayout, pack_tokens, unpack_tokens
+from engram_kernels.mla_decode.layout import LatentCacheLayout, pack_tokens, unpack_tokens
 
 
 def _positive_int(name: str, value: object) -> int:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.dispatch import use_triton
-from kernels.mla_decode import DecodeGather, paged_mla_decode, paged_mla_decode_gathered
+from engram_kernels.dispatch import use_triton
+from engram_kernels.mla_decode import DecodeGather, paged_mla_decode, paged_mla_decode_gathered
 from model_worker.engine.kv_cache import PagedLatentCache
 from model_worker.engine.scheduler import ScheduledBatch
 from model_worker.engine.sequence import Sequence

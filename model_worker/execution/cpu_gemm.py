@@ -13,7 +13,7 @@ host of benchmarks/weight_layout.py, for decode-sized batches:
 A third choice replaces the kernel: oneDNN with prepacked weights (`execution.packed_gemm`), up to 1.9x faster
 than the best of the forms on the AMD EPYC (Zen 4) host of benchmarks/weight_layout.py (16 rows; slower for
 some small weights at 1 or 4 rows), at the cost of a second copy of each packed weight. A fourth is our own
-C kernel for a few rows (`kernels.cpu_decode.decode_gemm`, built on this machine), which reads small
+C kernel for a few rows (`engram_kernels.cpu_decode.decode_gemm`, built on this machine), which reads small
 output-major weights closer to the memory bandwidth than either library at 1 row; where it wins, wide
 weights stay output-major (it reads that order), so `input_major_one_row` is then False.
 
@@ -48,7 +48,7 @@ class CpuGemmPreferences:
     """input_major_one_row: store wide fp32 weights input-major (`execution.layout`).
     wide_min_rows_*: fewest rows run as (W @ x^T)^T for an output-/input-major weight; None disables it.
     pack_weights: keep oneDNN-packed copies of decode weights (`execution.packed_gemm`) and use them.
-    native_max_rows: most rows run through the C decode kernel (`kernels.cpu_decode`); 0 disables it.
+    native_max_rows: most rows run through the C decode kernel (`engram_kernels.cpu_decode`); 0 disables it.
     panel_weights: keep panel-packed copies of fp32 weights for our C panel kernel (`execution.panel_packs`)
     instead of oneDNN-packed ones, and run every fp32 product of them through it."""
 
@@ -121,7 +121,7 @@ def measure_cpu_gemm_preferences(rounds: int = 5) -> CpuGemmPreferences:
     decides the engine's speed most, so it gets the most evidence: in weight_layout.py it ties at 1 row and
     wins by 1.3x and 1.9x at 4 and 16). The wide form for input-major weights, packed weights and the C
     kernel are then confirmed per shape and row count (`choice_wins`)."""
-    from kernels.cpu_decode import decode_gemm_available
+    from engram_kernels.cpu_decode import decode_gemm_available
     from model_worker.execution import packed_gemm
 
     gen = torch.Generator().manual_seed(0)
@@ -162,7 +162,7 @@ def _native_wins_one_row(input_major_one_row: bool, pack: bool, rounds: int) -> 
     """Whether the C decode kernel beats every library kernel this host would use at one row on expert-sized
     weights (`_expert_sized_weights`): the small weights are where it gains most (the large ones are then
     confirmed per shape)."""
-    from kernels.cpu_decode import decode_gemm
+    from engram_kernels.cpu_decode import decode_gemm
     from model_worker.execution import packed_gemm
 
     weights = _expert_sized_weights()
@@ -174,14 +174,14 @@ def _native_wins_one_row(input_major_one_row: bool, pack: bool, rounds: int) -> 
 
 
 def _panels_win(native: bool, input_major_one_row: bool, pack: bool, wide: bool, rounds: int) -> bool:
-    """Whether our C panel kernel (`kernels.cpu_decode.panel_gemm`) is kept: unless, on 32 expert-sized
+    """Whether our C panel kernel (`engram_kernels.cpu_decode.panel_gemm`) is kept: unless, on 32 expert-sized
     weights (75 MB, beyond the caches), the kernel this host would use otherwise beats it by _MARGIN at 1 row
     (our dot-product kernel where it won, else torch's in the measured order) or at 16 rows (oneDNN's packed
     one, else torch's in the measured form). The burden of proof is on the rivals: the panel kernel read
     faster than all of them at every row count on both hosts of benchmarks/decode.py and weight_layout.py,
     its copies replace the oneDNN ones (no extra memory), and a close call decided by this host's noise
     would flip the whole process's kernels from run to run."""
-    from kernels.cpu_decode import decode_gemm, panel_gemm, panel_pack
+    from engram_kernels.cpu_decode import decode_gemm, panel_gemm, panel_pack
     from model_worker.execution import packed_gemm
 
     weights = _expert_sized_weights(32)

@@ -4,7 +4,7 @@ Float experts run as stacked weights (tokens sorted by expert): where the stacks
 (`execution.panel_packs`, fp32 on hosts where our C panel kernel won), all experts in one grouped call of that
 kernel per projection, at any row count; else in a decode step where no expert has more rows than the C
 decode kernel takes, through its grouped GEMM, all experts in one call per projection
-(`kernels.cpu_decode`, where it builds and won on this host); otherwise one grouped GEMM per projection,
+(`engram_kernels.cpu_decode`, where it builds and won on this host); otherwise one grouped GEMM per projection,
 or one packed GEMM per expert with tokens where the experts are packed. A single token (decode of one
 sequence) runs its k experts in turn, without sorting. FP8 experts, which cannot be stacked, run one by
 one. Every path computes the same sum (tests compare them with float64 references).
@@ -17,7 +17,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_decode import grouped_decode_gemm, grouped_panel_gemm
+from engram_kernels.cpu_decode import grouped_decode_gemm, grouped_panel_gemm
 from model_worker.execution.cpu_gemm import choice_wins, cpu_gemm_preferences, row_bucket
 from model_worker.execution.fused import grouped_linear, grouped_mm_available
 from model_worker.execution.gemm import linear, linear_accumulate, native_kernel_takes, panel_for
@@ -100,7 +100,7 @@ def _native_experts_win(moe, sorted_x: torch.Tensor, counts: list[int], gate_up:
 
 def _panel_experts(sorted_x: torch.Tensor, counts: list[int], gate_up: torch.Tensor, down: torch.Tensor,
                    hidden2: int, width: int) -> torch.Tensor:
-    """All experts in two calls of our C panel kernel (`kernels.cpu_decode.grouped_panel_gemm`), any number
+    """All experts in two calls of our C panel kernel (`engram_kernels.cpu_decode.grouped_panel_gemm`), any number
     of rows each: sorted_x [N*k, D] sorted by expert, counts per expert, the stacks' panel-packed copies
     (`execution.panel_packs`) gate_up (of [E, 2I, D], hidden2 = 2I) and down (of [E, D, I], width = D)
     -> [N*k, D] in the same order."""
@@ -110,7 +110,7 @@ def _panel_experts(sorted_x: torch.Tensor, counts: list[int], gate_up: torch.Ten
 
 def _native_experts(sorted_x: torch.Tensor, counts: list[int], gate_up: torch.Tensor,
                     down: torch.Tensor) -> torch.Tensor:
-    """All experts in two C calls (`kernels.cpu_decode.grouped_decode_gemm`): sorted_x [N*k, D] sorted by
+    """All experts in two C calls (`engram_kernels.cpu_decode.grouped_decode_gemm`): sorted_x [N*k, D] sorted by
     expert, counts per expert, stacks gate_up [E, 2I, D] and down [E, D, I] -> [N*k, D] in the same order."""
     return _grouped_swiglu(sorted_x, counts, lambda x, offsets: grouped_decode_gemm(x, offsets, gate_up),
                            lambda h, offsets: grouped_decode_gemm(h, offsets, down))

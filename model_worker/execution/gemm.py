@@ -1,6 +1,6 @@
 """Float GEMMs of the model on this host: `linear(x, weight, bias)` is F.linear, run on CPU by whichever
 kernel this host measured fastest for the shape and row count: our C panel kernel from a panel-packed fp32
-weight (`execution.panel_packs`), our C decode kernel (`kernels.cpu_decode`), oneDNN with a packed weight
+weight (`execution.panel_packs`), our C decode kernel (`engram_kernels.cpu_decode`), oneDNN with a packed weight
 (`execution.packed_gemm`) or torch's own, in the product form `execution.cpu_gemm` chose.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_decode import decode_gemm, decode_gemm_available, panel_gemm
+from engram_kernels.cpu_decode import decode_gemm, decode_gemm_available, panel_gemm
 from model_worker.execution import panel_packs
 from model_worker.execution.cpu_gemm import choice_wins, cpu_gemm_preferences, row_bucket, wide_product, wide_wins
 from model_worker.execution.packed_gemm import packed, packed_linear, packed_linear_add
@@ -64,7 +64,7 @@ _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def native_kernel_takes(x: torch.Tensor, rows: int, weight: torch.Tensor) -> bool:
-    """Whether the C decode kernels (`kernels.cpu_decode`) may run `rows` rows of x against weight
+    """Whether the C decode kernels (`engram_kernels.cpu_decode`) may run `rows` rows of x against weight
     ([out, in], or a stack [G, out, in]) here: CPU operands, both fp32 or both bf16, output-major weights
     (unit stride along in), no gradient wanted, 1 to `native_max_rows` rows (`execution.cpu_gemm`), and the
     kernels built here."""

@@ -6,7 +6,7 @@ prompt. Instead the first process that needs a choice measures it while holding 
 host's choice file and records it; every other process, including one that was waiting for the lock, reads
 the recorded answer. The file is named by a digest of what the answers depend on: the CPU (model and
 feature flags), torch's version and the C kernels' source, so a new CPU, torch or kernel build measures
-afresh. It lives beside the built C kernels (`$ENGRAM_KERNEL_CACHE`, see `kernels.cpu_decode.native`);
+afresh. It lives beside the built C kernels (`$ENGRAM_KERNEL_CACHE`, see `engram_kernels.cpu_decode.native`);
 `ENGRAM_CPU_GEMM_CACHE=off` keeps choices per process. A file that cannot be read or parsed is measured
 again and rewritten, never trusted.
 
@@ -32,7 +32,7 @@ CACHE_SWITCH_ENV = "ENGRAM_CPU_GEMM_CACHE"
 
 def host_digest() -> str:
     """What recorded choices depend on: the CPU, torch and our C kernels' source."""
-    from kernels.cpu_decode import native
+    from engram_kernels.cpu_decode import native
 
     sources = b""
     for file in sorted(native.SOURCE.parent.glob("*.[ch]")):  # the kernel source and the headers it includes
@@ -48,7 +48,7 @@ def choices_file() -> Path | None:
     """This host's choice file, or None when the cache is switched off."""
     if os.environ.get(CACHE_SWITCH_ENV, "on").strip().lower() in ("off", "0", "no", "false"):
         return None
-    from kernels.cpu_decode import native
+    from engram_kernels.cpu_decode import native
 
     return native.cache_dir() / f"cpu-gemm-choices-{host_digest()}.json"
 

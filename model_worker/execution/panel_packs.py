@@ -1,4 +1,4 @@
-"""Panel-packed copies of fp32 weights for our C panel GEMM (`kernels.cpu_decode.panel_gemm`).
+"""Panel-packed copies of fp32 weights for our C panel GEMM (`engram_kernels.cpu_decode.panel_gemm`).
 
 Where this host measured the panel kernel faster than the library kernels (`execution.cpu_gemm`,
 `panel_weights`), `CausalLM.arrange_weights` keeps a panel-packed copy of every fp32 weight a step runs
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.cpu_decode import panel_pack, panel_width
+from engram_kernels.cpu_decode import panel_pack, panel_width
 from model_worker.execution.weight_copies import WeightCopies
 
 

@@ -3,8 +3,8 @@
 Float mode is `F.linear`, run by `model_worker.execution.gemm.linear` (which kernel runs it on this host is
 that module's business). FP8 mode keeps a checkpoint's e4m3 weight [out, in] and its
 `weight_scale_inv` [ceil(out/128), ceil(in/128)] (the real weight is each 128x128 block times its
-scale) and runs `kernels.gemm.fp8_linear`, which quantizes activations per token per 128 channels.
-This module does not quantize weights (`kernels.quant` does) and does not read checkpoints
+scale) and runs `engram_kernels.gemm.fp8_linear`, which quantizes activations per token per 128 channels.
+This module does not quantize weights (`engram_kernels.quant` does) and does not read checkpoints
 (`model_worker.weights` does, and switches layers to FP8 with `to_fp8`).
 """
 
@@ -89,7 +89,7 @@ class Linear(nn.Module):
         The scales are stored as fp32 on weight_q's device; the bias is left as it is. activation_scale_fmt:
         "fp32" or "ue8m0" (activation scales rounded up to powers of two, as the checkpoint was trained).
         """
-        from kernels.quant.fp8_format import check_scale_fmt
+        from engram_kernels.quant.fp8_format import check_scale_fmt
 
         check_scale_fmt(activation_scale_fmt)
         self._check_weight("weight_q", weight_q)
@@ -119,7 +119,7 @@ class Linear(nn.Module):
         """The real weight [out, in]: the float weight, or FP8 dequantized (fp32 unless dtype is given)."""
         if not self.is_fp8:
             return self.weight if dtype is None else self.weight.to(dtype)
-        from kernels.quant import dequantize_fp8_weight
+        from engram_kernels.quant import dequantize_fp8_weight
 
         return dequantize_fp8_weight(
             self.weight, self.weight_scale_inv, block=WEIGHT_BLOCK, dtype=dtype or torch.float32
@@ -131,7 +131,7 @@ class Linear(nn.Module):
             raise ValueError(f"x must have last dimension {self.in_features}, got shape {list(x.shape)}")
         if not self.is_fp8:
             return linear(x, self.weight, self.bias)
-        from kernels.gemm import fp8_linear
+        from engram_kernels.gemm import fp8_linear
 
         return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias, scale_fmt=self.activation_scale_fmt)
 

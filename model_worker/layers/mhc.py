@@ -7,7 +7,7 @@ sublayer output back into n streams mixed with a doubly-stochastic comb matrix:
     x = hc.expand(f(collapsed), x, post, comb)  # y_k = post_k * f + sum_j comb[j, k] * x_j
 `HyperHead` is the final collapse before the model's last norm; `expand_to_streams` copies the
 embedding output to all n streams. The mixes (unweighted RMSNorm of the flattened streams in fp32,
-then @ fn^T) are computed here in torch; the split/collapse/expand math is `kernels.mhc`.
+then @ fn^T) are computed here in torch; the split/collapse/expand math is `engram_kernels.mhc`.
 Not here: the sublayers themselves, the final norm, and loading checkpoints (parameter names match
 the checkpoint: fn/base/scale and hc_fn/hc_base/hc_scale, kept in fp32).
 """
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.mhc import mhc_post, mhc_pre, mhc_split
+from engram_kernels.mhc import mhc_post, mhc_pre, mhc_split
 
 INIT_STD = 0.02
 

@@ -1,6 +1,6 @@
 """Feed-forward blocks: dense SwiGLU MLP, the DeepSeek router and the MoE block.
 
-Routing follows MODEL_SPEC.md and is defined once, in `kernels.moe_routing`: V3 selects with sigmoid scores
+Routing follows MODEL_SPEC.md and is defined once, in `engram_kernels.moe_routing`: V3 selects with sigmoid scores
 + e_score_correction_bias, group-limited (group score = sum of its top-2 biased scores), and weights the
 chosen experts by their unbiased scores (normalised when norm_topk_prob) times routed_scaling_factor; V2
 uses softmax scores with greedy or group-limited greedy top-k, normalised *or* scaled (DeepSeek's V2 code).
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.moe_routing import Routing, select_experts
+from engram_kernels.moe_routing import Routing, select_experts
 from model_worker.config import ModelConfig
 from model_worker.execution.experts import run_experts
 from model_worker.execution.fused import ConcatenatedWeight, StackedWeight
@@ -37,7 +37,7 @@ class MLP(nn.Module):
 
 
 class Router(nn.Module):
-    """Top-k expert selection (`mlp.gate`, `kernels.moe_routing`); weight kept in fp32 like the reference
+    """Top-k expert selection (`mlp.gate`, `engram_kernels.moe_routing`); weight kept in fp32 like the reference
     implementations."""
 
     def __init__(self, config: ModelConfig):

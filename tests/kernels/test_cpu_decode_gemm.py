@@ -1,4 +1,4 @@
-"""The C decode GEMM (`kernels.cpu_decode`) against its torch definition in float64, its operand checks,
+"""The C decode GEMM (`engram_kernels.cpu_decode`) against its torch definition in float64, its operand checks,
 and its build: cached per machine, rebuilt when the cache is damaged, refused cleanly without a compiler."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.cpu_decode import (
+from engram_kernels.cpu_decode import (
     decode_gemm,
     decode_gemm_available,
     decode_gemm_ref,
@@ -194,7 +194,7 @@ def test_every_isa_path_of_the_source_computes_the_same_products(tmp_path, march
 
 
 def _load_in_subprocess(tmp_path: Path, **env) -> subprocess.CompletedProcess:
-    code = ("from kernels.cpu_decode import native\n"
+    code = ("from engram_kernels.cpu_decode import native\n"
             "lib = native.load()\n"
             "print('OK' if lib else 'NONE', native.unavailable_reason())\n")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
@@ -231,7 +231,7 @@ def test_a_cc_that_cannot_build_falls_back_to_gcc(tmp_path):
     (fake / "cc").write_text("#!/bin/sh\necho 'no OpenMP here' >&2\nexit 1\n")
     (fake / "cc").chmod(0o755)
     env = {key: value for key, value in os.environ.items() if key != "CC"}
-    code = "from kernels.cpu_decode import native\nprint('OK' if native.load() else native.unavailable_reason())\n"
+    code = "from engram_kernels.cpu_decode import native\nprint('OK' if native.load() else native.unavailable_reason())\n"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**env, "PATH": f"{fake}:{env['PATH']}", "ENGRAM_KERNEL_CACHE": str(tmp_path / "cache")})
     assert done.stdout.startswith("OK"), done.stdout + done.stderr

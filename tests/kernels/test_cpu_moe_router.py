@@ -1,4 +1,4 @@
-"""DeepSeek-V3 expert selection in C (`kernels.cpu_decode.sigmoid_route`) against its torch definition, and
+"""DeepSeek-V3 expert selection in C (`engram_kernels.cpu_decode.sigmoid_route`) against its torch definition, and
 inside the model's Router."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import moe_routing as routing_module
-from kernels.cpu_decode import decode_gemm_available, native, sigmoid_route, sigmoid_route_ref
+from engram_kernels import moe_routing as routing_module
+from engram_kernels.cpu_decode import decode_gemm_available, native, sigmoid_route, sigmoid_route_ref
 from model_worker.layers import moe as moe_module
 from tests.model_worker.engine.engine_fixtures import tiny_config
 from tests.model_worker.kernel_spies import spy_on

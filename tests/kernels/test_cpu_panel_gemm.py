@@ -1,4 +1,4 @@
-"""The C panel GEMM (`kernels.cpu_decode.panel_gemm`) against its torch definition in float64: the packed
+"""The C panel GEMM (`engram_kernels.cpu_decode.panel_gemm`) against its torch definition in float64: the packed
 layout, every row-tile and panel tail, addends, the grouped form, thread counts, each ISA build, and the
 operands it refuses."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.cpu_decode import (
+from engram_kernels.cpu_decode import (
     decode_gemm_available,
     decode_gemm_ref,
     grouped_decode_gemm_ref,

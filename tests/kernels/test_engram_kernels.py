@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.engram import (
+from engram_kernels.engram import (
     engram_gather,
     engram_gather_ref,
     engram_gather_triton,

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.gemm import fp8_gemm, fp8_gemm_ref, fp8_gemm_triton, fp8_linear
-from kernels.quant import (
+from engram_kernels.gemm import fp8_gemm, fp8_gemm_ref, fp8_gemm_triton, fp8_linear
+from engram_kernels.quant import (
     dequantize_fp8_block_ref,
     dequantize_fp8_weight_ref,
     quantize_fp8_block_ref,

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from kernels.quant import (
+from engram_kernels.quant import (
     FP8_E4M3_MAX,
     dequantize_fp8_block,
     dequantize_fp8_block_ref,
@@ -277,7 +277,7 @@ def test_weight_ops_reject_bad_arguments_by_name(call, error, name: str) -> None
 def test_table_decode_of_one_byte_floats_equals_torch_conversion_for_every_code(dtype):
     """one_byte_float_to_float32 (a 256-entry table) is bit-identical to .float(), NaN codes included,
     on a strided slice as on a contiguous tensor."""
-    from kernels.quant.fp8_format import one_byte_float_to_float32
+    from engram_kernels.quant.fp8_format import one_byte_float_to_float32
 
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).reshape(16, 16)
     for x in (codes, codes[:, 3:11], codes.t()):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.mhc.post as post_module
-from kernels.mhc import (
+import engram_kernels.mhc.post as post_module
+from engram_kernels.mhc import (
     mhc_post,
     mhc_post_ref,
     mhc_post_triton,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.mla_decode import (
+from engram_kernels.mla_decode import (
     DecodeGather,
     LatentCacheLayout,
     pack_tokens,

@@ -1,4 +1,4 @@
-"""FlashMLA's MODEL1 FP8 page layout (`kernels.mla_decode.model1_layout`), checked byte by byte against the
+"""FlashMLA's MODEL1 FP8 page layout (`engram_kernels.mla_decode.model1_layout`), checked byte by byte against the
 layout's description (FlashMLA tests/quant.py, MODEL1_FP8Sparse) computed here with plain Python math."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from kernels.mla_decode.model1_layout import Model1CacheLayout, dequantize_pages, quantize_pages, token_fields
+from engram_kernels.mla_decode.model1_layout import Model1CacheLayout, dequantize_pages, quantize_pages, token_fields
 
 V4 = Model1CacheLayout()
 

@@ -62,7 +62,7 @@ def test_packed_weights_give_the_same_products_whatever_the_host_chooses_and_cho
     packed_keys = {key for key in cpu_gemm._choices if key[0] == "packed"}
     if prefs.pack_weights:
         # One fp32 row goes to the C kernel untimed where the host measurement enabled it (layers.linear).
-        from kernels.cpu_decode import decode_gemm_available
+        from engram_kernels.cpu_decode import decode_gemm_available
 
         buckets = (2, 16) if prefs.native_max_rows and decode_gemm_available() else (1, 2, 16)
         assert packed_keys == {("packed", 160, 48, torch.float32, bucket) for bucket in buckets}
@@ -85,7 +85,7 @@ def test_the_environment_fixes_the_kernel_choice_or_is_refused(measured, monkeyp
 
 
 def test_the_c_kernel_is_measured_only_where_it_builds_and_then_keeps_weights_output_major(measured, monkeypatch):
-    import kernels.cpu_decode as cpu_decode
+    import engram_kernels.cpu_decode as cpu_decode
 
     prefs = cpu_gemm.cpu_gemm_preferences()
     assert prefs.native_max_rows in (0, cpu_gemm.NATIVE_MAX_ROWS)

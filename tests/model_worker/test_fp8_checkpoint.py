@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kernels.quant import dequantize_fp8_weight_ref, quantize_fp8_weight_ref
+from engram_kernels.quant import dequantize_fp8_weight_ref, quantize_fp8_weight_ref
 from model_worker import load_model
 from tests.model_worker.hf_checkpoints import write_hf_checkpoint
 
@@ -82,8 +82,8 @@ def test_fp8_checkpoint_logits_track_the_bf16_original(tmp_path, variant):
 def test_fp8_gemm_path_quantizes_activations_per_token(tmp_path, scale_fmt):
     """In gemm mode a layer's output equals the block-scaled GEMM of per-token-quantized activations, with the
     activation scales in the checkpoint's `quantization_config.scale_fmt` (fp32 when it names none)."""
-    from kernels.gemm import fp8_gemm_ref
-    from kernels.quant import quantize_fp8_block_ref
+    from engram_kernels.gemm import fp8_gemm_ref
+    from engram_kernels.quant import quantize_fp8_block_ref
 
     src, _ = write_hf_checkpoint(tmp_path, "v3", "no_q_lora")
     _quantize_checkpoint(src, tmp_path / "fp8", scale_fmt)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.quant import quantize_fp8_weight_ref
+from engram_kernels.quant import quantize_fp8_weight_ref
 from model_worker import load_model, save_model
 from model_worker.execution import experts as experts_module
 from model_worker.execution.fused import ConcatenatedWeight, StackedWeight, grouped_linear, grouped_mm_available

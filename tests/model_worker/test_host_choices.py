@@ -42,7 +42,7 @@ print(json.dumps({"tokens": {k: tokens_of(v) for k, v in sorted(outputs.items())
 
 
 def _run(cache: Path, code: str = GENERATE, **env) -> dict:
-    from kernels.cpu_decode import native
+    from engram_kernels.cpu_decode import native
 
     native.load()  # built once for this host, then copied: a fresh cache dir would compile the C kernels again
     for built in native.cache_dir().glob("*.so"):

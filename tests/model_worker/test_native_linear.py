@@ -1,4 +1,4 @@
-"""The C decode kernel (`kernels.cpu_decode`) inside `layers.linear` and a whole model: which products it
+"""The C decode kernel (`engram_kernels.cpu_decode`) inside `layers.linear` and a whole model: which products it
 takes (a spy counts its calls), that they equal float64, and that a model's logits and greedy tokens are
 the same with it and without it. The conftest pins it on for up to 8 rows with no per-shape timing."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.cpu_decode import decode_gemm_available
+from engram_kernels.cpu_decode import decode_gemm_available
 from model_worker.execution import cpu_gemm
 from model_worker.execution import experts as experts_module
 from model_worker.execution import gemm as linear_module

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.cpu_decode import decode_gemm_available
+from engram_kernels.cpu_decode import decode_gemm_available
 from model_worker.execution import experts as experts_module
 from model_worker.execution import gemm as linear_module
 from model_worker.execution import packed_gemm, panel_packs

@@ -57,7 +57,7 @@ def _assert_bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 
 
 def _quantize_layer(layer: Linear) -> None:
-    from kernels.quant import quantize_fp8_weight_ref
+    from engram_kernels.quant import quantize_fp8_weight_ref
 
     layer.to_fp8(*quantize_fp8_weight_ref(layer.weight.detach()))
 
@@ -310,7 +310,7 @@ def _fp8_checkpoint(tmp_path: Path) -> tuple[Toy, dict[str, torch.Tensor]]:
 
 
 def test_fp8_checkpoint_dequantize_mode_equals_linear_with_dequantized_weight(tmp_path: Path) -> None:
-    from kernels.quant import dequantize_fp8_weight
+    from engram_kernels.quant import dequantize_fp8_weight
 
     source, tensors = _fp8_checkpoint(tmp_path)
     w = dequantize_fp8_weight(tensors["proj.weight"], tensors["proj.weight_scale_inv"])
@@ -343,7 +343,7 @@ def test_fp8_checkpoint_gemm_mode_is_within_activation_quantization_error(tmp_pa
 
 
 def test_tied_weight_cannot_stay_fp8_in_gemm_mode() -> None:
-    from kernels.quant import quantize_fp8_weight_ref
+    from engram_kernels.quant import quantize_fp8_weight_ref
 
     w_q, scale = quantize_fp8_weight_ref(torch.randn(10, 8))
     tensors = {"embed.weight": w_q, "embed.weight_scale_inv": scale}
