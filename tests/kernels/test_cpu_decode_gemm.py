@@ -231,7 +231,8 @@ def test_a_cc_that_cannot_build_falls_back_to_gcc(tmp_path):
     (fake / "cc").write_text("#!/bin/sh\necho 'no OpenMP here' >&2\nexit 1\n")
     (fake / "cc").chmod(0o755)
     env = {key: value for key, value in os.environ.items() if key != "CC"}
-    code = "from engram_kernels.cpu_decode import native\nprint('OK' if native.load() else native.unavailable_reason())\n"
+    code = ("from engram_kernels.cpu_decode import native\n"
+            "print('OK' if native.load() else native.unavailable_reason())\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**env, "PATH": f"{fake}:{env['PATH']}", "ENGRAM_KERNEL_CACHE": str(tmp_path / "cache")})
     assert done.stdout.startswith("OK"), done.stdout + done.stderr
