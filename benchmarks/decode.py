@@ -63,16 +63,16 @@ def weight_read_bandwidths(mib: int = 256) -> dict[str, float]:
 
 
 def matmul_flops(dtype: torch.dtype = torch.float32, rows: int = 256) -> float:
-    """FLOP/s of this machine's fastest GEMM kernel we have (torch's own or the oneDNN-packed one,
-    `execution.packed_gemm`) on a compute-bound shape: `rows` rows through a 4096 x 4096 weight in dtype, so the
+    """FLOP/s of this machine's fastest library GEMM kernel (torch's own or oneDNN with a packed weight,
+    `onednn_peer`) on a compute-bound shape: `rows` rows through a 4096 x 4096 weight in dtype, so the
     weight is reused `rows` times and memory is not the limit (the compute ceiling of decode at any batch)."""
-    from model_worker.execution import packed_gemm
+    import onednn_peer
 
     a, w = torch.randn(rows, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
     seconds = median_time(lambda: a @ w, repeats=7, warmup=2)
-    if packed_gemm.packable(w):
-        packed = packed_gemm.pack_copy(w)
-        seconds = min(seconds, median_time(lambda: packed_gemm.packed_linear(a, packed), repeats=7, warmup=2))
+    if onednn_peer.packable(w):
+        packed = onednn_peer.pack_copy(w)
+        seconds = min(seconds, median_time(lambda: onednn_peer.packed_linear(a, packed), repeats=7, warmup=2))
     return 2 * a.shape[0] * w.numel() / seconds
 
 
@@ -115,16 +115,16 @@ def gemm_floor_tokens_per_s(model, concurrency: int, repeats: int = 5) -> float:
     """Decode tokens/s if a step cost nothing but its weight GEMMs, with this engine's own kernels.
 
     One pass runs every weight of `CausalLM.decode_gemm_weights` once, in model order, through the engine's
-    `linear` (our C kernels, the packed oneDNN kernel, a product form or torch's default: whatever the engine
-    would pick here) on [C, in] random rows: C = concurrency for attention, dense MLPs, shared experts and
+    linear method for it here (`execution.linear_methods.method_for`: our C kernels or torch's) on [C, in]
+    random rows: C = concurrency for attention, dense MLPs, shared experts and
     the head; for the routed experts the step's C * k (token, expert) pairs spread evenly over the E
     experts (only C * k experts, one row each, when C * k < E), in one grouped call per stack where the
-    engine makes one (panel-packed stacks, `layers.moe`). The embedding gather, attention over the cache,
+    engine makes one (panel-packed stacks, `execution.experts`). The embedding gather, attention over the cache,
     routing, norms, sampling and the engine are left out, so no decode step of this engine at this
     concurrency can be faster than this on this machine. Median pass time over `repeats`.
     """
     from engram_kernels.cpu_decode import grouped_panel_gemm
-    from model_worker.execution.gemm import linear, panel_for
+    from model_worker.execution.linear_methods import PANEL, method_for
 
     cfg = model.config
     pairs = concurrency * (cfg.num_experts_per_tok or 0)
@@ -133,16 +133,16 @@ def gemm_floor_tokens_per_s(model, concurrency: int, repeats: int = 5) -> float:
     grouped = set()  # expert stacks already in `work` as one grouped call
     for name, weight in model.decode_gemm_weights():
         if not _routed_expert(name):
-            work.append((lambda x, w=weight: linear(x, w), (concurrency, weight.shape[1], weight.dtype)))
+            work.append((lambda x, w=weight: method_for(w).run(x, w), (concurrency, weight.shape[1], weight.dtype)))
             continue
         expert = int(name.rsplit("[", 1)[1].rstrip("]"))
         if pairs < cfg.n_routed_experts and expert >= pairs:
             continue  # this expert gets no token in the step
         module, attr = name.rsplit("[", 1)[0].rsplit(".", 1)
         stack = getattr(model.get_submodule(module), attr).get()  # [E, out, in]
-        panel = panel_for(torch.zeros(1, stack.shape[2], dtype=stack.dtype), stack)
+        panel = PANEL.panel_for(torch.zeros(1, stack.shape[2], dtype=stack.dtype), stack)
         if panel is None:  # the engine runs these experts one by one
-            work.append((lambda x, w=weight: linear(x, w), (per_expert, weight.shape[1], weight.dtype)))
+            work.append((lambda x, w=weight: method_for(w).run(x, w), (per_expert, weight.shape[1], weight.dtype)))
         elif name.rsplit("[", 1)[0] not in grouped:  # the engine's grouped call over all the stack's experts
             grouped.add(name.rsplit("[", 1)[0])
             used = min(pairs, stack.shape[0])
@@ -296,15 +296,15 @@ def main() -> None:
         if concurrency > 1:
             print(f"at {concurrency} concurrent: 3x transformers = {3 * theirs:.0f} tok/s; GEMM ceiling {floor:.0f}; "
                   f"memory bound {bound[concurrency]:.0f}; compute bound {compute_bound:.0f}")
-    from model_worker.execution.cpu_gemm import cpu_gemm_preferences
-    from model_worker.execution.packed_gemm import packed_bytes
+    from collections import Counter
+
     from model_worker.execution.panel_packs import panel_bytes
+    from model_worker.execution.prepare import layer_methods
 
-    print(f"this process's CPU kernel choices (execution.cpu_gemm): {cpu_gemm_preferences()}")
+    print(f"layer methods chosen at load (execution.policy): {dict(Counter(layer_methods(ours).values()))}")
 
-    print(f"peak RSS: {peak_rss_mib():.0f} MiB (whole process: both models, caches); of it, packed weight copies: "
-          f"oneDNN (execution.packed_gemm) {packed_bytes() / 2**20:.0f} MiB, panel (execution.panel_packs) "
-          f"{panel_bytes() / 2**20:.0f} MiB")
+    print(f"peak RSS: {peak_rss_mib():.0f} MiB (whole process: both models, caches); of it, panel-packed weight "
+          f"copies (execution.panel_packs) {panel_bytes() / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -1,25 +1,22 @@
-"""Decode GEMM kernels: weight memory order, product form and oneDNN packing for decode-sized batches.
+"""Decode GEMM kernels for decode-sized batches: the evidence for the fixed rule of `execution.policy`.
 
-`CausalLM.arrange_weights` stores fp32 weights with out >= in input-major on CPU (`execution.layout`) and keeps
-panel-packed copies of the decode weights for our C panel kernel (`execution.panel_packs`) or oneDNN-packed
-ones (`execution.packed_gemm`); `layers.linear.linear` runs our kernels, the packed kernel, or 2..512 rows as
-(W @ x^T)^T, each where `execution.cpu_gemm` measured it faster on the host. This
-prints the evidence, in two parts, same weights, one process:
+Where our C kernels build, fp32 layers run our C panel kernel from panel-packed copies (`execution.panel_packs`)
+at every row count, and a few bf16 rows run our C dot-product kernel; nothing else is chosen at run time. This
+prints the evidence against every rival we had (torch's GEMM in both operand orders and both product forms,
+oneDNN with packed weights, `onednn_peer.py`), in two parts, same weights, one process:
 
 1. Per shape: for each distinct GEMM shape of the DeepSeek-V3-shaped benchmark model, at 1, 4 and 16
    rows in fp32, the product as x @ W^T (torch's default) and as (W @ x^T)^T, with the weight in either
    order, and through the weight's oneDNN-packed copy; in bf16 at one row the engine's GEMV in either
-   order and the packed kernel; in both also our C decode kernel (`engram_kernels.cpu_decode`) on the
+   order and the packed kernel; in both also our C dot-product kernel (`engram_kernels.cpu_decode`) on the
    output-major weight, and in fp32 our C panel kernel on the weight's panel-packed copy. Every call
    reads a different copy of the weight (copies add up to more than the caches), as a decode step does.
    Also the 256 MiB matrix-vector product `decode.py` uses for the bandwidth roofline, in both orders
    and through our two kernels.
-2. Per step: our engine decoding with torch's defaults (every weight output-major, every product
-   x @ W^T, no packing), with the weights arranged and this host's measured product forms but no
-   packing, with packing too (every library kernel, no C kernel; its own copy of the model, packed for
-   oneDNN), and as load_model gives it (our C kernels, where measured faster), alternating every few steps
-   in one process (this host's speed drifts by tens of percent within seconds), at 1, 4 and 16 concurrent
-   requests. Same greedy tokens expected (different rounding may in rare near-ties change one).
+2. Per step: our engine decoding with torch's kernels (`arrange_weights(pack=False)`: every layer's method
+   is torch's) and as load_model gives it (this host's methods), alternating every few steps in one process
+   (this host's speed drifts by tens of percent within seconds), at 1, 4 and 16 concurrent requests. Same
+   greedy tokens expected (different rounding may in rare near-ties change one).
 
     python benchmarks/weight_layout.py [--quick]
 """
@@ -27,7 +24,6 @@ prints the evidence, in two parts, same weights, one process:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import tempfile
@@ -38,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import onednn_peer  # noqa: E402
 from common import ByteTokenizer, machine_line, save_hf_v3  # noqa: E402
 
 _CACHE_DEFEAT_BYTES = 512 * 2**20
@@ -56,9 +53,7 @@ def _w_xt(x, w):
 
 
 def _gemv(x, w):
-    from model_worker.execution.gemm import unpacked_linear
-
-    return unpacked_linear(x, w)  # one bf16 row: the engine's GEMV path
+    return torch.mv(w, x[0])[None]  # one bf16 row as torch's matrix-vector product
 
 
 def _c_kernel(x, w):
@@ -75,26 +70,23 @@ def _panel(x, w):
 
 
 def _packed(x, w):
-    from model_worker.execution.packed_gemm import packed_linear
-
-    return packed_linear(x, w)  # w is a packed copy (any source order gives the same packed copy)
+    return onednn_peer.packed_linear(x, w)  # w is a packed copy (any source order gives the same packed copy)
 
 
 def shape_seconds(out_features: int, in_features: int, rows: int, trials: int,
                   dtype: torch.dtype = torch.float32) -> dict[tuple[str, str], float]:
     """Median seconds per product of [rows, in] with an [out, in] weight in dtype, per (form, memory order).
-    fp32: forms x @ W^T and (W @ x^T)^T; bf16: the engine's one-row GEMV (`layers.linear`); both: the
-    oneDNN-packed kernel, as ("packed", "packed") where this torch has it (`execution.packed_gemm`), and our C
+    fp32: forms x @ W^T and (W @ x^T)^T; bf16: torch's one-row GEMV; both: the
+    oneDNN-packed kernel, as ("packed", "packed") where this torch has it (`onednn_peer`), and our C
     decode kernel as ("C kernel", "output-major") where it builds (`engram_kernels.cpu_decode`); fp32: our C panel
     kernel on panel-packed copies as ("panel", "panel") there too."""
     from engram_kernels.cpu_decode import decode_gemm_available, panel_pack
-    from model_worker.execution import packed_gemm
 
     copies = max(2, _CACHE_DEFEAT_BYTES // (out_features * in_features * dtype.itemsize))
     weights = [_orders(torch.randn(out_features, in_features, dtype=dtype)) for _ in range(copies)]
-    if packed_gemm.packable(weights[0]["output-major"]):
+    if onednn_peer.packable(weights[0]["output-major"]):
         for pair in weights:
-            pair["packed"] = packed_gemm.pack_copy(pair["output-major"])
+            pair["packed"] = onednn_peer.pack_copy(pair["output-major"])
     x = torch.randn(rows, in_features, dtype=dtype)
     forms = {"x @ W^T": _x_wt, "(W @ x^T)^T": _w_xt} if dtype == torch.float32 else {"GEMV": _gemv}
     samples = {(form, order): [] for form in forms for order in ("output-major", "input-major")}
@@ -166,19 +158,17 @@ def decode_gemm_shapes(model) -> dict[tuple[int, int], list[str]]:
 
 
 def step_seconds(variants: dict, concurrency: int, rounds: int, per_round: int = 3):
-    """variants: name -> (model, CpuGemmPreferences to pin while it runs). Median engine step seconds per
-    variant, alternating; and whether all produced the same tokens."""
+    """variants: name -> model. Median engine step seconds per variant, alternating; and whether all produced
+    the same tokens."""
     from model_worker.engine.engine import EngineConfig, LLMEngine
     from model_worker.engine.sampling import SamplingParams
-    from model_worker.execution.cpu_gemm import set_cpu_gemm_preferences
 
-    vocab = next(iter(variants.values()))[0].config.vocab_size
+    vocab = next(iter(variants.values())).config.vocab_size
     params = SamplingParams(max_tokens=rounds * per_round + 8, temperature=0.0, ignore_eos=True)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, vocab, (16,), generator=gen).tolist() for _ in range(concurrency)]
     engines = {}
-    for name, (model, prefs) in variants.items():
-        set_cpu_gemm_preferences(prefs)
+    for name, model in variants.items():
         engines[name] = LLMEngine(model, ByteTokenizer(vocab), EngineConfig(max_num_seqs=max(64, concurrency)))
         for i, prompt in enumerate(prompts):
             engines[name].add_request(f"r{i}", prompt, params)
@@ -187,7 +177,6 @@ def step_seconds(variants: dict, concurrency: int, rounds: int, per_round: int =
     tokens = {name: [] for name in engines}
     for _ in range(rounds):
         for name, engine in engines.items():
-            set_cpu_gemm_preferences(variants[name][1])
             for _ in range(per_round):
                 start = time.perf_counter()
                 outputs = engine.step()
@@ -203,19 +192,15 @@ def main() -> None:
     args = parser.parse_args()
     trials, rounds = (3, 8) if args.quick else (7, 25)
 
-    from model_worker import load_model
-    from model_worker.execution.cpu_gemm import TORCH_DEFAULTS, cpu_gemm_preferences, set_cpu_gemm_preferences
+    from collections import Counter
 
-    measured = cpu_gemm_preferences()  # this host's choices (execution.cpu_gemm)
-    library = dataclasses.replace(measured, native_max_rows=0, panel_weights=False)
-    unpacked = dataclasses.replace(library, pack_weights=False)
+    from model_worker import load_model
+    from model_worker.execution.prepare import layer_methods
+
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_v3(Path(tmp))
-        arranged = load_model(tmp)  # packed as this host measured: panel copies where our kernel won
-        output_major = load_model(tmp).arrange_weights(input_major=False)
-        set_cpu_gemm_preferences(library)
-        library_model = load_model(tmp)  # oneDNN-packed where packing won (the library kernels' own copies)
-        set_cpu_gemm_preferences(measured)
+        arranged = load_model(tmp)  # this host's methods
+        torch_model = load_model(tmp, pack_weights=False)  # torch's kernels everywhere
 
     print("decode GEMM forms: fp32, DeepSeek-V3-shaped model; output-major = nn.Linear's [out, in] order, "
           "input-major = the same [out, in] tensor over [in, out] memory")
@@ -257,22 +242,14 @@ def main() -> None:
     bw = bandwidth_by_order(trials)
     print("256 MiB fp32 matrix-vector product (decode.py's bandwidth probe): "
           + ", ".join(f"{name} {value:.1f} GB/s" for name, value in bw.items()))
-    print(f"this host's measured choices (execution.cpu_gemm): {measured}")
-    print(f"per step: median ms per engine decode step, {rounds} rounds of 3 steps each, alternating; torch "
-          "defaults = every weight output-major, every product x @ W^T, no packing; layout + forms = weights "
-          "arranged, this host's product forms, no packing, no C kernel; libraries = that plus packing where "
-          "measured faster; ours = what load_model gives (our C kernels where measured faster)")
-    print(f"{'concurrent':>10}{'torch defaults':>16}{'layout + forms':>16}{'libraries':>11}{'ours':>8}"
-          f"{'ours vs defaults':>18}{'ours vs libraries':>19}  same tokens")
+    print(f"this host's layer methods (execution.policy): {dict(Counter(layer_methods(arranged).values()))}")
+    print(f"per step: median ms per engine decode step, {rounds} rounds of 3 steps each, alternating; torch = "
+          "arrange_weights(pack=False) (torch's kernels in every layer); ours = what load_model gives")
+    print(f"{'concurrent':>10}{'torch':>9}{'ours':>8}{'ours vs torch':>15}  same tokens")
     for concurrency in (1, 4, 16):
-        variants = {"defaults": (output_major, TORCH_DEFAULTS), "forms": (library_model, unpacked),
-                    "libraries": (library_model, library), "ours": (arranged, measured)}
-        seconds, same = step_seconds(variants, concurrency, rounds)
-        set_cpu_gemm_preferences(measured)
-        print(f"{concurrency:>10}{seconds['defaults'] * 1e3:>16.2f}{seconds['forms'] * 1e3:>16.2f}"
-              f"{seconds['libraries'] * 1e3:>11.2f}{seconds['ours'] * 1e3:>8.2f}"
-              f"{seconds['defaults'] / seconds['ours']:>17.2f}x"
-              f"{seconds['libraries'] / seconds['ours']:>18.2f}x  {same}")
+        seconds, same = step_seconds({"torch": torch_model, "ours": arranged}, concurrency, rounds)
+        print(f"{concurrency:>10}{seconds['torch'] * 1e3:>9.2f}{seconds['ours'] * 1e3:>8.2f}"
+              f"{seconds['torch'] / seconds['ours']:>14.2f}x  {same}")
 
 
 if __name__ == "__main__":

@@ -43,8 +43,9 @@ def load_model(path: str | Path, *, dtype: str | torch.dtype = "float32", device
 
     fp8_mode: for FP8 checkpoints (`weight_scale_inv` present), "dequantize" converts the weights to
     `dtype` at load time; "gemm" keeps them in FP8 and runs the block-scaled FP8 GEMM.
-    pack_weights: keep oneDNN-packed copies of the decode weights where this host runs them faster
-    (`CausalLM.arrange_weights`); False saves that second copy of each weight's memory.
+    pack_weights: give each layer this host's method and the weight copy its kernel reads (panel-packed fp32
+    weights for our C panel kernel, `CausalLM.arrange_weights`); False runs torch's kernels and saves that
+    second copy of each fp32 weight's memory.
     engram_tables: False leaves `engram_tables.safetensors` unread (it need not exist): the model's Engram
     rows come from elsewhere (`attach_engram_tables` with a memory-service client) before it runs.
     """

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from model_worker.config import ModelConfig
-from model_worker.execution.gemm import linear
+from model_worker.execution.linear_methods import REFERENCE, LinearMethod
 from model_worker.layers.engram import EngramModule
 from model_worker.layers.mhc import HyperConnection, HyperHead, expand_to_streams
 from model_worker.layers.mla import MLA, LatentKV
@@ -113,6 +113,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.head_method: LinearMethod = REFERENCE  # chosen at load (`arrange_weights`)
         self.engram_tables: EngramTableClient | None = None
         self._engram_hasher = None
 
@@ -149,12 +150,12 @@ class CausalLM(nn.Module):
             tensor.data = tensor.data.to(dtype)
         return self.arrange_weights() if arrange else self
 
-    def arrange_weights(self, input_major: bool = True, pack: bool = True) -> CausalLM:
-        """Prepare every weight a decode step runs as a GEMM for this host's kernels (layout, fusions, packed
-        copies; values and `state_dict()` unchanged): `model_worker.execution.prepare.arrange_weights`."""
+    def arrange_weights(self, pack: bool = True) -> CausalLM:
+        """Choose each layer's method for this host and prepare its weights once (fusions, packed copies;
+        values and `state_dict()` unchanged): `model_worker.execution.prepare.arrange_weights`."""
         from model_worker.execution.prepare import arrange_weights
 
-        return arrange_weights(self, input_major=input_major, pack=pack)
+        return arrange_weights(self, pack=pack)
 
     def decode_gemm_weights(self) -> list[tuple[str, torch.Tensor]]:
         """(name, weight [out, in]) of every float product a decode step runs as a GEMM
@@ -231,7 +232,7 @@ class CausalLM(nn.Module):
         """Final residual (streams collapsed under mHC) -> logits fp32 [..., vocab]."""
         if self.model.hc_head is not None:
             h = self.model.hc_head(h)
-        return linear(self.model.norm(h), self.lm_head.weight, self.lm_head.bias).float()
+        return self.head_method.apply(self.lm_head, self.model.norm(h)).float()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, T] -> the initial residual: [B, T, D], or [B, T, n, D] copied to the mHC streams."""

@@ -133,9 +133,9 @@ class ModelWorker:
                         engram_tables: Any = None, **engine_settings: Any) -> ModelWorker:
         """Load model + tokenizer from a checkpoint directory; engine_settings are EngineConfig fields. The
         tokenizer is read first (a broken one fails before the weights load); a checkpoint without
-        `tokenizer.json` is served for token-id requests only. pack_weights=False skips the oneDNN-packed
-        weight copies (`load_model`): half the weight memory on hosts where packing is used, slower CPU
-        decode there. engram_tables: an EngramTableClient (e.g. over
+        `tokenizer.json` is served for token-id requests only. pack_weights=False runs every float layer by torch's
+        kernels without the panel-packed weight copies (`load_model`): half the fp32 weight memory, slower CPU
+        decode. engram_tables: an EngramTableClient (e.g. over
         the memory service) to serve the Engram rows; the checkpoint's own tables are then not loaded."""
         from model_worker import load_model, load_tokenizer
 

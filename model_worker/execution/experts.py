@@ -1,13 +1,15 @@
-"""How a MoE block's routed experts run: chosen per call from the block's weights and the batch.
+"""Experts methods: how a MoE block's routed experts run, chosen once per block at load
+(`execution.prepare.arrange_weights`, by `execution.policy`'s rule), like the linear methods.
 
-Float experts run as stacked weights (tokens sorted by expert): where the stacks are panel-packed
-(`execution.panel_packs`, fp32 on hosts where our C panel kernel won), all experts in one grouped call of that
-kernel per projection, at any row count; else in a decode step where no expert has more rows than the C
-decode kernel takes, through its grouped GEMM, all experts in one call per projection
-(`engram_kernels.cpu_decode`, where it builds and won on this host); otherwise one grouped GEMM per projection,
-or one packed GEMM per expert with tokens where the experts are packed. A single token (decode of one
-sequence) runs its k experts in turn, without sorting. FP8 experts, which cannot be stacked, run one by
-one. Every path computes the same sum (tests compare them with float64 references).
+- TORCH_EXPERTS: the experts as stacked weights [E, out, in] (`execution.fused.StackedWeight`), tokens sorted
+  by expert: one grouped GEMM per projection when most experts have tokens, else each expert that has
+  tokens in turn; one token (decode of one sequence) runs its k experts in turn without sorting.
+- C_ROWS_EXPERTS: the same, each expert's product through `linear_methods.C_ROWS` (bf16 on CPU).
+- PANEL_EXPERTS: fp32 on CPU: the stacks panel-packed whole (`panel_packs.pack_stack`), all experts in one
+  grouped call of our C panel kernel per projection, at any row count.
+
+Experts that cannot be stacked (FP8) run one by one through their own Linears. Every path computes the same
+sum (tests compare them with float64 references).
 """
 
 from __future__ import annotations
@@ -17,141 +19,161 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from engram_kernels.cpu_decode import grouped_decode_gemm, grouped_panel_gemm
-from model_worker.execution.cpu_gemm import choice_wins, cpu_gemm_preferences, row_bucket
+from engram_kernels.cpu_decode import grouped_panel_gemm
 from model_worker.execution.fused import grouped_linear, grouped_mm_available
-from model_worker.execution.gemm import linear, linear_accumulate, native_kernel_takes, panel_for
-from model_worker.execution.packed_gemm import packed
+from model_worker.execution.linear_methods import C_ROWS, PANEL, REFERENCE, LinearMethod, method_for
 
 
-def run_experts(moe, flat: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """A MoE block's output for tokens flat [N, D] routed to experts ids [N, k] with weights [N, k] fp32:
-    the routed experts' weighted sum plus the shared experts -> [N, D]. moe: the MoE module (`layers.moe.MoE`)."""
-    gate_up, down = moe._stacked_gate_up.get(), moe._stacked_down.get()
-    stacked = gate_up is not None and down is not None
-    panels = (panel_for(flat, gate_up), panel_for(flat, down)) if stacked else (None, None)
-    if panels[0] is not None and panels[1] is not None and flat.shape[0] == 1:
-        return _one_token_panels(moe, flat, weights, ids, *panels, gate_up.shape[1])
-    if stacked and flat.shape[0] == 1:
-        return _one_token(moe, flat, weights, ids)
-    order = ids.flatten().argsort(stable=True)  # (token, expert) pairs sorted by expert
-    counts = torch.bincount(ids.flatten(), minlength=len(moe.experts))  # [E]
-    token = order // ids.shape[1]  # [N*k] token of each sorted pair
-    pair_weight = weights.flatten()[order, None].to(flat.dtype)  # [N*k, 1]
-    # The C kernel's grouped GEMM where it takes every expert's rows and wins here; else, when most experts
-    # have tokens, one grouped GEMM per projection over the stacked weights, unless the experts are packed
-    # (`execution.packed_gemm`), where one packed GEMM per expert with tokens beats it.
-    per_expert = counts.tolist() if stacked else []
-    sorted_x = flat[token] if stacked else flat  # [N*k, D] each pair's token row, sorted by expert
-    if panels[0] is not None and panels[1] is not None:
-        expert_out = _panel_experts(sorted_x, per_expert, *panels, gate_up.shape[1], down.shape[1])
-    elif stacked and _native_experts_win(moe, sorted_x, per_expert, gate_up, down):
-        expert_out = _native_experts(sorted_x, per_expert, gate_up, down)
-    elif stacked and len(order) >= len(counts) and grouped_mm_available(flat, gate_up, down) \
-            and packed(moe._stacked_gate_up.per_group()[0][0]) is None:
-        hidden = _swiglu(grouped_linear(sorted_x, gate_up, counts))
-        expert_out = grouped_linear(hidden, down, counts)  # [N*k, D]
-    elif stacked:  # few tokens (decode) or packed experts: only the experts that have tokens
-        expert_out = _each_stacked_expert(moe, sorted_x, per_expert)
-    else:
-        # Unstackable (FP8) experts: run only the experts that have tokens, one by one.
-        expert_out = flat.new_empty(len(order), flat.shape[-1])
-        start = 0
+class ExpertsMethod:
+    """Stacked experts through torch's kernels, or through `linear` (a linear method) one expert at a time."""
+
+    name = "torch"
+
+    def __init__(self, linear: LinearMethod = REFERENCE):
+        self.linear = linear
+
+    def prepare(self, moe) -> None:
+        """Make what `run` needs of the block's stacks, once, at load."""
+
+    def release(self, moe) -> None:
+        """Drop what `prepare` made."""
+
+    def run(self, moe, flat: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Tokens flat [N, D] routed to experts ids [N, k] with weights [N, k] fp32 -> the routed experts'
+        weighted sum plus the shared experts, [N, D]. moe: the block (`layers.moe.MoE`)."""
+        gate_up, down = moe._stacked_gate_up.get(), moe._stacked_down.get()
+        if gate_up is None or down is None:
+            return self._combine(moe, flat, *_sorted_pairs(flat, ids, weights, len(moe.experts)), _each_expert)
+        if flat.shape[0] == 1:
+            return self._one_token(moe, flat, weights, ids)
+        return self._combine(moe, flat, *_sorted_pairs(flat, ids, weights, len(moe.experts)), self._stacked)
+
+    def _stacked(self, moe, sorted_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Each pair's expert output for sorted_x [N*k, D] (sorted by expert; counts [E]) -> [N*k, D]."""
+        gate_up, down = moe._stacked_gate_up.get(), moe._stacked_down.get()
+        if len(sorted_x) >= len(counts) and grouped_mm_available(sorted_x, gate_up, down):
+            return grouped_linear(_swiglu(grouped_linear(sorted_x, gate_up, counts)), down, counts)
+        gate_up_views, down_views = moe._stacked_gate_up.per_group()[0], moe._stacked_down.per_group()[0]
+        outs, start = [], 0
         for expert_id, count in enumerate(counts.tolist()):
             if count:
-                rows = slice(start, start + count)
-                expert_out[rows] = moe.experts[expert_id](flat[token[rows]])
+                rows = sorted_x[start : start + count]
+                hidden = _swiglu(self.linear.run(rows, gate_up_views[expert_id]))
+                outs.append(self.linear.run(hidden, down_views[expert_id]))
                 start += count
-    out = torch.zeros_like(flat).index_add_(0, token, expert_out * pair_weight)
-    if moe.shared_experts is not None:
-        out = out + moe.shared_experts(flat)
-    return out
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _one_token(self, moe, flat: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Decode of a single sequence: its k experts in turn, no sorting or scattering. flat [1, D] -> [1, D]."""
+        gate_up, down = moe._stacked_gate_up.per_group()[0], moe._stacked_down.per_group()[0]
+        out = moe.shared_experts(flat) if moe.shared_experts is not None else torch.zeros_like(flat)
+        for expert_id, weight in zip(ids.tolist()[0], weights.tolist()[0]):
+            hidden = _swiglu(self.linear.run(flat, gate_up[expert_id]))  # [1, I]
+            out = self.linear.accumulate(out, hidden, down[expert_id], weight)  # out + weight * down(hidden)
+        return out
+
+    @staticmethod
+    def _combine(moe, flat, token, pair_weight, sorted_x, counts, experts_out) -> torch.Tensor:
+        """Scatter-add each (token, expert) pair's weighted output back to its token, plus the shared experts."""
+        expert_out = experts_out(moe, sorted_x, counts)  # [N*k, D]
+        out = torch.zeros_like(flat).index_add_(0, token, expert_out * pair_weight)
+        return out + moe.shared_experts(flat) if moe.shared_experts is not None else out
+
+    def __repr__(self) -> str:
+        return f"<experts method {self.name}>"
 
 
-def _each_stacked_expert(moe, sorted_x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Each expert with tokens on its rows of sorted_x [N*k, D] (sorted by expert; counts per expert),
-    through the stacked weights' cached per-expert views -> [N*k, D] in the same order."""
-    gate_up, _ = moe._stacked_gate_up.per_group()  # [2I, D] each
-    down, _ = moe._stacked_down.per_group()  # [D, I] each
+class PanelExperts(ExpertsMethod):
+    """fp32 stacks panel-packed whole: every expert in one grouped call of our C panel kernel per projection."""
+
+    name = "c-panel"
+
+    def __init__(self):
+        super().__init__(PANEL)
+
+    def prepare(self, moe) -> None:
+        from model_worker.execution import panel_packs
+
+        for stack in (moe._stacked_gate_up, moe._stacked_down):
+            if stack.get() is not None:
+                panel_packs.pack_stack(stack.get(), stack.per_group()[0])
+
+    def release(self, moe) -> None:
+        from model_worker.execution import panel_packs
+
+        for stack in (moe._stacked_gate_up, moe._stacked_down):
+            if stack.get() is not None:
+                for view in (stack.get(), *stack.per_group()[0]):
+                    panel_packs.unpack(view)
+
+    def _panels(self, moe, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        gate_up, down = moe._stacked_gate_up.get(), moe._stacked_down.get()
+        if gate_up is None or down is None:
+            return None
+        panels = PANEL.panel_for(flat, gate_up), PANEL.panel_for(flat, down)
+        return None if panels[0] is None or panels[1] is None else panels
+
+    def run(self, moe, flat, weights, ids):
+        panels = self._panels(moe, flat)
+        if panels is None:  # cast, moved or training since load: torch's kernels
+            return TORCH_EXPERTS.run(moe, flat, weights, ids)
+        hidden2, width = moe._stacked_gate_up.get().shape[1], flat.shape[1]
+        if flat.shape[0] > 1:
+            return self._combine(moe, flat, *_sorted_pairs(flat, ids, weights, len(moe.experts)),
+                                 lambda _, x, counts: _panel_experts(x, counts.tolist(), *panels, hidden2, width))
+        # One token: its k experts in two grouped calls, weighted and summed with the shared experts in one addmm.
+        pairs = sorted(zip(ids.tolist()[0], weights.tolist()[0]))  # (expert, weight), by expert
+        counts = [0] * len(moe.experts)
+        for expert_id, _ in pairs:
+            counts[expert_id] += 1
+        rows = flat.expand(len(pairs), width)  # [k, D]: the token's row k times (stride 0, no copy)
+        expert_out = _panel_experts(rows, counts, *panels, hidden2, width)  # [k, D]
+        out = moe.shared_experts(flat) if moe.shared_experts is not None else torch.zeros_like(flat)
+        return torch.addmm(out, torch.tensor([[w for _, w in pairs]], dtype=flat.dtype), expert_out)
+
+
+TORCH_EXPERTS = ExpertsMethod()
+C_ROWS_EXPERTS = ExpertsMethod(C_ROWS)
+C_ROWS_EXPERTS.name = "c-rows"
+PANEL_EXPERTS = PanelExperts()
+
+
+def experts_method_for(moe) -> ExpertsMethod:
+    """The experts method of a MoE block on this host: by its gate/up stack's linear method (`method_for`)."""
+    stack = moe._stacked_gate_up.get()
+    if stack is None or moe._stacked_down.get() is None:
+        return TORCH_EXPERTS  # unstackable (FP8): each expert through its own Linears
+    return {PANEL: PANEL_EXPERTS, C_ROWS: C_ROWS_EXPERTS}.get(method_for(stack), TORCH_EXPERTS)
+
+
+def _sorted_pairs(flat: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, n_experts: int):
+    """(token of each pair [N*k], pair weight [N*k, 1], each pair's token row sorted by expert [N*k, D],
+    pairs per expert [E]) for the (token, expert) pairs of ids [N, k] sorted by expert."""
+    order = ids.flatten().argsort(stable=True)
+    token = order // ids.shape[1]
+    pair_weight = weights.flatten()[order, None].to(flat.dtype)
+    return token, pair_weight, flat[token], torch.bincount(ids.flatten(), minlength=n_experts)
+
+
+def _each_expert(moe, sorted_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Unstackable (FP8) experts: only the experts that have pairs, one by one through their own Linears."""
     outs, start = [], 0
-    for expert_id, count in enumerate(counts):
+    for expert_id, count in enumerate(counts.tolist()):
         if count:
-            rows = sorted_x[start : start + count]
-            outs.append(linear(_swiglu(linear(rows, gate_up[expert_id])), down[expert_id]))
+            outs.append(moe.experts[expert_id](sorted_x[start : start + count]))
             start += count
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
-def _native_experts_win(moe, sorted_x: torch.Tensor, counts: list[int], gate_up: torch.Tensor,
-                        down: torch.Tensor) -> bool:
-    """Whether every expert's rows go through the C kernel's grouped GEMM (`_native_experts`): it takes the
-    operands with as many rows as the busiest expert has (`native_kernel_takes`), and on this host it beat
-    the per-expert loop for this stack shape and that row count (`execution.cpu_gemm.choice_wins`)."""
-    busiest = max(counts)
-    if gate_up.dtype != torch.float32 or not (native_kernel_takes(sorted_x, busiest, gate_up)
-                                              and native_kernel_takes(sorted_x, busiest, down)):
-        return False  # the grouped kernel is fp32 only
-    if not cpu_gemm_preferences().tune_native:
-        return True
-    key = ("native experts", *gate_up.shape, *down.shape[1:], row_bucket(busiest))
-    return choice_wins(key, lambda: (lambda: _each_stacked_expert(moe, sorted_x, counts),
-                                     lambda: _native_experts(sorted_x, counts, gate_up, down)))
-
-
 def _panel_experts(sorted_x: torch.Tensor, counts: list[int], gate_up: torch.Tensor, down: torch.Tensor,
                    hidden2: int, width: int) -> torch.Tensor:
-    """All experts in two calls of our C panel kernel (`engram_kernels.cpu_decode.grouped_panel_gemm`), any number
-    of rows each: sorted_x [N*k, D] sorted by expert, counts per expert, the stacks' panel-packed copies
-    (`execution.panel_packs`) gate_up (of [E, 2I, D], hidden2 = 2I) and down (of [E, D, I], width = D)
-    -> [N*k, D] in the same order."""
-    return _grouped_swiglu(sorted_x, counts, lambda x, offsets: grouped_panel_gemm(x, offsets, gate_up, hidden2),
-                           lambda h, offsets: grouped_panel_gemm(h, offsets, down, width))
-
-
-def _native_experts(sorted_x: torch.Tensor, counts: list[int], gate_up: torch.Tensor,
-                    down: torch.Tensor) -> torch.Tensor:
-    """All experts in two C calls (`engram_kernels.cpu_decode.grouped_decode_gemm`): sorted_x [N*k, D] sorted by
-    expert, counts per expert, stacks gate_up [E, 2I, D] and down [E, D, I] -> [N*k, D] in the same order."""
-    return _grouped_swiglu(sorted_x, counts, lambda x, offsets: grouped_decode_gemm(x, offsets, gate_up),
-                           lambda h, offsets: grouped_decode_gemm(h, offsets, down))
-
-
-def _one_token(moe, flat, weights, ids) -> torch.Tensor:
-    """Decode of a single sequence: its k experts in turn, no sorting or scattering. flat [1, D] -> [1, D].
-    Experts' weights come as cached per-expert views (`StackedWeight.per_group`)."""
-    gate_up, _ = moe._stacked_gate_up.per_group()  # [2I, D] each
-    down, down_t = moe._stacked_down.per_group()  # [D, I] and [I, D] each
-    out = moe.shared_experts(flat) if moe.shared_experts is not None else torch.zeros_like(flat)
-    for expert_id, weight in zip(ids.tolist()[0], weights.tolist()[0]):
-        hidden = _swiglu(linear(flat, gate_up[expert_id]))  # [1, I]
-        out = linear_accumulate(out, hidden, down[expert_id], weight, down_t[expert_id])  # out + weight * down(h)
-    return out
-
-
-def _one_token_panels(moe, flat, weights, ids, gate_up: torch.Tensor, down: torch.Tensor,
-                      hidden2: int) -> torch.Tensor:
-    """Decode of a single sequence through the panel-packed stacks: its k experts in two grouped calls (no
-    sorting or scattering in torch), their outputs weighted and summed with the shared experts' in one
-    addmm. flat [1, D] -> [1, D]."""
-    pairs = sorted(zip(ids.tolist()[0], weights.tolist()[0]))  # (expert, weight), by expert
-    counts = [0] * len(moe.experts)
-    for expert_id, _ in pairs:
-        counts[expert_id] += 1
-    rows = flat.expand(len(pairs), flat.shape[1])  # [k, D]: the token's row k times (stride 0, no copy)
-    expert_out = _panel_experts(rows, counts, gate_up, down, hidden2, flat.shape[1])  # [k, D]
-    out = moe.shared_experts(flat) if moe.shared_experts is not None else torch.zeros_like(flat)
-    pair_weight = torch.tensor([[weight for _, weight in pairs]], dtype=flat.dtype)  # [1, k]
-    return torch.addmm(out, pair_weight, expert_out)
-
-
-def _grouped_swiglu(sorted_x: torch.Tensor, counts: list[int], gate_up, down) -> torch.Tensor:
-    """Every expert's SwiGLU over its rows of sorted_x [N*k, D] (sorted by expert, counts per expert) through
-    a grouped kernel: gate_up(x, offsets) -> [N*k, 2I] and down(h, offsets) -> [N*k, D], each taking rows with
-    unit stride along their last axis."""
+    """All experts in two grouped calls of our C panel kernel: sorted_x [N*k, D] sorted by expert, counts per
+    expert, the stacks' panel-packed copies gate_up (of [E, 2I, D], hidden2 = 2I) and down (of [E, D, I],
+    width = D) -> [N*k, D] in the same order."""
     offsets = [0, *itertools.accumulate(counts)]
     x = sorted_x if sorted_x.stride(-1) == 1 else sorted_x.contiguous()
-    hidden = _swiglu(gate_up(x, offsets))
-    return down(hidden if hidden.stride(-1) == 1 else hidden.contiguous(), offsets)
+    hidden = _swiglu(grouped_panel_gemm(x, offsets, gate_up, hidden2))
+    return grouped_panel_gemm(hidden if hidden.stride(-1) == 1 else hidden.contiguous(), offsets, down, width)
 
 
 def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,8 @@ The fused tensor is built on first use and the member parameters are re-pointed 
 checkpoint names, `state_dict()` and memory use stay as they were. Anything that gives a member new
 storage (`cast`, `.to(device)`, a weight update, switching to FP8) is noticed by comparing data
 pointers on every call, and the fusion is rebuilt or, for FP8 or biased members, skipped (callers then
-run the members one by one); the previous fused tensor is released on that call. The fused tensor is
-stored in the memory order its kernels read fastest (`execution.layout`) unless `input_major` is cleared.
-Its per-group views are what `linear` receives, so they are what `CausalLM.arrange_weights` packs
-(`execution.packed_gemm`).
+run the members one by one); the previous fused tensor is released on that call. A ConcatenatedWeight runs
+its GEMM by its own linear method (`execution.linear_methods`), chosen at load like a Linear's.
 """
 
 from __future__ import annotations
@@ -23,8 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model_worker.execution.gemm import linear
-from model_worker.execution.layout import arranged
+from model_worker.execution.linear_methods import REFERENCE, LinearMethod
 from model_worker.layers.linear import Linear
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
@@ -39,19 +36,8 @@ class _FusedWeight:
         self._members = [lin for group in groups for lin in group]
         self._key: tuple[int, ...] | None = None
         self._tensor: torch.Tensor | None = None
-        self._input_major = True
         self._groups_cache: tuple | None = None  # (fused tensor, per_group() views)
         self._disabled = False
-
-    @property
-    def input_major(self) -> bool:
-        """A setting: may the fused tensor be stored input-major (`execution.layout`). Changing it rebuilds."""
-        return self._input_major
-
-    @input_major.setter
-    def input_major(self, allowed: bool) -> None:
-        if allowed != self._input_major:
-            self._input_major, self._key = allowed, None
 
     @property
     def members(self) -> list[Linear]:
@@ -79,8 +65,8 @@ class _FusedWeight:
         # Built outside inference mode so the parameters stay ordinary tensors (loading and weight
         # updates write into them in place later).
         with torch.inference_mode(False), torch.no_grad():
-            fused = torch.stack([torch.cat([lin.weight.detach() for lin in group]) for group in self._groups])
-            fused = arranged(fused) if self._input_major else fused  # [G, sum(out), in]
+            fused = torch.stack([torch.cat([lin.weight.detach() for lin in group])
+                                 for group in self._groups])  # [G, sum(out), in]
             for g, group in enumerate(self._groups):
                 offset = 0
                 for lin in group:
@@ -117,12 +103,18 @@ class ConcatenatedWeight(_FusedWeight):
     def __init__(self, *linears: Linear):
         super().__init__([list(linears)])
         self.sizes = [lin.out_features for lin in linears]
+        self.method: LinearMethod = REFERENCE  # chosen at load (`execution.prepare.arrange_weights`)
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        """The fused weight [sum(out), in] (None when the members cannot be fused)."""
+        return None if self.get() is None else self.per_group()[0][0]
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [..., in] -> one output per member, [..., out_i] each (fused GEMM when possible)."""
         if self.get() is None:
             return tuple(lin(x) for lin in self._members)
-        return linear(x, self.per_group()[0][0]).split(self.sizes, dim=-1)
+        return self.method.run(x, self.per_group()[0][0]).split(self.sizes, dim=-1)
 
 
 def fusions_of(module: torch.nn.Module) -> dict[str, _FusedWeight]:

@@ -1,12 +1,11 @@
 """Panel-packed copies of fp32 weights for our C panel GEMM (`engram_kernels.cpu_decode.panel_gemm`).
 
-Where this host measured the panel kernel faster than the library kernels (`execution.cpu_gemm`,
-`panel_weights`), `CausalLM.arrange_weights` keeps a panel-packed copy of every fp32 weight a step runs
-as a GEMM, instead of a oneDNN-packed one: `linear` then runs any number of rows of x through it, decode and
-prefill alike. A MoE layer's expert stack [E, out, in] is packed whole (`pack_stack`), so that all its
-experts run in one grouped call (`layers.moe`), and each expert's weight view gets the slice of that copy
-as its own, so the stack costs one copy, not two. Copies are kept per weight object and remade when the
-weight changes (`execution.weight_copies`).
+Where our C kernels run (`execution.policy`), `CausalLM.arrange_weights` gives every fp32 weight a step runs as
+a GEMM the PANEL method (`execution.linear_methods`), which keeps a panel-packed copy of it made here: any
+number of rows of x run through it, decode and prefill alike. A MoE layer's expert stack [E, out, in] is
+packed whole (`pack_stack`), so that all its experts run in one grouped call (`execution.experts`), and
+each expert's weight view gets the slice of that copy as its own, so the stack costs one copy, not two.
+Copies are kept per weight object and remade when the weight changes (`execution.weight_copies`).
 """
 
 from __future__ import annotations

@@ -1,83 +1,106 @@
-"""Preparing a loaded model's weights for this host's kernels: memory order, fusions and packed copies.
+"""Preparing a loaded model for this host's kernels: the weight fusions, each layer's method and the copies
+its kernel reads.
 
-`arrange_weights` is what `CausalLM.arrange_weights` (called by the loader and by `cast`) runs; the model's
-values and `state_dict()` never change, only how the weights are laid out and which copies exist.
+`arrange_weights` is what `CausalLM.arrange_weights` (called by the loader and by `cast`) runs: it builds the
+fusions, gives every Linear, fusion, MoE block and the LM head its method (`execution.linear_methods`,
+`execution.experts`, by `execution.policy`'s fixed rule) and lets the method prepare its weight once (the
+panel kernel's packed copy). The model's values and `state_dict()` never change.
 """
 
 from __future__ import annotations
 
 import torch
 
-from model_worker.execution import packed_gemm, panel_packs
-from model_worker.execution.cpu_gemm import cpu_gemm_preferences
-from model_worker.execution.fused import StackedWeight, fusions_of
-from model_worker.execution.layout import arranged
+from model_worker.execution.experts import TORCH_EXPERTS, experts_method_for
+from model_worker.execution.fused import ConcatenatedWeight, fusions_of
+from model_worker.execution.linear_methods import FP8_BLOCK, REFERENCE, method_for
 from model_worker.layers.linear import Linear
+from model_worker.layers.moe import MoE
 from model_worker.model import CausalLM
 
 
-def arrange_weights(model: CausalLM, input_major: bool = True, pack: bool = True) -> CausalLM:
-    """Prepare every weight that decode runs as a GEMM for this host's kernels, building the weight
-    fusions: store it in the memory order torch's kernels read fastest (`execution.layout`: input-major for
-    fp32 on CPU where out >= in), and, if `pack`, keep a copy of it in the layout of the kernel this host
-    measured fastest (`execution.cpu_gemm`): panel-packed for our C panel kernel (`execution.panel_packs`; an
-    expert stack packed whole), else oneDNN-packed (`execution.packed_gemm`); pack=False releases the
-    copies. Values and `state_dict()` do not change; packing doubles the packed
-    weights' memory. input_major=False stores them all output-major (nn.Linear's order; benchmarks
-    compare the two). load_model and cast call this; call it again after moving or replacing weights
-    by other means (it copies only weights not already in their order)."""
+def arrange_weights(model: CausalLM, pack: bool = True) -> CausalLM:
+    """Choose and prepare every layer's method for this host. pack=False gives every float layer the
+    reference method and releases the prepared copies (they double the packed weights' memory). Call it
+    again after moving, casting or replacing weights by other means (an in-place update is noticed: the
+    copy is remade on next use, `execution.weight_copies`)."""
     for module in model.modules():
         for fusion in fusions_of(module).values():
-            fusion.input_major = input_major
             fusion.get()
-    with torch.inference_mode(False), torch.no_grad():
-        for name, weight in _unfused_gemm_weights(model):
-            if name == "lm_head" and model.config.tie_word_embeddings:
-                continue  # a tied head is the embedding table, gathered by row: keep its order
-            weight.data = arranged(weight.data) if input_major else weight.data.contiguous()
-    # The host's CPU measurement is only worth taking for a model on the CPU (packs are CPU-only).
-    on_cpu = pack and model.lm_head.weight.device.type == "cpu"
-    prefs = cpu_gemm_preferences() if on_cpu else None
-    panels = on_cpu and prefs.panel_weights
-    stacked = set()
-    for module in model.modules():
+    release_weights(model)
+    choose = method_for if pack else (lambda weight: REFERENCE)
+    fused = _fused_members(model)
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+            if module.is_fp8:
+                module.method = FP8_BLOCK
+            elif id(module) in fused or name.endswith("kv_b_proj") or module.weight.is_meta:
+                module.method = REFERENCE  # runs only when its fusion cannot; kv_b is read per head (MLA)
+            else:
+                module.method = _prepared(choose(module.weight), module.weight)
+        elif isinstance(module, MoE):
+            module.experts_method = experts_method_for(module) if pack else TORCH_EXPERTS
+            module.experts_method.prepare(module)
         for fusion in fusions_of(module).values():
-            if isinstance(fusion, StackedWeight) and fusion.get() is not None:
-                views = fusion.per_group()[0]
-                if panels and panel_packs.pack_stack(fusion.get(), views):
-                    stacked.update(id(view) for view in views)
-                else:
-                    panel_packs.unpack(fusion.get())
-    for _, weight in decode_gemm_weights(model):
-        if panels and (id(weight) in stacked or panel_packs.pack(weight)):
-            packed_gemm.unpack(weight)  # the panel kernel takes it: no oneDNN copy as well
-            continue
-        panel_packs.unpack(weight)
-        if on_cpu and prefs.pack_weights:
-            packed_gemm.pack(weight)
-        else:
-            packed_gemm.unpack(weight)
+            if isinstance(fusion, ConcatenatedWeight) and fusion.weight is not None:
+                fusion.method = _prepared(choose(fusion.weight), fusion.weight)
+    head = model.lm_head.weight
+    model.head_method = REFERENCE if head.is_meta else _prepared(choose(head), head)
     return model
 
 
+def _fused_members(model: CausalLM) -> set[int]:
+    """ids of the Linears that are members of a built fusion (they run as part of it)."""
+    return {id(member) for module in model.modules() for fusion in fusions_of(module).values()
+            if fusion.get() is not None for member in fusion.members}
+
+
+def _prepared(method, weight: torch.Tensor):
+    method.prepare(weight)
+    return method
+
+
+def release_weights(model: CausalLM) -> None:
+    """Drop every prepared copy of the model's weights (`arrange_weights` remakes what it needs)."""
+    for module in model.modules():
+        if isinstance(module, Linear) and not module.is_fp8:
+            module.method.release(module.weight)
+        elif isinstance(module, MoE):
+            module.experts_method.release(module)
+        for fusion in fusions_of(module).values():
+            if isinstance(fusion, ConcatenatedWeight) and fusion.weight is not None:
+                fusion.method.release(fusion.weight)
+    model.head_method.release(model.lm_head.weight)
+
+
+def layer_methods(model: CausalLM) -> dict[str, str]:
+    """{layer name: its method's name} for every product that runs: each Linear outside a built fusion, each
+    fusion, MoE block and the LM head (a fused Linear's own method runs only if its fusion cannot be built)."""
+    methods = {}
+    fused = _fused_members(model)
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and id(module) not in fused:
+            methods[name] = module.method.name
+        elif isinstance(module, MoE):
+            methods[f"{name}.experts"] = module.experts_method.name
+        for attr, fusion in fusions_of(module).items():
+            if isinstance(fusion, ConcatenatedWeight) and fusion.weight is not None:
+                methods[f"{name}.{attr}"] = fusion.method.name
+    methods["lm_head"] = model.head_method.name
+    return methods
+
+
 def decode_gemm_weights(model: CausalLM) -> list[tuple[str, torch.Tensor]]:
-    """(name, weight [out, in]) of every float product a decode step runs as a GEMM, as `linear` gets it:
-    each built fusion's per-group views (`<module>.<fusion>[g]`: g is the expert of a MoE stack), then
-    the Linears outside fusions and the LM head (`_unfused_gemm_weights`)."""
+    """(name, weight [out, in]) of every float product a decode step runs as a GEMM: each built fusion's
+    per-group views (`<module>.<fusion>[g]`: g is the expert of a MoE stack), then the Linears outside
+    fusions but kv_b (the absorbed attention reads it per head), and the LM head."""
     weights = []
     for name, module in model.named_modules():
         for attr, fusion in fusions_of(module).items():
             if fusion.get() is not None:
                 weights += [(f"{name}.{attr}[{g}]", view) for g, view in enumerate(fusion.per_group()[0])]
-    return weights + _unfused_gemm_weights(model)
-
-
-def _unfused_gemm_weights(model: CausalLM) -> list[tuple[str, torch.Tensor]]:
-    """(name, weight) of float Linears no fusion holds, but kv_b (the absorbed attention reads it per head,
-    `MLA.kv_b_weights`), and of the LM head; call after building the fusions."""
-    fused = {id(member) for module in model.modules() for fusion in fusions_of(module).values()
-             if fusion.get() is not None for member in fusion.members}
-    weights = [(name, module.weight) for name, module in model.named_modules()
-               if isinstance(module, Linear) and id(module) not in fused and not name.endswith("kv_b_proj")]
-    return [(name, w) for name, w in [*weights, ("lm_head", model.lm_head.weight)]
-            if not w.is_meta and w.is_floating_point() and w.dtype.itemsize > 1]
+    fused = _fused_members(model)
+    weights += [(name, module.weight) for name, module in model.named_modules()
+                if isinstance(module, Linear) and id(module) not in fused and not name.endswith("kv_b_proj")]
+    weights.append(("lm_head", model.lm_head.weight))
+    return [(name, w) for name, w in weights if not w.is_meta and w.is_floating_point() and w.dtype.itemsize > 1]

@@ -1,7 +1,7 @@
 """Copies of weight tensors in a kernel's own layout, kept beside the weights they were made from.
 
-A CPU kernel that reads a weight faster in its own layout (oneDNN's blocked one, `packed_gemm`; our C
-panel kernel's, `panel_packs`) gets a copy made once at load instead of a conversion per call. The dense
+A CPU kernel that reads a weight faster in its own layout (our C panel kernel's, `panel_packs`) gets a copy
+made once at load instead of a conversion per call. The dense
 weight stays the source of truth (`state_dict()`, checkpoints, FP8, other devices), so a kept copy costs
 the weight's memory again. `get(weight)` returns the copy of exactly that tensor object, made again if
 the weight's storage, dtype, shape, strides or version (an in-place update) changed since; the copy is

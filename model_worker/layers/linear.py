@@ -1,7 +1,8 @@
 """Linear layer whose weight is either float or FP8 e4m3 with DeepSeek 128x128 block scales.
 
-Float mode is `F.linear`, run by `model_worker.execution.gemm.linear` (which kernel runs it on this host is
-that module's business). FP8 mode keeps a checkpoint's e4m3 weight [out, in] and its
+The layer runs by its method (`self.method`, `model_worker.execution.linear_methods`): torch's F.linear until
+the loader chooses this host's method (`CausalLM.arrange_weights`); FP8 mode's method is FP8_BLOCK. FP8 mode
+keeps a checkpoint's e4m3 weight [out, in] and its
 `weight_scale_inv` [ceil(out/128), ceil(in/128)] (the real weight is each 128x128 block times its
 scale) and runs `engram_kernels.gemm.fp8_linear`, which quantizes activations per token per 128 channels.
 This module does not quantize weights (`engram_kernels.quant` does) and does not read checkpoints
@@ -16,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from model_worker.execution.gemm import linear
+from model_worker.execution.linear_methods import FP8_BLOCK, REFERENCE, LinearMethod
 
 WEIGHT_BLOCK = 128  # DeepSeek FP8 weight scale block, in both dimensions
 FP8_WEIGHT_DTYPE = torch.float8_e4m3fn
@@ -65,6 +66,7 @@ class Linear(nn.Module):
         # Registered (as None) so that FP8 mode can set it and it then appears in state_dict().
         self.register_parameter("weight_scale_inv", None)
         self.activation_scale_fmt = "fp32"  # FP8 mode: how activations' per-block scales are stored
+        self.method: LinearMethod = REFERENCE  # how forward runs; chosen at load (`CausalLM.arrange_weights`)
         self.reset_parameters()
 
     @property
@@ -106,6 +108,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(weight_q, requires_grad=False)
         self.weight_scale_inv = nn.Parameter(scale_inv, requires_grad=False)
         self.activation_scale_fmt = activation_scale_fmt
+        self.method = FP8_BLOCK
 
     def to_float(self, weight: torch.Tensor) -> None:
         """Switch to (or stay in) float storage with this weight [out, in]."""
@@ -114,6 +117,7 @@ class Linear(nn.Module):
             raise TypeError(f"weight must be a float tensor (not fp8), got {weight.dtype}")
         self.weight = nn.Parameter(weight)
         self.weight_scale_inv = None
+        self.method = REFERENCE  # until the model is arranged again
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The real weight [out, in]: the float weight, or FP8 dequantized (fp32 unless dtype is given)."""
@@ -129,11 +133,7 @@ class Linear(nn.Module):
         """x [..., in_features] -> [..., out_features] in x.dtype (FP8 mode) or the weight dtype."""
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"x must have last dimension {self.in_features}, got shape {list(x.shape)}")
-        if not self.is_fp8:
-            return linear(x, self.weight, self.bias)
-        from engram_kernels.gemm import fp8_linear
-
-        return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias, scale_fmt=self.activation_scale_fmt)
+        return self.method.apply(self, x)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Linear:
         """Move FP8 storage along with the module but never cast it.

@@ -4,8 +4,8 @@ Routing follows MODEL_SPEC.md and is defined once, in `engram_kernels.moe_routin
 + e_score_correction_bias, group-limited (group score = sum of its top-2 biased scores), and weights the
 chosen experts by their unbiased scores (normalised when norm_topk_prob) times routed_scaling_factor; V2
 uses softmax scores with greedy or group-limited greedy top-k, normalised *or* scaled (DeepSeek's V2 code).
-An MLP's gate and up projections run as one GEMM (`execution.fused`); how the routed experts run is up to
-`model_worker.execution.experts`.
+An MLP's gate and up projections run as one GEMM (`execution.fused`); the routed experts run by the block's
+experts method (`model_worker.execution.experts`), chosen at load.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 
 from engram_kernels.moe_routing import Routing, select_experts
 from model_worker.config import ModelConfig
-from model_worker.execution.experts import run_experts
+from model_worker.execution.experts import TORCH_EXPERTS, ExpertsMethod
 from model_worker.execution.fused import ConcatenatedWeight, StackedWeight
 from model_worker.layers.linear import Linear
 
@@ -72,10 +72,11 @@ class MoE(nn.Module):
         self._stacked_down = StackedWeight([[e.down_proj] for e in self.experts])  # [E, D, I]
         for expert in self.experts:  # their gate and up weights live in the stack, not in a fusion of their own
             expert._gate_up.disable()
+        self.experts_method: ExpertsMethod = TORCH_EXPERTS  # chosen at load (`CausalLM.arrange_weights`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]: sum over each token's experts of weight x expert(token), plus the shared
-        experts. How the experts run (stacked, grouped, one by one) is up to `model_worker.execution.experts`."""
+        experts."""
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = self.gate(flat)  # [N, k]
-        return run_experts(self, flat, weights, ids).view_as(x)
+        return self.experts_method.run(self, flat, weights, ids).view_as(x)

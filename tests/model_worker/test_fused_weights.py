@@ -412,15 +412,20 @@ def test_save_and_load_after_fusion_round_trips_exactly(tmp_path):
         assert torch.equal(model(ids), logits)  # the original still runs the same after saving
 
 
+@pytest.mark.parametrize("method", ["torch", "c-rows", "c-panel"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(24,), (1, 24), (1, 1, 24), (3, 24), (2, 5, 24)])
-def test_linear_helpers_match_float64_for_one_row_and_many(dtype, shape):
-    """`linear` (a GEMV for one half-precision row on CPU) and `linear_accumulate` against float64."""
-    from model_worker.execution.gemm import linear, linear_accumulate
+def test_every_linear_method_matches_float64_for_one_row_and_many(method, dtype, shape):
+    """Each float linear method's run and accumulate (`execution.linear_methods`; prepared as at load, and
+    falling back to torch's kernel where its own does not take the dtype) against float64."""
+    from model_worker.execution.linear_methods import C_ROWS, PANEL, REFERENCE
 
+    chosen = {m.name: m for m in (REFERENCE, C_ROWS, PANEL)}[method]
     g = torch.Generator().manual_seed(len(shape))
     x = torch.randn(shape, generator=g).to(dtype)
     weight, bias = torch.randn(40, 24, generator=g).to(dtype), torch.randn(40, generator=g).to(dtype)
+    chosen.prepare(weight)
+    linear, linear_accumulate = chosen.run, chosen.accumulate
     tol = dict(rtol=2e-2, atol=2e-2) if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-5)
     want = x.double() @ weight.double().t()
     for got, ref in ((linear(x, weight), want), (linear(x, weight, bias), want + bias.double())):
@@ -428,7 +433,8 @@ def test_linear_helpers_match_float64_for_one_row_and_many(dtype, shape):
         torch.testing.assert_close(got.double(), ref, **tol)
     rows = x.reshape(-1, 24)
     out = torch.randn(rows.shape[0], 40, generator=g).to(dtype)
-    got = linear_accumulate(out, rows, weight, alpha=0.375)
+    got = linear_accumulate(out, rows, weight, 0.375)
+    chosen.release(weight)
     assert got.dtype == dtype and got.shape == out.shape
     torch.testing.assert_close(got.double(), out.double() + 0.375 * (rows.double() @ weight.double().t()), **tol)
 
