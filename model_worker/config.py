@@ -135,6 +135,9 @@ class ModelConfig:
         """Build and validate from a config.json dict; unknown fields raise when `strict`."""
         data = dict(raw)
         model_type = data.pop("model_type", None)
+        if model_type == "deepseek_v4":
+            raise ConfigError("model_type: 'deepseek_v4' checkpoints load with model_worker.v4.load_v4_model "
+                              "(full-sequence logits); the engine and the model worker do not serve them yet")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"model_type: {model_type!r} is not supported (expected one of {SUPPORTED_MODEL_TYPES})")
         kwargs: dict[str, Any] = {"model_type": model_type}

@@ -1,0 +1,72 @@
+"""V4 attention (docs/v4-model-spec.md, 5.1): low-rank query with per-head RMSNorm; one shared KV head that
+is both key and value; a causal sliding window over the sequence plus, in CSA/HCA layers, the compressed
+entries (`compressor`), all in one softmax that also holds a per-head sink logit; the output rotated back
+by its position and projected by G grouped low-rank maps then one dense one."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_worker.layers.linear import Linear
+from model_worker.v4.compressor import Compressor, Indexer, visible
+from model_worker.v4.config import CSA, SLIDING, V4Config
+from model_worker.v4.norm import V4RMSNorm as RMSNorm
+
+
+class V4Attention(nn.Module):
+    def __init__(self, config: V4Config, layer_type: str):
+        super().__init__()
+        H, heads, D = config.hidden_size, config.num_attention_heads, config.head_dim
+        self.layer_type, self.heads, self.head_dim = layer_type, heads, D
+        self.window, self.eps = config.sliding_window, config.rms_norm_eps
+        self.groups, self.rank = config.o_groups, config.o_lora_rank
+        self.q_a_proj = Linear(H, config.q_lora_rank)
+        self.q_a_norm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+        self.q_b_proj = Linear(config.q_lora_rank, heads * D)
+        self.kv_proj = Linear(H, D)
+        self.kv_norm = RMSNorm(D, config.rms_norm_eps)
+        self.sinks = nn.Parameter(torch.zeros(heads))
+        self.o_a_proj = Linear(heads * D // self.groups, self.groups * self.rank)  # G blocks of [R, nh*D/G]
+        self.o_b_proj = Linear(self.groups * self.rank, H)
+        self.compressor = None
+        if layer_type != SLIDING:
+            m = config.rate(layer_type)
+            self.compressor = Compressor(H, D, m, overlap=layer_type == CSA, eps=config.rms_norm_eps)
+            if layer_type == CSA:
+                self.compressor.indexer = Indexer(H, config.q_lora_rank, config.index_n_heads, config.index_head_dim,
+                                                  m, config.index_topk, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ropes: dict) -> torch.Tensor:
+        """x [B, S, H] (the normed collapsed stream), positions int [S] -> [B, S, H]. ropes: {"main" | "compress":
+        (V4Rope, its tables at positions)} and "entries": {m: compress tables at w*m}."""
+        B, S, _ = x.shape
+        rope, tables = ropes["main" if self.compressor is None else "compress"]
+        q_low = self.q_a_norm(self.q_a_proj(x))  # [B, S, rq]
+        q = self.q_b_proj(q_low).view(B, S, self.heads, self.head_dim).transpose(1, 2)  # [B, h, S, D]
+        q = rope.rotate(F.rms_norm(q.float(), (self.head_dim,), eps=self.eps).to(q.dtype), *tables)
+        kv = rope.rotate(self.kv_norm(self.kv_proj(x)), *tables)  # [B, S, D]: key and value
+        gap = positions[:, None] - positions[None, :]  # [S, S] query minus key position
+        keys, bias = kv, torch.zeros(B, S, S, dtype=torch.float32, device=x.device).masked_fill(
+            (gap < 0) | (gap >= self.window), torch.finfo(torch.float32).min)
+        if self.compressor is not None:
+            entry_tables = ropes["entries"][self.compressor.m]
+            entries = self.compressor(x, rope, entry_tables)  # [B, T, D]
+            seen = visible(entries.shape[1], self.compressor.m, positions)  # [S, T]
+            if self.layer_type == CSA:
+                seen = self.compressor.indexer.select(x, q_low, rope, tables, entry_tables, seen)
+            entry_bias = torch.zeros(seen.shape, dtype=torch.float32, device=x.device).masked_fill(~seen, float("-inf"))
+            keys = torch.cat((kv, entries), dim=1)
+            bias = torch.cat((bias, entry_bias.expand(B, S, -1)), dim=-1)
+        logits = (q @ keys[:, None].transpose(-1, -2)) * self.head_dim ** -0.5 + bias[:, None].to(q.dtype)
+        sinks = self.sinks.to(logits.dtype)[None, :, None, None].expand(B, -1, S, 1)
+        probs = torch.softmax(torch.cat((logits, sinks), dim=-1), dim=-1)[..., :-1]  # [B, h, S, S(+T)]
+        out = rope.rotate(probs @ keys[:, None], *tables, inverse=True)  # [B, h, S, D]
+        return self.o_b_proj(self._grouped_low_rank(out.transpose(1, 2).reshape(B, S, -1)))
+
+    def _grouped_low_rank(self, o: torch.Tensor) -> torch.Tensor:
+        """o [B, S, nh*D] -> [B, S, G*R]: group g of the heads through o_a_proj's row block g."""
+        B, S, _ = o.shape
+        blocks = self.o_a_proj.dense_weight(o.dtype).view(self.groups, self.rank, -1)  # [G, R, nh*D/G]
+        return torch.einsum("bsgi,gri->bsgr", o.view(B, S, self.groups, -1), blocks).reshape(B, S, -1)

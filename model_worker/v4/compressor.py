@@ -1,0 +1,91 @@
+"""Compressed entries of V4's CSA and HCA layers, and CSA's lightning indexer (docs/v4-model-spec.md, 5.2-5.4).
+
+A compressor pools each complete window of m tokens into one entry: per channel, a softmax over the window's
+slots of (gate + position bias) weights the slots' values. HCA's windows do not overlap; CSA's entry w pools
+2m slots, the previous window's tokens through the first half of the projections' channels and its own
+window's tokens through the second half. The entry is then normed and rotated by the compress RoPE at
+position w*m. A query at t sees entry w once its window has closed: w < floor((t + 1) / m).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model_worker.layers.linear import Linear
+from model_worker.v4.norm import V4RMSNorm as RMSNorm
+
+
+def pool_windows(values: torch.Tensor, gates: torch.Tensor, position_bias: torch.Tensor, m: int,
+                 overlap: bool) -> torch.Tensor:
+    """values, gates [B, S, C] (C = d, or 2d when overlapping), position_bias [m, C] -> entries [B, T, d] with
+    T = floor(S / m) complete windows; the softmax over slots runs per channel, in fp32."""
+    B, S, C = values.shape
+    T = S // m
+    v = values[:, : T * m].reshape(B, T, m, C).float()
+    g = gates[:, : T * m].reshape(B, T, m, C).float() + position_bias.float()
+    if overlap:
+        d = C // 2
+        previous_v, previous_g = torch.zeros_like(v[..., :d]), torch.full_like(g[..., :d], float("-inf"))
+        previous_v[:, 1:], previous_g[:, 1:] = v[:, :-1, :, :d], g[:, :-1, :, :d]  # window w-1's first half
+        v = torch.cat((previous_v, v[..., d:]), dim=2)  # [B, T, 2m, d]
+        g = torch.cat((previous_g, g[..., d:]), dim=2)
+    return (v * torch.softmax(g, dim=2)).sum(dim=2).to(values.dtype)
+
+
+def visible(T: int, m: int, positions: torch.Tensor) -> torch.Tensor:
+    """bool [S, T]: query at positions[s] sees entry w (its window has closed)."""
+    return torch.arange(T, device=positions.device)[None, :] < ((positions + 1) // m)[:, None]
+
+
+class Compressor(nn.Module):
+    """Entries of width `width` from the layer input: kv_proj, gate_proj [C, H], position_bias [m, C] and
+    kv_norm [width], with C = 2 * width when the windows overlap (CSA)."""
+
+    def __init__(self, hidden: int, width: int, m: int, overlap: bool, eps: float):
+        super().__init__()
+        channels = 2 * width if overlap else width
+        self.m, self.overlap = m, overlap
+        self.kv_proj = Linear(hidden, channels)
+        self.gate_proj = Linear(hidden, channels)
+        self.position_bias = nn.Parameter(torch.zeros(m, channels))
+        self.kv_norm = RMSNorm(width, eps)
+
+    def forward(self, x: torch.Tensor, rope, tables) -> torch.Tensor:
+        """x [B, S, H] -> roped entries [B, T, width]; tables: the compress RoPE's (cos, sin) at w*m."""
+        pooled = pool_windows(self.kv_proj(x), self.gate_proj(x), self.position_bias, self.m, self.overlap)
+        return rope.rotate(self.kv_norm(pooled), *tables)
+
+
+class Scorer(nn.Module):
+    """The indexer's per-head weights from the layer input: weights_proj [hI, H]."""
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.weights_proj = Linear(hidden, heads)
+
+
+class Indexer(Compressor):
+    """CSA's lightning indexer: its own overlapping-window keys [dI] and queries from the attention's
+    low-rank query (q_b_proj [hI * dI, rq], no norm); picks each query's top-k visible entries."""
+
+    def __init__(self, hidden: int, q_rank: int, heads: int, head_dim: int, m: int, top_k: int, eps: float):
+        super().__init__(hidden, head_dim, m, overlap=True, eps=eps)
+        self.heads, self.head_dim, self.top_k = heads, head_dim, top_k
+        self.q_b_proj = Linear(q_rank, heads * head_dim)
+        self.scorer = Scorer(hidden, heads)
+
+    def select(self, x: torch.Tensor, q_low: torch.Tensor, rope, query_tables, entry_tables,
+               seen: torch.Tensor) -> torch.Tensor:
+        """x [B, S, H], q_low [B, S, rq] (after q_a_norm), seen bool [S, T] -> bool [B, S, T]: the entries each
+        query attends to (its top-k by score among the visible ones)."""
+        keys = super().forward(x, rope, entry_tables).float()  # [B, T, dI]
+        B, S, _ = x.shape
+        queries = self.q_b_proj(q_low).view(B, S, self.heads, self.head_dim).transpose(1, 2)
+        queries = rope.rotate(queries, *query_tables).float()  # [B, hI, S, dI]
+        weights = self.scorer.weights_proj(x).float() * self.heads ** -0.5  # [B, S, hI]
+        relu = torch.relu(queries @ keys[:, None].transpose(-1, -2)) * self.head_dim ** -0.5  # [B, hI, S, T]
+        scores = torch.einsum("bhst,bsh->bst", relu, weights).masked_fill(~seen, float("-inf"))
+        k = min(self.top_k, scores.shape[-1])
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(k, dim=-1).indices, True)
+        return chosen & seen

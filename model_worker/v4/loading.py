@@ -1,0 +1,44 @@
+"""Loading a DeepSeek-V4 checkpoint directory (config.json + safetensors, DeepSeek's or transformers' tensor
+names, `names.model_name`) into a V4CausalLM, all or nothing: a missing, unexpected or misshapen tensor is a
+CheckpointError naming it; multi-token-prediction weights (`mtp.*`) are skipped (not used for generation)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from model_worker.errors import CheckpointError, ConfigError
+from model_worker.v4.config import V4Config
+from model_worker.v4.model import V4CausalLM
+from model_worker.v4.names import model_name
+from model_worker.weights import load_state, read_checkpoint
+
+
+def read_v4_config(path: str | Path) -> V4Config:
+    config_file = Path(path) / "config.json"
+    try:
+        raw = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"no config.json in {path}") from None
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{config_file}: not readable JSON ({error})") from None
+    return V4Config.from_dict(raw)
+
+
+def load_v4_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -> V4CausalLM:
+    """An eval-mode V4CausalLM with the checkpoint's weights in dtype (fp32 islands stay fp32)."""
+    config = read_v4_config(path)
+    with torch.device("meta"):
+        model = V4CausalLM(config)
+    tensors = {}
+    for name, tensor in read_checkpoint(path).items():
+        if name.startswith(("mtp.", "model.mtp.")):
+            continue  # multi-token prediction: not used for generation
+        ours = model_name(name)
+        if ours in tensors:
+            raise CheckpointError(f"checkpoint tensors {name!r} and another both map to {ours!r}")
+        tensors[ours] = tensor
+    load_state(model, tensors, dtype=dtype)
+    return model.eval()

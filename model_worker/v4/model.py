@@ -1,0 +1,83 @@
+"""V4CausalLM: DeepSeek-V4's decoder (docs/v4-model-spec.md, section 4): the embedding copied to hc_mult
+residual streams; per layer, an mHC collapse -> RMSNorm -> attention -> mHC expand, then the same around the
+MoE block; a final mHC collapse, RMSNorm and the (untied) LM head. Parameter names are the checkpoint's
+(transformers' `DeepseekV4ForCausalLM` state_dict); multi-token-prediction weights (`mtp.*`) are not built."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model_worker.layers.mhc import HyperConnection, HyperHead, expand_to_streams
+from model_worker.v4.attention import V4Attention
+from model_worker.v4.config import V4Config
+from model_worker.v4.moe import V4MoE
+from model_worker.v4.norm import V4RMSNorm as RMSNorm
+from model_worker.v4.rope import V4Rope
+
+
+class V4DecoderLayer(nn.Module):
+    def __init__(self, config: V4Config, layer_id: int):
+        super().__init__()
+        hc = dict(hc_mult=config.hc_mult, sinkhorn_iters=config.hc_sinkhorn_iters, hc_eps=config.hc_eps,
+                  norm_eps=config.rms_norm_eps)
+        self.attn_hc = HyperConnection(config.hidden_size, **hc)
+        self.ffn_hc = HyperConnection(config.hidden_size, **hc)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = V4Attention(config, config.layer_types[layer_id])
+        self.mlp = V4MoE(config, hashed=config.mlp_layer_types[layer_id] == "hash_moe")
+
+    def forward(self, streams: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor,
+                ropes: dict) -> torch.Tensor:
+        """streams [B, S, n, H] -> [B, S, n, H]."""
+        collapsed, post, comb = self.attn_hc(streams)
+        out = self.self_attn(self.input_layernorm(collapsed), positions, ropes)
+        streams = self.attn_hc.expand(out, streams, post, comb)
+        collapsed, post, comb = self.ffn_hc(streams)
+        out = self.mlp(self.post_attention_layernorm(collapsed), token_ids)
+        return self.ffn_hc.expand(out, streams, post, comb)
+
+
+class V4Backbone(nn.Module):
+    def __init__(self, config: V4Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(V4DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hc_head = HyperHead(config.hidden_size, config.hc_mult, config.hc_eps, config.rms_norm_eps)
+
+
+# fp32 whatever the model's dtype, as transformers keeps them (docs/v4-model-spec.md, section 7)
+_FP32_PARTS = ("attn_hc.", "ffn_hc.", "hc_head.", ".sinks", ".position_bias", "e_score_correction_bias",
+               "q_a_norm.", "kv_norm.", "input_layernorm.", "post_attention_layernorm.", "model.norm.")
+
+
+class V4CausalLM(nn.Module):
+    def __init__(self, config: V4Config):
+        super().__init__()
+        self.config = config
+        self.model = V4Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._ropes = {"main": V4Rope(config, "main"), "compress": V4Rope(config, "compress")}
+
+    def keep_fp32_names(self) -> set[str]:
+        """Parameter and buffer names kept in fp32 when the rest of the model is cast (the loader asks)."""
+        names = [name for name, _ in self.named_parameters()] + [name for name, _ in self.named_buffers()]
+        return {name for name in names if any(part in name for part in _FP32_PARTS)}
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids int [B, S] (a whole sequence from position 0) -> logits fp32 [B, S, vocab]."""
+        B, S = input_ids.shape
+        positions = torch.arange(S, device=input_ids.device)
+        ropes: dict = {kind: (rope, rope.tables(positions)) for kind, rope in self._ropes.items()}
+        compress = self._ropes["compress"]
+        ropes["entries"] = {m: compress.tables(torch.arange(S // m, device=input_ids.device) * m)
+                            for m in {int(r) for r in self.config.compress_rates.values()}}
+        h = self.model.embed_tokens(input_ids)
+        streams = expand_to_streams(h, self.config.hc_mult)
+        for layer in self.model.layers:
+            streams = layer(streams, input_ids, positions, ropes)
+        return self.lm_head(self.model.norm(self.model.hc_head(streams))).float()
