@@ -1,18 +1,33 @@
 """V4 attention (docs/v4-model-spec.md, 5.1): low-rank query with per-head RMSNorm; one shared KV head that
 is both key and value; a causal sliding window over the sequence plus, in CSA/HCA layers, the compressed
 entries (`compressor`), all in one softmax that also holds a per-head sink logit; the output rotated back
-by its position and projected by G grouped low-rank maps then one dense one."""
+by its position and projected by G grouped low-rank maps then one dense one.
+
+A call takes the layer input of n new tokens and the layer's `AttentionState` (the last W - 1 keys, the
+compressors' states), so the same code runs a whole sequence (an empty state) or continues one: a prefill
+chunk or a decode step."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model_worker.layers.linear import Linear
-from model_worker.v4.compressor import Compressor, Indexer, visible
+from model_worker.v4.compressor import Compressor, CompressorState, Indexer, visible
 from model_worker.v4.config import CSA, SLIDING, V4Config
 from model_worker.v4.norm import V4RMSNorm as RMSNorm
+
+
+@dataclass
+class AttentionState:
+    """One layer's memory of a sequence: the sliding window's last keys [B, <= W-1, D] and the compressors'."""
+
+    keys: torch.Tensor | None = None
+    compressor: CompressorState = field(default_factory=CompressorState)
+    indexer: CompressorState = field(default_factory=CompressorState)
 
 
 class V4Attention(nn.Module):
@@ -38,32 +53,35 @@ class V4Attention(nn.Module):
                 self.compressor.indexer = Indexer(H, config.q_lora_rank, config.index_n_heads, config.index_head_dim,
                                                   m, config.index_topk, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, ropes: dict) -> torch.Tensor:
-        """x [B, S, H] (the normed collapsed stream), positions int [S] -> [B, S, H]. ropes: {"main" | "compress":
-        (V4Rope, its tables at positions)} and "entries": {m: compress tables at w*m}."""
-        B, S, _ = x.shape
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ropes: dict, state: AttentionState) -> torch.Tensor:
+        """x [B, n, H] (the normed collapsed stream) of the tokens at positions int [n] (consecutive, following
+        what `state` holds; state is updated) -> [B, n, H]. ropes: {"main" | "compress": (V4Rope, its tables at
+        positions)}."""
+        B, n, _ = x.shape
+        end = int(positions[-1]) + 1
         rope, tables = ropes["main" if self.compressor is None else "compress"]
-        q_low = self.q_a_norm(self.q_a_proj(x))  # [B, S, rq]
-        q = self.q_b_proj(q_low).view(B, S, self.heads, self.head_dim).transpose(1, 2)  # [B, h, S, D]
+        q_low = self.q_a_norm(self.q_a_proj(x))  # [B, n, rq]
+        q = self.q_b_proj(q_low).view(B, n, self.heads, self.head_dim).transpose(1, 2)  # [B, h, n, D]
         q = rope.rotate(F.rms_norm(q.float(), (self.head_dim,), eps=self.eps).to(q.dtype), *tables)
-        kv = rope.rotate(self.kv_norm(self.kv_proj(x)), *tables)  # [B, S, D]: key and value
-        gap = positions[:, None] - positions[None, :]  # [S, S] query minus key position
-        keys, bias = kv, torch.zeros(B, S, S, dtype=torch.float32, device=x.device).masked_fill(
+        kv = rope.rotate(self.kv_norm(self.kv_proj(x)), *tables)  # [B, n, D]: key and value
+        keys = kv if state.keys is None else torch.cat((state.keys, kv), dim=1)  # positions end - len .. end - 1
+        state.keys = keys[:, max(keys.shape[1] - (self.window - 1), 0):]
+        gap = positions[:, None] - torch.arange(end - keys.shape[1], end, device=x.device)[None, :]  # [n, S]
+        bias = torch.zeros(B, n, keys.shape[1], dtype=torch.float32, device=x.device).masked_fill(
             (gap < 0) | (gap >= self.window), torch.finfo(torch.float32).min)
         if self.compressor is not None:
-            entry_tables = ropes["entries"][self.compressor.m]
-            entries = self.compressor(x, rope, entry_tables)  # [B, T, D]
-            seen = visible(entries.shape[1], self.compressor.m, positions)  # [S, T]
+            entries = self.compressor.extend(x, end, state.compressor, rope)  # [B, T, D]
+            seen = visible(entries.shape[1], self.compressor.m, positions)  # [n, T]
             if self.layer_type == CSA:
-                seen = self.compressor.indexer.select(x, q_low, rope, tables, entry_tables, seen)
+                seen = self.compressor.indexer.select(x, q_low, end, state.indexer, rope, tables, seen)
             entry_bias = torch.zeros(seen.shape, dtype=torch.float32, device=x.device).masked_fill(~seen, float("-inf"))
-            keys = torch.cat((kv, entries), dim=1)
-            bias = torch.cat((bias, entry_bias.expand(B, S, -1)), dim=-1)
+            keys = torch.cat((keys, entries), dim=1)
+            bias = torch.cat((bias, entry_bias.expand(B, n, -1)), dim=-1)
         logits = (q @ keys[:, None].transpose(-1, -2)) * self.head_dim ** -0.5 + bias[:, None].to(q.dtype)
-        sinks = self.sinks.to(logits.dtype)[None, :, None, None].expand(B, -1, S, 1)
-        probs = torch.softmax(torch.cat((logits, sinks), dim=-1), dim=-1)[..., :-1]  # [B, h, S, S(+T)]
-        out = rope.rotate(probs @ keys[:, None], *tables, inverse=True)  # [B, h, S, D]
-        return self.o_b_proj(self._grouped_low_rank(out.transpose(1, 2).reshape(B, S, -1)))
+        sinks = self.sinks.to(logits.dtype)[None, :, None, None].expand(B, -1, n, 1)
+        probs = torch.softmax(torch.cat((logits, sinks), dim=-1), dim=-1)[..., :-1]  # [B, h, n, keys]
+        out = rope.rotate(probs @ keys[:, None], *tables, inverse=True)  # [B, h, n, D]
+        return self.o_b_proj(self._grouped_low_rank(out.transpose(1, 2).reshape(B, n, -1)))
 
     def _grouped_low_rank(self, o: torch.Tensor) -> torch.Tensor:
         """o [B, S, nh*D] -> [B, S, G*R]: group g of the heads through o_a_proj's row block g."""

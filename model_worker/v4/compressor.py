@@ -5,9 +5,15 @@ slots of (gate + position bias) weights the slots' values. HCA's windows do not 
 2m slots, the previous window's tokens through the first half of the projections' channels and its own
 window's tokens through the second half. The entry is then normed and rotated by the compress RoPE at
 position w*m. A query at t sees entry w once its window has closed: w < floor((t + 1) / m).
+
+Decoding carries a `CompressorState` per layer between calls: the entries so far and the raw projections
+of the tokens whose windows are still open (for CSA also the last closed window, whose first half feeds the
+next entry), so a chunk of new tokens only pools the windows it closes.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -51,10 +57,43 @@ class Compressor(nn.Module):
         self.position_bias = nn.Parameter(torch.zeros(m, channels))
         self.kv_norm = RMSNorm(width, eps)
 
-    def forward(self, x: torch.Tensor, rope, tables) -> torch.Tensor:
-        """x [B, S, H] -> roped entries [B, T, width]; tables: the compress RoPE's (cos, sin) at w*m."""
-        pooled = pool_windows(self.kv_proj(x), self.gate_proj(x), self.position_bias, self.m, self.overlap)
-        return rope.rotate(self.kv_norm(pooled), *tables)
+    def extend(self, x: torch.Tensor, end: int, state: CompressorState, rope) -> torch.Tensor:
+        """x [B, n, H]: the layer input of the tokens at positions end - n .. end - 1, following `state` (which
+        holds everything before them and is updated) -> all entries so far, roped, [B, T, width] with
+        T = end // m."""
+        values, gates = self.kv_proj(x), self.gate_proj(x)  # [B, n, C]
+        if state.values is not None:
+            values, gates = torch.cat((state.values, values), dim=1), torch.cat((state.gates, gates), dim=1)
+        done, total = state.count, end // self.m
+        if total > done:
+            first = done - 1 if self.overlap and done > 0 else done  # CSA: re-read the window before
+            span = slice(first * self.m - state.start, total * self.m - state.start)
+            pooled = pool_windows(values[:, span], gates[:, span], self.position_bias, self.m, self.overlap)
+            pooled = pooled[:, done - first:]  # [B, total - done, width]
+            cos, sin = rope.tables(torch.arange(done, total, device=x.device) * self.m)
+            fresh = rope.rotate(self.kv_norm(pooled), cos, sin)
+            state.entries = fresh if state.entries is None else torch.cat((state.entries, fresh), dim=1)
+        keep = max(total - 1, 0) * self.m if self.overlap else total * self.m  # first position still needed
+        state.values, state.gates = values[:, keep - state.start:], gates[:, keep - state.start:]
+        state.start = keep
+        if state.entries is None:
+            state.entries = values.new_zeros(values.shape[0], 0, self.kv_norm.weight.shape[0])
+        return state.entries
+
+
+@dataclass
+class CompressorState:
+    """What a compressor keeps between calls: `entries` [B, T, width] so far, and the raw projections
+    values/gates [B, L, C] of the tokens from position `start` on (a window boundary) not yet pooled."""
+
+    entries: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    gates: torch.Tensor | None = None
+    start: int = 0
+
+    @property
+    def count(self) -> int:
+        return 0 if self.entries is None else self.entries.shape[1]
 
 
 class Scorer(nn.Module):
@@ -75,16 +114,17 @@ class Indexer(Compressor):
         self.q_b_proj = Linear(q_rank, heads * head_dim)
         self.scorer = Scorer(hidden, heads)
 
-    def select(self, x: torch.Tensor, q_low: torch.Tensor, rope, query_tables, entry_tables,
+    def select(self, x: torch.Tensor, q_low: torch.Tensor, end: int, state: CompressorState, rope, query_tables,
                seen: torch.Tensor) -> torch.Tensor:
-        """x [B, S, H], q_low [B, S, rq] (after q_a_norm), seen bool [S, T] -> bool [B, S, T]: the entries each
-        query attends to (its top-k by score among the visible ones)."""
-        keys = super().forward(x, rope, entry_tables).float()  # [B, T, dI]
-        B, S, _ = x.shape
-        queries = self.q_b_proj(q_low).view(B, S, self.heads, self.head_dim).transpose(1, 2)
-        queries = rope.rotate(queries, *query_tables).float()  # [B, hI, S, dI]
-        weights = self.scorer.weights_proj(x).float() * self.heads ** -0.5  # [B, S, hI]
-        relu = torch.relu(queries @ keys[:, None].transpose(-1, -2)) * self.head_dim ** -0.5  # [B, hI, S, T]
+        """x [B, n, H] and q_low [B, n, rq] (after q_a_norm) of the tokens ending at position `end`, seen bool
+        [n, T] -> bool [B, n, T]: the entries each query attends to (its top-k by score among the visible
+        ones). `state` holds the indexer's own keys (updated)."""
+        keys = self.extend(x, end, state, rope).float()  # [B, T, dI]
+        B, n, _ = x.shape
+        queries = self.q_b_proj(q_low).view(B, n, self.heads, self.head_dim).transpose(1, 2)
+        queries = rope.rotate(queries, *query_tables).float()  # [B, hI, n, dI]
+        weights = self.scorer.weights_proj(x).float() * self.heads ** -0.5  # [B, n, hI]
+        relu = torch.relu(queries @ keys[:, None].transpose(-1, -2)) * self.head_dim ** -0.5  # [B, hI, n, T]
         scores = torch.einsum("bhst,bsh->bst", relu, weights).masked_fill(~seen, float("-inf"))
         k = min(self.top_k, scores.shape[-1])
         chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(k, dim=-1).indices, True)

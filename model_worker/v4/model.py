@@ -5,11 +5,14 @@ MoE block; a final mHC collapse, RMSNorm and the (untied) LM head. Parameter nam
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from model_worker.layers.mhc import HyperConnection, HyperHead, expand_to_streams
-from model_worker.v4.attention import V4Attention
+from model_worker.v4.attention import AttentionState, V4Attention
 from model_worker.v4.config import V4Config
 from model_worker.v4.moe import V4MoE
 from model_worker.v4.norm import V4RMSNorm as RMSNorm
@@ -29,10 +32,10 @@ class V4DecoderLayer(nn.Module):
         self.mlp = V4MoE(config, hashed=config.mlp_layer_types[layer_id] == "hash_moe")
 
     def forward(self, streams: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor,
-                ropes: dict) -> torch.Tensor:
+                ropes: dict, state: AttentionState) -> torch.Tensor:
         """streams [B, S, n, H] -> [B, S, n, H]."""
         collapsed, post, comb = self.attn_hc(streams)
-        out = self.self_attn(self.input_layernorm(collapsed), positions, ropes)
+        out = self.self_attn(self.input_layernorm(collapsed), positions, ropes, state)
         streams = self.attn_hc.expand(out, streams, post, comb)
         collapsed, post, comb = self.ffn_hc(streams)
         out = self.mlp(self.post_attention_layernorm(collapsed), token_ids)
@@ -68,16 +71,33 @@ class V4CausalLM(nn.Module):
         names = [name for name, _ in self.named_parameters()] + [name for name, _ in self.named_buffers()]
         return {name for name in names if any(part in name for part in _FP32_PARTS)}
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids int [B, S] (a whole sequence from position 0) -> logits fp32 [B, S, vocab]."""
-        B, S = input_ids.shape
-        positions = torch.arange(S, device=input_ids.device)
-        ropes: dict = {kind: (rope, rope.tables(positions)) for kind, rope in self._ropes.items()}
-        compress = self._ropes["compress"]
-        ropes["entries"] = {m: compress.tables(torch.arange(S // m, device=input_ids.device) * m)
-                            for m in {int(r) for r in self.config.compress_rates.values()}}
-        h = self.model.embed_tokens(input_ids)
-        streams = expand_to_streams(h, self.config.hc_mult)
-        for layer in self.model.layers:
-            streams = layer(streams, input_ids, positions, ropes)
+    def new_state(self) -> V4State:
+        """An empty decoding state: pass it to `forward` with a sequence's first tokens, then with each next chunk."""
+        return V4State([AttentionState() for _ in self.model.layers])
+
+    def forward(self, input_ids: torch.Tensor, state: V4State | None = None) -> torch.Tensor:
+        """input_ids int [B, n] -> logits fp32 [B, n, vocab]. Without `state`: a whole sequence from position 0.
+        With one: the n tokens that follow what it holds (a prefill chunk or a decode step; state is updated).
+        The B rows of a state are sequences at the same position."""
+        state = state if state is not None else self.new_state()
+        B, n = input_ids.shape
+        positions = torch.arange(state.length, state.length + n, device=input_ids.device)
+        ropes = {kind: (rope, rope.tables(positions)) for kind, rope in self._ropes.items()}
+        streams = expand_to_streams(self.model.embed_tokens(input_ids), self.config.hc_mult)
+        for layer, layer_state in zip(self.model.layers, state.layers, strict=True):
+            streams = layer(streams, input_ids, positions, ropes, layer_state)
+        state.length += n
         return self.lm_head(self.model.norm(self.model.hc_head(streams))).float()
+
+
+@dataclass
+class V4State:
+    """A decoding state: every layer's `AttentionState` and how many tokens it holds."""
+
+    layers: list[AttentionState]
+    length: int = 0
+
+    def copy(self) -> V4State:
+        """An independent copy (a shared prefix continued two ways); tensors are shared, never written in place."""
+        return V4State([AttentionState(layer.keys, dataclasses.replace(layer.compressor),
+                                       dataclasses.replace(layer.indexer)) for layer in self.layers], self.length)
