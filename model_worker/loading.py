@@ -26,7 +26,7 @@ FP8_MODES = ("dequantize", "gemm")
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise ValueError(f"dtype: {dtype} not supported; use one of {sorted(DTYPES)}")
@@ -51,7 +51,7 @@ def load_model(path: str | Path, *, dtype: str | torch.dtype = "float32", device
     """
     if fp8_mode not in FP8_MODES:
         raise ValueError(f"fp8_mode: {fp8_mode!r} not in {FP8_MODES}")
-    torch_dtype = _resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype)
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")

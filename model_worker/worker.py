@@ -22,6 +22,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import json
 import logging
 import threading
 import uuid
@@ -146,8 +147,13 @@ class ModelWorker:
         tokenizer = load_tokenizer(path) if (Path(path) / "tokenizer.json").is_file() else None
         if tokenizer is None:
             log.info("%s has no tokenizer.json: serving token-id requests only", path)
-        model = load_model(path, dtype=dtype, device=device, pack_weights=pack_weights,
-                           engram_tables=engram_tables is None)
+        if _model_type(path) == "deepseek_v4":
+            from model_worker.v4 import load_v4_model
+
+            model = load_v4_model(path, dtype=dtype).to(device)
+        else:
+            model = load_model(path, dtype=dtype, device=device, pack_weights=pack_weights,
+                               engram_tables=engram_tables is None)
         if engram_tables is not None and model.config.uses_engram:
             model.attach_engram_tables(engram_tables)
         return cls(model, tokenizer, EngineConfig(**engine_settings), model_name or Path(path).name)
@@ -413,3 +419,11 @@ def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
 def _delta_of(output: RequestOutput) -> StreamDelta:
     return StreamDelta(output.request_id, output.text_delta, list(output.new_token_ids), output.finish_reason,
                        output.usage, output.logprobs, output.error)
+
+
+def _model_type(path: str | Path) -> str | None:
+    """config.json's model_type (None when it cannot be read: the loader then reports why)."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None

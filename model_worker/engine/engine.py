@@ -23,6 +23,7 @@ from model_worker.engine.sampling import Sampler, SamplingParams, make_generator
 from model_worker.engine.scheduler import Scheduler
 from model_worker.engine.sequence import Sequence
 from model_worker.engine.structured import GrammarBackend
+from model_worker.engine.v4_runner import V4Runner, v4_bytes_per_token
 from model_worker.model import CausalLM
 from model_worker.tokenizer import Tokenizer
 
@@ -87,18 +88,30 @@ class LLMEngine:
         cfg = model.config
         self.max_model_len = cfg.max_position_embeddings
         self.kv_cache_format = cache_format(self.config.kv_cache_dtype, model)
-        bytes_per_token = PagedLatentCache.bytes_per_token(cfg.kv_lora_rank, cfg.qk_rope_head_dim,
-                                                           self.kv_cache_format) * cfg.num_hidden_layers
+        v4 = cfg.model_type == "deepseek_v4"  # carried per-sequence state, not the paged latent cache (v4_runner)
+        if v4:
+            if self.kv_cache_format != cache_format("auto", model):
+                raise ValueError(f"kv_cache_dtype={self.config.kv_cache_dtype!r}: a DeepSeek-V4 model keeps its "
+                                 "decoding state in the model's dtype ('auto'); the MODEL1 FP8 cache is not served yet")
+            element = model.model.embed_tokens.weight.element_size()
+            bytes_per_token = v4_bytes_per_token(cfg, element)
+        else:
+            bytes_per_token = PagedLatentCache.bytes_per_token(cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                                                               self.kv_cache_format) * cfg.num_hidden_layers
         num_blocks = BlockManager.blocks_for_budget(self.config.cache_budget_bytes, bytes_per_token,
                                                     self.config.block_size)
         device = next(model.parameters()).device
-        self.cache = PagedLatentCache(cfg.num_hidden_layers, num_blocks, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
-                                      fmt=self.kv_cache_format, block_size=self.config.block_size,
-                                      device=device)
-        self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching and not v4)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs,
                                    self.config.max_num_batched_tokens, self.config.enable_chunked_prefill)
-        self.runner = ModelRunner(model, self.cache)
+        if v4:
+            self.cache, self.runner = None, V4Runner(model)
+        else:
+            self.cache = PagedLatentCache(cfg.num_hidden_layers, num_blocks, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                                          fmt=self.kv_cache_format, block_size=self.config.block_size,
+                                          device=device)
+            self.runner = ModelRunner(model, self.cache)
         self.sampler = Sampler()
         self._grammars: GrammarBackend | None = None
         self._requests: dict[str, _RequestState] = {}
@@ -141,6 +154,7 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         if self._requests.pop(request_id, None) is not None:
             self.scheduler.abort(request_id)
+            self.runner.forget(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -197,6 +211,7 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self._requests.pop(seq.request_id, None)
+            self.runner.forget(seq.request_id)
         usage = Usage(seq.num_prompt_tokens, len(seq.output_token_ids), seq.num_cached_tokens)
         return RequestOutput(seq.request_id, [token], delta, reason is not None, reason, usage,
                              state.logprobs[-1:] if params.logprobs is not None else None, error)
@@ -204,6 +219,7 @@ class LLMEngine:
     def _failed_output(self, seq: Sequence) -> RequestOutput:
         """The scheduler gave up on a request (it can never fit the cache or the step budget)."""
         self._requests.pop(seq.request_id, None)
+        self.runner.forget(seq.request_id)
         usage = Usage(seq.num_prompt_tokens, len(seq.output_token_ids), seq.num_cached_tokens)
         return RequestOutput(seq.request_id, [], "", True, "error", usage, None,
                              "the request cannot be scheduled within the KV cache or the per-step token budget")

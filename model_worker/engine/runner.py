@@ -262,6 +262,9 @@ class ModelRunner:
         step.add_done_callback(settle)
         return futures
 
+    def forget(self, request_id: str) -> None:
+        """Nothing to drop: a request's pages are the block manager's, freed by the scheduler."""
+
     def close(self) -> None:
         for pool in (self._engram_pool, self._batch_pool):
             if pool is not None:

@@ -27,8 +27,12 @@ def read_v4_config(path: str | Path) -> V4Config:
     return V4Config.from_dict(raw)
 
 
-def load_v4_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -> V4CausalLM:
-    """An eval-mode V4CausalLM with the checkpoint's weights in dtype (fp32 islands stay fp32)."""
+def load_v4_model(path: str | Path, *, dtype: str | torch.dtype = torch.float32) -> V4CausalLM:
+    """An eval-mode V4CausalLM with the checkpoint's weights in dtype ("float32", "bfloat16" or a torch dtype;
+    the fp32 islands stay fp32)."""
+    from model_worker.loading import resolve_dtype
+
+    dtype = resolve_dtype(dtype)
     config = read_v4_config(path)
     with torch.device("meta"):
         model = V4CausalLM(config)

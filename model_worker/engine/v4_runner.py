@@ -1,0 +1,76 @@
+"""Running a DeepSeek-V4 model (`model_worker.v4`) in the engine: each sequence carries its own `V4State`
+(the sliding window's last keys, the compressed entries, the compressors' open windows) between steps,
+kept here by request id, instead of pages of the latent cache that V2/V3 use. The engine's scheduler,
+sampling, structured decoding and streaming are the same; the block manager only accounts memory
+(`v4_bytes_per_token`). A sequence whose state does not match where the scheduler resumes it (preempted and
+scheduled again) is rebuilt by recomputing its tokens, so the result is always that of full recompute.
+
+Not yet: a paged cache per layer type (the sliding window's pages recycled, compressed entries paged, the
+MODEL1 FP8 layout), batching sequences into one forward, prefix caching (off for V4: a state cannot be
+shared through pages).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model_worker.engine.scheduler import ScheduledBatch
+from model_worker.engine.sequence import Sequence
+from model_worker.v4.config import CSA, SLIDING
+
+
+def v4_bytes_per_token(config, element_bytes: int) -> int:
+    """State bytes a token costs, counted as if every token kept its sliding-window key (an upper bound: only
+    the last W - 1 are kept) plus its share of the compressed entries (and the CSA indexer's keys)."""
+    total = 0
+    for layer_type in config.layer_types:
+        total += config.head_dim
+        if layer_type != SLIDING:
+            width = config.head_dim + (config.index_head_dim if layer_type == CSA else 0)
+            total += -(-width // config.rate(layer_type))
+    return total * element_bytes
+
+
+class V4Runner:
+    """The engine's runner for V4 models: one forward per scheduled sequence, with its carried state."""
+
+    def __init__(self, model):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self._states: dict[str, object] = {}  # request id -> V4State
+        self.computed_tokens = 0
+        self.engram_lookups = 0  # V4 has no Engram layers (V4.1's tables are not read yet)
+        self.engram_lookup_tokens = 0
+
+    def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
+        """-> (sequences to sample for, their logits [S, vocab] fp32)."""
+        sampled, rows = [], []
+        with torch.inference_mode():
+            for seq, n_new in zip(batch.seqs, batch.num_new_tokens):
+                start = seq.num_computed_tokens
+                state = self._state_at(seq, start)
+                ids = torch.tensor([seq.token_ids[start:start + n_new]], dtype=torch.int64, device=self.device)
+                logits = self.model(ids, state)[0, -1]
+                self.computed_tokens += n_new
+                if start + n_new == seq.num_tokens:
+                    sampled.append(seq)
+                    rows.append(logits)
+        vocab = self.model.config.vocab_size
+        return sampled, torch.stack(rows) if rows else torch.empty(0, vocab, device=self.device)
+
+    def _state_at(self, seq: Sequence, start: int):
+        """The sequence's state holding exactly its first `start` tokens (rebuilt by recompute if it does not)."""
+        state = self._states.get(seq.request_id)
+        if state is None or state.length != start:
+            state = self._states[seq.request_id] = self.model.new_state()
+            if start:
+                self.model(torch.tensor([seq.token_ids[:start]], dtype=torch.int64, device=self.device), state)
+                self.computed_tokens += start
+        return state
+
+    def forget(self, request_id: str) -> None:
+        """Drop a finished or aborted request's state."""
+        self._states.pop(request_id, None)
+
+    def close(self) -> None:
+        self._states.clear()

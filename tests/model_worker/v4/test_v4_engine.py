@@ -1,0 +1,83 @@
+"""A DeepSeek-V4 model served by the engine (`engine.v4_runner`): continuous batching with chunked prefill,
+prompts longer than the sliding window and a shared-prefix pair give the greedy tokens of naive full
+recompute; under a cache budget small enough to preempt, too; and the ModelWorker loads a V4 checkpoint
+and answers token-id requests."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from model_worker.engine.engine import EngineConfig, LLMEngine
+from model_worker.engine.v4_runner import v4_bytes_per_token
+from tests.model_worker.engine.engine_fixtures import greedy, run_to_completion, tokens_of
+from tests.model_worker.v4.test_v4_parity import BASE, DeepseekV4Config, _random_reference
+
+pytestmark = pytest.mark.skipif(DeepseekV4Config is None, reason="this transformers has no deepseek_v4")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("v4")
+    _random_reference(BASE, seed=21).save_pretrained(path)
+    return path
+
+
+def _naive_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    sequence = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            sequence.append(int(model(torch.tensor([sequence]))[0, -1].argmax()))
+    return sequence[len(prompt):]
+
+
+def _prompts() -> dict[str, list[int]]:
+    g = torch.Generator().manual_seed(4)
+    shared = torch.randint(0, 128, (19,), generator=g).tolist()
+    return {"long": torch.randint(0, 128, (37,), generator=g).tolist(),  # > W = 8, closes windows of 4 and 8
+            "short": torch.randint(0, 128, (3,), generator=g).tolist(),
+            "shared-a": shared + [5, 6, 7], "shared-b": shared + [9]}
+
+
+@pytest.mark.parametrize("budget_blocks", [None, 6])
+def test_engine_greedy_equals_naive_recompute(checkpoint, budget_blocks):
+    from model_worker.v4 import load_v4_model
+
+    model = load_v4_model(checkpoint)
+    config = EngineConfig(block_size=8, max_num_batched_tokens=16, max_num_seqs=4)
+    if budget_blocks:  # room for 6 pages of 8 tokens (the longest request needs all 6): preemption
+        config.cache_budget_bytes = budget_blocks * 8 * v4_bytes_per_token(model.config, 4)
+    engine = LLMEngine(model, None, config)
+    prompts = _prompts()
+    for rid, prompt in prompts.items():
+        engine.add_request(rid, prompt, greedy(10 if not budget_blocks else 5))
+    outputs = run_to_completion(engine)
+    for rid, prompt in prompts.items():
+        assert tokens_of(outputs[rid]) == _naive_greedy(model, prompt, 10 if not budget_blocks else 5), rid
+    if budget_blocks:
+        assert engine.preemptions > 0
+    assert engine.runner._states == {}  # finished requests leave no state behind
+
+
+def test_engine_refuses_an_fp8_cache_for_v4(checkpoint):
+    from model_worker.v4 import load_v4_model
+
+    with pytest.raises(ValueError, match="MODEL1 FP8 cache is not served yet"):
+        LLMEngine(load_v4_model(checkpoint), None, EngineConfig(kv_cache_dtype="fp8"))
+
+
+def test_model_worker_serves_a_v4_checkpoint(checkpoint):
+    from model_worker.worker import GenerateRequest, ModelWorker
+
+    worker = ModelWorker.from_pretrained(checkpoint)
+    prompt = _prompts()["long"]
+
+    async def run():
+        async with worker:
+            (result,) = await worker.generate([GenerateRequest(prompt_token_ids=prompt, params=greedy(6))])
+            return result
+
+    result = asyncio.run(run())
+    assert result.token_ids == _naive_greedy(worker.engine.model, prompt, 6)
