@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engram_kernels.v4_decode import sparse_decode_attention
 from model_worker.layers.linear import Linear
 from model_worker.v4.compressor import Compressor, CompressorState, Indexer, visible
 from model_worker.v4.config import CSA, SLIDING, V4Config
@@ -69,6 +70,8 @@ class V4Attention(nn.Module):
         gap = positions[:, None] - torch.arange(end - keys.shape[1], end, device=x.device)[None, :]  # [n, S]
         bias = torch.zeros(B, n, keys.shape[1], dtype=torch.float32, device=x.device).masked_fill(
             (gap < 0) | (gap >= self.window), torch.finfo(torch.float32).min)
+        if n == 1:
+            return self._decode_step(x, q, keys, q_low, end, state, rope, tables)
         if self.compressor is not None:
             entries = self.compressor.extend(x, end, state.compressor, rope)  # [B, T, D]
             seen = visible(entries.shape[1], self.compressor.m, positions)  # [n, T]
@@ -82,6 +85,23 @@ class V4Attention(nn.Module):
         probs = torch.softmax(torch.cat((logits, sinks), dim=-1), dim=-1)[..., :-1]  # [B, h, n, keys]
         out = rope.rotate(probs @ keys[:, None], *tables, inverse=True)  # [B, h, n, D]
         return self.o_b_proj(self._grouped_low_rank(out.transpose(1, 2).reshape(B, n, -1)))
+
+    def _decode_step(self, x, q, keys, q_low, end: int, state: AttentionState, rope, tables) -> torch.Tensor:
+        """One new token per row: the decode attention op (`engram_kernels.v4_decode.sparse_decode_attention`,
+        Triton on GPU) over the window's keys [B, <= W, D] and the selected compressed entries."""
+        B = x.shape[0]
+        entries, picks = keys.new_zeros(B, 0, self.head_dim), torch.zeros(B, 0, dtype=torch.int64, device=x.device)
+        if self.compressor is not None:
+            entries = self.compressor.extend(x, end, state.compressor, rope)
+            if self.layer_type == CSA:
+                picks = self.compressor.indexer.pick(x, q_low, end, state.indexer, rope, tables)
+            else:
+                picks = torch.arange(entries.shape[1], device=x.device).expand(B, -1)
+        window = torch.full((B,), keys.shape[1], dtype=torch.int64, device=x.device)
+        out = sparse_decode_attention(q[:, :, 0], keys, window, entries, picks, self.sinks.float(),
+                                      self.head_dim ** -0.5)  # [B, h, D]
+        out = rope.rotate(out[:, :, None], *tables, inverse=True)  # [B, h, 1, D]
+        return self.o_b_proj(self._grouped_low_rank(out.transpose(1, 2).reshape(B, 1, -1)))
 
     def _grouped_low_rank(self, o: torch.Tensor) -> torch.Tensor:
         """o [B, S, nh*D] -> [B, S, G*R]: group g of the heads through o_a_proj's row block g."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engram_kernels.v4_decode import indexer_topk
 from model_worker.layers.linear import Linear
 from model_worker.v4.norm import V4RMSNorm as RMSNorm
 
@@ -114,18 +115,33 @@ class Indexer(Compressor):
         self.q_b_proj = Linear(q_rank, heads * head_dim)
         self.scorer = Scorer(hidden, heads)
 
+    def _score_inputs(self, x: torch.Tensor, q_low: torch.Tensor, end: int, state: CompressorState, rope,
+                      query_tables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys [B, T, dI], queries [B, hI, n, dI], head weights [B, n, hI]), fp32; `state` is updated."""
+        keys = self.extend(x, end, state, rope).float()
+        B, n, _ = x.shape
+        queries = self.q_b_proj(q_low).view(B, n, self.heads, self.head_dim).transpose(1, 2)
+        queries = rope.rotate(queries, *query_tables).float()
+        return keys, queries, self.scorer.weights_proj(x).float() * self.heads ** -0.5
+
     def select(self, x: torch.Tensor, q_low: torch.Tensor, end: int, state: CompressorState, rope, query_tables,
                seen: torch.Tensor) -> torch.Tensor:
         """x [B, n, H] and q_low [B, n, rq] (after q_a_norm) of the tokens ending at position `end`, seen bool
         [n, T] -> bool [B, n, T]: the entries each query attends to (its top-k by score among the visible
         ones). `state` holds the indexer's own keys (updated)."""
-        keys = self.extend(x, end, state, rope).float()  # [B, T, dI]
-        B, n, _ = x.shape
-        queries = self.q_b_proj(q_low).view(B, n, self.heads, self.head_dim).transpose(1, 2)
-        queries = rope.rotate(queries, *query_tables).float()  # [B, hI, n, dI]
-        weights = self.scorer.weights_proj(x).float() * self.heads ** -0.5  # [B, n, hI]
+        keys, queries, weights = self._score_inputs(x, q_low, end, state, rope, query_tables)
         relu = torch.relu(queries @ keys[:, None].transpose(-1, -2)) * self.head_dim ** -0.5  # [B, hI, n, T]
         scores = torch.einsum("bhst,bsh->bst", relu, weights).masked_fill(~seen, float("-inf"))
         k = min(self.top_k, scores.shape[-1])
         chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(k, dim=-1).indices, True)
         return chosen & seen
+
+    def pick(self, x: torch.Tensor, q_low: torch.Tensor, end: int, state: CompressorState, rope,
+             query_tables) -> torch.Tensor:
+        """A decode step (one token per row, x [B, 1, H]): the top-k entries' indices [B, k'] (-1 = none), by
+        the indexer decode op (`engram_kernels.v4_decode.indexer_topk`: Triton on GPU). Every entry that exists
+        at a decode step is visible to it."""
+        keys, queries, weights = self._score_inputs(x, q_low, end, state, rope, query_tables)
+        count = torch.full((x.shape[0],), keys.shape[1], dtype=torch.int64, device=x.device)
+        k = max(min(self.top_k, keys.shape[1]), 1)
+        return indexer_topk(queries[:, :, 0], weights[:, 0], keys, count, k, self.head_dim ** -0.5)
