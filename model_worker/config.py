@@ -137,7 +137,7 @@ class ModelConfig:
         model_type = data.pop("model_type", None)
         if model_type == "deepseek_v4":
             raise ConfigError("model_type: 'deepseek_v4' checkpoints load with model_worker.v4.load_v4_model "
-                              "(full-sequence logits); the engine and the model worker do not serve them yet")
+                              "(or ModelWorker.from_pretrained, which serves them), not load_model")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"model_type: {model_type!r} is not supported (expected one of {SUPPORTED_MODEL_TYPES})")
         kwargs: dict[str, Any] = {"model_type": model_type}
