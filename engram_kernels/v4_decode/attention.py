@@ -30,15 +30,8 @@ from engram_kernels.v4_decode.checks import (
 )
 
 
-def check_attention_args(
-    q: torch.Tensor,
-    sliding: torch.Tensor,
-    sliding_count: torch.Tensor,
-    entries: torch.Tensor,
-    entry_index: torch.Tensor,
-    sinks: torch.Tensor,
-    scale: float,
-) -> None:
+def check_attention_args(q: torch.Tensor, sliding: torch.Tensor, sliding_count: torch.Tensor,
+        entries: torch.Tensor, entry_index: torch.Tensor, sinks: torch.Tensor, scale: float) -> None:
     """Validate shapes, dtypes and devices, 0 <= sliding_count[b] <= W and -1 <= entry_index < T."""
     check_float_dims(q, "q", 3, "[B, H, D]")
     batch, heads, dim = q.shape
@@ -62,15 +55,8 @@ def check_attention_args(
     )
 
 
-def sparse_decode_attention_ref(
-    q: torch.Tensor,
-    sliding: torch.Tensor,
-    sliding_count: torch.Tensor,
-    entries: torch.Tensor,
-    entry_index: torch.Tensor,
-    sinks: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
+def sparse_decode_attention_ref(q: torch.Tensor, sliding: torch.Tensor, sliding_count: torch.Tensor,
+        entries: torch.Tensor, entry_index: torch.Tensor, sinks: torch.Tensor, scale: float) -> torch.Tensor:
     """Sparse decode attention with sinks, torch reference, fp32 inside.
 
     q [B, H, D]; sliding [B, W, D]; sliding_count int [B]; entries [B, T, D]; entry_index int [B, K]
@@ -96,15 +82,8 @@ def sparse_decode_attention_ref(
     return torch.einsum("bhj,bjd->bhd", probs, kv).to(q.dtype)
 
 
-def sparse_decode_attention_triton(
-    q: torch.Tensor,
-    sliding: torch.Tensor,
-    sliding_count: torch.Tensor,
-    entries: torch.Tensor,
-    entry_index: torch.Tensor,
-    sinks: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
+def sparse_decode_attention_triton(q: torch.Tensor, sliding: torch.Tensor, sliding_count: torch.Tensor,
+        entries: torch.Tensor, entry_index: torch.Tensor, sinks: torch.Tensor, scale: float) -> torch.Tensor:
     """`sparse_decode_attention_ref` semantics in a Triton kernel (online softmax, sink folded in first)."""
     check_attention_args(q, sliding, sliding_count, entries, entry_index, sinks, scale)
     from engram_kernels.v4_decode.attention_kernel import launch_sparse_decode_attention

@@ -76,15 +76,8 @@ def _tile_sizes(heads: int, block_d: int, longest: int, on_gpu: bool) -> tuple[i
     return max(16, min(128, triton.next_power_of_2(heads))), max(16, min(256, triton.next_power_of_2(longest)))
 
 
-def launch_sparse_decode_attention(
-    q: torch.Tensor,
-    sliding: torch.Tensor,
-    sliding_count: torch.Tensor,
-    entries: torch.Tensor,
-    entry_index: torch.Tensor,
-    sinks: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
+def launch_sparse_decode_attention(q: torch.Tensor, sliding: torch.Tensor, sliding_count: torch.Tensor,
+        entries: torch.Tensor, entry_index: torch.Tensor, sinks: torch.Tensor, scale: float) -> torch.Tensor:
     """Run the kernel on validated arguments. -> out [B, H, D] in q.dtype"""
     batch, heads, dim = q.shape
     width, total, slots = sliding.shape[1], entries.shape[1], entry_index.shape[1]
