@@ -83,21 +83,44 @@ def tile_scales(x: torch.Tensor, layout: Model1CacheLayout) -> torch.Tensor:
     return torch.exp2(torch.log2((nope.abs().amax(dim=-1) / E4M3_MAX).clamp_min(MIN_SCALE)).ceil())
 
 
+def quantize_tokens(kv: torch.Tensor, layout: Model1CacheLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv [..., head_dim] (any float dtype) -> each token's bytes: (data uint8 [..., token_data_bytes]: nope
+    e4m3 then rope bf16; scale slot uint8 [..., 8]: the e8m0 tile scales then padding). Tokens are
+    independent, so a page is its tokens' bytes laid out (`quantize_pages`)."""
+    scales = tile_scales(kv, layout)  # [..., tiles]
+    nope = kv[..., : layout.nope_dim].float().unflatten(-1, (layout.num_tiles, layout.tile)) / scales[..., None]
+    nope_bytes = nope.flatten(-2).to(torch.float8_e4m3fn).view(torch.uint8)  # [..., nope]
+    rope_bytes = kv[..., layout.nope_dim:].to(torch.bfloat16).contiguous().view(torch.uint8)  # [..., 2 * rope]
+    slots = torch.zeros(*kv.shape[:-1], SCALE_SLOT_BYTES, dtype=torch.uint8, device=kv.device)
+    slots[..., : layout.num_tiles] = scales.to(torch.float8_e8m0fnu).view(torch.uint8)
+    return torch.cat((nope_bytes, rope_bytes), dim=-1), slots
+
+
+def page_views(pages: torch.Tensor, layout: Model1CacheLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Writable views of pages uint8 [..., page_bytes]: (token data [..., block_size, token_data_bytes], scale
+    slots [..., block_size, 8])."""
+    data = pages[..., : layout.scales_offset].unflatten(-1, (layout.block_size, layout.token_data_bytes))
+    end = layout.scales_offset + layout.block_size * SCALE_SLOT_BYTES
+    return data, pages[..., layout.scales_offset: end].unflatten(-1, (layout.block_size, SCALE_SLOT_BYTES))
+
+
+def dequantize_tokens(data: torch.Tensor, slots: torch.Tensor, layout: Model1CacheLayout) -> torch.Tensor:
+    """Token bytes (`quantize_tokens`' two fields: [..., token_data_bytes], [..., 8]) -> kv float32 [..., D]."""
+    nope = data[..., : layout.nope_dim].view(torch.float8_e4m3fn)
+    rope = data[..., layout.nope_dim:].contiguous().view(torch.bfloat16)
+    scales = slots[..., : layout.num_tiles].contiguous().view(torch.float8_e8m0fnu)
+    values = nope.float().unflatten(-1, (layout.num_tiles, layout.tile)) * scales.float()[..., None]
+    return torch.cat((values.flatten(-2), rope.float()), dim=-1)
+
+
 def quantize_pages(kv: torch.Tensor, layout: Model1CacheLayout) -> torch.Tensor:
     """kv [num_pages, block_size, head_dim] (any float dtype) -> pages uint8 [num_pages, page_bytes]."""
     if kv.dim() != 3 or tuple(kv.shape[1:]) != (layout.block_size, layout.head_dim) or not kv.is_floating_point():
         raise ValueError(f"kv must be a float tensor [num_pages, {layout.block_size}, {layout.head_dim}], "
                          f"got {kv.dtype} {tuple(kv.shape)}")
-    pages, tokens = kv.shape[0], layout.block_size
-    scales = tile_scales(kv, layout)  # [P, T, tiles]
-    nope = kv[..., : layout.nope_dim].float().unflatten(-1, (layout.num_tiles, layout.tile)) / scales[..., None]
-    nope_bytes = nope.flatten(-2).to(torch.float8_e4m3fn).view(torch.uint8)  # [P, T, nope]
-    rope_bytes = kv[..., layout.nope_dim:].to(torch.bfloat16).contiguous().view(torch.uint8)  # [P, T, 2 * rope]
-    scale_slots = torch.zeros(pages, tokens, SCALE_SLOT_BYTES, dtype=torch.uint8, device=kv.device)
-    scale_slots[..., : layout.num_tiles] = scales.to(torch.float8_e8m0fnu).view(torch.uint8)
-    out = torch.zeros(pages, layout.page_bytes, dtype=torch.uint8, device=kv.device)
-    out[:, : layout.scales_offset] = torch.cat((nope_bytes, rope_bytes), dim=-1).flatten(1)
-    out[:, layout.scales_offset: layout.scales_offset + tokens * SCALE_SLOT_BYTES] = scale_slots.flatten(1)
+    out = torch.zeros(kv.shape[0], layout.page_bytes, dtype=torch.uint8, device=kv.device)
+    data, slots = page_views(out, layout)
+    data[...], slots[...] = quantize_tokens(kv, layout)
     return out
 
 
@@ -107,16 +130,13 @@ def token_fields(pages: torch.Tensor, layout: Model1CacheLayout) -> tuple[torch.
     if pages.dtype != torch.uint8 or pages.dim() != 2 or pages.shape[1] != layout.page_bytes:
         raise ValueError(f"pages must be uint8 [num_pages, {layout.page_bytes}], "
                          f"got {pages.dtype} {tuple(pages.shape)}")
-    data = pages[:, : layout.scales_offset].view(pages.shape[0], layout.block_size, layout.token_data_bytes)
+    data, slots = page_views(pages, layout)
     nope = data[..., : layout.nope_dim].view(torch.float8_e4m3fn)
     rope = data[..., layout.nope_dim:].contiguous().view(torch.bfloat16)
-    slots = pages[:, layout.scales_offset: layout.scales_offset + layout.block_size * SCALE_SLOT_BYTES]
-    scales = slots.reshape(pages.shape[0], layout.block_size, SCALE_SLOT_BYTES)[..., : layout.num_tiles]
-    return nope, rope, scales.contiguous().view(torch.float8_e8m0fnu)
+    return nope, rope, slots[..., : layout.num_tiles].contiguous().view(torch.float8_e8m0fnu)
 
 
 def dequantize_pages(pages: torch.Tensor, layout: Model1CacheLayout) -> torch.Tensor:
     """pages uint8 [num_pages, page_bytes] -> kv float32 [num_pages, block_size, head_dim]."""
-    nope, rope, scales = token_fields(pages, layout)
-    values = nope.float().unflatten(-1, (layout.num_tiles, layout.tile)) * scales.float()[..., None]
-    return torch.cat((values.flatten(-2), rope.float()), dim=-1)
+    token_fields(pages, layout)  # checks the shape
+    return dequantize_tokens(*page_views(pages, layout), layout)

@@ -26,6 +26,7 @@ from model_worker.engine.structured import GrammarBackend
 from model_worker.engine.v4_runner import V4Runner, v4_bytes_per_token
 from model_worker.model import CausalLM
 from model_worker.tokenizer import Tokenizer
+from model_worker.v4.kv_rows import model1_layout
 
 
 @dataclass
@@ -90,11 +91,12 @@ class LLMEngine:
         self.kv_cache_format = cache_format(self.config.kv_cache_dtype, model)
         v4 = cfg.model_type == "deepseek_v4"  # carried per-sequence state, not the paged latent cache (v4_runner)
         if v4:
-            if self.kv_cache_format != cache_format("auto", model):
+            if self.kv_cache_format not in ("fp8", cache_format("auto", model)):
                 raise ValueError(f"kv_cache_dtype={self.config.kv_cache_dtype!r}: a DeepSeek-V4 model keeps its "
-                                 "decoding state in the model's dtype ('auto'); the MODEL1 FP8 cache is not served yet")
+                                 "decoding state in the model's dtype ('auto') or in MODEL1 FP8 rows ('fp8')")
+            fp8_layout = model1_layout(cfg.head_dim, cfg.qk_rope_head_dim) if self.kv_cache_format == "fp8" else None
             element = model.model.embed_tokens.weight.element_size()
-            bytes_per_token = v4_bytes_per_token(cfg, element)
+            bytes_per_token = v4_bytes_per_token(cfg, element, fp8_layout)
         else:
             bytes_per_token = PagedLatentCache.bytes_per_token(cfg.kv_lora_rank, cfg.qk_rope_head_dim,
                                                                self.kv_cache_format) * cfg.num_hidden_layers
@@ -106,7 +108,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs,
                                    self.config.max_num_batched_tokens, self.config.enable_chunked_prefill)
         if v4:
-            self.cache, self.runner = None, V4Runner(model)
+            self.cache, self.runner = None, V4Runner(model, fp8_layout)
         else:
             self.cache = PagedLatentCache(cfg.num_hidden_layers, num_blocks, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
                                           fmt=self.kv_cache_format, block_size=self.config.block_size,

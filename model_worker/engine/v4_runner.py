@@ -5,9 +5,9 @@ sampling, structured decoding and streaming are the same; the block manager only
 (`v4_bytes_per_token`). A sequence whose state does not match where the scheduler resumes it (preempted and
 scheduled again) is rebuilt by recomputing its tokens, so the result is always that of full recompute.
 
-Not yet: a paged cache per layer type (the sliding window's pages recycled, compressed entries paged, the
-MODEL1 FP8 layout), batching sequences into one forward, prefix caching (off for V4: a state cannot be
-shared through pages).
+With `kv_cache_dtype="fp8"` the window keys and compressed entries are kept as MODEL1 FP8 rows in pages of 64
+tokens (`v4.kv_rows`; the window's pages are released as it moves on). Not yet: one pool of pages shared by
+all sequences (each state holds its own), batching sequences into one forward, prefix caching (off for V4).
 """
 
 from __future__ import annotations
@@ -19,23 +19,27 @@ from model_worker.engine.sequence import Sequence
 from model_worker.v4.config import CSA, SLIDING
 
 
-def v4_bytes_per_token(config, element_bytes: int) -> int:
+def v4_bytes_per_token(config, element_bytes: int, fp8_layout=None) -> int:
     """State bytes a token costs, counted as if every token kept its sliding-window key (an upper bound: only
-    the last W - 1 are kept) plus its share of the compressed entries (and the CSA indexer's keys)."""
-    total = 0
+    the last W - 1 are kept) plus its share of the compressed entries and of the CSA indexer's keys. A row is
+    head_dim values in the model's dtype, or a MODEL1 FP8 row (`fp8_layout`: 584 bytes for V4); the indexer's
+    keys stay in the model's dtype."""
+    row = fp8_layout.bytes_per_token if fp8_layout is not None else config.head_dim * element_bytes
+    total = 0.0
     for layer_type in config.layer_types:
-        total += config.head_dim
+        total += row
         if layer_type != SLIDING:
-            width = config.head_dim + (config.index_head_dim if layer_type == CSA else 0)
-            total += -(-width // config.rate(layer_type))
-    return total * element_bytes
+            total += row / config.rate(layer_type)
+        if layer_type == CSA:
+            total += config.index_head_dim * element_bytes / config.rate(layer_type)
+    return int(-(-total // 1))
 
 
 class V4Runner:
     """The engine's runner for V4 models: one forward per scheduled sequence, with its carried state."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, fp8_layout=None):
+        self.model, self.fp8_layout = model, fp8_layout
         self.device = next(model.parameters()).device
         self._states: dict[str, object] = {}  # request id -> V4State
         self.computed_tokens = 0
@@ -62,7 +66,7 @@ class V4Runner:
         """The sequence's state holding exactly its first `start` tokens (rebuilt by recompute if it does not)."""
         state = self._states.get(seq.request_id)
         if state is None or state.length != start:
-            state = self._states[seq.request_id] = self.model.new_state()
+            state = self._states[seq.request_id] = self.model.new_state(self.fp8_layout)
             if start:
                 self.model(torch.tensor([seq.token_ids[:start]], dtype=torch.int64, device=self.device), state)
                 self.computed_tokens += start

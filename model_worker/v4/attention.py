@@ -19,16 +19,21 @@ from engram_kernels.v4_decode import sparse_decode_attention
 from model_worker.layers.linear import Linear
 from model_worker.v4.compressor import Compressor, CompressorState, Indexer, visible
 from model_worker.v4.config import CSA, SLIDING, V4Config
+from model_worker.v4.kv_rows import FloatRows, Model1Rows
 from model_worker.v4.norm import V4RMSNorm as RMSNorm
 
 
 @dataclass
 class AttentionState:
-    """One layer's memory of a sequence: the sliding window's last keys [B, <= W-1, D] and the compressors'."""
+    """One layer's memory of a sequence: the sliding window's last keys ([B, <= W-1, D] rows, `kv_rows`) and
+    the compressors' states (the attention's entries in the same kind of rows; the indexer's keys as floats)."""
 
-    keys: torch.Tensor | None = None
+    keys: FloatRows | Model1Rows = field(default_factory=FloatRows)
     compressor: CompressorState = field(default_factory=CompressorState)
     indexer: CompressorState = field(default_factory=CompressorState)
+
+    def copy(self) -> AttentionState:
+        return AttentionState(self.keys.copy(), self.compressor.copy(), self.indexer.copy())
 
 
 class V4Attention(nn.Module):
@@ -65,8 +70,9 @@ class V4Attention(nn.Module):
         q = self.q_b_proj(q_low).view(B, n, self.heads, self.head_dim).transpose(1, 2)  # [B, h, n, D]
         q = rope.rotate(F.rms_norm(q.float(), (self.head_dim,), eps=self.eps).to(q.dtype), *tables)
         kv = rope.rotate(self.kv_norm(self.kv_proj(x)), *tables)  # [B, n, D]: key and value
-        keys = kv if state.keys is None else torch.cat((state.keys, kv), dim=1)  # positions end - len .. end - 1
-        state.keys = keys[:, max(keys.shape[1] - (self.window - 1), 0):]
+        state.keys.append(kv)  # stored first, so the new keys are read back as the cache holds them
+        keys = state.keys.rows(kv)  # [B, len, D]: positions end - len .. end - 1
+        state.keys.keep_last(self.window - 1)
         gap = positions[:, None] - torch.arange(end - keys.shape[1], end, device=x.device)[None, :]  # [n, S]
         bias = torch.zeros(B, n, keys.shape[1], dtype=torch.float32, device=x.device).masked_fill(
             (gap < 0) | (gap >= self.window), torch.finfo(torch.float32).min)

@@ -13,13 +13,15 @@ next entry), so a chunk of new tokens only pools the windows it closes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from engram_kernels.v4_decode import indexer_topk
 from model_worker.layers.linear import Linear
+from model_worker.v4.kv_rows import FloatRows, Model1Rows
 from model_worker.v4.norm import V4RMSNorm as RMSNorm
 
 
@@ -65,36 +67,33 @@ class Compressor(nn.Module):
         values, gates = self.kv_proj(x), self.gate_proj(x)  # [B, n, C]
         if state.values is not None:
             values, gates = torch.cat((state.values, values), dim=1), torch.cat((state.gates, gates), dim=1)
-        done, total = state.count, end // self.m
+        done, total = state.entries.count, end // self.m
         if total > done:
             first = done - 1 if self.overlap and done > 0 else done  # CSA: re-read the window before
             span = slice(first * self.m - state.start, total * self.m - state.start)
             pooled = pool_windows(values[:, span], gates[:, span], self.position_bias, self.m, self.overlap)
             pooled = pooled[:, done - first:]  # [B, total - done, width]
             cos, sin = rope.tables(torch.arange(done, total, device=x.device) * self.m)
-            fresh = rope.rotate(self.kv_norm(pooled), cos, sin)
-            state.entries = fresh if state.entries is None else torch.cat((state.entries, fresh), dim=1)
+            state.entries.append(rope.rotate(self.kv_norm(pooled), cos, sin))
         keep = max(total - 1, 0) * self.m if self.overlap else total * self.m  # first position still needed
         state.values, state.gates = values[:, keep - state.start:], gates[:, keep - state.start:]
         state.start = keep
-        if state.entries is None:
-            state.entries = values.new_zeros(values.shape[0], 0, self.kv_norm.weight.shape[0])
-        return state.entries
+        return state.entries.rows(values.new_zeros(values.shape[0], 0, self.kv_norm.weight.shape[0]))
 
 
 @dataclass
 class CompressorState:
-    """What a compressor keeps between calls: `entries` [B, T, width] so far, and the raw projections
-    values/gates [B, L, C] of the tokens from position `start` on (a window boundary) not yet pooled."""
+    """What a compressor keeps between calls: its entries so far ([B, T, width] rows, `kv_rows`), and the raw
+    projections values/gates [B, L, C] of the tokens from position `start` on (a window boundary) not yet
+    pooled."""
 
-    entries: torch.Tensor | None = None
+    entries: FloatRows | Model1Rows = field(default_factory=FloatRows)
     values: torch.Tensor | None = None
     gates: torch.Tensor | None = None
     start: int = 0
 
-    @property
-    def count(self) -> int:
-        return 0 if self.entries is None else self.entries.shape[1]
+    def copy(self) -> CompressorState:
+        return dataclasses.replace(self, entries=self.entries.copy())
 
 
 class Scorer(nn.Module):

@@ -5,15 +5,17 @@ MoE block; a final mHC collapse, RMSNorm and the (untied) LM head. Parameter nam
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from engram_kernels.mla_decode.model1_layout import Model1CacheLayout
 from model_worker.layers.mhc import HyperConnection, HyperHead, expand_to_streams
 from model_worker.v4.attention import AttentionState, V4Attention
+from model_worker.v4.compressor import CompressorState
 from model_worker.v4.config import V4Config
+from model_worker.v4.kv_rows import FloatRows, Model1Rows
 from model_worker.v4.moe import V4MoE
 from model_worker.v4.norm import V4RMSNorm as RMSNorm
 from model_worker.v4.rope import V4Rope
@@ -71,9 +73,14 @@ class V4CausalLM(nn.Module):
         names = [name for name, _ in self.named_parameters()] + [name for name, _ in self.named_buffers()]
         return {name for name in names if any(part in name for part in _FP32_PARTS)}
 
-    def new_state(self) -> V4State:
-        """An empty decoding state: pass it to `forward` with a sequence's first tokens, then with each next chunk."""
-        return V4State([AttentionState() for _ in self.model.layers])
+    def new_state(self, fp8_layout: Model1CacheLayout | None = None) -> V4State:
+        """An empty decoding state: pass it to `forward` with a sequence's first tokens, then with each next chunk.
+        fp8_layout: keep the window keys and the compressed entries as MODEL1 FP8 rows (`kv_rows.model1_layout`);
+        None keeps them in the model's dtype (lossless)."""
+        def rows():
+            return FloatRows() if fp8_layout is None else Model1Rows(fp8_layout)
+
+        return V4State([AttentionState(rows(), CompressorState(rows())) for _ in self.model.layers])
 
     def forward(self, input_ids: torch.Tensor, state: V4State | None = None) -> torch.Tensor:
         """input_ids int [B, n] -> logits fp32 [B, n, vocab]. Without `state`: a whole sequence from position 0.
@@ -98,6 +105,5 @@ class V4State:
     length: int = 0
 
     def copy(self) -> V4State:
-        """An independent copy (a shared prefix continued two ways); tensors are shared, never written in place."""
-        return V4State([AttentionState(layer.keys, dataclasses.replace(layer.compressor),
-                                       dataclasses.replace(layer.indexer)) for layer in self.layers], self.length)
+        """An independent copy (a shared prefix continued two ways)."""
+        return V4State([layer.copy() for layer in self.layers], self.length)

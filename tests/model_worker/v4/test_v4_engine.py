@@ -61,11 +61,22 @@ def test_engine_greedy_equals_naive_recompute(checkpoint, budget_blocks):
     assert engine.runner._states == {}  # finished requests leave no state behind
 
 
-def test_engine_refuses_an_fp8_cache_for_v4(checkpoint):
+def test_engine_serves_v4_with_the_fp8_cache_and_refuses_other_formats(checkpoint):
     from model_worker.v4 import load_v4_model
+    from model_worker.v4.kv_rows import Model1Rows, model1_layout
 
-    with pytest.raises(ValueError, match="MODEL1 FP8 cache is not served yet"):
-        LLMEngine(load_v4_model(checkpoint), None, EngineConfig(kv_cache_dtype="fp8"))
+    model = load_v4_model(checkpoint)
+    engine = LLMEngine(model, None, EngineConfig(kv_cache_dtype="fp8", block_size=8))
+    layout = model1_layout(model.config.head_dim, model.config.qk_rope_head_dim)
+    assert engine.block_manager.num_blocks * 8 * v4_bytes_per_token(model.config, 4, layout) <= 256 * 2**20
+    engine.add_request("long", _prompts()["long"], greedy(6))
+    engine.step()  # the prefill
+    (state,) = engine.runner._states.values()
+    assert isinstance(state.layers[0].keys, Model1Rows) and state.layers[0].keys.count == BASE["sliding_window"] - 1
+    outputs = run_to_completion(engine)
+    assert len(tokens_of(outputs["long"])) == 5  # the sixth came from the prefill step
+    with pytest.raises(ValueError, match="MODEL1 FP8 rows"):
+        LLMEngine(model, None, EngineConfig(kv_cache_dtype="bf16"))  # an fp32 V4 model: auto or fp8 only
 
 
 def test_model_worker_serves_a_v4_checkpoint(checkpoint):
