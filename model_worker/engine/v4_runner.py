@@ -1,13 +1,14 @@
 """Running a DeepSeek-V4 model (`model_worker.v4`) in the engine: each sequence carries its own `V4State`
 (the sliding window's last keys, the compressed entries, the compressors' open windows) between steps,
-kept here by request id, instead of pages of the latent cache that V2/V3 use. The engine's scheduler,
-sampling, structured decoding and streaming are the same; the block manager only accounts memory
-(`v4_bytes_per_token`). A sequence whose state does not match where the scheduler resumes it (preempted and
-scheduled again) is rebuilt by recomputing its tokens, so the result is always that of full recompute.
+kept here by request id, instead of pages of the latent cache that V2/V3 use. A step's decodes run as one
+batched forward. The engine's scheduler, sampling, structured decoding and streaming are the same; the
+block manager only accounts memory (`v4_bytes_per_token`). A sequence whose state does not match where the
+scheduler resumes it (preempted and scheduled again) is rebuilt by recomputing its tokens, so the result is
+always that of full recompute.
 
 With `kv_cache_dtype="fp8"` the window keys and compressed entries are kept as MODEL1 FP8 rows in pages of 64
 tokens (`v4.kv_rows`; the window's pages are released as it moves on). Not yet: one pool of pages shared by
-all sequences (each state holds its own), batching sequences into one forward, prefix caching (off for V4).
+all sequences (each state holds its own), batching prefill chunks, prefix caching (off for V4).
 """
 
 from __future__ import annotations
@@ -47,20 +48,36 @@ class V4Runner:
         self.engram_lookup_tokens = 0
 
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
-        """-> (sequences to sample for, their logits [S, vocab] fp32)."""
-        sampled, rows = [], []
+        """-> (sequences to sample for, their logits [S, vocab] fp32). The step's decodes (one token of a
+        sequence whose state is current) run as one batched forward (`V4CausalLM.decode`); prefill chunks
+        run one sequence each."""
+        logits: dict[str, torch.Tensor] = {}
         with torch.inference_mode():
+            decodes = [seq for seq, n_new in zip(batch.seqs, batch.num_new_tokens) if n_new == 1 and
+                       seq.num_computed_tokens and self._current(seq)]
+            if decodes:
+                ids = torch.tensor([seq.token_ids[seq.num_computed_tokens] for seq in decodes], device=self.device)
+                rows = self.model.decode(ids, [self._states[seq.request_id] for seq in decodes])
+                logits.update((seq.request_id, row) for seq, row in zip(decodes, rows))
+                self.computed_tokens += len(decodes)
+            batched = {seq.request_id for seq in decodes}
             for seq, n_new in zip(batch.seqs, batch.num_new_tokens):
+                if seq.request_id in batched:
+                    continue
                 start = seq.num_computed_tokens
                 state = self._state_at(seq, start)
                 ids = torch.tensor([seq.token_ids[start:start + n_new]], dtype=torch.int64, device=self.device)
-                logits = self.model(ids, state)[0, -1]
+                logits[seq.request_id] = self.model(ids, state)[0, -1]
                 self.computed_tokens += n_new
-                if start + n_new == seq.num_tokens:
-                    sampled.append(seq)
-                    rows.append(logits)
+        sampled = [seq for seq, n_new in zip(batch.seqs, batch.num_new_tokens)
+                   if seq.num_computed_tokens + n_new == seq.num_tokens]
         vocab = self.model.config.vocab_size
-        return sampled, torch.stack(rows) if rows else torch.empty(0, vocab, device=self.device)
+        return sampled, (torch.stack([logits[seq.request_id] for seq in sampled]) if sampled
+                         else torch.empty(0, vocab, device=self.device))
+
+    def _current(self, seq: Sequence) -> bool:
+        state = self._states.get(seq.request_id)
+        return state is not None and state.length == seq.num_computed_tokens
 
     def _state_at(self, seq: Sequence, start: int):
         """The sequence's state holding exactly its first `start` tokens (rebuilt by recompute if it does not)."""

@@ -59,13 +59,20 @@ class V4Attention(nn.Module):
                 self.compressor.indexer = Indexer(H, config.q_lora_rank, config.index_n_heads, config.index_head_dim,
                                                   m, config.index_topk, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, ropes: dict, state: AttentionState) -> torch.Tensor:
-        """x [B, n, H] (the normed collapsed stream) of the tokens at positions int [n] (consecutive, following
-        what `state` holds; state is updated) -> [B, n, H]. ropes: {"main" | "compress": (V4Rope, its tables at
-        positions)}."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ropes: dict,
+                state: AttentionState | list[tuple[int, int, AttentionState]]) -> torch.Tensor:
+        """x [B, n, H] (the normed collapsed stream) -> [B, n, H]; `state` is updated. Either the B rows are
+        sequences at the same positions int [n] (consecutive, following what `state` holds), or `state` lists
+        (first row, end row, AttentionState) groups of one decode token each at positions int [B] (`decode`).
+        ropes: {"main" | "compress": (V4Rope, its tables at positions)}."""
         B, n, _ = x.shape
-        end = int(positions[-1]) + 1
         rope, tables = ropes["main" if self.compressor is None else "compress"]
+        if isinstance(state, list):
+            return self.decode(x, positions, rope, tables, state)
+        if n == 1:
+            rows = tuple(t.expand(B, -1) for t in tables)
+            return self.decode(x, positions.expand(B), rope, rows, [(0, B, state)])
+        end = int(positions[-1]) + 1
         q_low = self.q_a_norm(self.q_a_proj(x))  # [B, n, rq]
         q = self.q_b_proj(q_low).view(B, n, self.heads, self.head_dim).transpose(1, 2)  # [B, h, n, D]
         q = rope.rotate(F.rms_norm(q.float(), (self.head_dim,), eps=self.eps).to(q.dtype), *tables)
@@ -76,8 +83,6 @@ class V4Attention(nn.Module):
         gap = positions[:, None] - torch.arange(end - keys.shape[1], end, device=x.device)[None, :]  # [n, S]
         bias = torch.zeros(B, n, keys.shape[1], dtype=torch.float32, device=x.device).masked_fill(
             (gap < 0) | (gap >= self.window), torch.finfo(torch.float32).min)
-        if n == 1:
-            return self._decode_step(x, q, keys, q_low, end, state, rope, tables)
         if self.compressor is not None:
             entries = self.compressor.extend(x, end, state.compressor, rope)  # [B, T, D]
             seen = visible(entries.shape[1], self.compressor.m, positions)  # [n, T]
@@ -92,21 +97,41 @@ class V4Attention(nn.Module):
         out = rope.rotate(probs @ keys[:, None], *tables, inverse=True)  # [B, h, n, D]
         return self.o_b_proj(self._grouped_low_rank(out.transpose(1, 2).reshape(B, n, -1)))
 
-    def _decode_step(self, x, q, keys, q_low, end: int, state: AttentionState, rope, tables) -> torch.Tensor:
-        """One new token per row: the decode attention op (`engram_kernels.v4_decode.sparse_decode_attention`,
-        Triton on GPU) over the window's keys [B, <= W, D] and the selected compressed entries."""
+    def decode(self, x: torch.Tensor, positions: torch.Tensor, rope, tables,
+               groups: list[tuple[int, int, AttentionState]]) -> torch.Tensor:
+        """One new token per row, x [B, 1, H] at positions int [B] with RoPE tables per row ([B, rd/2] each);
+        groups: (first row, end row, the state those rows share), in row order, covering the batch. The rows'
+        windows and selected entries go to the decode attention op in one call
+        (`engram_kernels.v4_decode.sparse_decode_attention`, Triton on GPU), padded to the longest."""
         B = x.shape[0]
-        entries, picks = keys.new_zeros(B, 0, self.head_dim), torch.zeros(B, 0, dtype=torch.int64, device=x.device)
-        if self.compressor is not None:
-            entries = self.compressor.extend(x, end, state.compressor, rope)
+        cos, sin = tables
+        heads_tables = (cos[:, None, None], sin[:, None, None])  # against [B, h, 1, D]
+        q_low = self.q_a_norm(self.q_a_proj(x))  # [B, 1, rq]
+        q = self.q_b_proj(q_low).view(B, 1, self.heads, self.head_dim).transpose(1, 2)  # [B, h, 1, D]
+        q = rope.rotate(F.rms_norm(q.float(), (self.head_dim,), eps=self.eps).to(q.dtype), *heads_tables)
+        kv = rope.rotate(self.kv_norm(self.kv_proj(x)), cos[:, None], sin[:, None])  # [B, 1, D]
+        windows, entries, picks = [], [], []
+        for first, stop, state in groups:
+            end = int(positions[first]) + 1
+            state.keys.append(kv[first:stop])
+            windows.append(state.keys.rows(kv[first:stop]))  # [g, <= W, D]
+            state.keys.keep_last(self.window - 1)
+            if self.compressor is None:
+                continue
+            found = self.compressor.extend(x[first:stop], end, state.compressor, rope)  # [g, T, D]
+            entries.append(found)
             if self.layer_type == CSA:
-                picks = self.compressor.indexer.pick(x, q_low, end, state.indexer, rope, tables)
+                picks.append(self.compressor.indexer.pick(x[first:stop], q_low[first:stop], end, state.indexer, rope,
+                                                          tuple(t[first:stop] for t in heads_tables)))
             else:
-                picks = torch.arange(entries.shape[1], device=x.device).expand(B, -1)
-        window = torch.full((B,), keys.shape[1], dtype=torch.int64, device=x.device)
-        out = sparse_decode_attention(q[:, :, 0], keys, window, entries, picks, self.sinks.float(),
+                picks.append(torch.arange(found.shape[1], device=x.device).expand(stop - first, -1))
+        sliding, counts = _padded(windows, kv)
+        entries = _padded(entries, kv)[0] if entries else kv.new_zeros(B, 0, self.head_dim)
+        index = _padded(picks, torch.full((B, 0), -1, device=x.device))[0] if picks else \
+            torch.zeros(B, 0, dtype=torch.int64, device=x.device)
+        out = sparse_decode_attention(q[:, :, 0], sliding, counts, entries, index, self.sinks.float(),
                                       self.head_dim ** -0.5)  # [B, h, D]
-        out = rope.rotate(out[:, :, None], *tables, inverse=True)  # [B, h, 1, D]
+        out = rope.rotate(out[:, :, None], *heads_tables, inverse=True)  # [B, h, 1, D]
         return self.o_b_proj(self._grouped_low_rank(out.transpose(1, 2).reshape(B, 1, -1)))
 
     def _grouped_low_rank(self, o: torch.Tensor) -> torch.Tensor:
@@ -114,3 +139,18 @@ class V4Attention(nn.Module):
         B, S, _ = o.shape
         blocks = self.o_a_proj.dense_weight(o.dtype).view(self.groups, self.rank, -1)  # [G, R, nh*D/G]
         return torch.einsum("bsgi,gri->bsgr", o.view(B, S, self.groups, -1), blocks).reshape(B, S, -1)
+
+
+def _padded(parts: list[torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Groups' rows [g_i, c_i, ...] stacked in order into [B, max c_i, ...] (padding: `like`'s fill, 0 or -1 for
+    indices) -> (that tensor, counts int64 [B]: each row's c_i)."""
+    longest = max(part.shape[1] for part in parts)
+    fill = -1 if not like.is_floating_point() else 0
+    out = torch.full((sum(p.shape[0] for p in parts), longest, *parts[0].shape[2:]), fill,
+                     dtype=parts[0].dtype, device=parts[0].device)
+    counts, row = [], 0
+    for part in parts:
+        out[row: row + part.shape[0], : part.shape[1]] = part
+        counts += [part.shape[1]] * part.shape[0]
+        row += part.shape[0]
+    return out, torch.tensor(counts, dtype=torch.int64, device=out.device)

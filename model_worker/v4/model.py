@@ -97,6 +97,21 @@ class V4CausalLM(nn.Module):
         return self.lm_head(self.model.norm(self.model.hc_head(streams))).float()
 
 
+    def decode(self, token_ids: torch.Tensor, states: list[V4State]) -> torch.Tensor:
+        """One decode step of B different sequences: token_ids int [B], each the next token of its own state
+        (states may hold different lengths; each is updated) -> logits fp32 [B, vocab]. One forward for all."""
+        positions = torch.tensor([state.length for state in states], device=token_ids.device)
+        ropes = {kind: (rope, rope.tables(positions)) for kind, rope in self._ropes.items()}  # per row
+        ids = token_ids[:, None]
+        streams = expand_to_streams(self.model.embed_tokens(ids), self.config.hc_mult)
+        for i, layer in enumerate(self.model.layers):
+            groups = [(row, row + 1, state.layers[i]) for row, state in enumerate(states)]
+            streams = layer(streams, ids, positions, ropes, groups)
+        for state in states:
+            state.length += 1
+        return self.lm_head(self.model.norm(self.model.hc_head(streams))).float()[:, 0]
+
+
 @dataclass
 class V4State:
     """A decoding state: every layer's `AttentionState` and how many tokens it holds."""

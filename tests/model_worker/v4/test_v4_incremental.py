@@ -53,3 +53,28 @@ def test_a_state_copied_after_a_shared_prefix_continues_both_ways(tmp_path):
             want = model(torch.cat((prefix, tail), dim=1))[:, prefix.shape[1]:]
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         assert shared.length == prefix.shape[1]  # continuing the copies left the shared state as it was
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_one_batched_decode_step_of_sequences_at_different_lengths(tmp_path, fp8):
+    """`decode` runs sequences of 3, 17 and 30 tokens (windows open and closed at different points) in one
+    forward: each row's logits equal that sequence's own step (and, lossless, its full recompute)."""
+    from model_worker.v4.kv_rows import model1_layout
+
+    model = _ours(BASE, seed=13, tmp_path=tmp_path)
+    layout = model1_layout(model.config.head_dim, model.config.qk_rope_head_dim) if fp8 else None
+    g = torch.Generator().manual_seed(2)
+    sequences = [torch.randint(0, 128, (1, length), generator=g) for length in (3, 17, 30)]
+    nexts = torch.randint(0, 128, (3,), generator=g)
+    with torch.no_grad():
+        states = [model.new_state(layout) for _ in sequences]
+        for seq, state in zip(sequences, states):
+            model(seq, state)
+        alone = [model(nexts[i].view(1, 1), state.copy())[0, -1] for i, state in enumerate(states)]
+        together = model.decode(nexts, states)
+        torch.testing.assert_close(together, torch.stack(alone), rtol=1e-4, atol=1e-4)
+        if not fp8:
+            for i, seq in enumerate(sequences):
+                full = model(torch.cat((seq, nexts[i].view(1, 1)), dim=1))[0, -1]
+                torch.testing.assert_close(together[i], full, rtol=1e-4, atol=1e-4)
+    assert [state.length for state in states] == [4, 18, 31]
