@@ -2,13 +2,14 @@
 (the sliding window's last keys, the compressed entries, the compressors' open windows) between steps,
 kept here by request id, instead of pages of the latent cache that V2/V3 use. A step's decodes run as one
 batched forward. The engine's scheduler, sampling, structured decoding and streaming are the same; the
-block manager only accounts memory (`v4_bytes_per_token`). A sequence whose state does not match where the
-scheduler resumes it (preempted and scheduled again) is rebuilt by recomputing its tokens, so the result is
-always that of full recompute.
+block manager only accounts memory (`v4_bytes_per_token`). A preempted sequence's state is dropped (a
+snapshot is kept, `v4_prefixes`); when it runs again it continues from the longest stored prefix of its
+tokens, as does every new sequence (an agent's next step re-sends its history).
 
 With `kv_cache_dtype="fp8"` the window keys and compressed entries are kept as MODEL1 FP8 rows in pages of 64
 tokens (`v4.kv_rows`; the window's pages are released as it moves on). Not yet: one pool of pages shared by
-all sequences (each state holds its own), batching prefill chunks, prefix caching (off for V4).
+all sequences (each state holds its own), batching prefill chunks, the block manager's page-level prefix
+cache (off for V4: snapshots stand in for it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from model_worker.engine.scheduler import ScheduledBatch
 from model_worker.engine.sequence import Sequence
+from model_worker.engine.v4_prefixes import StateSnapshots
 from model_worker.v4.config import CSA, SLIDING
 
 
@@ -39,10 +41,12 @@ def v4_bytes_per_token(config, element_bytes: int, fp8_layout=None) -> int:
 class V4Runner:
     """The engine's runner for V4 models: one forward per scheduled sequence, with its carried state."""
 
-    def __init__(self, model, fp8_layout=None):
+    def __init__(self, model, fp8_layout=None, snapshots: int = 32):
         self.model, self.fp8_layout = model, fp8_layout
         self.device = next(model.parameters()).device
         self._states: dict[str, object] = {}  # request id -> V4State
+        self._tokens: dict[str, list[int]] = {}  # request id -> its token ids (the list the sequence extends)
+        self.prefixes = StateSnapshots(snapshots)
         self.computed_tokens = 0
         self.engram_lookups = 0  # V4 has no Engram layers (V4.1's tables are not read yet)
         self.engram_lookup_tokens = 0
@@ -52,6 +56,8 @@ class V4Runner:
         sequence whose state is current) run as one batched forward (`V4CausalLM.decode`); prefill chunks
         run one sequence each."""
         logits: dict[str, torch.Tensor] = {}
+        for seq in batch.preempted:  # its memory goes back to the pool: keep only a snapshot (bounded)
+            self.forget(seq.request_id)
         with torch.inference_mode():
             decodes = [seq for seq, n_new in zip(batch.seqs, batch.num_new_tokens) if n_new == 1 and
                        seq.num_computed_tokens and self._current(seq)]
@@ -64,11 +70,15 @@ class V4Runner:
             for seq, n_new in zip(batch.seqs, batch.num_new_tokens):
                 if seq.request_id in batched:
                     continue
-                start = seq.num_computed_tokens
-                state = self._state_at(seq, start)
-                ids = torch.tensor([seq.token_ids[start:start + n_new]], dtype=torch.int64, device=self.device)
+                stop = seq.num_computed_tokens + n_new
+                state = self._state_for(seq)
+                if state.length >= stop:
+                    continue  # a stored prefix already holds this chunk, and no token is sampled after it
+                ids = torch.tensor([seq.token_ids[state.length:stop]], dtype=torch.int64, device=self.device)
                 logits[seq.request_id] = self.model(ids, state)[0, -1]
-                self.computed_tokens += n_new
+                self.computed_tokens += ids.shape[1]
+                if stop == seq.num_prompt_tokens:
+                    self.prefixes.store(seq.token_ids[:stop], state)
         sampled = [seq for seq, n_new in zip(batch.seqs, batch.num_new_tokens)
                    if seq.num_computed_tokens + n_new == seq.num_tokens]
         vocab = self.model.config.vocab_size
@@ -79,19 +89,23 @@ class V4Runner:
         state = self._states.get(seq.request_id)
         return state is not None and state.length == seq.num_computed_tokens
 
-    def _state_at(self, seq: Sequence, start: int):
-        """The sequence's state holding exactly its first `start` tokens (rebuilt by recompute if it does not)."""
+    def _state_for(self, seq: Sequence):
+        """The sequence's state: its own, else (new, or resumed after preemption) a copy of the longest stored
+        prefix of its tokens short of the last one (whose logits are needed), else an empty one. It may hold
+        more tokens than the scheduler has had computed (then the chunks it holds cost nothing)."""
         state = self._states.get(seq.request_id)
-        if state is None or state.length != start:
-            state = self._states[seq.request_id] = self.model.new_state(self.fp8_layout)
-            if start:
-                self.model(torch.tensor([seq.token_ids[:start]], dtype=torch.int64, device=self.device), state)
-                self.computed_tokens += start
+        if state is None:
+            state = self.prefixes.longest(seq.token_ids, seq.num_tokens - 1) or self.model.new_state(self.fp8_layout)
+            self._states[seq.request_id], self._tokens[seq.request_id] = state, seq.token_ids
         return state
 
     def forget(self, request_id: str) -> None:
-        """Drop a finished or aborted request's state."""
-        self._states.pop(request_id, None)
+        """Drop a finished or aborted request's state, keeping a snapshot of what it computed."""
+        state, tokens = self._states.pop(request_id, None), self._tokens.pop(request_id, None)
+        if state is not None and tokens is not None:
+            self.prefixes.store(tokens[: state.length], state)
 
     def close(self) -> None:
         self._states.clear()
+        self._tokens.clear()
+        self.prefixes.clear()

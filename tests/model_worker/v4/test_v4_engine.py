@@ -92,3 +92,24 @@ def test_model_worker_serves_a_v4_checkpoint(checkpoint):
 
     result = asyncio.run(run())
     assert result.token_ids == _naive_greedy(worker.engine.model, prompt, 6)
+
+
+def test_a_later_request_resumes_from_the_longest_stored_prefix(checkpoint):
+    """An agent's next step re-sends its history: the second request starts from the snapshot the first left
+    (its prompt plus what it generated), computes only the new tokens, and still equals naive recompute."""
+    from model_worker.v4 import load_v4_model
+
+    model = load_v4_model(checkpoint)
+    engine = LLMEngine(model, None, EngineConfig(block_size=8, max_num_batched_tokens=16))
+    first = _prompts()["long"]
+    engine.add_request("step-1", first, greedy(6))
+    answer = tokens_of(run_to_completion(engine)["step-1"])
+    computed = engine.runner.computed_tokens
+    second = first + answer + [7, 8, 9, 10]
+    engine.add_request("step-2", second, greedy(6))
+    got = tokens_of(run_to_completion(engine)["step-2"])
+    assert got == _naive_greedy(model, second, 6)
+    # step 1 left a snapshot of its prompt + 5 of its 6 tokens (the last was sampled, never fed back)
+    reused = len(first) + len(answer) - 1
+    assert engine.runner.prefixes.reused_tokens == reused
+    assert engine.runner.computed_tokens - computed == len(second) - reused + 5  # the rest, then 5 decode steps
