@@ -113,3 +113,34 @@ def test_a_later_request_resumes_from_the_longest_stored_prefix(checkpoint):
     reused = len(first) + len(answer) - 1
     assert engine.runner.prefixes.reused_tokens == reused
     assert engine.runner.computed_tokens - computed == len(second) - reused + 5  # the rest, then 5 decode steps
+
+
+def test_openai_chat_with_a_json_schema_on_a_v4_model(tmp_path):
+    """Structured decoding and the OpenAI handlers are the engine's own: a V4 model's constrained chat output
+    parses and validates against the schema."""
+    import json
+
+    import jsonschema
+
+    from model_worker.engine.engine import EngineConfig as Config
+    from model_worker.v4 import load_v4_model
+    from model_worker.worker import ModelWorker
+    from tests.model_worker.engine.engine_fixtures import demo_tokenizer
+    from tests.model_worker.test_openai_api import CHAT, PERSON
+
+    tokenizer = demo_tokenizer()
+    _random_reference({**BASE, "vocab_size": tokenizer.vocab_size}, seed=2).save_pretrained(tmp_path)
+    worker = ModelWorker(load_v4_model(tmp_path), tokenizer, Config(), model_name="v4")
+    response_format = {"type": "json_schema", "json_schema": {"name": "flags", "schema": PERSON}}
+
+    async def run():
+        try:
+            bodies = [{"model": "v4", "messages": CHAT, "max_tokens": 200, "seed": seed,
+                       "response_format": response_format} for seed in range(3)]
+            return await asyncio.gather(*(worker.chat_completions(body) for body in bodies))
+        finally:
+            await worker.close()
+
+    for response in asyncio.run(run()):
+        assert response.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(response.choices[0].message.content), PERSON)
