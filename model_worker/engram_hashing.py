@@ -141,3 +141,20 @@ class EngramHasher:
                                  f"got min {low} max {high}")
         multipliers, primes, offsets = self._params(layer_id, compressed_ids.device)
         return engram_hash(compressed_ids, multipliers, primes, offsets, self.pad_id, valid_mask)
+
+
+def hasher_for(config, token_map: torch.Tensor) -> EngramHasher:
+    """The hasher of a model config with `engram_*` fields (ours or V4.1's); token_map [vocab] int64 maps raw
+    token ids to compressed ones (the pad id is the compressed id of `engram_pad_token_id`)."""
+    return EngramHasher(config.engram_layer_ids, config.engram_max_ngram_size, config.engram_n_heads,
+                        config.engram_vocab_size, config.engram_num_embeddings,
+                        int(token_map[config.engram_pad_token_id]))
+
+
+def lookup_rows(hasher: EngramHasher, tables, layer_ids, compressed: torch.Tensor,
+                valid: torch.Tensor) -> dict[int, torch.Tensor]:
+    """{layer: rows [B, T, cols * head_dim]} for compressed ids [B, T] (valid bool [B, T]) from `tables` (an
+    EngramTableClient); raises if no tables are attached."""
+    if tables is None:
+        raise RuntimeError("this model has Engram layers: attach_engram_tables() before running it")
+    return {layer: tables.lookup(layer, hasher.hash(layer, compressed, valid)).flatten(-2) for layer in layer_ids}

@@ -166,12 +166,9 @@ class CausalLM(nn.Module):
 
     def attach_engram_tables(self, tables: EngramTableClient) -> None:
         """Use these tables for Engram lookups (in-process tables or a remote client)."""
-        from model_worker.engram_hashing import EngramHasher
+        from model_worker.engram_hashing import hasher_for
 
-        cfg = self.config
-        pad_id = int(self.model.engram_token_map[cfg.engram_pad_token_id])
-        self._engram_hasher = EngramHasher(cfg.engram_layer_ids, cfg.engram_max_ngram_size, cfg.engram_n_heads,
-                                           cfg.engram_vocab_size, cfg.engram_num_embeddings, pad_id)
+        self._engram_hasher = hasher_for(self.config, self.model.engram_token_map)
         self.engram_tables = tables
 
     @property
@@ -261,11 +258,7 @@ class CausalLM(nn.Module):
         """Engram rows per Engram layer: {layer: [B, T, cols * head_dim]}."""
         if not self.config.uses_engram:
             return {}
-        if self.engram_tables is None:
-            raise RuntimeError("this model has Engram layers: attach_engram_tables() before running it")
-        compressed = self.model.engram_token_map[input_ids]
-        rows = {}
-        for layer_id in self.config.engram_layer_ids:
-            hash_ids = self._engram_hasher.hash(layer_id, compressed, valid)  # [B, T, cols]
-            rows[layer_id] = self.engram_tables.lookup(layer_id, hash_ids).flatten(-2)
-        return rows
+        from model_worker.engram_hashing import lookup_rows
+
+        return lookup_rows(self._engram_hasher, self.engram_tables, self.config.engram_layer_ids,
+                           self.model.engram_token_map[input_ids], valid)

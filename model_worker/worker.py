@@ -150,7 +150,7 @@ class ModelWorker:
         if _model_type(path) == "deepseek_v4":
             from model_worker.v4 import load_v4_model
 
-            model = load_v4_model(path, dtype=dtype).to(device)
+            model = load_v4_model(path, dtype=dtype, engram_tables=engram_tables is None).to(device)
         else:
             model = load_model(path, dtype=dtype, device=device, pack_weights=pack_weights,
                                engram_tables=engram_tables is None)

@@ -49,6 +49,14 @@ class V4Config:
     swiglu_limit: float = 10.0
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
+    # V4.1 Engram (empty engram_layer_ids: none); the same fields and semantics as our engram_mhc models
+    engram_layer_ids: list[int] = field(default_factory=list)
+    engram_max_ngram_size: int = 4
+    engram_n_heads: int = 8
+    engram_head_dim: int = 256
+    engram_vocab_size: int = 16_000_000
+    engram_num_embeddings: int = 0  # compressed tokenizer vocabulary (ids after the Engram token map)
+    engram_pad_token_id: int = 0
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     model_type: str = "deepseek_v4"
@@ -61,6 +69,7 @@ class V4Config:
         known = {f for f in cls.__dataclass_fields__} - {"layer_types", "mlp_layer_types", "compress_rates",
                                                          "compress_rope", "qk_rope_head_dim"}
         cfg = cls(**{k: v for k, v in raw.items() if k in known and v is not None})
+        cfg.engram_layer_ids = list(cfg.engram_layer_ids)
         head_dim = cfg.head_dim
         if raw.get("partial_rotary_factor") is not None:
             cfg.qk_rope_head_dim = int(head_dim * raw["partial_rotary_factor"])
@@ -96,6 +105,27 @@ class V4Config:
             raise ConfigError(f"compress_rates: a positive window per compressed layer type, got {self.compress_rates}")
         if self.sliding_window < 1 or self.hc_mult < 1 or self.num_experts_per_tok > self.n_routed_experts:
             raise ConfigError("sliding_window and hc_mult must be >= 1, num_experts_per_tok <= n_routed_experts")
+        self._validate_engram()
+
+    @property
+    def uses_engram(self) -> bool:
+        return bool(self.engram_layer_ids)
+
+    @property
+    def engram_hash_cols(self) -> int:
+        return (self.engram_max_ngram_size - 1) * self.engram_n_heads
+
+    def _validate_engram(self) -> None:
+        ids = self.engram_layer_ids
+        if not ids:
+            return
+        if len(set(ids)) != len(ids) or any(not 0 <= i < self.num_hidden_layers for i in ids):
+            raise ConfigError(f"engram_layer_ids: distinct layer indices in 0..{self.num_hidden_layers - 1}, got {ids}")
+        if self.engram_max_ngram_size < 2:
+            raise ConfigError(f"engram_max_ngram_size: must be >= 2, got {self.engram_max_ngram_size}")
+        for name in ("engram_n_heads", "engram_head_dim", "engram_vocab_size", "engram_num_embeddings"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1 for an Engram model, got {getattr(self, name)}")
 
     def rate(self, layer_type: str) -> int:
         """The compression window m of a compressed layer type."""

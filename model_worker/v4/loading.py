@@ -27,10 +27,13 @@ def read_v4_config(path: str | Path) -> V4Config:
     return V4Config.from_dict(raw)
 
 
-def load_v4_model(path: str | Path, *, dtype: str | torch.dtype = torch.float32) -> V4CausalLM:
+def load_v4_model(path: str | Path, *, dtype: str | torch.dtype = torch.float32,
+                  engram_tables: bool = True) -> V4CausalLM:
     """An eval-mode V4CausalLM with the checkpoint's weights in dtype ("float32", "bfloat16" or a torch dtype;
-    the fp32 islands stay fp32)."""
-    from model_worker.loading import resolve_dtype
+    the fp32 islands stay fp32). A V4.1 checkpoint with Engram layers also gets its tables from
+    `engram_tables.safetensors` unless engram_tables=False (the rows then come from the memory service:
+    `attach_engram_tables` with its client before the model runs)."""
+    from model_worker.loading import load_engram_tables, resolve_dtype
 
     dtype = resolve_dtype(dtype)
     config = read_v4_config(path)
@@ -45,4 +48,6 @@ def load_v4_model(path: str | Path, *, dtype: str | torch.dtype = torch.float32)
             raise CheckpointError(f"checkpoint tensors {name!r} and another both map to {ours!r}")
         tensors[ours] = tensor
     load_state(model, tensors, dtype=dtype)
+    if config.uses_engram and engram_tables:
+        model.attach_engram_tables(load_engram_tables(path, config))
     return model.eval()

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from engram_kernels.mla_decode.model1_layout import Model1CacheLayout
+from model_worker.layers.engram import EngramModule
 from model_worker.layers.mhc import HyperConnection, HyperHead, expand_to_streams
 from model_worker.v4.attention import AttentionState, V4Attention
 from model_worker.v4.compressor import CompressorState
@@ -32,10 +33,15 @@ class V4DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = V4Attention(config, config.layer_types[layer_id])
         self.mlp = V4MoE(config, hashed=config.mlp_layer_types[layer_id] == "hash_moe")
+        self.engram = EngramModule(config.hidden_size, config.hc_mult, config.engram_hash_cols, config.engram_head_dim,
+                                   config.rms_norm_eps) if layer_id in config.engram_layer_ids else None
 
     def forward(self, streams: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor,
-                ropes: dict, state: AttentionState) -> torch.Tensor:
-        """streams [B, S, n, H] -> [B, S, n, H]."""
+                ropes: dict, state: AttentionState, engram_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """streams [B, S, n, H] -> [B, S, n, H]; engram_rows [B, S, cols * head_dim] on an Engram layer (V4.1:
+        the memory read is mixed into the streams before the layer)."""
+        if self.engram is not None:
+            streams = self.engram(streams, engram_rows.to(streams.dtype))
         collapsed, post, comb = self.attn_hc(streams)
         out = self.self_attn(self.input_layernorm(collapsed), positions, ropes, state)
         streams = self.attn_hc.expand(out, streams, post, comb)
@@ -51,6 +57,8 @@ class V4Backbone(nn.Module):
         self.layers = nn.ModuleList(V4DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hc_head = HyperHead(config.hidden_size, config.hc_mult, config.hc_eps, config.rms_norm_eps)
+        if config.uses_engram:  # raw token id -> compressed id (MODEL_SPEC's Engram token map), from the checkpoint
+            self.register_buffer("engram_token_map", torch.zeros(config.vocab_size, dtype=torch.int64))
 
 
 # fp32 whatever the model's dtype, as transformers keeps them (docs/v4-model-spec.md, section 7)
@@ -67,6 +75,25 @@ class V4CausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._ropes = {"main": V4Rope(config, "main"), "compress": V4Rope(config, "compress")}
+        self.engram_tables = None  # an EngramTableClient (in-process tables or the memory service)
+        self._engram_hasher = None
+
+    def attach_engram_tables(self, tables) -> None:
+        """Use these tables for the Engram layers' lookups (`InProcessEngramTables` or a remote client)."""
+        from model_worker.engram_hashing import hasher_for
+
+        self._engram_hasher = hasher_for(self.config, self.model.engram_token_map)
+        self.engram_tables = tables
+
+    def _engram_rows(self, compressed: torch.Tensor, valid: torch.Tensor, keep: int) -> dict[int, torch.Tensor]:
+        """{layer: rows [B, keep, cols * head_dim]} of the last `keep` positions of compressed ids [B, T] (the
+        earlier ones: the n-gram history before them, valid bool [B, T])."""
+        if not self.config.uses_engram:
+            return {}
+        from model_worker.engram_hashing import lookup_rows
+
+        rows = lookup_rows(self._engram_hasher, self.engram_tables, self.config.engram_layer_ids, compressed, valid)
+        return {layer: found[:, -keep:] for layer, found in rows.items()}
 
     def keep_fp32_names(self) -> set[str]:
         """Parameter and buffer names kept in fp32 when the rest of the model is cast (the loader asks)."""
@@ -90,9 +117,15 @@ class V4CausalLM(nn.Module):
         B, n = input_ids.shape
         positions = torch.arange(state.length, state.length + n, device=input_ids.device)
         ropes = {kind: (rope, rope.tables(positions)) for kind, rope in self._ropes.items()}
+        engram = {}
+        if self.config.uses_engram:
+            ids = self.model.engram_token_map[input_ids]
+            ids = ids if state.history is None else torch.cat((state.history, ids), dim=1)
+            engram = self._engram_rows(ids, torch.ones_like(ids, dtype=torch.bool), n)
+            state.history = ids[:, -(self.config.engram_max_ngram_size - 1):]
         streams = expand_to_streams(self.model.embed_tokens(input_ids), self.config.hc_mult)
-        for layer, layer_state in zip(self.model.layers, state.layers, strict=True):
-            streams = layer(streams, input_ids, positions, ropes, layer_state)
+        for i, (layer, layer_state) in enumerate(zip(self.model.layers, state.layers, strict=True)):
+            streams = layer(streams, input_ids, positions, ropes, layer_state, engram.get(i))
         state.length += n
         return self.lm_head(self.model.norm(self.model.hc_head(streams))).float()
 
@@ -103,13 +136,29 @@ class V4CausalLM(nn.Module):
         positions = torch.tensor([state.length for state in states], device=token_ids.device)
         ropes = {kind: (rope, rope.tables(positions)) for kind, rope in self._ropes.items()}  # per row
         ids = token_ids[:, None]
+        engram = self._engram_rows_of_rows(ids, states) if self.config.uses_engram else {}
         streams = expand_to_streams(self.model.embed_tokens(ids), self.config.hc_mult)
         for i, layer in enumerate(self.model.layers):
             groups = [(row, row + 1, state.layers[i]) for row, state in enumerate(states)]
-            streams = layer(streams, ids, positions, ropes, groups)
+            streams = layer(streams, ids, positions, ropes, groups, engram.get(i))
         for state in states:
             state.length += 1
         return self.lm_head(self.model.norm(self.model.hc_head(streams))).float()[:, 0]
+
+
+    def _engram_rows_of_rows(self, ids: torch.Tensor, states: list[V4State]) -> dict[int, torch.Tensor]:
+        """Engram rows of one new token per row (ids [B, 1]), each after its own n-gram history (histories of
+        different lengths are left-padded and masked); updates the histories."""
+        keep = self.config.engram_max_ngram_size - 1
+        new = self.model.engram_token_map[ids]  # [B, 1]
+        padded = torch.zeros(len(states), keep + 1, dtype=torch.int64, device=ids.device)
+        valid = torch.zeros_like(padded, dtype=torch.bool)
+        for row, state in enumerate(states):
+            history = state.history[0] if state.history is not None else new.new_zeros(0)
+            padded[row, keep - len(history): keep], valid[row, keep - len(history):] = history, True
+            padded[row, keep] = new[row, 0]
+            state.history = padded[row: row + 1, keep + 1 - min(keep, len(history) + 1):]
+        return self._engram_rows(padded, valid, 1)
 
 
 @dataclass
@@ -118,7 +167,8 @@ class V4State:
 
     layers: list[AttentionState]
     length: int = 0
+    history: torch.Tensor | None = None  # Engram models: the last max_ngram_size - 1 compressed ids [B, <= k]
 
     def copy(self) -> V4State:
         """An independent copy (a shared prefix continued two ways)."""
-        return V4State([layer.copy() for layer in self.layers], self.length)
+        return V4State([layer.copy() for layer in self.layers], self.length, self.history)

@@ -46,7 +46,7 @@ def model_name(checkpoint_name: str) -> str:
     name = checkpoint_name.removeprefix("model.")
     if name in _TOP:
         return _TOP[name]
-    if name.startswith("layers."):
+    if name.startswith("layers.") and ".engram." not in name:  # V4.1 Engram tensors carry our names already
         for pattern, target in _LAYER_RULES:
             name = pattern.sub(target, name)
     return f"model.{name}"
