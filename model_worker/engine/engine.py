@@ -108,7 +108,11 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs,
                                    self.config.max_num_batched_tokens, self.config.enable_chunked_prefill)
         if v4:
-            self.cache, self.runner = None, V4Runner(model, fp8_layout)
+            pool_pages = 0
+            if fp8_layout is not None:  # the budget, plus each running sequence's partly filled last pages
+                pool_pages = self.config.cache_budget_bytes // fp8_layout.page_bytes + \
+                    self.config.max_num_seqs * 2 * cfg.num_hidden_layers
+            self.cache, self.runner = None, V4Runner(model, fp8_layout, pool_pages=pool_pages)
         else:
             self.cache = PagedLatentCache(cfg.num_hidden_layers, num_blocks, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
                                           fmt=self.kv_cache_format, block_size=self.config.block_size,

@@ -20,6 +20,7 @@ from model_worker.engine.scheduler import ScheduledBatch
 from model_worker.engine.sequence import Sequence
 from model_worker.engine.v4_prefixes import StateSnapshots
 from model_worker.v4.config import CSA, SLIDING
+from model_worker.v4.page_pool import Model1PagePool
 
 
 def v4_bytes_per_token(config, element_bytes: int, fp8_layout=None) -> int:
@@ -41,12 +42,16 @@ def v4_bytes_per_token(config, element_bytes: int, fp8_layout=None) -> int:
 class V4Runner:
     """The engine's runner for V4 models: one forward per scheduled sequence, with its carried state."""
 
-    def __init__(self, model, fp8_layout=None, snapshots: int = 32):
-        self.model, self.fp8_layout = model, fp8_layout
+    def __init__(self, model, fp8_layout=None, snapshots: int = 32, pool_pages: int = 0):
+        """fp8_layout: keep FP8 rows in one pool of `pool_pages` MODEL1 pages shared by every sequence."""
+        self.model = model
         self.device = next(model.parameters()).device
+        self.pool = Model1PagePool(fp8_layout, pool_pages, self.device) if fp8_layout is not None else None
         self._states: dict[str, object] = {}  # request id -> V4State
         self._tokens: dict[str, list[int]] = {}  # request id -> its token ids (the list the sequence extends)
         self.prefixes = StateSnapshots(snapshots)
+        if self.pool is not None:
+            self.pool.on_exhausted = self.prefixes.evict_oldest
         self.computed_tokens = 0
         self.engram_lookups = 0  # V4 has no Engram layers (V4.1's tables are not read yet)
         self.engram_lookup_tokens = 0
@@ -95,7 +100,7 @@ class V4Runner:
         more tokens than the scheduler has had computed (then the chunks it holds cost nothing)."""
         state = self._states.get(seq.request_id)
         if state is None:
-            state = self.prefixes.longest(seq.token_ids, seq.num_tokens - 1) or self.model.new_state(self.fp8_layout)
+            state = self.prefixes.longest(seq.token_ids, seq.num_tokens - 1) or self.model.new_state(self.pool)
             self._states[seq.request_id], self._tokens[seq.request_id] = state, seq.token_ids
         return state
 
@@ -104,8 +109,11 @@ class V4Runner:
         state, tokens = self._states.pop(request_id, None), self._tokens.pop(request_id, None)
         if state is not None and tokens is not None:
             self.prefixes.store(tokens[: state.length], state)
+            state.release()
 
     def close(self) -> None:
+        for state in self._states.values():
+            state.release()
         self._states.clear()
         self._tokens.clear()
         self.prefixes.clear()

@@ -19,6 +19,7 @@ from model_worker.v4.config import V4Config
 from model_worker.v4.kv_rows import FloatRows, Model1Rows
 from model_worker.v4.moe import V4MoE
 from model_worker.v4.norm import V4RMSNorm as RMSNorm
+from model_worker.v4.page_pool import Model1PagePool
 from model_worker.v4.rope import V4Rope
 
 
@@ -100,12 +101,15 @@ class V4CausalLM(nn.Module):
         names = [name for name, _ in self.named_parameters()] + [name for name, _ in self.named_buffers()]
         return {name for name in names if any(part in name for part in _FP32_PARTS)}
 
-    def new_state(self, fp8_layout: Model1CacheLayout | None = None) -> V4State:
+    def new_state(self, fp8: Model1CacheLayout | Model1PagePool | None = None) -> V4State:
         """An empty decoding state: pass it to `forward` with a sequence's first tokens, then with each next chunk.
-        fp8_layout: keep the window keys and the compressed entries as MODEL1 FP8 rows (`kv_rows.model1_layout`);
-        None keeps them in the model's dtype (lossless)."""
+        fp8: keep the window keys and the compressed entries as MODEL1 FP8 rows, in pages of this pool (shared
+        with other states) or, given a layout (`kv_rows.model1_layout`), of a pool of the state's own; None
+        keeps them in the model's dtype (lossless)."""
+        pool = Model1PagePool(fp8, device=self.lm_head.weight.device) if isinstance(fp8, Model1CacheLayout) else fp8
+
         def rows():
-            return FloatRows() if fp8_layout is None else Model1Rows(fp8_layout)
+            return FloatRows() if pool is None else Model1Rows(pool)
 
         return V4State([AttentionState(rows(), CompressorState(rows())) for _ in self.model.layers])
 
@@ -172,3 +176,9 @@ class V4State:
     def copy(self) -> V4State:
         """An independent copy (a shared prefix continued two ways)."""
         return V4State([layer.copy() for layer in self.layers], self.length, self.history)
+
+    def release(self) -> None:
+        """Give the state's FP8 pages back to their pool (the state must not be used afterwards)."""
+        for layer in self.layers:
+            layer.keys.release()
+            layer.compressor.entries.release()

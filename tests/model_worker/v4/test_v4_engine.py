@@ -61,6 +61,30 @@ def test_engine_greedy_equals_naive_recompute(checkpoint, budget_blocks):
     assert engine.runner._states == {}  # finished requests leave no state behind
 
 
+def test_fp8_pages_come_from_one_pool_and_go_back_to_it(checkpoint):
+    from model_worker.v4 import load_v4_model
+
+    model = load_v4_model(checkpoint)
+    engine = LLMEngine(model, None, EngineConfig(kv_cache_dtype="fp8", block_size=8, max_num_seqs=4))
+    prompts = _prompts()
+    for rid, prompt in prompts.items():
+        engine.add_request(rid, prompt, greedy(4))
+    outputs = run_to_completion(engine)
+    layout = engine.runner.pool.layout
+    for rid, prompt in prompts.items():  # the same FP8 rows decoded alone, each state in its own pool
+        state, want = model.new_state(layout), []
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt]), state)[0, -1]
+            for _ in range(4):
+                want.append(int(logits.argmax()))
+                logits = model(torch.tensor([[want[-1]]]), state)[0, -1]
+        assert tokens_of(outputs[rid]) == want, rid
+    pool = engine.runner.pool
+    assert pool.used_pages > 0  # the snapshots of finished requests hold theirs
+    engine.runner.close()
+    assert pool.used_pages == 0
+
+
 def test_engine_serves_v4_with_the_fp8_cache_and_refuses_other_formats(checkpoint):
     from model_worker.v4 import load_v4_model
     from model_worker.v4.kv_rows import Model1Rows, model1_layout

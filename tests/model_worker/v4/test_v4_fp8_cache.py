@@ -17,23 +17,42 @@ pytestmark = pytest.mark.skipif(DeepseekV4Config is None, reason="this transform
 
 
 def test_model1_rows_store_the_layouts_bytes_and_release_pages():
+    from model_worker.v4.page_pool import Model1PagePool, PoolExhausted
+
     layout = model1_layout(32, 8, block_size=8)
+    pool = Model1PagePool(layout)  # grows as needed
     assert (layout.nope_dim, layout.tile, layout.rope_dim) == (24, 24, 8)
     assert model1_layout(512, 64).num_tiles == 7 and model1_layout(512, 64).bytes_per_token == 584
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(2, 21, 32, generator=g) * 3
-    store = Model1Rows(layout)
+    store = Model1Rows(pool)
     for start, stop in ((0, 5), (5, 6), (6, 21)):
         store.append(rows[:, start:stop])
     padded = torch.cat((rows, rows.new_zeros(2, 3, 32)), dim=1).view(2 * 3, 8, 32)
     want = dequantize_pages(quantize_pages(padded, layout), layout).view(2, 24, 32)[:, :21]
     assert torch.equal(store.rows(rows), want)
-    assert store.nbytes == 2 * 3 * layout.page_bytes
-    twin = store.copy()
+    assert store.nbytes == 2 * 3 * layout.page_bytes and pool.used_pages == 6
+    twin = store.copy()  # shares the 6 pages
+    assert pool.used_pages == 6
     store.keep_last(7)  # rows 14..20: the first page (rows 0..7) and the second (8..15) partly
     assert torch.equal(store.rows(rows), want[:, 14:]) and store.nbytes == 2 * 2 * layout.page_bytes
-    twin.append(rows[:, :1])
+    twin.append(rows[:, :1])  # into its last, shared page: copied first
+    assert pool.used_pages == 8
     assert torch.equal(store.rows(rows), want[:, 14:]) and twin.count == 22  # the copies share no writes
+    assert torch.equal(twin.rows(rows)[:, :21], want)
+    twin.release()
+    store.release()
+    assert pool.used_pages == 0
+    fixed = Model1PagePool(layout, num_pages=3)
+    small, other = Model1Rows(fixed), Model1Rows(fixed)
+    small.append(rows[:1, :16])  # two pages of 8
+    other.append(rows[:1, :1])  # the third
+    with pytest.raises(PoolExhausted, match="pages are all in use"):
+        small.append(rows[:1, 16:17])
+    fixed.on_exhausted = lambda: (other.release(), fixed.free_pages > 0)[1]  # as the engine drops a snapshot
+    small.append(rows[:1, 16:17])
+    assert small.count == 17 and fixed.used_pages == 3 and other.count == 0
+    assert torch.equal(small.rows(rows), want[:1, :17])
     plain = FloatRows()
     plain.append(rows)
     plain.keep_last(7)
