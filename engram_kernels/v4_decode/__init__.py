@@ -20,6 +20,11 @@ from engram_kernels.v4_decode.indexer import (
     indexer_topk_triton,
     select_topk,
 )
+from engram_kernels.v4_decode.paged import (
+    sparse_decode_attention_paged,
+    sparse_decode_attention_paged_ref,
+    sparse_decode_attention_paged_triton,
+)
 
 __all__ = [
     "indexer_scores",
@@ -30,6 +35,9 @@ __all__ = [
     "indexer_topk_triton",
     "select_topk",
     "sparse_decode_attention",
+    "sparse_decode_attention_paged",
+    "sparse_decode_attention_paged_ref",
+    "sparse_decode_attention_paged_triton",
     "sparse_decode_attention_ref",
     "sparse_decode_attention_triton",
 ]

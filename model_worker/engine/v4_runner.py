@@ -7,9 +7,8 @@ snapshot is kept, `v4_prefixes`); when it runs again it continues from the longe
 tokens, as does every new sequence (an agent's next step re-sends its history).
 
 With `kv_cache_dtype="fp8"` the window keys and compressed entries are kept as MODEL1 FP8 rows in pages of 64
-tokens (`v4.kv_rows`; the window's pages are released as it moves on). Not yet: one pool of pages shared by
-all sequences (each state holds its own), batching prefill chunks, the block manager's page-level prefix
-cache (off for V4: snapshots stand in for it).
+tokens from one pool shared by every sequence (`v4.page_pool`). Not yet: batching prefill chunks, the block
+manager's page-level prefix cache (off for V4: snapshots stand in for it).
 """
 
 from __future__ import annotations
