@@ -3,7 +3,8 @@ keys plus selected compressed entries with per-head sinks (docs/v4-model-spec.md
 
 `indexer` and `attention` hold the torch references (`*_ref`, the definitions), the Triton entry points
 (`*_triton`, whose kernel modules import only when they run) and the dispatchers. Projections, RoPE,
-the compressors and the caches belong to the model layer (`model_worker.v4`).
+the compressors and the caches belong to the model layer (`model_worker.v4`). `paged` is the same
+attention reading its keys straight from MODEL1 FP8 pages of a shared pool (`mla_decode.model1_layout`).
 """
 
 from engram_kernels.v4_decode.attention import (
