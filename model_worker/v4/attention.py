@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engram_kernels.v4_decode import sparse_decode_attention
+from engram_kernels.v4_decode import sparse_decode_attention, sparse_decode_attention_paged
 from model_worker.layers.linear import Linear
 from model_worker.v4.compressor import Compressor, CompressorState, Indexer, visible
 from model_worker.v4.config import CSA, SLIDING, V4Config
@@ -110,29 +110,60 @@ class V4Attention(nn.Module):
         q = self.q_b_proj(q_low).view(B, 1, self.heads, self.head_dim).transpose(1, 2)  # [B, h, 1, D]
         q = rope.rotate(F.rms_norm(q.float(), (self.head_dim,), eps=self.eps).to(q.dtype), *heads_tables)
         kv = rope.rotate(self.kv_norm(self.kv_proj(x)), cos[:, None], sin[:, None])  # [B, 1, D]
-        windows, entries, picks = [], [], []
+        picks = []
         for first, stop, state in groups:
             end = int(positions[first]) + 1
-            state.keys.append(kv[first:stop])
-            windows.append(state.keys.rows(kv[first:stop]))  # [g, <= W, D]
-            state.keys.keep_last(self.window - 1)
+            state.keys.append(kv[first:stop])  # the window is trimmed after the attention has read it
             if self.compressor is None:
                 continue
-            found = self.compressor.extend(x[first:stop], end, state.compressor, rope)  # [g, T, D]
-            entries.append(found)
+            self.compressor.update(x[first:stop], end, state.compressor, rope)
             if self.layer_type == CSA:
                 picks.append(self.compressor.indexer.pick(x[first:stop], q_low[first:stop], end, state.indexer, rope,
                                                           tuple(t[first:stop] for t in heads_tables)))
             else:
-                picks.append(torch.arange(found.shape[1], device=x.device).expand(stop - first, -1))
-        sliding, counts = _padded(windows, kv)
-        entries = _padded(entries, kv)[0] if entries else kv.new_zeros(B, 0, self.head_dim)
+                count = state.compressor.entries.count
+                picks.append(torch.arange(count, device=x.device).expand(stop - first, -1))
         index = _padded(picks, torch.full((B, 0), -1, device=x.device))[0] if picks else \
             torch.zeros(B, 0, dtype=torch.int64, device=x.device)
-        out = sparse_decode_attention(q[:, :, 0], sliding, counts, entries, index, self.sinks.float(),
-                                      self.head_dim ** -0.5)  # [B, h, D]
+        stores = [state.keys for _, _, state in groups]
+        if all(isinstance(store, Model1Rows) and store.pool is stores[0].pool for store in stores):
+            out = self._attend_pages(q[:, :, 0], groups, index)
+        else:
+            out = self._attend_rows(q[:, :, 0], kv, groups, index)
+        for _, _, state in groups:
+            state.keys.keep_last(self.window - 1)
         out = rope.rotate(out[:, :, None], *heads_tables, inverse=True)  # [B, h, 1, D]
         return self.o_b_proj(self._grouped_low_rank(out.transpose(1, 2).reshape(B, 1, -1)))
+
+    def _attend_rows(self, q: torch.Tensor, kv: torch.Tensor, groups, index: torch.Tensor) -> torch.Tensor:
+        """q [B, h, D] over the groups' windows and entries read back as rows, padded to the longest ->
+        [B, h, D] (`engram_kernels.v4_decode.sparse_decode_attention`, Triton on GPU)."""
+        sliding, counts = _padded([state.keys.rows(kv[first:stop]) for first, stop, state in groups], kv)
+        entries = kv.new_zeros(q.shape[0], 0, self.head_dim)
+        if self.compressor is not None:
+            entries = _padded([state.compressor.entries.rows(kv[first:stop]) for first, stop, state in groups],
+                              kv)[0]
+        return sparse_decode_attention(q, sliding, counts, entries, index, self.sinks.float(), self.head_dim ** -0.5)
+
+    def _attend_pages(self, q: torch.Tensor, groups, index: torch.Tensor) -> torch.Tensor:
+        """q [B, h, D] over the groups' windows and entries where they lie, in MODEL1 FP8 pages of one pool ->
+        [B, h, D] (`engram_kernels.v4_decode.sparse_decode_attention_paged`: the Triton kernel on GPU
+        dequantizes each row as it reads it)."""
+        keys = [state.keys for _, _, state in groups]
+        pool = keys[0].pool
+        device = q.device
+        window = _padded([_page_ids(store, stop - first) for (first, stop, _), store in zip(groups, keys)],
+                         torch.full((1, 0), -1))[0].to(device)
+        first = torch.tensor([store.first for (a, b, _), store in zip(groups, keys) for _ in range(b - a)],
+                             device=device)
+        count = torch.tensor([store.count for (a, b, _), store in zip(groups, keys) for _ in range(b - a)],
+                             device=device)
+        entry_pages = torch.full((q.shape[0], 0), -1, dtype=torch.int64, device=device)
+        if self.compressor is not None:
+            entry_pages = _padded([_page_ids(state.compressor.entries, stop - first) for first, stop, state in groups],
+                                  torch.full((1, 0), -1))[0].to(device)
+        return sparse_decode_attention_paged(q, pool.pages, window, first, count, entry_pages, index,
+                                             self.sinks.float(), self.head_dim ** -0.5, pool.layout)
 
     def _grouped_low_rank(self, o: torch.Tensor) -> torch.Tensor:
         """o [B, S, nh*D] -> [B, S, G*R]: group g of the heads through o_a_proj's row block g."""
@@ -154,3 +185,8 @@ def _padded(parts: list[torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor
         counts += [part.shape[1]] * part.shape[0]
         row += part.shape[0]
     return out, torch.tensor(counts, dtype=torch.int64, device=out.device)
+
+
+def _page_ids(store: Model1Rows, rows: int) -> torch.Tensor:
+    """A store's page ids [rows, P] (P = 0 when it holds nothing yet)."""
+    return store.ids if store.ids is not None else torch.zeros(rows, 0, dtype=torch.int64)

@@ -64,6 +64,11 @@ class Compressor(nn.Module):
         """x [B, n, H]: the layer input of the tokens at positions end - n .. end - 1, following `state` (which
         holds everything before them and is updated) -> all entries so far, roped, [B, T, width] with
         T = end // m."""
+        self.update(x, end, state, rope)
+        return state.entries.rows(x.new_zeros(x.shape[0], 0, self.kv_norm.weight.shape[0]))
+
+    def update(self, x: torch.Tensor, end: int, state: CompressorState, rope) -> None:
+        """`extend` without reading the entries back (a paged decode reads them where they are stored)."""
         values, gates = self.kv_proj(x), self.gate_proj(x)  # [B, n, C]
         if state.values is not None:
             values, gates = torch.cat((state.values, values), dim=1), torch.cat((state.gates, gates), dim=1)
@@ -78,7 +83,6 @@ class Compressor(nn.Module):
         keep = max(total - 1, 0) * self.m if self.overlap else total * self.m  # first position still needed
         state.values, state.gates = values[:, keep - state.start:], gates[:, keep - state.start:]
         state.start = keep
-        return state.entries.rows(values.new_zeros(values.shape[0], 0, self.kv_norm.weight.shape[0]))
 
 
 @dataclass

@@ -55,25 +55,29 @@ def test_a_state_copied_after_a_shared_prefix_continues_both_ways(tmp_path):
         assert shared.length == prefix.shape[1]  # continuing the copies left the shared state as it was
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_one_batched_decode_step_of_sequences_at_different_lengths(tmp_path, fp8):
+@pytest.mark.parametrize("cache", ["lossless", "fp8 rows read back", "fp8 pages of one pool"])
+def test_one_batched_decode_step_of_sequences_at_different_lengths(tmp_path, cache):
     """`decode` runs sequences of 3, 17 and 30 tokens (windows open and closed at different points) in one
-    forward: each row's logits equal that sequence's own step (and, lossless, its full recompute)."""
+    forward: each row's logits equal that sequence's own step (and, lossless, its full recompute). With FP8
+    states in separate pools the rows are read back and padded; in one pool the attention reads the pages."""
     from model_worker.v4.kv_rows import model1_layout
+    from model_worker.v4.page_pool import Model1PagePool
 
     model = _ours(BASE, seed=13, tmp_path=tmp_path)
-    layout = model1_layout(model.config.head_dim, model.config.qk_rope_head_dim) if fp8 else None
+    layout = model1_layout(model.config.head_dim, model.config.qk_rope_head_dim)
+    fp8 = {"lossless": lambda: None, "fp8 rows read back": lambda: layout}.get(cache)
+    shared = Model1PagePool(layout)
     g = torch.Generator().manual_seed(2)
     sequences = [torch.randint(0, 128, (1, length), generator=g) for length in (3, 17, 30)]
     nexts = torch.randint(0, 128, (3,), generator=g)
     with torch.no_grad():
-        states = [model.new_state(layout) for _ in sequences]
+        states = [model.new_state(fp8() if fp8 else shared) for _ in sequences]
         for seq, state in zip(sequences, states):
             model(seq, state)
         alone = [model(nexts[i].view(1, 1), state.copy())[0, -1] for i, state in enumerate(states)]
         together = model.decode(nexts, states)
         torch.testing.assert_close(together, torch.stack(alone), rtol=1e-4, atol=1e-4)
-        if not fp8:
+        if cache == "lossless":
             for i, seq in enumerate(sequences):
                 full = model(torch.cat((seq, nexts[i].view(1, 1)), dim=1))[0, -1]
                 torch.testing.assert_close(together[i], full, rtol=1e-4, atol=1e-4)
