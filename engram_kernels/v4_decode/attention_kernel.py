@@ -31,6 +31,16 @@ def _online_update(q, kv, ok, qk_scale, m_i, l_i, acc):
 
 
 @triton.jit
+def _query_and_sink(q_ptr, sinks_ptr, b, heads, h_ok, d, d_ok, H, D: tl.constexpr):
+    """The block's queries [BLOCK_H, BLOCK_D] fp32, and the online softmax started from the sink logit (base 2):
+    (q, running max = the sink, denominator = 1, accumulator = 0: the sink carries no value)."""
+    q_offs = (b * H + heads)[:, None] * D + d[None, :]
+    q = tl.load(q_ptr + q_offs, mask=h_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    m_i = tl.load(sinks_ptr + heads, mask=h_ok, other=0.0) * _LOG2E
+    return q, m_i, m_i * 0.0 + 1.0, q * 0.0
+
+
+@triton.jit
 def _sparse_decode_kernel(
     q_ptr, sliding_ptr, count_ptr, entries_ptr, index_ptr, sinks_ptr, out_ptr,
     H, W, T, K, scale,
@@ -42,13 +52,8 @@ def _sparse_decode_kernel(
     n = tl.arange(0, BLOCK_N)
     h_ok = heads < H
     d_ok = d < D
-    q_offs = (b * H + heads)[:, None] * D + d[None, :]  # [BLOCK_H, BLOCK_D]
-    q = tl.load(q_ptr + q_offs, mask=h_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    q, m_i, l_i, acc = _query_and_sink(q_ptr, sinks_ptr, b, heads, h_ok, d, d_ok, H, D)
     qk_scale = scale * _LOG2E
-
-    m_i = tl.load(sinks_ptr + heads, mask=h_ok, other=0.0) * _LOG2E  # the sink logit, base 2
-    l_i = tl.full([BLOCK_H], 1.0, dtype=tl.float32)  # its exp2(sink - m) = 1
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)  # the sink carries no value
 
     count = tl.load(count_ptr + b)
     for start in range(0, count, BLOCK_N):  # valid sliding keys
@@ -65,7 +70,8 @@ def _sparse_decode_kernel(
         m_i, l_i, acc = _online_update(q, kv.to(tl.float32), ok, qk_scale, m_i, l_i, acc)
 
     out = acc / l_i[:, None]
-    tl.store(out_ptr + q_offs, out.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
+    out_offs = (b * H + heads)[:, None] * D + d[None, :]  # [BLOCK_H, BLOCK_D]: where q came from
+    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
 
 
 def _tile_sizes(heads: int, block_d: int, longest: int, on_gpu: bool) -> tuple[int, int]:

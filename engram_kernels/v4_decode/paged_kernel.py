@@ -24,7 +24,7 @@ import triton.language as tl
 
 from engram_kernels.mla_decode.model1_layout import SCALE_SLOT_BYTES, Model1CacheLayout
 from engram_kernels.quant.fp8_format import one_byte_float_to_float32
-from engram_kernels.v4_decode.attention_kernel import _LOG2E, _online_update
+from engram_kernels.v4_decode.attention_kernel import _LOG2E, _online_update, _query_and_sink
 
 _TABLES: dict[torch.device, torch.Tensor] = {}
 
@@ -74,13 +74,8 @@ def _paged_sparse_decode_kernel(
     n = tl.arange(0, BLOCK_N)
     h_ok = heads < H
     d_ok = d < D
-    q_offs = (b * H + heads)[:, None] * D + d[None, :]  # [BLOCK_H, BLOCK_D]
-    q = tl.load(q_ptr + q_offs, mask=h_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    q, m_i, l_i, acc = _query_and_sink(q_ptr, sinks_ptr, b, heads, h_ok, d, d_ok, H, D)
     qk_scale = scale * _LOG2E
-
-    m_i = tl.load(sinks_ptr + heads, mask=h_ok, other=0.0) * _LOG2E  # the sink logit, base 2
-    l_i = tl.full([BLOCK_H], 1.0, dtype=tl.float32)  # its exp2(sink - m) = 1
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)  # the sink carries no value
 
     first = tl.load(first_ptr + b).to(tl.int64)
     count = tl.load(count_ptr + b)
@@ -101,7 +96,8 @@ def _paged_sparse_decode_kernel(
         m_i, l_i, acc = _online_update(q, kv, ok, qk_scale, m_i, l_i, acc)
 
     out = acc / l_i[:, None]
-    tl.store(out_ptr + q_offs, out.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
+    out_offs = (b * H + heads)[:, None] * D + d[None, :]  # [BLOCK_H, BLOCK_D]: where q came from
+    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
 
 
 def _tile_sizes(heads: int, block_d: int, longest: int, on_gpu: bool) -> tuple[int, int]:
