@@ -9,8 +9,11 @@
 - `moe.V4MoE`: learned (sqrtsoftplus or sigmoid) or hash-routed (`tid2eid`) experts with clamped SwiGLU.
 - `model.V4CausalLM`: the decoder with mHC residual streams (`layers.mhc`, shared with our own models).
 
-Not yet here: the engine (paged caches per layer type, the MODEL1 FP8 cache) - `load_v4_model` gives a model
-for logits; the model worker refuses V4 checkpoints with a clear error until the engine serves them.
+- `kv_rows` / `page_pool`: where a decoding state keeps its rows: as they are, or as MODEL1 FP8 rows in pages of
+  a pool shared by every sequence. `names`: checkpoint tensor names -> ours. `loading.load_v4_model`.
+
+`V4CausalLM.forward(ids, state)` continues a sequence from a `V4State` and `decode` steps many sequences at
+once; the engine serves V4 through `model_worker.engine.v4_runner` (docs/model-and-engine.md).
 """
 
 from model_worker.v4.config import V4Config
