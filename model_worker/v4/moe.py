@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_worker.execution.fused import StackedWeight, grouped_linear, grouped_mm_available
 from model_worker.layers.linear import Linear
 from model_worker.v4.config import V4Config
 
@@ -56,23 +57,46 @@ class Expert(nn.Module):
 
 
 class V4Experts(nn.ModuleList):
-    """The routed experts (`experts.{e}.w1/w2/w3`)."""
+    """The routed experts (`experts.{e}.w1/w2/w3`), run as stacked weights (`execution.fused.StackedWeight`:
+    gate and up of all experts as one [E, 2I, H] tensor, down as [E, H, I], the experts' parameters views of
+    them): one grouped GEMM per projection when most experts have tokens, else each expert with tokens."""
 
     def __init__(self, config: V4Config):
         super().__init__(Expert(config.hidden_size, config.moe_intermediate_size, config.swiglu_limit)
                          for _ in range(config.n_routed_experts))
+        self.limit = config.swiglu_limit
+        self._gate_up = StackedWeight([[expert.w1, expert.w3] for expert in self])
+        self._down = StackedWeight([[expert.w2] for expert in self])
 
     def run(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [N, H], weights/ids [N, k] -> sum_j weights[:, j] * expert_{ids[:, j]}(x), [N, H]; a repeated id
-        counts once per occurrence. Each expert with tokens runs once over its rows."""
+        counts once per occurrence."""
+        order = ids.flatten().argsort(stable=True)  # (token, expert) pairs sorted by expert
+        token = order // ids.shape[1]
+        counts = torch.bincount(ids.flatten(), minlength=len(self))  # [E]
+        sorted_x = x[token]  # [N*k, H]
+        gate_up, down = self._gate_up.get(), self._down.get()
+        if gate_up is None or down is None:  # FP8 experts cannot be stacked: each through its own Linears
+            y = self._each(sorted_x, counts, lambda e, rows: self[e](rows))
+        elif len(order) >= len(self) and grouped_mm_available(sorted_x, gate_up, down):
+            gate, up = grouped_linear(sorted_x, gate_up, counts).chunk(2, dim=-1)
+            y = grouped_linear(clamped_swiglu(gate, up, self.limit), down, counts)
+        else:
+            gate_ups, downs = self._gate_up.per_group()[0], self._down.per_group()[0]
+            y = self._each(sorted_x, counts, lambda e, rows: F.linear(
+                clamped_swiglu(*F.linear(rows, gate_ups[e]).chunk(2, dim=-1), self.limit), downs[e]))
         out = torch.zeros_like(x, dtype=torch.float32)
-        flat_ids = ids.flatten()
-        rows = torch.arange(ids.shape[0], device=x.device).repeat_interleave(ids.shape[1])
-        for expert in flat_ids.unique().tolist():
-            pairs = (flat_ids == expert).nonzero().squeeze(1)
-            tokens = rows[pairs]
-            out.index_add_(0, tokens, self[expert](x[tokens]).float() * weights.flatten()[pairs, None])
-        return out.to(x.dtype)
+        return out.index_add_(0, token, y.float() * weights.flatten()[order, None]).to(x.dtype)
+
+    @staticmethod
+    def _each(sorted_x: torch.Tensor, counts: torch.Tensor, expert) -> torch.Tensor:
+        """expert(e, its rows) for each expert with rows of sorted_x [N*k, H] (sorted by expert) -> [N*k, H]."""
+        outs, start = [], 0
+        for e, count in enumerate(counts.tolist()):
+            if count:
+                outs.append(expert(e, sorted_x[start:start + count]))
+                start += count
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 class SharedExpert(nn.Module):
