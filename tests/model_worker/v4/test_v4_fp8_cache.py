@@ -11,7 +11,7 @@ import torch
 
 from engram_kernels.mla_decode.model1_layout import dequantize_pages, quantize_pages
 from model_worker.v4.kv_rows import FloatRows, Model1Rows, model1_layout
-from tests.model_worker.v4.test_v4_parity import BASE, DeepseekV4Config, transformers
+from tests.model_worker.v4.test_v4_parity import BASE, DeepseekV4Config, _random_reference
 
 pytestmark = pytest.mark.skipif(DeepseekV4Config is None, reason="this transformers has no deepseek_v4")
 
@@ -59,22 +59,6 @@ def test_model1_rows_store_the_layouts_bytes_and_release_pages():
     assert torch.equal(plain.rows(rows), rows[:, 14:])
 
 
-def _realistic_reference(seed: int):
-    """Weights at transformers' initializer scale (std 0.02), sinks, biases and the hash table random too."""
-    torch.manual_seed(seed)
-    model = transformers.DeepseekV4ForCausalLM(DeepseekV4Config(**BASE)).eval().float()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02 + (1.0 if name.endswith("norm.weight") else 0.0))
-        for name, b in model.named_buffers():
-            if name.endswith("tid2eid"):
-                b.copy_(torch.randint(0, BASE["n_routed_experts"], b.shape, generator=g))
-            elif name.endswith("e_score_correction_bias"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.02)
-    return model
-
-
 def _teacher_forced(model, sequences: torch.Tensor, state) -> torch.Tensor:
     """Logits [B, steps, vocab] before each token from position 20 on: a 20-token prefill then decode steps."""
     with torch.no_grad():
@@ -94,7 +78,7 @@ def test_fp8_cache_agrees_with_the_lossless_cache_where_the_margin_is_clear(tmp_
     from model_worker.v4 import load_v4_model
     from model_worker.v4.compressor import CompressorState
 
-    _realistic_reference(8).save_pretrained(tmp_path)
+    _random_reference(BASE, seed=8, std=0.02).save_pretrained(tmp_path)  # transformers' initializer scale
     model = load_v4_model(tmp_path)
     layout = model1_layout(model.config.head_dim, model.config.qk_rope_head_dim)
     sequences = torch.randint(0, 128, (4, 100), generator=torch.Generator().manual_seed(0))

@@ -41,18 +41,20 @@ CONFIGS = {
 }
 
 
-def _random_reference(config: dict, seed: int):
+def _random_reference(config: dict, seed: int, std: float = 0.1):
+    """transformers' model with every weight random (std `std`; norm weights around 1), the hash table and
+    the router biases too."""
     torch.manual_seed(seed)
     model = transformers.DeepseekV4ForCausalLM(DeepseekV4Config(**config)).eval().float()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if name.endswith("norm.weight") else 0.0))
+            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if name.endswith("norm.weight") else 0.0))
         for name, b in model.named_buffers():
             if name.endswith("tid2eid"):
                 b.copy_(torch.randint(0, config["n_routed_experts"], b.shape, generator=g))
             elif name.endswith("e_score_correction_bias"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+                b.copy_(torch.randn(b.shape, generator=g) * std)
     return model
 
 
