@@ -1,43 +1,20 @@
-"""Tools agents can call: the registry, user function tools and the built-ins."""
+"""Tools agents can call: the registry, user function tools and the built-ins.
 
-from runtime.tools.builtins import BUILTIN_TOOL_NAMES, builtin_tools
-from runtime.tools.calculator import Calculator, CalculatorError, calculate, evaluate
-from runtime.tools.clock import CurrentTime
-from runtime.tools.functions import FunctionTool
-from runtime.tools.idempotent_sql import SqlEffects
-from runtime.tools.memory import MemoryForget, MemorySearch, MemoryWrite
-from runtime.tools.registry import (
-    Tool,
-    ToolArgumentError,
-    ToolContext,
-    ToolError,
-    ToolRegistry,
-    UnknownToolError,
-    idempotency_key_for,
-)
-from runtime.tools.schema import bound_schema, inline_schema, parameters_schema
+Names are imported on first use (PEP 562): importing `runtime.tools.registry` or the built-ins does not
+load `idempotent_sql` (SQLAlchemy) unless something asks for `SqlEffects`.
+"""
 
-__all__ = [
-    "BUILTIN_TOOL_NAMES",
-    "Calculator",
-    "CalculatorError",
-    "CurrentTime",
-    "FunctionTool",
-    "MemoryForget",
-    "MemorySearch",
-    "MemoryWrite",
-    "SqlEffects",
-    "Tool",
-    "ToolArgumentError",
-    "ToolContext",
-    "ToolError",
-    "ToolRegistry",
-    "UnknownToolError",
-    "bound_schema",
-    "builtin_tools",
-    "calculate",
-    "evaluate",
-    "idempotency_key_for",
-    "inline_schema",
-    "parameters_schema",
-]
+from runtime.lazy_exports import lazy_getattr
+
+_EXPORTS = {
+    "BUILTIN_TOOL_NAMES": "builtins", "builtin_tools": "builtins",
+    "Calculator": "calculator", "CalculatorError": "calculator", "calculate": "calculator", "evaluate": "calculator",
+    "CurrentTime": "clock", "FunctionTool": "functions", "SqlEffects": "idempotent_sql",
+    "MemoryForget": "memory", "MemorySearch": "memory", "MemoryWrite": "memory",
+    "Tool": "registry", "ToolArgumentError": "registry", "ToolContext": "registry", "ToolError": "registry",
+    "ToolRegistry": "registry", "UnknownToolError": "registry", "idempotency_key_for": "registry",
+    "bound_schema": "schema", "inline_schema": "schema", "parameters_schema": "schema",
+}
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_getattr(__name__, globals(), _EXPORTS)
