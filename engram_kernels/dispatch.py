@@ -1,7 +1,8 @@
 """Choose between a Triton kernel and its torch reference.
 
 Triton runs when every tensor argument is on CUDA and triton imports; everything else (CPU, no
-triton, `ENGRAM_KERNELS=reference`) runs the reference. Tests call the Triton entry points
+triton, `ENGRAM_KERNELS=reference`, or an argument autograd is tracking: the kernels have no backward)
+runs the reference. Tests call the Triton entry points
 directly under `TRITON_INTERPRET=1` to compare them with the reference on CPU.
 """
 
@@ -30,6 +31,8 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         return False
     if not triton_available():
         return False
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        return False  # training: the Triton kernels define no backward, the references do
     return all(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
 
 

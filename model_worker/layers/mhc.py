@@ -27,7 +27,8 @@ def stream_mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Te
     """x [..., n, D] -> RMSNorm_unweighted(flatten(x)) @ fn^T in fp32, [..., fn.shape[0]]."""
     flat = x.flatten(-2).float()  # [..., n*D]
     flat = flat * torch.rsqrt(flat.square().mean(dim=-1, keepdim=True) + norm_eps)
-    return F.linear(flat, fn.float())
+    with torch.autocast(x.device.type, enabled=False):  # fp32 also inside a (training) autocast region
+        return F.linear(flat, fn.float())
 
 
 def expand_to_streams(h: torch.Tensor, hc_mult: int) -> torch.Tensor:
