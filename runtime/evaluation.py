@@ -148,7 +148,7 @@ async def _score(rt: LocalRuntime, task: AgentTask, session_id: str) -> TaskOutc
     correct = valid and state.status == "completed" and task.expect.lower() in answer.lower()
     note = state.error or ""
     if correct and task.memory_expect is not None:
-        memories = await rt.memory.list(task.tenant, "assistant", limit=50)
+        memories = (await rt.memory.list(task.tenant, "assistant", limit=50)).items
         correct = any(task.memory_expect in m.text for m in memories)
         note = note or ("" if correct else f"no memory holds {task.memory_expect!r}")
     return TaskOutcome(task, state.status, answer, len(steps), valid, correct, note)
