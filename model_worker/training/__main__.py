@@ -8,13 +8,33 @@ run needs. The defaults reproduce the shipped checkpoint (model_worker/demo_mode
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from model_worker.training.trainer import Trainer, TrainSettings
+from model_worker.training.budget import steps_for_budget
+from model_worker.training.traces import KIND_WEIGHTS, KINDS
+from model_worker.training.trainer import PRECISIONS, Trainer, TrainSettings
+
+
+def _kind_weights(text: str) -> tuple[float, ...]:
+    """"remember=3,recall=2" -> one weight per traces.KINDS (the defaults where a kind is not named)."""
+    weights = dict(zip(KINDS, KIND_WEIGHTS, strict=True))
+    for part in filter(None, text.split(",")):
+        kind, _, value = part.partition("=")
+        if kind.strip() not in weights:
+            raise argparse.ArgumentTypeError(f"unknown kind {kind.strip()!r} (kinds: {', '.join(KINDS)})")
+        try:
+            weights[kind.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected KIND=WEIGHT with a number") from None
+        if weights[kind.strip()] < 0:
+            raise argparse.ArgumentTypeError(f"{part!r}: a weight must not be negative")
+    return tuple(weights[kind] for kind in KINDS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,18 +50,58 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop and export at this step of the --steps schedule (a later one goes on)")
     parser.add_argument("--no-engram", action="store_true", help="ablation: no Engram layers")
     parser.add_argument("--mhc", action="store_true", help="ablation: mHC (4 streams) instead of the plain residual")
+    parser.add_argument("--short-batch-size", type=int, default=defaults.short_batch_size)
+    parser.add_argument("--copy-batch-size", type=int, default=defaults.copy_batch_size)
+    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    parser.add_argument("--eval-examples", type=int, default=defaults.eval_examples,
+                        help="held-out sessions scored at each evaluation")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--device", default=defaults.device, help="cpu (default) or cuda")
+    parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
+                        help="bf16: bf16 autocast for the forward pass (for GPUs)")
+    parser.add_argument("--workers", type=int, default=defaults.workers,
+                        help="processes preparing batches ahead (use them with --device cuda)")
+    parser.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
+                        help="continue from an exported checkpoint (weights, tables, tokenizer), not random weights")
+    parser.add_argument("--full-every", type=int, default=defaults.full_every,
+                        help="every N-th agent batch is full-form sessions, the others short-form")
+    parser.add_argument("--kind-weights", type=_kind_weights, default=defaults.kind_weights, metavar="KIND=W,...",
+                        help=f"task mix (kinds: {', '.join(KINDS)}; unnamed kinds keep their default weight)")
+    parser.add_argument("--copy-warmup-steps", type=int, default=defaults.copy_warmup_steps)
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="measure this machine's step time and set --steps to fit the budget")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or (args.stop_after is not None and args.stop_after < 1):
-        parser.error("--steps, --batch-size and --stop-after must be positive")
+    counts = (args.steps, args.batch_size, args.eval_every, args.checkpoint_every, args.eval_examples, args.full_every)
+    if min(counts) < 1 or (args.stop_after is not None and args.stop_after < 1):
+        parser.error("--steps, --batch-size, --eval-every, --eval-examples, --checkpoint-every and --stop-after "
+                     "must be positive")
+    if min(args.short_batch_size, args.copy_batch_size, args.workers, args.copy_warmup_steps, args.warmup_steps) < 0:
+        parser.error("--short-batch-size, --copy-batch-size, --workers and the warm-up steps must not be negative")
+    if args.init_from is not None and not (args.init_from / "model.safetensors").is_file():
+        parser.error(f"--init-from: no exported checkpoint at {args.init_from} (model.safetensors missing)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch")
     torch.set_num_threads(max(1, args.threads))
+    torch.backends.cuda.matmul.allow_tf32 = True
     settings = TrainSettings(out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              seed=args.seed, eval_every=args.eval_every, engram=not args.no_engram,
-                             mhc=args.mhc, stop_after=args.stop_after)
-    print(f"training into {args.out} ({settings.steps} steps of {settings.batch_size}, seed {settings.seed})",
-          file=sys.stderr, flush=True)
+                             mhc=args.mhc, stop_after=args.stop_after, short_batch_size=args.short_batch_size,
+                             copy_batch_size=args.copy_batch_size, checkpoint_every=args.checkpoint_every,
+                             eval_examples=args.eval_examples, copy_warmup_steps=args.copy_warmup_steps,
+                             warmup_steps=args.warmup_steps, full_every=args.full_every,
+                             kind_weights=args.kind_weights,
+                             init_from=None if args.init_from is None else str(args.init_from),
+                             device=args.device, precision=args.precision, workers=args.workers)
+    deadline = None
     try:
-        Trainer(settings).run()
+        if args.time_budget is not None:
+            deadline = time.perf_counter() + args.time_budget
+            steps = steps_for_budget(settings, args.time_budget, lambda text: print(text, file=sys.stderr, flush=True))
+            settings = dataclasses.replace(settings, steps=steps)
+        print(f"training into {args.out} ({settings.steps} steps of {settings.batch_size}, seed {settings.seed}, "
+              f"{settings.device})", file=sys.stderr, flush=True)
+        Trainer(settings).run(deadline)
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130

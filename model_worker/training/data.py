@@ -76,10 +76,12 @@ def short_form(example: traces.Example) -> traces.Example:
     return traces.Example(head + rest, example.target, example.kind)
 
 
-def session_examples(count: int, seed: int, held_out: bool = False, short: bool = False) -> list[traces.Example]:
+def session_examples(count: int, seed: int, held_out: bool = False, short: bool = False,
+                     weights: tuple[float, ...] = traces.KIND_WEIGHTS) -> list[traces.Example]:
     """`count` sessions as training examples: each session's last step (its prompt holds every earlier
-    action, so labelling every assistant turn covers the session); `short` gives their short_form."""
-    generator = traces.TraceGenerator(seed, held_out)
+    action, so labelling every assistant turn covers the session); `short` gives their short_form; `weights`
+    (one per traces.KINDS) the mix of task kinds."""
+    generator = traces.TraceGenerator(seed, held_out, weights)
     examples = [generator.session()[-1] for _ in range(count)]
     return [short_form(e) for e in examples] if short else examples
 

@@ -34,6 +34,10 @@ class PrefixBatch:
     lengths: torch.Tensor
     labels: torch.Tensor
 
+    def to(self, device: torch.device | str) -> PrefixBatch:
+        return PrefixBatch(*(t.to(device, non_blocking=True) for t in (self.prefix, self.suffixes, self.lengths,
+                                                                      self.labels)))
+
     @property
     def tokens(self) -> int:
         """Tokens the forward pass computes (prefix once, then the real suffix tokens)."""
@@ -93,8 +97,10 @@ def _engram_rows(model: CausalLM, batch: PrefixBatch) -> dict[int, torch.Tensor]
         return {}
     P = batch.prefix.numel()
     B, S = batch.suffixes.shape
+    device = batch.suffixes.device
     full = torch.cat((batch.prefix.expand(B, P), batch.suffixes), dim=1)  # [B, P+S]
-    valid = torch.cat((torch.ones(B, P, dtype=torch.bool), torch.arange(S)[None, :] < batch.lengths[:, None]), 1)
+    valid = torch.cat((torch.ones(B, P, dtype=torch.bool, device=device),
+                       torch.arange(S, device=device)[None, :] < batch.lengths[:, None]), 1)
     compressed = model.model.engram_token_map[full]
     rows = {}
     for layer_id in model.config.engram_layer_ids:
@@ -110,7 +116,8 @@ def suffix_hidden(model: CausalLM, batch: PrefixBatch) -> torch.Tensor:
     B, S = batch.suffixes.shape
     body = model.model
     flat_ids = torch.cat((batch.prefix, batch.suffixes.flatten()))[None]  # [1, N]
-    positions = torch.cat((torch.arange(P), (P + torch.arange(S)).repeat(B)))[None]  # [1, N]
+    arange = torch.arange(max(P, S), device=batch.suffixes.device)
+    positions = torch.cat((arange[:P], (P + arange[:S]).repeat(B)))[None]  # [1, N]
     cos, sin = body.rotary_emb.cos_sin(positions)
     attention = _SharedPrefixAttention(model, batch, cos, sin)
     engram_rows = _engram_rows(model, batch)

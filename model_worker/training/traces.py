@@ -169,9 +169,12 @@ def call(name: str, **arguments: Any) -> dict[str, Any]:
 class TraceGenerator:
     """Draws traces for one split (training or held-out); deterministic in the seed."""
 
-    def __init__(self, seed: int, held_out: bool = False):
+    def __init__(self, seed: int, held_out: bool = False, weights: tuple[float, ...] = KIND_WEIGHTS):
+        if len(weights) != len(KINDS) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"weights: expected {len(KINDS)} non-negative weights (one per kind of {KINDS})")
         self.rng = random.Random(seed)
         self.held_out = held_out
+        self.weights = tuple(weights)
         self.subject = pools.subject_sampler(held_out)
         self.attributes = pools.attribute_values(held_out)
 
@@ -240,8 +243,8 @@ class TraceGenerator:
 
     # ---- sessions ---------------------------------------------------------------------------------
     def session(self, kind: str | None = None) -> list[Example]:
-        """One session's examples (one per step) of the given kind, or of a kind drawn by KIND_WEIGHTS."""
-        kind = kind or self.rng.choices(KINDS, KIND_WEIGHTS)[0]
+        """One session's examples (one per step) of the given kind, or of a kind drawn by the weights."""
+        kind = kind or self.rng.choices(KINDS, self.weights)[0]
         return getattr(self, f"_{kind}")(kind)
 
     def _remember(self, kind: str) -> list[Example]:

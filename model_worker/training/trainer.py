@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,9 +25,10 @@ from safetensors.torch import load_file, save_file
 from model_worker.tokenizer import Tokenizer
 from model_worker.training import data
 from model_worker.training.forward import batch_loss
-from model_worker.training.model_setup import build_trainable, demo_model_config, export_checkpoint
+from model_worker.training.model_setup import build_trainable, demo_model_config, export_checkpoint, load_exported
+from model_worker.training.prefetch import BATCHES_PER_CHUNK, ChunkPrefetcher, chunk_batches
 
-BATCHES_PER_CHUNK = 8  # batches drawn together and bucketed by length (less padding)
+PRECISIONS = ("fp32", "bf16")
 HELD_OUT_SEED = 4242
 
 
@@ -57,6 +57,11 @@ class TrainSettings:
     engram: bool = True
     mhc: bool = False  # the plain residual learns fastest at this budget (benchmarks/engram_ablation.py)
     stop_after: int | None = None  # stop (and export) at this step of the `steps`-long schedule
+    device: str = "cpu"  # "cuda" trains on a GPU; the data stream, and so the run, is the same
+    precision: str = "fp32"  # "bf16": matmuls under bf16 autocast (weights, optimizer and loss stay fp32)
+    workers: int = 0  # processes preparing batches ahead of the trainer (0: on the training thread)
+    kind_weights: tuple[float, ...] = data.traces.KIND_WEIGHTS  # the task mix, one weight per traces.KINDS
+    init_from: str | None = None  # an exported checkpoint to continue from (its tokenizer too), not random weights
 
     @property
     def last_step(self) -> int:
@@ -85,20 +90,6 @@ def learning_rate_factor(step: int, settings: TrainSettings) -> float:
     return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def chunk_batches(tokenizer: Tokenizer, settings: TrainSettings, chunk: int,
-                  short: bool = False) -> list[list[data.Tokenized]]:
-    """Chunk `chunk` of a stream (full-form or short-form sessions): BATCHES_PER_CHUNK batches drawn from a
-    generator seeded by (seed, chunk, form), sorted by length (less padding), split, and put in a seeded
-    random order."""
-    size = settings.short_batch_size if short else settings.batch_size
-    pool = data.session_examples(BATCHES_PER_CHUNK * size, seed=settings.seed * 1_000_003 + chunk * 2 + short,
-                                 short=short)
-    items = sorted(data.tokenize(tokenizer, pool), key=lambda item: len(item.ids))
-    batches = [items[i * size:(i + 1) * size] for i in range(BATCHES_PER_CHUNK)]
-    random.Random(chunk).shuffle(batches)
-    return batches
-
-
 def held_out_batches(tokenizer: Tokenizer, count: int, batch_size: int) -> list[data.PrefixBatch]:
     items = sorted(data.tokenize(tokenizer, data.session_examples(count, HELD_OUT_SEED, held_out=True)),
                    key=lambda item: len(item.ids))
@@ -121,7 +112,9 @@ def evaluate(model, batches: list[data.PrefixBatch], formatting: torch.Tensor) -
     was_training = model.training
     model.eval()
     total, tokens, exact, examples, copied, content = 0.0, 0, 0, 0, 0, 0
+    device = formatting.device
     for batch in batches:
+        batch = batch.to(device)
         loss, hits, labels = batch_loss(model, batch)
         total, tokens = total + float(loss) * labels.numel(), tokens + labels.numel()
         exact, examples = exact + int(hits.all(dim=1).sum()), examples + hits.shape[0]
@@ -141,21 +134,35 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
         self.state_dir = out / "train_state"
         self.tokenizer_dir = self.state_dir / "tokenizer"
+        if settings.init_from is not None and not (self.tokenizer_dir / "tokenizer.json").is_file():
+            self.tokenizer_dir.mkdir(parents=True, exist_ok=True)
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                (self.tokenizer_dir / name).write_bytes((Path(settings.init_from) / name).read_bytes())
         if (self.tokenizer_dir / "tokenizer.json").is_file():
             self.tokenizer = Tokenizer.from_pretrained(self.tokenizer_dir)
         else:
             self.tokenizer = data.train_tokenizer(self.tokenizer_dir, settings.vocab_size, settings.seed,
                                                   settings.tokenizer_examples)
+        if settings.precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {settings.precision!r}")
+        self.device = torch.device(settings.device)
         config = demo_model_config(self.tokenizer, engram=settings.engram, mhc=settings.mhc)
         self.model, self.tables = build_trainable(config, self.tokenizer, settings.seed)
+        if settings.init_from is not None:
+            load_exported(self.model, self.tables, Path(settings.init_from))
+        self.model.to(self.device)
+        if self.tables is not None:
+            self.tables.to(self.device)
         self.params = dict(self.model.named_parameters())
         if self.tables is not None:
             self.params.update({f"engram.{layer}": p for layer, p in self.tables.tables.items()})
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=settings.lr, betas=(0.9, 0.95), eps=1e-8)
-        self.step = 0
+        self.step, self._last_tokens = 0, 0
         self.history: list[dict] = []
-        self.formatting = format_tokens(self.tokenizer, settings.seed)
+        self.formatting = format_tokens(self.tokenizer, settings.seed).to(self.device)
         self._chunks: dict[bool, tuple[int, list[list[data.Tokenized]]]] = {}
+        self.prefetcher = (ChunkPrefetcher(self.tokenizer_dir, settings, settings.workers)
+                           if settings.workers > 0 else None)
 
     def _param_groups(self) -> list[dict]:
         s = self.settings
@@ -176,14 +183,14 @@ class Trainer:
     # ---- checkpoints ------------------------------------------------------------------------------
     def save_state(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        weights = {name: p.detach().contiguous() for name, p in self.params.items()}
+        weights = {name: p.detach().cpu().contiguous() for name, p in self.params.items()}
         moments = {}
         for name, param in self.params.items():
             state = self.optimizer.state.get(param)
             if state:
-                moments[f"{name}/exp_avg"] = state["exp_avg"].contiguous()
-                moments[f"{name}/exp_avg_sq"] = state["exp_avg_sq"].contiguous()
-                moments[f"{name}/step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
+                moments[f"{name}/exp_avg"] = state["exp_avg"].cpu().contiguous()
+                moments[f"{name}/exp_avg_sq"] = state["exp_avg_sq"].cpu().contiguous()
+                moments[f"{name}/step"] = torch.as_tensor(state["step"], dtype=torch.float32).cpu().reshape(1)
         save_file(weights, str(self.state_dir / "weights.tmp"))
         save_file(moments, str(self.state_dir / "optimizer.tmp"))
         (self.state_dir / "state.tmp").write_text(json.dumps(
@@ -206,8 +213,8 @@ class Trainer:
                 param.copy_(weights[name])
                 if f"{name}/exp_avg" in moments:
                     self.optimizer.state[param] = {"step": moments[f"{name}/step"][0].clone(),
-                                                   "exp_avg": moments[f"{name}/exp_avg"].clone(),
-                                                   "exp_avg_sq": moments[f"{name}/exp_avg_sq"].clone()}
+                                                   "exp_avg": moments[f"{name}/exp_avg"].to(param.device),
+                                                   "exp_avg_sq": moments[f"{name}/exp_avg_sq"].to(param.device)}
         self.step, self.history = state["step"], state["history"]
         return True
 
@@ -220,7 +227,8 @@ class Trainer:
         if size == 0:
             return None
         generator = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
-        return data.copy_batch(generator, self.tokenizer.vocab_size, self.tokenizer.bos_token_id, size, s.copy_span)
+        return data.copy_batch(generator, self.tokenizer.vocab_size, self.tokenizer.bos_token_id, size,
+                               s.copy_span).to(self.device)
 
     def step_loss(self, step: int) -> tuple[torch.Tensor, int]:
         """(the loss step `step` trains on, tokens it computed): the copy batch, plus after the warm-up batch
@@ -230,7 +238,8 @@ class Trainer:
                       self.training_batch(step - self.settings.copy_warmup_steps)
                       if step >= self.settings.copy_warmup_steps else None):
             if batch is not None:
-                losses.append(batch_loss(self.model, batch)[0])
+                with self.autocast():
+                    losses.append(batch_loss(self.model, batch)[0])
                 tokens += batch.tokens
         return sum(losses), tokens
 
@@ -243,29 +252,54 @@ class Trainer:
         index = step - full_before if short else step // k
         chunk, position = divmod(index, BATCHES_PER_CHUNK)
         if self._chunks.get(short, (None,))[0] != chunk:
-            self._chunks[short] = (chunk, chunk_batches(self.tokenizer, self.settings, chunk, short))
-        return data.prefix_batch(self._chunks[short][1][position], self.tokenizer.pad_token_id)
+            batches = (self.prefetcher.get(chunk, short) if self.prefetcher is not None
+                       else chunk_batches(self.tokenizer, self.settings, chunk, short))
+            self._chunks[short] = (chunk, batches)
+        return data.prefix_batch(self._chunks[short][1][position], self.tokenizer.pad_token_id).to(self.device)
 
-    def run(self) -> TrainResult:
+    def autocast(self):
+        """bf16 autocast for the forward pass when the settings ask for it (a no-op context otherwise)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.settings.precision == "bf16")
+
+    def train_step(self) -> float:
+        """One optimizer step at self.step (learning rate from the schedule); the step's loss."""
+        s = self.settings
+        factor = learning_rate_factor(self.step, s)
+        for group in self.optimizer.param_groups:
+            group["lr"] = s.lr * factor * group["lr_scale"]
+        loss, tokens = self.step_loss(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(self.params.values()), s.clip_norm)
+        self.optimizer.step()
+        self.step += 1
+        self._last_tokens = tokens
+        return loss.item()
+
+    def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+
+    def run(self, deadline: float | None = None) -> TrainResult:
+        """Train to the schedule's last step (or, with `deadline`, a time.perf_counter() value, stop and save at
+        the first step past it: the schedule is then unfinished, and training.json says so) and export."""
+        try:
+            return self._run(deadline)
+        finally:
+            self.close()
+
+    def _run(self, deadline: float | None) -> TrainResult:
         s = self.settings
         torch.manual_seed(s.seed)
         resumed = self.load_state()
         if resumed:
             self.log.note(f"resumed at step {self.step} from {self.state_dir}")
         held_out = held_out_batches(self.tokenizer, s.eval_examples, s.batch_size)
-        started, recent, figures = time.perf_counter(), [], None
+        started, recent, figures, stopped_early = time.perf_counter(), [], None, False
         while self.step < s.last_step:
-            factor = learning_rate_factor(self.step, s)
-            for group in self.optimizer.param_groups:
-                group["lr"] = s.lr * factor * group["lr_scale"]
             tick = time.perf_counter()
-            loss, tokens = self.step_loss(self.step)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(self.params.values()), s.clip_norm)
-            self.optimizer.step()
-            self.step += 1
-            loss_value = loss.item()
+            loss_value = self.train_step()
+            tokens = self._last_tokens
             recent = (recent + [loss_value])[-50:]
             entry = {"step": self.step, "loss": round(loss_value, 4)}
             figures = None  # the held-out figures of this step, when it is evaluated
@@ -274,18 +308,26 @@ class Trainer:
                 entry.update(zip(("held_out_loss", "held_out_exact", "held_out_copy"), (round(v, 4) for v in figures)))
             self.history.append(entry)
             self.log.step(self.step, loss_value, tokens / (time.perf_counter() - tick), entry)
-            if self.step % s.checkpoint_every == 0 or self.step == s.last_step:
+            stopped_early = deadline is not None and time.perf_counter() > deadline and self.step < s.last_step
+            if self.step % s.checkpoint_every == 0 or self.step == s.last_step or stopped_early:
                 self.save_state()
-        if figures is None:  # a resumed run that had nothing left to train
+            if stopped_early:
+                self.log.note(f"time limit reached: stopping at step {self.step} of {s.last_step}")
+                figures = None
+                break
+        if figures is None:  # a resumed run that had nothing left to train, or one stopped early
             figures = evaluate(self.model, held_out, self.formatting)
         final_loss, final_exact, final_copy = figures
+        self.model.cpu()
+        if self.tables is not None:
+            self.tables.to("cpu")
         export_checkpoint(self.model, self.tables, self.tokenizer_dir, s.out_dir)
         result = TrainResult(self.step, time.perf_counter() - started, sum(recent) / max(1, len(recent)),
                              final_loss, final_exact, final_copy, self.history)
         (s.out_dir / "training.json").write_text(json.dumps(
             {"settings": s.to_json(), "train_loss": result.train_loss, "held_out_loss": final_loss,
-             "held_out_exact": final_exact, "held_out_copy": final_copy,
-             "seconds_this_run": round(result.seconds, 1)}, indent=2) + "\n")
+             "held_out_exact": final_exact, "held_out_copy": final_copy, "steps_done": self.step,
+             "stopped_early": stopped_early, "seconds_this_run": round(result.seconds, 1)}, indent=2) + "\n")
         self.log.done(result)
         return result
 

@@ -5,22 +5,40 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from model_worker.loading import load_model
+from model_worker.tokenizer import Tokenizer
 from model_worker.training import data, forward, pools, traces
-from model_worker.training.model_setup import build_trainable, demo_model_config, export_checkpoint
+from model_worker.training.budget import steps_for_budget
+from model_worker.training.model_setup import (
+    EXPORT_DTYPE,
+    build_trainable,
+    demo_model_config,
+    export_checkpoint,
+    load_exported,
+)
+from model_worker.training.prefetch import ChunkPrefetcher, chunk_batches
 from model_worker.training.trainer import Trainer, TrainSettings
 from runtime.prompts import parse_action
 from runtime.tools.calculator import calculate
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return data.train_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=1024, seed=0, corpus_examples=300)
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    data.train_tokenizer(path, vocab_size=1024, seed=0, corpus_examples=300)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return Tokenizer.from_pretrained(tokenizer_dir)
 
 
 def test_held_out_split_shares_no_subject_or_value_with_training():
@@ -135,9 +153,7 @@ def test_gradients_reach_every_parameter_and_the_engram_tables(tokenizer):
 
 def test_resumed_run_matches_an_uninterrupted_one_and_exports_a_loadable_checkpoint(tmp_path):
     def settings(out: Path, stop_after: int | None) -> TrainSettings:
-        return TrainSettings(out_dir=out, steps=6, stop_after=stop_after, batch_size=2, vocab_size=1024, eval_every=100,
-                             eval_examples=2, checkpoint_every=2, warmup_steps=2, tokenizer_examples=300,
-                             short_batch_size=3, full_every=2, copy_warmup_steps=2, copy_batch_size=2, copy_span=8)
+        return _tiny_settings(out, stop_after=stop_after)
 
     class Silent:
         def note(self, text): pass
@@ -156,6 +172,9 @@ def test_resumed_run_matches_an_uninterrupted_one_and_exports_a_loadable_checkpo
     loaded = load_model(tmp_path / "a")
     fp8_tables = straight.tables.to_fp8()
     straight.model.engram_tables = fp8_tables  # the exported (FP8) tables, as the loaded model reads them
+    with torch.no_grad():  # ... and the exported (bf16) weights
+        for param in straight.model.parameters():
+            param.copy_(param.to(EXPORT_DTYPE).float())
     straight.model.eval()
     probe = torch.tensor([data.tokenize(straight.tokenizer, data.session_examples(1, seed=9))[0].ids[:200]])
     torch.testing.assert_close(loaded(probe), straight.model.prefill(probe).logits, rtol=1e-4, atol=1e-4)
@@ -172,3 +191,77 @@ def test_export_writes_the_tokenizer_and_fp8_tables(tmp_path, tokenizer):
     assert names == ["config.json", "engram_tables.safetensors", "model.safetensors", "tokenizer.json",
                      "tokenizer_config.json"]
     assert model.engram_tables is tables  # training continues on the fp32 tables
+
+
+def _tiny_settings(out: Path, **changes) -> TrainSettings:
+    return TrainSettings(**{**dict(out_dir=out, steps=6, batch_size=2, vocab_size=1024, eval_every=100, eval_examples=2,
+                                   checkpoint_every=2, warmup_steps=2, tokenizer_examples=300, short_batch_size=3,
+                                   full_every=2, copy_warmup_steps=2, copy_batch_size=2, copy_span=8), **changes})
+
+
+def test_batches_prepared_in_worker_processes_equal_the_in_process_ones(tmp_path, tokenizer, tokenizer_dir):
+    settings = _tiny_settings(tmp_path)
+    prefetcher = ChunkPrefetcher(tokenizer_dir, settings, workers=1)
+    try:
+        for chunk, short in ((0, False), (0, True), (2, True)):  # 2 skips 1: the queued chunk 1 is dropped
+            got, expected = prefetcher.get(chunk, short), chunk_batches(tokenizer, settings, chunk, short)
+            assert [[item.ids for item in b] for b in got] == [[item.ids for item in b] for b in expected]
+            assert [[item.spans for item in b] for b in got] == [[item.spans for item in b] for b in expected]
+    finally:
+        prefetcher.close()
+
+
+def test_a_time_budget_becomes_a_step_count_and_leaves_no_run_behind(tmp_path, monkeypatch):
+    for name, value in (("COPY_SAMPLES", 1), ("AGENT_SAMPLES", 2), ("WARMUP_SAMPLES", 0)):
+        monkeypatch.setattr(f"model_worker.training.budget.{name}", value)  # a smoke run, not a measurement
+    notes = []
+    settings = _tiny_settings(tmp_path / "run")
+    steps = steps_for_budget(settings, 3600.0, notes.append)
+    assert steps > settings.copy_warmup_steps and "steps fit in the budget" in notes[0]
+    assert not (tmp_path / "run" / "train_state" / "state.json").exists()  # the measurement is not resumable
+    assert steps_for_budget(settings, 1.0, notes.append) == settings.copy_warmup_steps + 1  # over budget: one step
+
+
+def test_every_variant_trains_under_bf16_autocast(tokenizer):
+    """The GPU recipe's autocast: mHC's stream mixes stay fp32 (its kernels refuse bf16 mixes), and the loss
+    and gradients come out finite for the plain, no-Engram and mHC variants alike."""
+    batch = data.prefix_batch(data.tokenize(tokenizer, data.session_examples(2, seed=3, short=True)),
+                              tokenizer.pad_token_id)
+    for engram, mhc in ((True, False), (False, False), (True, True)):
+        model, _ = build_trainable(demo_model_config(tokenizer, engram=engram, mhc=mhc), tokenizer, seed=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _, _ = forward.batch_loss(model, batch)
+        loss.backward()
+        assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters()
+                                            if p.grad is not None), (engram, mhc)
+
+
+def test_training_continues_from_an_exported_checkpoint(tmp_path, tokenizer, tokenizer_dir):
+    """--init-from: the weights and (dequantized FP8) tables an export wrote are what training starts from,
+    so the trainable model computes what the servable checkpoint computes."""
+    model, tables = build_trainable(demo_model_config(tokenizer, mhc=False), tokenizer, seed=5)
+    export_checkpoint(model, tables, tokenizer_dir, tmp_path / "exported")
+    fresh, fresh_tables = build_trainable(demo_model_config(tokenizer, mhc=False), tokenizer, seed=6)
+    load_exported(fresh, fresh_tables, tmp_path / "exported")
+    probe = torch.tensor([data.tokenize(tokenizer, data.session_examples(1, seed=4))[0].ids[:150]])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval().prefill(probe).logits, load_model(tmp_path / "exported")(probe),
+                                   rtol=1e-4, atol=1e-4)
+    other, other_tables = build_trainable(demo_model_config(tokenizer, engram=False, mhc=False), tokenizer, seed=6)
+    with pytest.raises(ValueError, match="not a checkpoint of this architecture"):
+        load_exported(other, other_tables, tmp_path / "exported")
+
+
+def test_kind_weights_choose_the_task_mix():
+    only_remember = tuple(1.0 if kind == "remember" else 0.0 for kind in traces.KINDS)
+    assert {e.kind for e in data.session_examples(20, seed=1, weights=only_remember)} == {"remember"}
+    with pytest.raises(ValueError, match="non-negative weights"):
+        traces.TraceGenerator(0, weights=(1.0,))
+
+
+def test_the_trace_generator_needs_neither_redis_nor_sqlalchemy():
+    """It runs on GPU machines that have torch and pydantic but not the runtime's services' clients."""
+    code = ("import sys, model_worker.training.trainer; "
+            "print(sorted(m for m in ('redis', 'sqlalchemy', 'opentelemetry') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
