@@ -1,0 +1,37 @@
+"""The shipped demo agent model (model_worker/demo_model): a checkpoint the normal loader serves, small
+enough to ship, that does real agent work through the whole embedded runtime (orchestrator, model worker with
+structured decoding, memory service, Redis) on held-out tasks it never saw in training."""
+
+from __future__ import annotations
+
+import asyncio
+
+from model_worker.loading import load_model
+from model_worker.tokenizer import Tokenizer
+from model_worker.training.model_setup import demo_model_config
+from runtime.evaluation import evaluate_agent, held_out_tasks
+from runtime.local import DEMO_MODEL_DIR, trained_demo_model
+
+MAX_BYTES = 30 * 1024 * 1024  # the issue's ceiling for a shipped demo checkpoint
+
+
+def test_the_shipped_checkpoint_is_the_training_architecture_and_small():
+    assert trained_demo_model() == DEMO_MODEL_DIR
+    assert sum(f.stat().st_size for f in DEMO_MODEL_DIR.iterdir()) < MAX_BYTES
+    tokenizer = Tokenizer.from_pretrained(DEMO_MODEL_DIR)
+    model = load_model(DEMO_MODEL_DIR)
+    expected = demo_model_config(tokenizer, mhc=False)
+    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "engram_layer_ids", "hc_mult",
+                  "vocab_size", "kv_lora_rank"):
+        assert getattr(model.config, field) == getattr(expected, field), field
+
+
+def test_it_computes_with_the_calculator_and_remembers_the_result(tmp_path, redis_url):
+    """Held-out arithmetic tasks, some with "remember the result": the answer holds the calculator's result
+    and, where asked, a memory of the tenant holds the sentence (evaluate_agent checks both)."""
+    tasks = [t for t in held_out_tasks(40, seed=3) if t.kind in ("arithmetic", "arithmetic_remember")][:5]
+    assert {t.kind for t in tasks} == {"arithmetic", "arithmetic_remember"}
+    report = asyncio.run(evaluate_agent(None, tasks, data_dir=tmp_path, redis_url=redis_url))
+    assert report.all_actions_valid
+    failures = [(o.task.task, o.answer, o.note) for o in report.outcomes if not o.correct]
+    assert failures == []
