@@ -2,7 +2,8 @@
 
 Writes a servable checkpoint (config, weights, FP8 Engram tables, tokenizer) to DIR, plus
 DIR/training.json with the settings and the held-out figures; DIR/train_state holds what a resumed
-run needs. The defaults reproduce the shipped checkpoint (model_worker/demo_model).
+run needs. The shipped checkpoint (model_worker/demo_model) was trained on a GPU by
+scripts/train_demo_gpu.sh and one continuation run; its MODEL_CARD.md has the commands.
 """
 
 from __future__ import annotations
