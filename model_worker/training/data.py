@@ -1,11 +1,13 @@
 """From traces to token batches: the tokenizer, tokenized examples, and shared-prefix batches.
 
-A training sequence is one whole session: its last step's chat-rendered prompt (as the model worker
-encodes it, ending with the generation prompt) followed by the last action's tokens and EOS. Loss is on
-every assistant turn in it (each action and its EOS), so one sequence teaches every step of the session;
-in the traces a step's decision never depends on retrieved memories that a later step shows differently
-(a memory retrieval missed stays missed for the whole session). A batch's shared prefix is the longest
-run of tokens every one of its sequences starts with.
+A training sequence is a step's chat-rendered prompt (as the model worker encodes it, ending with the
+generation prompt) followed by its action's tokens and EOS, with loss on every assistant turn in it that
+was taken in the same context: each step retrieves memories into the system message afresh, and a later
+step can show memories an earlier one did not (the fact it just wrote, say), so an earlier action is
+labelled only in a sequence whose system message equals the one that step saw. Otherwise a model learns to
+copy its `memory_write` text from a memory block that, when it really writes it, does not hold it yet.
+`step_sequences` picks the fewest sequences that label every step so. A batch's shared prefix is the
+longest run of tokens every one of its sequences starts with.
 
 `short_form` drops the fixed part of the system message (instructions, reply format, tool schemas),
 keeping the retrieved memories: an auxiliary form, a fifth the length, that the trainer mixes in so the
@@ -59,7 +61,7 @@ def tokenize(tokenizer: Tokenizer, examples: list[traces.Example]) -> list[Token
     out = []
     for prompt, target, example in zip(prompt_ids, target_ids, examples, strict=True):
         ids = prompt + target + [eos]
-        starts = [i + 1 for i, token in enumerate(ids) if token == assistant]
+        starts = [i + 1 for i, token in enumerate(ids) if token == assistant][example.labelled_from:]
         spans = [(start, ids.index(eos, start) + 1) for start in starts]
         out.append(Tokenized(ids, spans, example.kind))
     return out
@@ -73,16 +75,34 @@ def short_form(example: traces.Example) -> traces.Example:
     system, rest = example.messages[0], example.messages[1:]
     start = system["content"].find(MEMORY_HEADING)
     head = [] if start < 0 else [{"role": "system", "content": system["content"][start:]}]
-    return traces.Example(head + rest, example.target, example.kind)
+    return traces.Example(head + rest, example.target, example.kind, example.labelled_from)
+
+
+def step_sequences(steps: list[traces.Example]) -> list[traces.Example]:
+    """A session's steps -> the sequences to train on: step k's, unless step k + 1 shows the same system
+    message (its sequence then labels step k too), each labelled from the first step of its run of steps
+    with that system message."""
+    system = [step.messages[0]["content"] if step.messages[0]["role"] == "system" else "" for step in steps]
+    sequences = []
+    for k, step in enumerate(steps):
+        if k + 1 < len(steps) and system[k + 1] == system[k]:
+            continue
+        first = k
+        while first > 0 and system[first - 1] == system[k]:
+            first -= 1
+        sequences.append(traces.Example(step.messages, step.target, step.kind, first))
+    return sequences
 
 
 def session_examples(count: int, seed: int, held_out: bool = False, short: bool = False,
                      weights: tuple[float, ...] = traces.KIND_WEIGHTS) -> list[traces.Example]:
-    """`count` sessions as training examples: each session's last step (its prompt holds every earlier
-    action, so labelling every assistant turn covers the session); `short` gives their short_form; `weights`
-    (one per traces.KINDS) the mix of task kinds."""
+    """`count` training sequences from whole sessions (`step_sequences`: usually one per session, two where a
+    step's memories change); `short` gives their short_form; `weights` (one per traces.KINDS) the task mix."""
     generator = traces.TraceGenerator(seed, held_out, weights)
-    examples = [generator.session()[-1] for _ in range(count)]
+    examples: list[traces.Example] = []
+    while len(examples) < count:
+        examples.extend(step_sequences(generator.session()))
+    examples = examples[:count]
     return [short_form(e) for e in examples] if short else examples
 
 

@@ -79,6 +79,7 @@ class Example:
     messages: list[dict[str, str]]
     target: str
     kind: str
+    labelled_from: int = 0  # the first assistant turn (0: the task's first action) a sequence of it trains on
 
 
 @dataclass

@@ -89,7 +89,7 @@ def test_recall_answers_copy_the_stored_fact_and_refusals_name_the_key():
         assert refusal.startswith("I have no memory of ")
 
 
-def test_labels_are_exactly_the_assistant_turns(tokenizer):
+def test_labels_are_exactly_the_assistant_turns_taken_in_the_sequences_context(tokenizer):
     examples = data.session_examples(6, seed=1)
     items = data.tokenize(tokenizer, examples)
     batch = data.prefix_batch(items, tokenizer.pad_token_id)
@@ -99,11 +99,34 @@ def test_labels_are_exactly_the_assistant_turns(tokenizer):
             tokenizer.encode(example.target, add_special_tokens=False) + [tokenizer.eos_token_id]
         labelled = batch.labels[b][batch.labels[b] >= 0].tolist()
         turns = [m["content"] for m in example.messages if m["role"] == "assistant"] + [example.target]
+        turns = turns[example.labelled_from:]
         expected = []
         for turn in turns:
             expected += tokenizer.encode(turn, add_special_tokens=False) + [tokenizer.eos_token_id]
         assert labelled == expected
         assert torch.equal(batch.suffixes[b, : len(item.ids) - P], torch.tensor(item.ids[P:]))
+
+
+def test_every_labelled_action_sees_the_memories_its_step_saw():
+    """A step's retrieval can find what an earlier step wrote; an action must never be trained in a sequence
+    showing memories its own step did not have (it would learn to copy a memory_write from the memory block)."""
+    gen = traces.TraceGenerator(5)
+    changed = 0
+    for _ in range(300):
+        steps = gen.session()
+        sequences = data.step_sequences(steps)
+        labelled = [j for seq in sequences for j in range(seq.labelled_from, steps.index(
+            next(s for s in steps if s.messages is seq.messages)) + 1)]
+        assert labelled == list(range(len(steps)))  # every step once
+        for seq in sequences:
+            k = next(i for i, s in enumerate(steps) if s.messages is seq.messages)
+            for j in range(seq.labelled_from, k + 1):
+                assert steps[j].messages[0] == seq.messages[0]  # the same system message: the same memories
+            changed += seq.labelled_from > 0
+    assert changed > 50  # sessions whose memories change mid-way are common (a remember writes, then shows it)
+    remember = data.step_sequences(gen.session("remember"))
+    sentence = json.loads(remember[0].target)["calls"][0]["arguments"]["text"]
+    assert sentence not in remember[0].messages[0]["content"]  # the write is learned from the task alone
 
 
 def test_copy_batches_label_exactly_the_repeat(tokenizer):
