@@ -6,7 +6,9 @@ live, judged on this process's monotonic clock from when the last successful hea
 sent, a conservative bound, since Redis counts the lease from when the call arrived. When the lease is taken by
 another owner, found stale, or runs out while Redis is unreachable, the work is cancelled at once (its
 tools with it), nothing more is committed (fencing tokens refuse any write that raced the cancel), the
-reason is logged, and `LeaseLost` is raised.
+reason is logged, and `LeaseLost` is raised. A heartbeat that finds the session finished is not a loss when
+the finishing commit was made under this lease (the same fencing token): the work committed its terminal
+step and is only winding down (reading the state back), so it runs to its end.
 
 Deliberately not here: claiming or releasing the lease, or what the work does (the orchestrator).
 """
@@ -19,7 +21,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from runtime.sessions import LeaseLost, SessionStore
+from runtime.sessions import LeaseLost, SessionFinished, SessionStore
 from runtime.sessions.retry import RETRYABLE_ERRORS, backoff_s
 
 T = TypeVar("T")
@@ -37,9 +39,10 @@ async def cancel_and_wait(task: asyncio.Task, *, repeat_s: float = 1.0) -> None:
 
 
 async def keep_lease(store: SessionStore, session_id: str, owner: str, token: int, *, lease_ms: int,
-                     heartbeat_s: float, valid_until: float) -> str:
-    """Heartbeat until the lease is lost; returns why. `valid_until`: monotonic time by which the lease
-    (as last extended) has surely expired."""
+                     heartbeat_s: float, valid_until: float) -> str | None:
+    """Heartbeat until the lease is lost; returns why, or None when the session finished (a terminal commit:
+    nobody holds its lease any more). `valid_until`: monotonic time by which the lease (as last extended) has
+    surely expired."""
     lease_s, failures = lease_ms / 1000, 0
     delay = heartbeat_s
     while True:
@@ -51,6 +54,8 @@ async def keep_lease(store: SessionStore, session_id: str, owner: str, token: in
         try:
             async with asyncio.timeout(valid_until - sent):
                 await store.heartbeat(session_id, owner, token, lease_ms)
+        except SessionFinished:
+            return None
         except LeaseLost as exc:
             return f"lease lost ({exc})"
         except (TimeoutError, *RETRYABLE_ERRORS) as exc:
@@ -74,6 +79,11 @@ async def run_under_lease(store: SessionStore, session_id: str, owner: str, toke
         if worker.done():
             return worker.result()
         reason = keeper.result()
+        if reason is None:  # finished: by this work's own terminal commit, or by a later owner of the lease?
+            state = await store.state(session_id)
+            if state.fencing_token == token:
+                return await worker
+            reason = f"session finished under a later lease (token {state.fencing_token}, ours {token})"
         log.warning("session %s: %s; stopping its work here (nothing more is committed by %s)", session_id,
                     reason, owner)
         await cancel_and_wait(worker)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
 import redis
 
+from runtime.lease_keeper import run_under_lease
 from runtime.sessions import LeaseLost, SessionStore
 from runtime.tools import ToolRegistry
 from tests.runtime.hardening import FINAL, ScriptModel, agent, call, orchestrator
@@ -136,3 +138,61 @@ def test_owner_stops_when_its_lease_runs_out_during_a_long_outage(own_redis, cap
     assert cancelled_while_down  # stopped before anyone could take the session over
     assert steps == [] and record["result"] is None and state.status == "running"
     assert any("expired" in r.getMessage() and "stopping" in r.getMessage() for r in caplog.records)
+
+
+def _final(make_step, session_id: str):
+    return make_step(session_id, 0, kind="final")
+
+
+def test_a_heartbeat_after_the_works_own_final_commit_lets_the_work_finish(redis_url, key_prefix, make_step):
+    """The orchestrator reads the state back after its terminal commit; a heartbeat in that window finds the
+    session finished. That is this lease's own commit (same fencing token), not a lost lease: the work ends
+    normally (it used to be cancelled and run_session raised LeaseLost for a completed session)."""
+
+    async def main():
+        async with SessionStore(redis_url, key_prefix=key_prefix) as store:
+            sid = (await store.create("acme", "helper", "t")).session_id
+            token = (await store.claim(sid, "me", 5000)).fencing_token
+
+            async def work():
+                await store.append_step(sid, _final(make_step, sid), "me", token,
+                                        state_patch={"status": "completed", "final_answer": "x"})
+                await asyncio.sleep(0.3)  # winding down across several heartbeats
+                return "done"
+
+            return await run_under_lease(store, sid, "me", token, work(), lease_ms=5000, heartbeat_s=0.05,
+                                         valid_until=time.monotonic() + 5)
+
+    assert asyncio.run(asyncio.wait_for(main(), GUARD_S)) == "done"
+
+
+def test_a_session_finished_under_a_later_lease_still_stops_the_work(redis_url, key_prefix, make_step):
+    """Our lease ran out in Redis, another owner claimed the session (a newer token) and finished it: when our
+    heartbeat then finds it finished, our work is cancelled and LeaseLost raised, as for any lost lease."""
+
+    async def main():
+        async with SessionStore(redis_url, key_prefix=key_prefix) as store:
+            sid = (await store.create("acme", "helper", "t")).session_id
+            token = (await store.claim(sid, "me", 100)).fencing_token
+            cancelled = asyncio.Event()
+
+            async def work():
+                try:
+                    await asyncio.sleep(GUARD_S)
+                except asyncio.CancelledError:
+                    cancelled.set()
+                    raise
+
+            async def other_owner():
+                await asyncio.sleep(0.2)  # past our 100 ms lease
+                other = (await store.claim(sid, "other", 5000)).fencing_token
+                await store.append_step(sid, _final(make_step, sid), "other", other,
+                                        state_patch={"status": "completed", "final_answer": "theirs"})
+
+            asyncio.ensure_future(other_owner())
+            with pytest.raises(LeaseLost, match="stale fencing token|later lease"):  # our clock: still live
+                await run_under_lease(store, sid, "me", token, work(), lease_ms=100, heartbeat_s=0.5,
+                                      valid_until=time.monotonic() + 5)
+            assert cancelled.is_set()
+
+    asyncio.run(asyncio.wait_for(main(), GUARD_S))
