@@ -218,7 +218,7 @@ def _model_note(settings: Settings) -> str:
         return f"model: {settings.model_path}"
     if trained_demo_model() is not None:
         return ("model: the demo model, a small model we trained on synthetic traces: it does arithmetic with the "
-                "calculator and saves and recalls results; new facts it often garbles; nothing else "
-                "(ENGRAM_MODEL_PATH serves a real checkpoint)")
+                "calculator, saves results and facts, and recalls results (recalled facts it often garbles); "
+                "nothing else (ENGRAM_MODEL_PATH serves a real checkpoint)")
     return ("model: the demo checkpoint with random weights: its actions are valid but meaningless "
             "(ENGRAM_MODEL_PATH serves a real checkpoint)")
