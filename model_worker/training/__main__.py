@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--short-batch-size, --copy-batch-size, --workers and the warm-up steps must not be negative")
     if args.init_from is not None and not (args.init_from / "model.safetensors").is_file():
         parser.error(f"--init-from: no exported checkpoint at {args.init_from} (model.safetensors missing)")
+    if args.time_budget is not None and args.time_budget <= 0:
+        parser.error("--time-budget must be a positive number of seconds")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
     torch.set_num_threads(max(1, args.threads))
