@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="every N-th agent batch is full-form sessions, the others short-form")
     parser.add_argument("--kind-weights", type=_kind_weights, default=defaults.kind_weights, metavar="KIND=W,...",
                         help=f"task mix (kinds: {', '.join(KINDS)}; unnamed kinds keep their default weight)")
+    parser.add_argument("--syllable-words-only", action="store_true",
+                        help="make up names and values from syllables only, not also from the tokenizer's tokens "
+                             "(the data of runs before this option)")
     parser.add_argument("--copy-warmup-steps", type=int, default=defaults.copy_warmup_steps)
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                              copy_batch_size=args.copy_batch_size, checkpoint_every=args.checkpoint_every,
                              eval_examples=args.eval_examples, copy_warmup_steps=args.copy_warmup_steps,
                              warmup_steps=args.warmup_steps, full_every=args.full_every,
-                             kind_weights=args.kind_weights,
+                             kind_weights=args.kind_weights, piece_words=not args.syllable_words_only,
                              init_from=None if args.init_from is None else str(args.init_from),
                              device=args.device, precision=args.precision, workers=args.workers)
     deadline = None

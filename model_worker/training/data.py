@@ -25,7 +25,7 @@ import torch
 
 from model_worker.demo_tokenizer import ASSISTANT, SPECIAL_TOKENS, build_demo_tokenizer
 from model_worker.tokenizer import Tokenizer
-from model_worker.training import traces
+from model_worker.training import pools, traces
 from model_worker.training.forward import PrefixBatch
 
 TOKENIZER_CORPUS_EXAMPLES = 4000
@@ -51,6 +51,11 @@ def train_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int, seed: int,
     corpus = [draft.apply_chat_template(e.messages) + e.target
               for e in traces.examples(corpus_examples, seed=seed + 7919)]
     return build_demo_tokenizer(Path(out_dir), vocab_size=vocab_size, corpus=corpus, isolate_spaces=True)
+
+
+def word_pieces(tokenizer: Tokenizer) -> pools.WordPieces:
+    """The tokenizer's alphabetic tokens (byte-level BPE spells ASCII letters as themselves)."""
+    return pools.WordPieces.from_vocab(tokenizer.id_to_token(i) or "" for i in range(tokenizer.vocab_size))
 
 
 def tokenize(tokenizer: Tokenizer, examples: list[traces.Example]) -> list[Tokenized]:
@@ -95,10 +100,12 @@ def step_sequences(steps: list[traces.Example]) -> list[traces.Example]:
 
 
 def session_examples(count: int, seed: int, held_out: bool = False, short: bool = False,
-                     weights: tuple[float, ...] = traces.KIND_WEIGHTS) -> list[traces.Example]:
+                     weights: tuple[float, ...] = traces.KIND_WEIGHTS,
+                     pieces: pools.WordPieces | None = None) -> list[traces.Example]:
     """`count` training sequences from whole sessions (`step_sequences`: usually one per session, two where a
-    step's memories change); `short` gives their short_form; `weights` (one per traces.KINDS) the task mix."""
-    generator = traces.TraceGenerator(seed, held_out, weights)
+    step's memories change); `short` gives their short_form; `weights` (one per traces.KINDS) the task mix;
+    `pieces` lets made-up names and values be built from the tokenizer's own tokens (`word_pieces`)."""
+    generator = traces.TraceGenerator(seed, held_out, weights, pieces)
     examples: list[traces.Example] = []
     while len(examples) < count:
         examples.extend(step_sequences(generator.session()))

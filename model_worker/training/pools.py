@@ -9,6 +9,8 @@ memorisation, and training cannot get far by memorising names instead of copying
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 FIRST_NAMES = (
     "Alice Bob Carol David Emma Frank Grace Henry Irene Jack Karen Liam Maria Nathan Olivia Peter Quinn Rachel "
@@ -79,16 +81,46 @@ def held_out_words() -> frozenset[str]:
     return frozenset(w.lower() for w in words)
 
 
-def fresh_word(rng: random.Random, reserved: frozenset[str]) -> str:
-    """A made-up lower-case word from syllables, not in `reserved` (training only): with tens of thousands
-    of them, a name cannot be memorised, only copied from where the prompt states it."""
+PIECE_MAX_LETTERS = 4  # the pieces an unknown word breaks into: a vocabulary trained on these traces merges
+# longer runs only for its own syllable names and pool words
+PIECE_SHARE = 0.7  # made-up words: the share built from the tokenizer's pieces (when given) rather than syllables
+
+
+@dataclass(frozen=True)
+class WordPieces:
+    """The tokenizer's alphabetic tokens of up to PIECE_MAX_LETTERS letters, to make words from: `lower`
+    ("re", "arch"), `upper` ("Mon")."""
+
+    lower: tuple[str, ...]
+    upper: tuple[str, ...]
+
+    @classmethod
+    def from_vocab(cls, tokens: Iterable[str]) -> WordPieces:
+        alphabetic = sorted(t for t in set(tokens) if t.isascii() and t.isalpha() and len(t) <= PIECE_MAX_LETTERS)
+        return cls(tuple(t for t in alphabetic if t.islower()),
+                   tuple(t for t in alphabetic if t[0].isupper() and (len(t) == 1 or t[1:].islower())))
+
+
+def fresh_word(rng: random.Random, reserved: frozenset[str], pieces: WordPieces | None = None,
+               capital: bool = False) -> str:
+    """A made-up word, not in `reserved` (training only): with tens of thousands of them, a name cannot be
+    memorised, only copied from where the prompt states it. From syllables, or (PIECE_SHARE of the time,
+    given `pieces`) from 1-3 of the tokenizer's alphabetic tokens: a word of any tokens at all, so every
+    token of the vocabulary is one the model has copied into an action (a held-out word like "Montreal"
+    is made of tokens no syllable word has; a model that never wrote them cannot copy them)."""
     while True:
-        word = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3)))
-        if word not in reserved:
+        if pieces is not None and rng.random() < PIECE_SHARE:
+            count = rng.randint(1, 3)
+            head = rng.choice(pieces.upper) if capital else rng.choice(pieces.lower)
+            word = head + "".join(rng.choice(pieces.lower) for _ in range(count - 1))
+        else:
+            word = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3)))
+            word = word.capitalize() if capital else word
+        if len(word) > 1 and word.lower() not in reserved:
             return word
 
 
-def attribute_values(held_out: bool) -> dict[str, callable]:
+def attribute_values(held_out: bool, pieces: WordPieces | None = None) -> dict[str, callable]:
     """attribute phrase -> a function rng -> value, drawing from that split's pools; training word values are
     made up on the spot FRESH_SHARE of the time (held-out values are the pools' held-out words only)."""
     reserved = held_out_words()
@@ -102,8 +134,7 @@ def attribute_values(held_out: bool) -> dict[str, callable]:
         def draw(rng: random.Random) -> str:
             if rng.random() >= FRESH_SHARE:
                 return rng.choice(part)
-            word = fresh_word(rng, reserved)
-            return word.capitalize() if capital else word
+            return fresh_word(rng, reserved, pieces, capital)
 
         return draw
 
@@ -130,7 +161,7 @@ def attribute_values(held_out: bool) -> dict[str, callable]:
 HELD_OUT_INVENTED = 60
 
 
-def subject_sampler(held_out: bool) -> callable:
+def subject_sampler(held_out: bool, pieces: WordPieces | None = None) -> callable:
     """rng -> a person the fact is about. Held out: real first names and invented ones no training trace
     has. Training: the other real first names, or (FRESH_SHARE of the time) a name made up on the spot."""
     if held_out:
@@ -140,6 +171,6 @@ def subject_sampler(held_out: bool) -> callable:
     reserved = held_out_words() | frozenset(name.lower() for name in FIRST_NAMES)
 
     def draw(rng: random.Random) -> str:
-        return fresh_word(rng, reserved).capitalize() if rng.random() < FRESH_SHARE else rng.choice(names)
+        return fresh_word(rng, reserved, pieces, capital=True) if rng.random() < FRESH_SHARE else rng.choice(names)
 
     return draw

@@ -170,14 +170,15 @@ def call(name: str, **arguments: Any) -> dict[str, Any]:
 class TraceGenerator:
     """Draws traces for one split (training or held-out); deterministic in the seed."""
 
-    def __init__(self, seed: int, held_out: bool = False, weights: tuple[float, ...] = KIND_WEIGHTS):
+    def __init__(self, seed: int, held_out: bool = False, weights: tuple[float, ...] = KIND_WEIGHTS,
+                 pieces: pools.WordPieces | None = None):
         if len(weights) != len(KINDS) or min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(f"weights: expected {len(KINDS)} non-negative weights (one per kind of {KINDS})")
         self.rng = random.Random(seed)
         self.held_out = held_out
         self.weights = tuple(weights)
-        self.subject = pools.subject_sampler(held_out)
-        self.attributes = pools.attribute_values(held_out)
+        self.subject = pools.subject_sampler(held_out, pieces)
+        self.attributes = pools.attribute_values(held_out, pieces)
 
     # ---- facts and questions ----------------------------------------------------------------------
     def person_fact(self, subject: str | None = None, attribute: str | None = None) -> Fact:

@@ -62,6 +62,7 @@ class TrainSettings:
     workers: int = 0  # processes preparing batches ahead of the trainer (0: on the training thread)
     kind_weights: tuple[float, ...] = data.traces.KIND_WEIGHTS  # the task mix, one weight per traces.KINDS
     init_from: str | None = None  # an exported checkpoint to continue from (its tokenizer too), not random weights
+    piece_words: bool = True  # made-up names and values also built from the tokenizer's tokens (pools.fresh_word)
 
     @property
     def last_step(self) -> int:

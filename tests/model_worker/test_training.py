@@ -57,6 +57,38 @@ def test_held_out_split_shares_no_subject_or_value_with_training():
         assert pools.split(pool, True) and pools.split(pool, False)
 
 
+def _action_tokens(tokenizer, examples) -> set[int]:
+    return {t for e in examples for t in tokenizer.encode(e.target, add_special_tokens=False)}
+
+
+def test_words_made_of_tokenizer_pieces_put_the_vocabulary_into_actions_and_stay_out_of_the_held_out_split(
+        tokenizer):
+    pieces = data.word_pieces(tokenizer)
+    assert pieces.lower and pieces.upper
+    assert all(p.isalpha() and p.islower() for p in pieces.lower) and all(p[0].isupper() for p in pieces.upper)
+    assert max(map(len, pieces.lower + pieces.upper)) <= pools.PIECE_MAX_LETTERS
+    # without pieces the stream is the syllable-only one of earlier runs (same seed, same sessions)
+    old = data.session_examples(60, seed=11)
+    assert [e.target for e in old] == [e.target for e in data.session_examples(60, seed=11, pieces=None)]
+    with_pieces = data.session_examples(600, seed=11, pieces=pieces)
+    alphabetic = {tokenizer.token_to_id(p) for p in pieces.lower + pieces.upper}
+    covered_old = _action_tokens(tokenizer, data.session_examples(600, seed=11)) & alphabetic
+    covered_new = _action_tokens(tokenizer, with_pieces) & alphabetic
+    never_written = alphabetic - covered_old  # tokens no syllable word or pool word of 600 sessions is made of
+    print(f"alphabetic tokens in actions: {len(covered_old)} syllables only, {len(covered_new)} with pieces "
+          f"({len(never_written & covered_new)} of the {len(never_written)} others), of {len(alphabetic)}")
+    assert len(never_written & covered_new) > 0.25 * len(never_written)
+    rng, reserved = random.Random(1), pools.held_out_words()
+    names = {pools.subject_sampler(False, pieces)(rng) for _ in range(3000)}
+    values = {draw(rng) for draw in pools.attribute_values(False, pieces).values() for _ in range(300)}
+    assert not {w.lower() for w in names} & reserved
+    assert all(w[0].isupper() for w in names)
+    shared = {w.lower() for pool in (pools.FIRST_NAMES, pools.COLOURS, pools.CITIES, pools.FOODS, pools.JOBS,
+                                     pools.PETS, pools.SPORTS, pools.DRINKS, pools.INSTRUMENTS)
+              for w in pools.split(pool, False)}
+    assert not ({v.lower() for v in values} & reserved) - shared
+
+
 def test_every_target_is_a_valid_action_and_observations_are_real_tool_results():
     kinds = set()
     for session in [traces.TraceGenerator(seed=3).session(kind) for kind in traces.KINDS for _ in range(5)]:
