@@ -105,9 +105,9 @@ def fresh_word(rng: random.Random, reserved: frozenset[str], pieces: WordPieces 
                capital: bool = False) -> str:
     """A made-up word, not in `reserved` (training only): with tens of thousands of them, a name cannot be
     memorised, only copied from where the prompt states it. From syllables, or (PIECE_SHARE of the time,
-    given `pieces`) from 1-3 of the tokenizer's alphabetic tokens: a word of any tokens at all, so every
-    token of the vocabulary is one the model has copied into an action (a held-out word like "Montreal"
-    is made of tokens no syllable word has; a model that never wrote them cannot copy them)."""
+    given `pieces`) from 1-3 of the tokenizer's short alphabetic tokens: a word of any such tokens, so each
+    is one the model has copied into an action (an unseen word like "Montreal" breaks into tokens no
+    syllable word has, and a model that never wrote them into an action does not copy them there)."""
     while True:
         if pieces is not None and rng.random() < PIECE_SHARE:
             count = rng.randint(1, 3)
