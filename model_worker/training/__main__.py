@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mhc", action="store_true", help="ablation: mHC (4 streams) instead of the plain residual")
     parser.add_argument("--short-batch-size", type=int, default=defaults.short_batch_size)
     parser.add_argument("--copy-batch-size", type=int, default=defaults.copy_batch_size)
+    parser.add_argument("--question-batch-size", type=int, default=defaults.question_batch_size,
+                        help="sequences of question groups (one question answered from the memory block, by "
+                             "search, and refused, side by side) added to every agent step (0: none)")
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     parser.add_argument("--eval-examples", type=int, default=defaults.eval_examples,
                         help="held-out sessions scored at each evaluation")
@@ -80,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     if min(counts) < 1 or (args.stop_after is not None and args.stop_after < 1):
         parser.error("--steps, --batch-size, --eval-every, --eval-examples, --checkpoint-every and --stop-after "
                      "must be positive")
-    if min(args.short_batch_size, args.copy_batch_size, args.workers, args.copy_warmup_steps, args.warmup_steps) < 0:
-        parser.error("--short-batch-size, --copy-batch-size, --workers and the warm-up steps must not be negative")
+    if min(args.short_batch_size, args.copy_batch_size, args.question_batch_size, args.workers, args.copy_warmup_steps,
+           args.warmup_steps) < 0:
+        parser.error("--short-batch-size, --copy-batch-size, --question-batch-size, --workers and the warm-up steps "
+                     "must not be negative")
     if args.init_from is not None and not (args.init_from / "model.safetensors").is_file():
         parser.error(f"--init-from: no exported checkpoint at {args.init_from} (model.safetensors missing)")
     if args.time_budget is not None and args.time_budget <= 0:
@@ -94,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                              seed=args.seed, eval_every=args.eval_every, engram=not args.no_engram,
                              mhc=args.mhc, stop_after=args.stop_after, short_batch_size=args.short_batch_size,
                              copy_batch_size=args.copy_batch_size, checkpoint_every=args.checkpoint_every,
+                             question_batch_size=args.question_batch_size,
                              eval_examples=args.eval_examples, copy_warmup_steps=args.copy_warmup_steps,
                              warmup_steps=args.warmup_steps, full_every=args.full_every,
                              kind_weights=args.kind_weights, piece_words=not args.syllable_words_only,

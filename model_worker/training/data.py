@@ -113,6 +113,19 @@ def session_examples(count: int, seed: int, held_out: bool = False, short: bool 
     return [short_form(e) for e in examples] if short else examples
 
 
+def question_groups(count: int, seed: int, pieces: pools.WordPieces | None = None) -> list[traces.Example]:
+    """`count` first steps (full form) of `TraceGenerator.question_group`s, in pairs: the same question over
+    the same store, once with the fact stored and retrieved (answer it; search when retrieval ranked it below
+    the block's k) and once never stored (search). Only the first step, where a model decides between the two,
+    and the shortest sequences of a group."""
+    generator = traces.TraceGenerator(seed, pieces=pieces)
+    examples: list[traces.Example] = []
+    while len(examples) < count:
+        direct, _, refused = generator.question_group()
+        examples.extend((direct[0], refused[0]))
+    return examples[:count]
+
+
 def copy_batch(generator: torch.Generator, vocab_size: int, bos_id: int, batch: int, span: int) -> PrefixBatch:
     """A batch of pure copying: random tokens then the same tokens again ([x; x], x of `span` ids drawn past
     the special tokens), labelled on the repeat. It grows induction heads (attend to the token after an

@@ -46,7 +46,7 @@ INSTRUMENTS = ("piano violin cello flute trumpet guitar drums clarinet harp oboe
 WEEKDAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
 MONTHS = "January February March April May June July August September October November December".split()
 
-_SYLLABLES = ("ka ri to mel an dor vi sa len bra qu ix ol fen tar zu mo ne lis gar pe thu ra co vel "
+SYLLABLES = ("ka ri to mel an dor vi sa len bra qu ix ol fen tar zu mo ne lis gar pe thu ra co vel "
               "syn dra kor ma bel ul ven ish ta na ro fi").split()
 
 
@@ -61,7 +61,7 @@ def invented_names(count: int, held_out: bool) -> list[str]:
     other = set() if held_out else set(invented_names(count, held_out=True))
     names: list[str] = []
     while len(names) < count:
-        name = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
         if name not in names and name not in other and name not in FIRST_NAMES:
             names.append(name)
     return names
@@ -114,7 +114,7 @@ def fresh_word(rng: random.Random, reserved: frozenset[str], pieces: WordPieces 
             head = rng.choice(pieces.upper) if capital else rng.choice(pieces.lower)
             word = head + "".join(rng.choice(pieces.lower) for _ in range(count - 1))
         else:
-            word = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3)))
+            word = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))
             word = word.capitalize() if capital else word
         if len(word) > 1 and word.lower() not in reserved:
             return word

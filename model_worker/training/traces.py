@@ -159,6 +159,15 @@ def ranked(memories: list[Memory], query: str, k: int, rng: random.Random) -> li
     return [{"id": m.id, "kind": m.kind, "text": m.text, "score": round(score, 4)} for score, m in scored[:k]]
 
 
+def _near_name(name: str, rng: random.Random) -> str:
+    """A different name that shares most of `name`'s letters ("Lena" -> "Lenra", "Dratar" -> "Drata")."""
+    while True:
+        cut = rng.randint(max(1, len(name) - 3), len(name))
+        near = (name[:cut] + rng.choice(pools.SYLLABLES) + name[cut + 1:]) if rng.random() < 0.6 else name[:cut]
+        if len(near) > 1 and near != name:
+            return near
+
+
 def final(answer: str) -> dict[str, Any]:
     return {"type": "final", "answer": answer}
 
@@ -259,8 +268,8 @@ class TraceGenerator:
         return s.examples
 
     def _recall_from(self, kind: str, fact: Fact, phrases: tuple[str, ...], *, stored: bool,
-                     in_block: bool) -> list[Example]:
-        store = self.prior_store(fact)
+                     in_block: bool, store: list[Memory] | None = None) -> list[Example]:
+        store = self.prior_store(fact) if store is None else list(store)
         task = self.rng.choice(phrases).format(k=fact.key)
         target = None
         if stored:
@@ -295,6 +304,38 @@ class TraceGenerator:
     def _recall_result(self, kind: str) -> list[Example]:
         return self._recall_from(kind, self.arithmetic_fact(), RESULT_RECALL_PHRASES, stored=True,
                                  in_block=self.rng.random() < 0.75)
+
+    # ---- minimal sets for the one decision a question needs -------------------------------------------
+    def hard_negatives(self, fact: Fact) -> list[Memory]:
+        """Memories a careless reader takes for `fact`: other people's same attribute (one with a name that
+        differs by a piece), the same person's other attributes; for a result, other results."""
+        rng, out = self.rng, []
+        if "'s " not in fact.key:
+            out.extend(self.arithmetic_fact() for _ in range(rng.randint(1, 2)))
+        else:
+            subject, attribute = fact.key.split("'s ", 1)
+            for _ in range(rng.randint(1, 2)):
+                out.append(self.person_fact(attribute=attribute))
+            if rng.random() < 0.7:
+                out.append(self.person_fact(subject=subject))
+            if rng.random() < 0.4:
+                out.append(self.person_fact(subject=_near_name(subject, rng), attribute=attribute))
+        return [Memory(new_id(rng), "fact", f.sentence) for f in out if f.key != fact.key]
+
+    def question_group(self) -> list[list[Example]]:
+        """One question over one store of hard negatives, three ways: the fact is in the memory block (answer
+        directly), stored but not retrieved (search, then answer), never stored (search, then say so).
+        Trained side by side, only whether the block names this very person and attribute tells them apart:
+        the check a model otherwise skips, answering from any memory about the attribute."""
+        kind = "question_group"
+        if self.rng.random() < 0.2:
+            fact, phrases = self.arithmetic_fact(), RESULT_RECALL_PHRASES
+        else:
+            fact, phrases = self.person_fact(), RECALL_PHRASES
+        store = self.prior_store(fact) + self.hard_negatives(fact)
+        self.rng.shuffle(store)
+        return [self._recall_from(kind, fact, phrases, stored=stored, in_block=in_block, store=store)
+                for stored, in_block in ((True, True), (True, False), (False, False))]
 
     def _arithmetic(self, kind: str, remember: bool = False) -> list[Example]:
         key, expression, _ = self.arithmetic()

@@ -30,6 +30,7 @@ from model_worker.training.prefetch import BATCHES_PER_CHUNK, ChunkPrefetcher, c
 
 PRECISIONS = ("fp32", "bf16")
 HELD_OUT_SEED = 4242
+QUESTION_SEEDS = 700_001  # question batches' generator seeds start here (the chunks' stay far below it)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class TrainSettings:
     kind_weights: tuple[float, ...] = data.traces.KIND_WEIGHTS  # the task mix, one weight per traces.KINDS
     init_from: str | None = None  # an exported checkpoint to continue from (its tokenizer too), not random weights
     piece_words: bool = True  # made-up names and values also built from the tokenizer's tokens (pools.fresh_word)
+    question_batch_size: int = 0  # first steps of question groups (data.question_groups) added to every agent step
 
     @property
     def last_step(self) -> int:
@@ -233,11 +235,12 @@ class Trainer:
 
     def step_loss(self, step: int) -> tuple[torch.Tensor, int]:
         """(the loss step `step` trains on, tokens it computed): the copy batch, plus after the warm-up batch
-        `step - copy_warmup_steps` of the agent traces."""
+        `step - copy_warmup_steps` of the agent traces and (question_batch_size > 0) of question groups."""
         losses, tokens = [], 0
+        agent = step >= self.settings.copy_warmup_steps
         for batch in (self.copy_batch(step),
-                      self.training_batch(step - self.settings.copy_warmup_steps)
-                      if step >= self.settings.copy_warmup_steps else None):
+                      self.training_batch(step - self.settings.copy_warmup_steps) if agent else None,
+                      self.question_batch(step - self.settings.copy_warmup_steps) if agent else None):
             if batch is not None:
                 with self.autocast():
                     losses.append(batch_loss(self.model, batch)[0])
@@ -257,6 +260,17 @@ class Trainer:
                        else chunk_batches(self.tokenizer, self.settings, chunk, short))
             self._chunks[short] = (chunk, batches)
         return data.prefix_batch(self._chunks[short][1][position], self.tokenizer.pad_token_id).to(self.device)
+
+    def question_batch(self, step: int) -> data.PrefixBatch | None:
+        """Agent step `step`'s batch of question groups (a pure function of seed and step; None when the
+        settings' question_batch_size is 0)."""
+        s = self.settings
+        if s.question_batch_size == 0:
+            return None
+        pieces = data.word_pieces(self.tokenizer) if s.piece_words else None
+        items = data.tokenize(self.tokenizer, data.question_groups(
+            s.question_batch_size, seed=s.seed * 1_000_003 + QUESTION_SEEDS + step, pieces=pieces))
+        return data.prefix_batch(items, self.tokenizer.pad_token_id).to(self.device)
 
     def autocast(self):
         """bf16 autocast for the forward pass when the settings ask for it (a no-op context otherwise)."""

@@ -121,6 +121,60 @@ def test_recall_answers_copy_the_stored_fact_and_refusals_name_the_key():
         assert refusal.startswith("I have no memory of ")
 
 
+def _memory_block(example: traces.Example) -> str:
+    system = example.messages[0]["content"]
+    return system[system.find(data.MEMORY_HEADING):] if data.MEMORY_HEADING in system else ""
+
+
+def test_a_question_group_asks_one_question_three_ways_over_one_store_of_hard_negatives():
+    """Answered from the block, found by search, never stored: the first step differs only by whether the
+    block holds the very fact, and the store holds other people's same attribute to be told apart from it."""
+    gen = traces.TraceGenerator(seed=8)
+    same_attribute_elsewhere = answered_directly = 0
+    for _ in range(30):
+        direct, searched, refused = gen.question_group()
+        first_calls = [json.loads(session[0].target) for session in (direct, searched, refused)]
+        key = first_calls[1]["calls"][0]["arguments"]["query"]
+        if first_calls[0]["type"] != "final":  # retrieval ranked the fact below the block's k: search for it
+            assert first_calls[0] == first_calls[1]
+            continue
+        answered_directly += 1
+        sentence = first_calls[0]["answer"]
+        assert sentence.startswith(f"{key} is ") and sentence in _memory_block(direct[0])
+        for session in (searched, refused):
+            assert first_calls[1] == json.loads(session[0].target)  # the same search, from the same question
+            assert sentence not in _memory_block(session[0])
+        hits = searched[-1].messages[-1]["content"]
+        found = json.loads(searched[-1].target)["answer"]
+        assert found == sentence if sentence in hits else found == f"I have no memory of {key}."
+        assert json.loads(refused[-1].target)["answer"] == f"I have no memory of {key}."
+        assert sentence not in refused[-1].messages[-1]["content"]
+        if "'s " in key:
+            subject, attribute = key.split("'s ", 1)
+            others = [line for line in _memory_block(refused[0]).splitlines()
+                      if f"'s {attribute} is " in line and f"{subject}'s " not in line]
+            same_attribute_elsewhere += bool(others)
+    assert answered_directly >= 20 and same_attribute_elsewhere >= 12
+
+
+def test_question_batches_pair_answering_with_searching_for_the_same_question(tmp_path):
+    sequences, finals = data.question_groups(20, seed=3), 0
+    assert len(sequences) == 20 and all(s.kind == "question_group" for s in sequences)
+    assert all(data.short_form(s).messages[0] != s.messages[0] for s in sequences)  # full form
+    for direct, searching in zip(sequences[::2], sequences[1::2], strict=True):
+        call = json.loads(searching.target)["calls"][0]
+        assert call["name"] == "memory_search" and len(direct.messages) == len(searching.messages) == 2  # step 0
+        assert call["arguments"]["query"] in direct.messages[-1]["content"]  # one question (phrased its own way)
+        finals += json.loads(direct.target)["type"] == "final"
+    assert finals >= 8
+    trainer = Trainer(_tiny_settings(tmp_path, question_batch_size=4))
+    batch, again = trainer.question_batch(0), trainer.question_batch(0)
+    assert batch.suffixes.shape[0] == 4 and bool((batch.labels >= 0).any())
+    assert torch.equal(batch.suffixes, again.suffixes) and not torch.equal(batch.suffixes,
+                                                                           trainer.question_batch(1).suffixes)
+    assert Trainer(_tiny_settings(tmp_path / "none", question_batch_size=0)).question_batch(0) is None
+
+
 def test_labels_are_exactly_the_assistant_turns_taken_in_the_sequences_context(tokenizer):
     examples = data.session_examples(6, seed=1)
     items = data.tokenize(tokenizer, examples)
@@ -251,7 +305,8 @@ def test_export_writes_the_tokenizer_and_fp8_tables(tmp_path, tokenizer):
 def _tiny_settings(out: Path, **changes) -> TrainSettings:
     return TrainSettings(**{**dict(out_dir=out, steps=6, batch_size=2, vocab_size=1024, eval_every=100, eval_examples=2,
                                    checkpoint_every=2, warmup_steps=2, tokenizer_examples=300, short_batch_size=3,
-                                   full_every=2, copy_warmup_steps=2, copy_batch_size=2, copy_span=8), **changes})
+                                   full_every=2, copy_warmup_steps=2, copy_batch_size=2, copy_span=8,
+                                   question_batch_size=2), **changes})
 
 
 def test_batches_prepared_in_worker_processes_equal_the_in_process_ones(tmp_path, tokenizer, tokenizer_dir):
