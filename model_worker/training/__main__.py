@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question-batch-size", type=int, default=defaults.question_batch_size,
                         help="sequences of question groups (one question answered from the memory block, by "
                              "search, and refused, side by side) added to every agent step (0: none)")
+    parser.add_argument("--question-follow-ups", action="store_true",
+                        help="question batches also hold each group's last step after its search (answer from the "
+                             "hits, also after a cautious search, or say there is none)")
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     parser.add_argument("--eval-examples", type=int, default=defaults.eval_examples,
                         help="held-out sessions scored at each evaluation")
@@ -100,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                              mhc=args.mhc, stop_after=args.stop_after, short_batch_size=args.short_batch_size,
                              copy_batch_size=args.copy_batch_size, checkpoint_every=args.checkpoint_every,
                              question_batch_size=args.question_batch_size,
+                             question_follow_ups=args.question_follow_ups,
                              eval_examples=args.eval_examples, copy_warmup_steps=args.copy_warmup_steps,
                              warmup_steps=args.warmup_steps, full_every=args.full_every,
                              kind_weights=args.kind_weights, piece_words=not args.syllable_words_only,

@@ -113,16 +113,23 @@ def session_examples(count: int, seed: int, held_out: bool = False, short: bool 
     return [short_form(e) for e in examples] if short else examples
 
 
-def question_groups(count: int, seed: int, pieces: pools.WordPieces | None = None) -> list[traces.Example]:
-    """`count` first steps (full form) of `TraceGenerator.question_group`s, in pairs: the same question over
-    the same store, once with the fact stored and retrieved (answer it; search when retrieval ranked it below
-    the block's k) and once never stored (search). Only the first step, where a model decides between the two,
-    and the shortest sequences of a group."""
+def question_groups(count: int, seed: int, pieces: pools.WordPieces | None = None,
+                    follow_ups: bool = False) -> list[traces.Example]:
+    """`count` training sequences (full form) from `TraceGenerator.question_group`s. Per group the first steps,
+    in a pair: the same question over the same store, once with the fact stored and retrieved (answer it;
+    search when retrieval ranked it below the block's k) and once never stored (search): the step where a
+    model decides between the two, and the shortest sequences of a group. With `follow_ups`, also the last
+    step of one of its searching sessions (answer from the hits, also after a cautious search of a fact
+    the block held, or say there is none), labelled on that step only."""
     generator = traces.TraceGenerator(seed, pieces=pieces)
     examples: list[traces.Example] = []
     while len(examples) < count:
-        direct, _, refused = generator.question_group()
+        direct, cautious, searched, refused = generator.question_group()
         examples.extend((direct[0], refused[0]))
+        if follow_ups:
+            last = generator.rng.choice((cautious, searched, refused))[-1]
+            earlier = sum(message["role"] == "assistant" for message in last.messages)
+            examples.append(traces.Example(last.messages, last.target, last.kind, labelled_from=earlier))
     return examples[:count]
 
 

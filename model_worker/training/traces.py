@@ -268,7 +268,9 @@ class TraceGenerator:
         return s.examples
 
     def _recall_from(self, kind: str, fact: Fact, phrases: tuple[str, ...], *, stored: bool,
-                     in_block: bool, store: list[Memory] | None = None) -> list[Example]:
+                     in_block: bool, store: list[Memory] | None = None, cautious: bool = False) -> list[Example]:
+        """A question's session; `cautious`: it searches even when the block holds the fact (a step a model
+        may take; only what follows it is for training)."""
         store = self.prior_store(fact) if store is None else list(store)
         task = self.rng.choice(phrases).format(k=fact.key)
         target = None
@@ -279,7 +281,7 @@ class TraceGenerator:
                                                       f"Noted: {fact.sentence}"
             store.insert(self.rng.randrange(len(store) + 1), target)
         s = _Session(task, kind, store, self.rng, hidden=set() if in_block or target is None else {target.id})
-        if not any(fact.sentence in memory["text"] for memory in s.block()):
+        if cautious or not any(fact.sentence in memory["text"] for memory in s.block()):
             results = s.act(call("memory_search", query=fact.key))
             found = any(fact.sentence in hit["text"] for hit in results[0]["hits"])
             if not found:
@@ -323,10 +325,11 @@ class TraceGenerator:
         return [Memory(new_id(rng), "fact", f.sentence) for f in out if f.key != fact.key]
 
     def question_group(self) -> list[list[Example]]:
-        """One question over one store of hard negatives, three ways: the fact is in the memory block (answer
-        directly), stored but not retrieved (search, then answer), never stored (search, then say so).
-        Trained side by side, only whether the block names this very person and attribute tells them apart:
-        the check a model otherwise skips, answering from any memory about the attribute."""
+        """One question over one store of hard negatives, four ways: the fact is in the memory block (answer
+        directly; or, cautious, search anyway and answer from the hits), stored but not retrieved (search, then
+        answer), never stored (search, then say so). Trained side by side, only whether the block (or the
+        hits) name this very person and attribute tells them apart: the check a model otherwise skips,
+        answering from any memory about the attribute."""
         kind = "question_group"
         if self.rng.random() < 0.2:
             fact, phrases = self.arithmetic_fact(), RESULT_RECALL_PHRASES
@@ -334,8 +337,9 @@ class TraceGenerator:
             fact, phrases = self.person_fact(), RECALL_PHRASES
         store = self.prior_store(fact) + self.hard_negatives(fact)
         self.rng.shuffle(store)
-        return [self._recall_from(kind, fact, phrases, stored=stored, in_block=in_block, store=store)
-                for stored, in_block in ((True, True), (True, False), (False, False))]
+        return [self._recall_from(kind, fact, phrases, stored=stored, in_block=in_block, store=store, cautious=cautious)
+                for stored, in_block, cautious in ((True, True, False), (True, True, True), (True, False, False),
+                                                   (False, False, False))]
 
     def _arithmetic(self, kind: str, remember: bool = False) -> list[Example]:
         key, expression, _ = self.arithmetic()

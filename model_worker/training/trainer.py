@@ -65,6 +65,7 @@ class TrainSettings:
     init_from: str | None = None  # an exported checkpoint to continue from (its tokenizer too), not random weights
     piece_words: bool = True  # made-up names and values also built from the tokenizer's tokens (pools.fresh_word)
     question_batch_size: int = 0  # first steps of question groups (data.question_groups) added to every agent step
+    question_follow_ups: bool = False  # question batches also hold a last step of each group (after its search)
 
     @property
     def last_step(self) -> int:
@@ -269,7 +270,8 @@ class Trainer:
             return None
         pieces = data.word_pieces(self.tokenizer) if s.piece_words else None
         items = data.tokenize(self.tokenizer, data.question_groups(
-            s.question_batch_size, seed=s.seed * 1_000_003 + QUESTION_SEEDS + step, pieces=pieces))
+            s.question_batch_size, seed=s.seed * 1_000_003 + QUESTION_SEEDS + step, pieces=pieces,
+            follow_ups=s.question_follow_ups))
         return data.prefix_batch(items, self.tokenizer.pad_token_id).to(self.device)
 
     def autocast(self):

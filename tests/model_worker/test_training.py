@@ -126,13 +126,15 @@ def _memory_block(example: traces.Example) -> str:
     return system[system.find(data.MEMORY_HEADING):] if data.MEMORY_HEADING in system else ""
 
 
-def test_a_question_group_asks_one_question_three_ways_over_one_store_of_hard_negatives():
+def test_a_question_group_asks_one_question_four_ways_over_one_store_of_hard_negatives():
     """Answered from the block, found by search, never stored: the first step differs only by whether the
-    block holds the very fact, and the store holds other people's same attribute to be told apart from it."""
+    block holds the very fact, and the store holds other people's same attribute to be told apart from it.
+    The cautious way searches although the block holds the fact, and answers from the hits."""
     gen = traces.TraceGenerator(seed=8)
     same_attribute_elsewhere = answered_directly = 0
     for _ in range(30):
-        direct, searched, refused = gen.question_group()
+        direct, cautious, searched, refused = gen.question_group()
+        assert json.loads(cautious[0].target)["calls"][0]["name"] == "memory_search"
         first_calls = [json.loads(session[0].target) for session in (direct, searched, refused)]
         key = first_calls[1]["calls"][0]["arguments"]["query"]
         if first_calls[0]["type"] != "final":  # retrieval ranked the fact below the block's k: search for it
@@ -141,6 +143,8 @@ def test_a_question_group_asks_one_question_three_ways_over_one_store_of_hard_ne
         answered_directly += 1
         sentence = first_calls[0]["answer"]
         assert sentence.startswith(f"{key} is ") and sentence in _memory_block(direct[0])
+        if sentence in cautious[-1].messages[-1]["content"]:  # the hits hold it
+            assert json.loads(cautious[-1].target) == first_calls[0]
         for session in (searched, refused):
             assert first_calls[1] == json.loads(session[0].target)  # the same search, from the same question
             assert sentence not in _memory_block(session[0])
@@ -173,6 +177,18 @@ def test_question_batches_pair_answering_with_searching_for_the_same_question(tm
     assert torch.equal(batch.suffixes, again.suffixes) and not torch.equal(batch.suffixes,
                                                                            trainer.question_batch(1).suffixes)
     assert Trainer(_tiny_settings(tmp_path / "none", question_batch_size=0)).question_batch(0) is None
+
+
+def test_question_follow_ups_are_labelled_on_their_last_step_only(tokenizer):
+    sequences = data.question_groups(30, seed=4, follow_ups=True)
+    follow_ups = sequences[2::3]
+    assert all(len(s.messages) > 2 and s.labelled_from == 1 for s in follow_ups)  # after one search
+    answers = [json.loads(s.target)["answer"] for s in follow_ups]
+    assert any(a.startswith("I have no memory of ") for a in answers) and \
+        any(not a.startswith("I have no memory of ") for a in answers)
+    item = data.tokenize(tokenizer, follow_ups[:1])[0]
+    assert len(item.spans) == 1 and tokenizer.decode(item.ids[item.spans[0][0]:item.spans[0][1] - 1]) == \
+        follow_ups[0].target
 
 
 def test_labels_are_exactly_the_assistant_turns_taken_in_the_sequences_context(tokenizer):
