@@ -218,8 +218,8 @@ def _model_note(settings: Settings) -> str:
         return f"model: {settings.model_path}"
     if trained_demo_model() is not None:
         return ("model: the demo model, a small model we trained on synthetic traces: it does arithmetic with the "
-                "calculator, saves results and facts and recalls them (asked for a fact it was never told, it often "
-                "answers with someone else's); "
+                "calculator, saves results and facts and recalls them, says when it has none (it gets one or two "
+                "tasks in ten wrong); "
                 "nothing else (ENGRAM_MODEL_PATH serves a real checkpoint)")
     return ("model: the demo checkpoint with random weights: its actions are valid but meaningless "
             "(ENGRAM_MODEL_PATH serves a real checkpoint)")

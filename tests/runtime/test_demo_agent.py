@@ -28,10 +28,11 @@ def test_the_shipped_checkpoint_is_the_training_architecture_and_small():
 
 def test_it_computes_with_the_calculator_and_remembers_the_result(tmp_path, redis_url):
     """Held-out arithmetic tasks, some with "remember the result": the answer holds the calculator's result
-    and, where asked, a memory of the tenant holds the sentence (evaluate_agent checks both)."""
-    tasks = [t for t in held_out_tasks(40, seed=3) if t.kind in ("arithmetic", "arithmetic_remember")][:5]
-    assert {t.kind for t in tasks} == {"arithmetic", "arithmetic_remember"}
+    and, where asked, a memory of the tenant holds the sentence (evaluate_agent checks both). At least 9 of
+    10, the issue's bar (the model copies numbers into its tool calls, and now and then miscopies one)."""
+    tasks = [t for t in held_out_tasks(80, seed=3) if t.kind in ("arithmetic", "arithmetic_remember")][:10]
+    assert {t.kind for t in tasks} == {"arithmetic", "arithmetic_remember"} and len(tasks) == 10
     report = asyncio.run(evaluate_agent(None, tasks, data_dir=tmp_path, redis_url=redis_url))
     assert report.all_actions_valid
     failures = [(o.task.task, o.answer, o.note) for o in report.outcomes if not o.correct]
-    assert failures == []
+    assert len(failures) <= 1, failures

@@ -1,0 +1,91 @@
+"""The first decision of a question, teacher-forced: does a demo checkpoint answer from its memory block when
+the block holds the fact, and search when it does not?
+
+For each split (training, held-out) and question kind it draws sessions from the trace generator, feeds
+each first step's prompt and target action, and counts the sessions whose action opening (through
+`"final"` or `"tool_calls"`) the model predicts greedily. The kinds: recall (the fact is in the block:
+answer), recall_search (stored but not retrieved: search) and refusal (never stored: search). A model that
+always answers directly scores 100% on the first and 0% on the others; the reference line beside each
+checkpoint is that of a coin, 50%. It needs no Redis and no runtime: the failure it isolates is the one
+`python -m runtime.evaluation` showed (refusals answered from another person's memory).
+
+    python benchmarks/demo_decisions.py [--model DIR ...] [--sessions 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model_worker.tokenizer import Tokenizer  # noqa: E402
+from model_worker.training import data, traces  # noqa: E402
+from model_worker.training.forward import batch_loss  # noqa: E402
+from model_worker.training.model_setup import build_trainable, demo_model_config, load_exported  # noqa: E402
+
+KINDS = ("recall", "recall_search", "refusal")
+OPENING_TOKENS = 6  # `{"type": "final` / `{"type": "tool` and the tokens before it
+BATCH = 10
+
+
+def _model(checkpoint: Path):
+    tokenizer = Tokenizer.from_pretrained(checkpoint)
+    config = demo_model_config(tokenizer, engram=True, mhc=False)
+    model, tables = build_trainable(config, tokenizer, seed=0)
+    load_exported(model, tables, checkpoint)
+    return tokenizer, model.eval()
+
+
+@torch.no_grad()
+def decisions(checkpoint: Path, sessions: int, seed: int = 123) -> dict[tuple[bool, str], float]:
+    """(held_out, kind) -> the share of first steps whose action opening the model predicts right."""
+    tokenizer, model = _model(checkpoint)
+    pieces = data.word_pieces(tokenizer)
+    out = {}
+    for held_out in (False, True):
+        generator = traces.TraceGenerator(seed + held_out, held_out=held_out, pieces=None if held_out else pieces)
+        for kind in KINDS:
+            firsts = [generator.session(kind)[0] for _ in range(sessions)]
+            right = 0
+            for start in range(0, sessions, BATCH):
+                items = data.tokenize(tokenizer, firsts[start:start + BATCH])
+                batch = data.prefix_batch(items, tokenizer.pad_token_id)
+                _, hits, _ = batch_loss(model, batch)
+                for row in range(hits.shape[0]):
+                    labelled = hits[row][batch.labels[row] >= 0]
+                    right += bool(labelled[:OPENING_TOKENS].all())
+            out[(held_out, kind)] = right / sessions
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, action="append", default=None,
+                        help="checkpoint directory (repeatable; default: the shipped demo model)")
+    parser.add_argument("--sessions", type=int, default=60, help="sessions per split and kind")
+    args = parser.parse_args(argv)
+    if args.sessions < 1:
+        parser.error("--sessions must be positive")
+    torch.manual_seed(0)
+    print(f"{'checkpoint':<40} {'split':<9} " + " ".join(f"{k:>14}" for k in KINDS) + f" {'coin':>6}")
+    for checkpoint in args.model or [ROOT / "model_worker" / "demo_model"]:
+        if not (checkpoint / "config.json").is_file():
+            print(f"error: no checkpoint at {checkpoint} (config.json missing)", file=sys.stderr)
+            return 2
+        shares = decisions(checkpoint, args.sessions)
+        for held_out in (False, True):
+            row = " ".join(f"{shares[(held_out, k)]:>14.0%}" for k in KINDS)
+            print(f"{str(checkpoint)[-40:]:<40} {'held-out' if held_out else 'training':<9} {row} {0.5:>6.0%}",
+                  flush=True)
+    print(f"(share of {args.sessions} first steps per cell whose action opening is predicted right: answer for "
+          "recall, search for the other two)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
