@@ -71,12 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.sessions < 1:
         parser.error("--sessions must be positive")
-    torch.manual_seed(0)
-    print(f"{'checkpoint':<40} {'split':<9} " + " ".join(f"{k:>14}" for k in KINDS) + f" {'coin':>6}")
-    for checkpoint in args.model or [ROOT / "model_worker" / "demo_model"]:
+    checkpoints = args.model or [ROOT / "model_worker" / "demo_model"]
+    for checkpoint in checkpoints:
         if not (checkpoint / "config.json").is_file():
             print(f"error: no checkpoint at {checkpoint} (config.json missing)", file=sys.stderr)
             return 2
+    torch.manual_seed(0)
+    print(f"{'checkpoint':<40} {'split':<9} " + " ".join(f"{k:>14}" for k in KINDS) + f" {'coin':>6}")
+    for checkpoint in checkpoints:
         shares = decisions(checkpoint, args.sessions)
         for held_out in (False, True):
             row = " ".join(f"{shares[(held_out, k)]:>14.0%}" for k in KINDS)

@@ -164,6 +164,7 @@ class Trainer:
         self.step, self._last_tokens = 0, 0
         self.history: list[dict] = []
         self.formatting = format_tokens(self.tokenizer, settings.seed).to(self.device)
+        self.pieces = data.word_pieces(self.tokenizer) if settings.piece_words else None  # for question batches
         self._chunks: dict[bool, tuple[int, list[list[data.Tokenized]]]] = {}
         self.prefetcher = (ChunkPrefetcher(self.tokenizer_dir, settings, settings.workers)
                            if settings.workers > 0 else None)
@@ -268,9 +269,8 @@ class Trainer:
         s = self.settings
         if s.question_batch_size == 0:
             return None
-        pieces = data.word_pieces(self.tokenizer) if s.piece_words else None
         items = data.tokenize(self.tokenizer, data.question_groups(
-            s.question_batch_size, seed=s.seed * 1_000_003 + QUESTION_SEEDS + step, pieces=pieces,
+            s.question_batch_size, seed=s.seed * 1_000_003 + QUESTION_SEEDS + step, pieces=self.pieces,
             follow_ups=s.question_follow_ups))
         return data.prefix_batch(items, self.tokenizer.pad_token_id).to(self.device)
 
