@@ -86,7 +86,8 @@ def short_form(example: traces.Example) -> traces.Example:
 def step_sequences(steps: list[traces.Example]) -> list[traces.Example]:
     """A session's steps -> the sequences to train on: step k's, unless step k + 1 shows the same system
     message (its sequence then labels step k too), each labelled from the first step of its run of steps
-    with that system message."""
+    with that system message; none labels a step before its example's `labelled_from` (a sequence left with no
+    step to label is dropped)."""
     system = [step.messages[0]["content"] if step.messages[0]["role"] == "system" else "" for step in steps]
     sequences = []
     for k, step in enumerate(steps):
@@ -95,7 +96,8 @@ def step_sequences(steps: list[traces.Example]) -> list[traces.Example]:
         first = k
         while first > 0 and system[first - 1] == system[k]:
             first -= 1
-        sequences.append(traces.Example(step.messages, step.target, step.kind, first))
+        if step.labelled_from <= k:
+            sequences.append(traces.Example(step.messages, step.target, step.kind, max(first, step.labelled_from)))
     return sequences
 
 
@@ -119,17 +121,19 @@ def question_groups(count: int, seed: int, pieces: pools.WordPieces | None = Non
     in a pair: the same question over the same store, once with the fact stored and retrieved (answer it;
     search when retrieval ranked it below the block's k) and once never stored (search): the step where a
     model decides between the two, and the shortest sequences of a group. With `follow_ups`, also the last
-    step of one of its searching sessions (answer from the hits, also after a cautious search of a fact
-    the block held, or say there is none), labelled on that step only."""
+    steps of two of its searching sessions, labelled on that step only: one that finds the fact (answer from
+    the hits, also after a cautious search of a fact the block held) and the one where it was never stored
+    (say there is none), so that only the hits tell the two apart."""
     generator = traces.TraceGenerator(seed, pieces=pieces)
     examples: list[traces.Example] = []
     while len(examples) < count:
         direct, cautious, searched, refused = generator.question_group()
         examples.extend((direct[0], refused[0]))
-        if follow_ups:
-            last = generator.rng.choice((cautious, searched, refused))[-1]
-            earlier = sum(message["role"] == "assistant" for message in last.messages)
-            examples.append(traces.Example(last.messages, last.target, last.kind, labelled_from=earlier))
+        if follow_ups:  # the decision after a search, both ways over the same store: the hits hold it or not
+            for session in (generator.rng.choice((cautious, searched)), refused):
+                last = session[-1]
+                earlier = sum(message["role"] == "assistant" for message in last.messages)
+                examples.append(traces.Example(last.messages, last.target, last.kind, labelled_from=earlier))
     return examples[:count]
 
 

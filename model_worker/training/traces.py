@@ -40,8 +40,9 @@ AGENT = DEFAULT_AGENT
 TOOL_SCHEMAS = ToolRegistry(builtin_tools()).schemas(AGENT.tools)
 RETRIEVE_K = AGENT.memory.k
 SEARCH_K = 5  # memory_search's default k
-KINDS = ("remember", "recall", "recall_search", "refusal", "arithmetic", "arithmetic_remember", "recall_result")
-KIND_WEIGHTS = (0.2, 0.2, 0.12, 0.1, 0.16, 0.12, 0.1)
+KINDS = ("remember", "recall", "recall_search", "refusal", "arithmetic", "arithmetic_remember", "recall_result",
+         "recall_cautious")
+KIND_WEIGHTS = (0.2, 0.2, 0.12, 0.1, 0.16, 0.12, 0.1, 0.0)  # recall_cautious: 0 keeps earlier runs' draws
 
 REMEMBER_PHRASES = ("Remember that {s}'s {a} is {v}.", "Please note that {s}'s {a} is {v}.",
                     "Save this: {s}'s {a} is {v}.", "Keep in mind: {s}'s {a} is {v}.",
@@ -252,6 +253,27 @@ class TraceGenerator:
         rng.shuffle(store)
         return store
 
+    def storing_summary(self, fact: Fact) -> Memory:
+        """The episode summary the orchestrator writes when the session that stored `fact` ends: "Task: <the
+        request>\nOutcome after N steps: <its answer>" (remember: 2 steps; a result kept: 3)."""
+        rng = self.rng
+        if "'s " in fact.key:
+            subject, attribute = fact.key.split("'s ", 1)
+            task = rng.choice(REMEMBER_PHRASES).format(s=subject, a=attribute, v=fact.value)
+            outcome = f"Outcome after 2 steps: Noted: {fact.sentence}"
+        else:
+            task = rng.choice(COMPUTE_PHRASES).format(k=fact.key) + rng.choice(REMEMBER_SUFFIXES)
+            outcome = f"Outcome after 3 steps: {fact.sentence} I saved it to memory."
+        return Memory(new_id(rng), "episode", f"Task: {task}\n{outcome}")
+
+    def stored_memories(self, fact: Fact, summary_only: bool = False) -> list[Memory]:
+        """What storing `fact` leaves in the memory store, as in the runtime: the written fact and, mostly, the
+        summary of the session that wrote it (both hold the sentence); sometimes only one of them."""
+        written = Memory(new_id(self.rng), "fact", fact.sentence)
+        if summary_only:
+            return [self.storing_summary(fact)]
+        return [written, self.storing_summary(fact)] if self.rng.random() < 0.8 else [written]
+
     # ---- sessions ---------------------------------------------------------------------------------
     def session(self, kind: str | None = None) -> list[Example]:
         """One session's examples (one per step) of the given kind, or of a kind drawn by the weights."""
@@ -273,14 +295,10 @@ class TraceGenerator:
         may take; only what follows it is for training)."""
         store = self.prior_store(fact) if store is None else list(store)
         task = self.rng.choice(phrases).format(k=fact.key)
-        target = None
-        if stored:
-            target = Memory(new_id(self.rng), "fact", fact.sentence)
-            if self.rng.random() < 0.25:  # found as the summary of the session that stored it
-                target.kind, target.text = "episode", f"Task: Remember: {fact.sentence}\nOutcome after 2 steps: " \
-                                                      f"Noted: {fact.sentence}"
+        targets = self.stored_memories(fact, summary_only=self.rng.random() < 0.1) if stored else []
+        for target in targets:
             store.insert(self.rng.randrange(len(store) + 1), target)
-        s = _Session(task, kind, store, self.rng, hidden=set() if in_block or target is None else {target.id})
+        s = _Session(task, kind, store, self.rng, hidden=set() if in_block else {t.id for t in targets})
         if cautious or not any(fact.sentence in memory["text"] for memory in s.block()):
             results = s.act(call("memory_search", query=fact.key))
             found = any(fact.sentence in hit["text"] for hit in results[0]["hits"])
@@ -295,6 +313,16 @@ class TraceGenerator:
 
     def _recall_search(self, kind: str) -> list[Example]:
         return self._recall_from(kind, self.person_fact(), RECALL_PHRASES, stored=True, in_block=False)
+
+    def _recall_cautious(self, kind: str) -> list[Example]:
+        """The block holds the fact, the model searched anyway (as it may): only the answer from the hits, where
+        the fact shows twice (the written memory and its session's summary), is for training."""
+        fact, phrases = (self.arithmetic_fact(), RESULT_RECALL_PHRASES) if self.rng.random() < 0.3 \
+            else (self.person_fact(), RECALL_PHRASES)
+        steps = self._recall_from(kind, fact, phrases, stored=True, in_block=True, cautious=True)
+        for step in steps:
+            step.labelled_from = len(steps) - 1
+        return steps
 
     def _refusal(self, kind: str) -> list[Example]:
         fact = self.person_fact()

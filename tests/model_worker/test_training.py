@@ -121,6 +121,43 @@ def test_recall_answers_copy_the_stored_fact_and_refusals_name_the_key():
         assert refusal.startswith("I have no memory of ")
 
 
+def test_a_stored_fact_shows_as_the_runtime_leaves_it_the_written_memory_and_its_sessions_summary():
+    """The orchestrator ends a session by writing "Task: <task>\nOutcome after <steps + 1> steps: <answer>" as an
+    episode; a recall's store holds that summary of the storing session beside the written fact, as the runtime
+    does (and a question's search then finds the sentence twice)."""
+    gen = traces.TraceGenerator(seed=6)
+    for kind in ("remember", "arithmetic_remember"):
+        for _ in range(10):
+            session = gen.session(kind)
+            task = session[0].messages[-1]["content"]
+            sentence = json.loads(session[-2].target)["calls"][0]["arguments"]["text"]
+            runtime_summary = f"Task: {task}\nOutcome after {len(session)} steps: " \
+                              f"{json.loads(session[-1].target)['answer']}"
+            key, value = sentence[:-1].rsplit(" is ", 1)
+            ours = gen.storing_summary(traces.Fact(key, value)).text
+            assert ours.startswith("Task: ") and ours.split("\n", 1)[1] == runtime_summary.split("\n", 1)[1]
+    both = 0
+    for _ in range(40):
+        hits = json.loads(gen.session("recall_search")[-1].messages[-1]["content"])[0]["result"]["hits"]
+        both += sum(hit["kind"] == "episode" and "\nOutcome after " in hit["text"] for hit in hits) >= 1 and \
+            any(hit["kind"] == "fact" for hit in hits)
+    assert both >= 20
+
+
+def test_a_cautious_recall_trains_only_the_answer_from_the_hits():
+    """recall_cautious: the block held the fact and the model searched anyway; only the answer after the search
+    is labelled, and it copies the sentence the hits and the block hold."""
+    gen = traces.TraceGenerator(seed=7, weights=tuple(float(kind == "recall_cautious") for kind in traces.KINDS))
+    for _ in range(20):
+        steps = gen.session()
+        assert len(steps) == 2 and json.loads(steps[0].target)["calls"][0]["name"] == "memory_search"
+        (sequence,) = data.step_sequences(steps)
+        assert sequence.labelled_from == 1 and sequence.target == steps[1].target
+        answer = json.loads(sequence.target)["answer"]
+        if not answer.startswith("I have no memory of "):
+            assert answer in steps[0].messages[0]["content"] and answer in sequence.messages[-1]["content"]
+
+
 def _memory_block(example: traces.Example) -> str:
     system = example.messages[0]["content"]
     return system[system.find(data.MEMORY_HEADING):] if data.MEMORY_HEADING in system else ""
@@ -180,12 +217,15 @@ def test_question_batches_pair_answering_with_searching_for_the_same_question(tm
 
 
 def test_question_follow_ups_are_labelled_on_their_last_step_only(tokenizer):
-    sequences = data.question_groups(30, seed=4, follow_ups=True)
-    follow_ups = sequences[2::3]
+    sequences = data.question_groups(40, seed=4, follow_ups=True)
+    found, never_stored = sequences[2::4], sequences[3::4]  # per group: two first steps, two follow-ups
+    follow_ups = found + never_stored
     assert all(len(s.messages) > 2 and s.labelled_from == 1 for s in follow_ups)  # after one search
-    answers = [json.loads(s.target)["answer"] for s in follow_ups]
-    assert any(a.startswith("I have no memory of ") for a in answers) and \
-        any(not a.startswith("I have no memory of ") for a in answers)
+    assert all(json.loads(s.target)["answer"].startswith("I have no memory of ") for s in never_stored)
+    answers = [json.loads(s.target)["answer"] for s in found]
+    assert sum(not a.startswith("I have no memory of ") for a in answers) >= len(found) // 2
+    for a, b in zip(found, never_stored, strict=True):  # the same search, for the same question
+        assert a.messages[2] == b.messages[2] and a.messages[2]["role"] == "assistant"
     item = data.tokenize(tokenizer, follow_ups[:1])[0]
     assert len(item.spans) == 1 and tokenizer.decode(item.ids[item.spans[0][0]:item.spans[0][1] - 1]) == \
         follow_ups[0].target
