@@ -21,6 +21,7 @@ only the facts an answer must hold.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import tempfile
 from collections import Counter
@@ -58,6 +59,13 @@ class TaskOutcome:
     valid_actions: bool
     correct: bool
     note: str = ""
+    transcript: list[dict] = field(default_factory=list)  # per step: memories shown, action, tool results
+
+
+def _transcript(steps) -> list[dict]:
+    """What each step saw and did: the retrieved memories' texts, the action, each tool call's result."""
+    return [{"kind": step.kind, "memories": [m.get("text", "") for m in step.retrieved_memories],
+             "action": step.action, "results": [o.get("result") for o in step.observations]} for step in steps]
 
 
 @dataclass
@@ -151,7 +159,7 @@ async def _score(rt: LocalRuntime, task: AgentTask, session_id: str) -> TaskOutc
         memories = (await rt.memory.list(task.tenant, "assistant", limit=50)).items
         correct = any(task.memory_expect in m.text for m in memories)
         note = note or ("" if correct else f"no memory holds {task.memory_expect!r}")
-    return TaskOutcome(task, state.status, answer, len(steps), valid, correct, note)
+    return TaskOutcome(task, state.status, answer, len(steps), valid, correct, note, _transcript(steps))
 
 
 async def evaluate_agent(model_path: Path | None, tasks: list[AgentTask], *, data_dir: Path | None = None,
@@ -179,9 +187,10 @@ async def evaluate_agent(model_path: Path | None, tasks: list[AgentTask], *, dat
                         state = await rt.store.state(stored[i])
                     if state.status != "completed":
                         _, steps = await rt.store.load(stored[i])
-                        outcomes.append(TaskOutcome(task, state.status, "", state.step_count,
+                        outcomes.append(TaskOutcome(task, state.status, "", len(steps),
                                                     _actions_valid(state, steps), False,
-                                                    f"storing session {state.status}: {state.error}"))
+                                                    f"storing session {state.status}: {state.error}",
+                                                    _transcript(steps)))
                         continue
                 outcome = await _score(rt, task, await _run(rt, task.tenant, task.task))
                 outcomes.append(outcome)
@@ -191,7 +200,8 @@ async def evaluate_agent(model_path: Path | None, tasks: list[AgentTask], *, dat
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m runtime.evaluation [--model PATH] [--tasks N]`: score a checkpoint (default: the demo model)."""
+    """`python -m runtime.evaluation [--model PATH] [--tasks N] [--seed S] [--transcripts FILE]`: score a
+    checkpoint (default: the demo model); the transcripts show why a task failed."""
     import argparse
     import sys
 
@@ -199,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the demo model)")
     parser.add_argument("--tasks", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--transcripts", type=Path, default=None, metavar="FILE",
+                        help="write every task's session (memories shown, actions, tool results) as JSON lines")
     args = parser.parse_args(argv)
     if args.tasks < 1:
         parser.error("--tasks must be positive")
@@ -211,7 +223,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{mark} {outcome.task.kind:<20} {outcome.task.task[:60]!r} -> {outcome.answer[:70]!r} "
               f"{outcome.note[:60]}".rstrip(), flush=True)
 
+    if args.transcripts is not None and not args.transcripts.parent.is_dir():
+        print(f"error: no directory {args.transcripts.parent} for --transcripts", file=sys.stderr)
+        return 2
     report = asyncio.run(evaluate_agent(args.model, held_out_tasks(args.tasks, args.seed), progress=show))
+    if args.transcripts is not None:
+        with args.transcripts.open("w") as out:
+            for o in report.outcomes:
+                out.write(json.dumps({"kind": o.task.kind, "task": o.task.task, "expect": o.task.expect,
+                                      "answer": o.answer, "correct": o.correct, "note": o.note,
+                                      "steps": o.transcript}, ensure_ascii=False) + "\n")
     figures = ", ".join(f"{kind} {right}/{total}" for kind, (right, total) in sorted(report.by_kind().items()))
     print(f"{report.success_rate:.0%} of {len(report.outcomes)} held-out tasks correct ({figures}); every action "
           f"valid: {'yes' if report.all_actions_valid else 'NO'}")

@@ -56,3 +56,11 @@ def test_a_run_through_the_whole_runtime_scores_every_task(tmp_path, redis_url):
     assert report.all_actions_valid  # structured decoding: every action parses, whatever the weights
     assert all(o.status in ("completed", "failed") for o in report.outcomes)
     assert report.success_rate < 0.5  # a random model does not do these tasks
+    for outcome in report.outcomes:  # each task's transcript is its session's steps, as the store holds them
+        assert len(outcome.transcript) == outcome.steps and outcome.transcript
+        last = outcome.transcript[-1]
+        if outcome.status == "completed":
+            assert last["kind"] == "final" and last["action"]["answer"] == outcome.answer
+        for step in outcome.transcript:
+            if step["kind"] == "action":
+                assert len(step["results"]) == len(step["action"]["calls"])
