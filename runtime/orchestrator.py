@@ -44,7 +44,14 @@ from runtime.agents import AgentDefinition, AgentSource, agent_source
 from runtime.lease_keeper import run_under_lease
 from runtime.model_client import ModelClient
 from runtime.prompt_cache import PromptCache
-from runtime.prompts import ActionParseError, action_schema, build_messages, parse_action, repair_prompt
+from runtime.prompts import (
+    ActionParseError,
+    action_schema,
+    build_messages,
+    parse_action,
+    repair_prompt,
+    session_summary,
+)
 from runtime.sessions import LeaseLost, SessionState, SessionStore, Step
 from runtime.sessions.payloads import action_key, bounded, call_event, call_key, outcome_event, outcome_of
 from runtime.sessions.retry import RETRYABLE_ERRORS
@@ -451,7 +458,7 @@ class Orchestrator:
         state = run.state
         if self.memory is not None and run.agent.memory.write_summary:
             answer = str(action.get("answer", ""))
-            text = f"Task: {state.task}\nOutcome after {state.step_count + 1} steps: {answer}"
+            text = session_summary(state.task, state.step_count + 1, answer)
             await self.memory.write(state.tenant, state.agent, text[:7000], kind="episode",
                                     idempotency_key=f"{state.session_id}:final", source_session=state.session_id,
                                     source_step=state.step_count, metadata={"type": "session_summary"})

@@ -186,6 +186,11 @@ def repair_prompt(bad_text: str, error: str) -> dict[str, str]:
 # Messages
 
 
+def session_summary(task: str, steps: int, answer: str) -> str:
+    """The episode memory a finished session leaves behind (what later sessions retrieve about it)."""
+    return f"Task: {task}\nOutcome after {steps} steps: {answer}"
+
+
 def memory_dicts(hits: Iterable[Any]) -> list[dict[str, Any]]:
     """MemoryService hits (`hit.memory.id/.kind/.text`, `hit.score`) as {"id", "kind", "text", "score"}."""
     out = []

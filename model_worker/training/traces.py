@@ -31,7 +31,7 @@ from typing import Any
 
 from model_worker.training import pools
 from runtime.agents import DEFAULT_AGENT
-from runtime.prompts import build_messages
+from runtime.prompts import build_messages, session_summary
 from runtime.tools.builtins import builtin_tools
 from runtime.tools.calculator import calculate
 from runtime.tools.registry import ToolRegistry
@@ -242,11 +242,11 @@ class TraceGenerator:
                 fact = self.person_fact()
             if avoid and fact.key == avoid.key:
                 continue
-            if rng.random() < 0.3:  # the summary the runtime writes at the end of a remember session
+            if rng.random() < 0.3:  # a session summary (not storing_summary: these draws fix the evaluation sets)
                 task = rng.choice(REMEMBER_PHRASES).format(s=fact.key.split("'s ")[0],
                                                            a=fact.key.split("'s ", 1)[-1], v=fact.value) \
                     if "'s " in fact.key else f"What is {fact.key}?{rng.choice(REMEMBER_SUFFIXES)}"
-                text = f"Task: {task}\nOutcome after 2 steps: Noted: {fact.sentence}"
+                text = session_summary(task, 2, f"Noted: {fact.sentence}")
                 store.append(Memory(new_id(rng), "episode", text))
             else:
                 store.append(Memory(new_id(rng), "fact", fact.sentence))
@@ -260,11 +260,11 @@ class TraceGenerator:
         if "'s " in fact.key:
             subject, attribute = fact.key.split("'s ", 1)
             task = rng.choice(REMEMBER_PHRASES).format(s=subject, a=attribute, v=fact.value)
-            outcome = f"Outcome after 2 steps: Noted: {fact.sentence}"
+            text = session_summary(task, 2, f"Noted: {fact.sentence}")
         else:
             task = rng.choice(COMPUTE_PHRASES).format(k=fact.key) + rng.choice(REMEMBER_SUFFIXES)
-            outcome = f"Outcome after 3 steps: {fact.sentence} I saved it to memory."
-        return Memory(new_id(rng), "episode", f"Task: {task}\n{outcome}")
+            text = session_summary(task, 3, f"{fact.sentence} I saved it to memory.")
+        return Memory(new_id(rng), "episode", text)
 
     def stored_memories(self, fact: Fact, summary_only: bool = False) -> list[Memory]:
         """What storing `fact` leaves in the memory store, as in the runtime: the written fact and, mostly, the
