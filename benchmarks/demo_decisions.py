@@ -15,6 +15,9 @@ checkpoint is that of a coin, 50%. It needs no Redis and no runtime: the failure
 from __future__ import annotations
 
 import argparse
+import json
+import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -25,10 +28,11 @@ sys.path.insert(0, str(ROOT))
 
 from model_worker.tokenizer import Tokenizer  # noqa: E402
 from model_worker.training import data, traces  # noqa: E402
-from model_worker.training.forward import batch_loss  # noqa: E402
+from model_worker.training.forward import batch_loss, suffix_hidden  # noqa: E402
 from model_worker.training.model_setup import build_trainable, demo_model_config, load_exported  # noqa: E402
 
 KINDS = ("recall", "recall_search", "refusal")
+AFTER_SEARCH_KINDS = ("recall_search", "recall_cautious", "refusal")
 OPENING_TOKENS = 6  # `{"type": "final` / `{"type": "tool` and the tokens before it
 BATCH = 10
 
@@ -63,6 +67,67 @@ def decisions(checkpoint: Path, sessions: int, seed: int = 123) -> dict[tuple[bo
     return out
 
 
+def _answer(text: str) -> str:
+    return json.dumps({"type": "final", "answer": text}, ensure_ascii=False)
+
+
+def _right_and_wrong(last: traces.Example) -> tuple[str, str]:
+    """The last step's target and the tempting wrong final answer for it (see the module docstring)."""
+    answer = json.loads(last.target)["answer"]
+    if answer.startswith("I have no memory of "):
+        key = answer.removeprefix("I have no memory of ").rstrip(".")
+        hits = json.loads(last.messages[-1]["content"])[-1]["result"]["hits"]
+        values = re.findall(r" is ([^.\n]+)\.", hits[0]["text"]) if hits else []
+        value = values[-1] if values else "12"
+        return last.target, _answer(f"{key} is {value}.")
+    key = answer.rsplit(" is ", 1)[0]
+    return last.target, _answer(f"I have no memory of {key}.")
+
+
+@torch.no_grad()
+def token_nlls(model, batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per row: (labels [n] int64, negative log-likelihood [n] of each) over its labelled tokens, in order."""
+    h = suffix_hidden(model, batch)
+    where = batch.labels >= 0  # [B, S]
+    logp = torch.log_softmax(model.head(h[where]).float(), -1)  # [M, vocab]
+    labels = batch.labels[where]  # [M]
+    nll = -logp.gather(1, labels.unsqueeze(1)).squeeze(1)  # [M]
+    counts = where.sum(1).tolist()
+    return list(zip(labels.split(counts), nll.split(counts)))
+
+
+def decision_margin(model, tokenizer, pair: list[traces.Example]) -> float:
+    """log p(right) - log p(wrong) at the first token where the two final answers differ: the choice greedy
+    decoding makes there (both share `{"type": "final", "answer": "`)."""
+    (right_ids, right_nll), (wrong_ids, wrong_nll) = token_nlls(
+        model, data.prefix_batch(data.tokenize(tokenizer, pair), tokenizer.pad_token_id))
+    n = min(len(right_ids), len(wrong_ids))
+    j = next(i for i in range(n) if right_ids[i] != wrong_ids[i])
+    return float(wrong_nll[j] - right_nll[j])
+
+
+def after_search(checkpoint: Path, sessions: int, seed: int = 321) -> dict[tuple[bool, str], tuple[float, float]]:
+    """(held_out, kind) -> (share of last steps whose right final answer wins at the token where
+    the two part, median margin there in nats)."""
+    tokenizer, model = _model(checkpoint)
+    pieces = data.word_pieces(tokenizer)
+    out = {}
+    for held_out in (False, True):
+        generator = traces.TraceGenerator(seed + held_out, held_out=held_out, pieces=None if held_out else pieces)
+        for kind in AFTER_SEARCH_KINDS:
+            margins = []
+            while len(margins) < sessions:
+                last = generator.session(kind)[-1]
+                if "memory_search" not in last.messages[-2]["content"]:
+                    continue  # answered from the block: no search to decide after
+                prior_turns = sum(m["role"] == "assistant" for m in last.messages)
+                pair = [traces.Example(last.messages, target, kind, labelled_from=prior_turns)
+                        for target in _right_and_wrong(last)]
+                margins.append(decision_margin(model, tokenizer, pair))
+            out[(held_out, kind)] = (sum(m > 0 for m in margins) / sessions, statistics.median(margins))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, action="append", default=None,
@@ -86,6 +151,17 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     print(f"(share of {args.sessions} first steps per cell whose action opening is predicted right: answer for "
           "recall, search for the other two)")
+    print(f"\nafter the search: {'checkpoint':<23} {'split':<9} " + " ".join(f"{k:>18}" for k in AFTER_SEARCH_KINDS)
+          + f" {'coin':>6}")
+    for checkpoint in checkpoints:
+        shares = after_search(checkpoint, args.sessions)
+        for held_out in (False, True):
+            row = " ".join(f"{shares[(held_out, k)][0]:>8.0%} ({shares[(held_out, k)][1]:+5.1f})"
+                           for k in AFTER_SEARCH_KINDS)
+            print(f"{str(checkpoint)[-40:]:<40} {'held-out' if held_out else 'training':<9} {row} {0.5:>6.0%}",
+                  flush=True)
+    print(f"(share of {args.sessions} last steps per cell where the right final answer is likelier than the "
+          "tempting wrong one at the token where they part; in brackets the median margin there, in nats)")
     return 0
 
 

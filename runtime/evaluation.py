@@ -68,6 +68,12 @@ def _transcript(steps) -> list[dict]:
              "action": step.action, "results": [o.get("result") for o in step.observations]} for step in steps]
 
 
+def transcript_line(o: TaskOutcome) -> str:
+    """One task of `--transcripts`: a JSON line with the task, the answer, the verdict and the steps."""
+    return json.dumps({"kind": o.task.kind, "task": o.task.task, "expect": o.task.expect, "answer": o.answer,
+                       "correct": o.correct, "note": o.note, "steps": o.transcript}, ensure_ascii=False) + "\n"
+
+
 @dataclass
 class EvalReport:
     outcomes: list[TaskOutcome]
@@ -229,10 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     report = asyncio.run(evaluate_agent(args.model, held_out_tasks(args.tasks, args.seed), progress=show))
     if args.transcripts is not None:
         with args.transcripts.open("w") as out:
-            for o in report.outcomes:
-                out.write(json.dumps({"kind": o.task.kind, "task": o.task.task, "expect": o.task.expect,
-                                      "answer": o.answer, "correct": o.correct, "note": o.note,
-                                      "steps": o.transcript}, ensure_ascii=False) + "\n")
+            out.writelines(transcript_line(o) for o in report.outcomes)
     figures = ", ".join(f"{kind} {right}/{total}" for kind, (right, total) in sorted(report.by_kind().items()))
     print(f"{report.success_rate:.0%} of {len(report.outcomes)} held-out tasks correct ({figures}); every action "
           f"valid: {'yes' if report.all_actions_valid else 'NO'}")
