@@ -45,14 +45,20 @@ def _model(checkpoint: Path):
     return tokenizer, model.eval()
 
 
+def _splits(tokenizer, seed: int):
+    """(held_out, trace generator) for the training split (made-up words from the tokenizer's pieces, as in
+    training) and for the held-out one."""
+    pieces = data.word_pieces(tokenizer)
+    for held_out in (False, True):
+        yield held_out, traces.TraceGenerator(seed + held_out, held_out=held_out, pieces=None if held_out else pieces)
+
+
 @torch.no_grad()
 def decisions(checkpoint: Path, sessions: int, seed: int = 123) -> dict[tuple[bool, str], float]:
     """(held_out, kind) -> the share of first steps whose action opening the model predicts right."""
     tokenizer, model = _model(checkpoint)
-    pieces = data.word_pieces(tokenizer)
     out = {}
-    for held_out in (False, True):
-        generator = traces.TraceGenerator(seed + held_out, held_out=held_out, pieces=None if held_out else pieces)
+    for held_out, generator in _splits(tokenizer, seed):
         for kind in KINDS:
             firsts = [generator.session(kind)[0] for _ in range(sessions)]
             right = 0
@@ -110,10 +116,8 @@ def after_search(checkpoint: Path, sessions: int, seed: int = 321) -> dict[tuple
     """(held_out, kind) -> (share of last steps whose right final answer wins at the token where
     the two part, median margin there in nats)."""
     tokenizer, model = _model(checkpoint)
-    pieces = data.word_pieces(tokenizer)
     out = {}
-    for held_out in (False, True):
-        generator = traces.TraceGenerator(seed + held_out, held_out=held_out, pieces=None if held_out else pieces)
+    for held_out, generator in _splits(tokenizer, seed):
         for kind in AFTER_SEARCH_KINDS:
             margins = []
             while len(margins) < sessions:
