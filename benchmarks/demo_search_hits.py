@@ -31,7 +31,8 @@ SEARCH_K = traces.SEARCH_K
 
 def _summary(counts: Counter, scores: list[float]) -> str:
     searches = sum(counts.values())
-    spread = " ".join(f"{n}:{counts[n] / searches:.0%}" for n in range(SEARCH_K + 1))
+    most = max(SEARCH_K, *counts)  # a search may ask for more than the default k
+    spread = " ".join(f"{n}:{counts[n] / searches:.0%}" for n in range(most + 1))
     if not scores:
         return f"{searches:>6} searches | hits {spread} | no hit held the fact"
     return (f"{searches:>6} searches | hits {spread} | fact's score min {min(scores):.2f} "
