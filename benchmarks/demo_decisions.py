@@ -30,6 +30,7 @@ from model_worker.tokenizer import Tokenizer  # noqa: E402
 from model_worker.training import data, traces  # noqa: E402
 from model_worker.training.forward import batch_loss, suffix_hidden  # noqa: E402
 from model_worker.training.model_setup import build_trainable, demo_model_config, load_exported  # noqa: E402
+from model_worker.training.retrieval import WORD_OVERLAP, Retrieval, retrieval_for  # noqa: E402
 
 KINDS = ("recall", "recall_search", "refusal")
 AFTER_SEARCH_KINDS = ("recall_search", "recall_cautious", "refusal")
@@ -45,20 +46,22 @@ def _model(checkpoint: Path):
     return tokenizer, model.eval()
 
 
-def _splits(tokenizer, seed: int):
+def _splits(tokenizer, seed: int, retrieval: Retrieval = WORD_OVERLAP):
     """(held_out, trace generator) for the training split (made-up words from the tokenizer's pieces, as in
     training) and for the held-out one."""
     pieces = data.word_pieces(tokenizer)
     for held_out in (False, True):
-        yield held_out, traces.TraceGenerator(seed + held_out, held_out=held_out, pieces=None if held_out else pieces)
+        yield held_out, traces.TraceGenerator(seed + held_out, held_out=held_out, pieces=None if held_out else pieces,
+                                              retrieval=retrieval)
 
 
 @torch.no_grad()
-def decisions(checkpoint: Path, sessions: int, seed: int = 123) -> dict[tuple[bool, str], float]:
+def decisions(checkpoint: Path, sessions: int, seed: int = 123,
+              retrieval: Retrieval = WORD_OVERLAP) -> dict[tuple[bool, str], float]:
     """(held_out, kind) -> the share of first steps whose action opening the model predicts right."""
     tokenizer, model = _model(checkpoint)
     out = {}
-    for held_out, generator in _splits(tokenizer, seed):
+    for held_out, generator in _splits(tokenizer, seed, retrieval):
         for kind in KINDS:
             firsts = [generator.session(kind)[0] for _ in range(sessions)]
             right = 0
@@ -112,12 +115,13 @@ def decision_margin(model, tokenizer, pair: list[traces.Example]) -> float:
     return float(wrong_nll[j] - right_nll[j])
 
 
-def after_search(checkpoint: Path, sessions: int, seed: int = 321) -> dict[tuple[bool, str], tuple[float, float]]:
+def after_search(checkpoint: Path, sessions: int, seed: int = 321,
+                 retrieval: Retrieval = WORD_OVERLAP) -> dict[tuple[bool, str], tuple[float, float]]:
     """(held_out, kind) -> (share of last steps whose right final answer wins at the token where
     the two part, median margin there in nats)."""
     tokenizer, model = _model(checkpoint)
     out = {}
-    for held_out, generator in _splits(tokenizer, seed):
+    for held_out, generator in _splits(tokenizer, seed, retrieval):
         for kind in AFTER_SEARCH_KINDS:
             margins = []
             while len(margins) < sessions:
@@ -137,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, action="append", default=None,
                         help="checkpoint directory (repeatable; default: the shipped demo model)")
     parser.add_argument("--sessions", type=int, default=60, help="sessions per split and kind")
+    parser.add_argument("--runtime-retrieval", action="store_true",
+                        help="sessions rank memories with the runtime's embedder (as training's --runtime-retrieval)")
     args = parser.parse_args(argv)
     if args.sessions < 1:
         parser.error("--sessions must be positive")
@@ -146,9 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: no checkpoint at {checkpoint} (config.json missing)", file=sys.stderr)
             return 2
     torch.manual_seed(0)
+    retrieval = retrieval_for(args.runtime_retrieval)
+    print(f"memories ranked by {'the runtime embedder' if args.runtime_retrieval else 'word overlap'}")
     print(f"{'checkpoint':<40} {'split':<9} " + " ".join(f"{k:>14}" for k in KINDS) + f" {'coin':>6}")
     for checkpoint in checkpoints:
-        shares = decisions(checkpoint, args.sessions)
+        shares = decisions(checkpoint, args.sessions, retrieval=retrieval)
         for held_out in (False, True):
             row = " ".join(f"{shares[(held_out, k)]:>14.0%}" for k in KINDS)
             print(f"{str(checkpoint)[-40:]:<40} {'held-out' if held_out else 'training':<9} {row} {0.5:>6.0%}",
@@ -158,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nafter the search: {'checkpoint':<23} {'split':<9} " + " ".join(f"{k:>18}" for k in AFTER_SEARCH_KINDS)
           + f" {'coin':>6}")
     for checkpoint in checkpoints:
-        shares = after_search(checkpoint, args.sessions)
+        shares = after_search(checkpoint, args.sessions, retrieval=retrieval)
         for held_out in (False, True):
             row = " ".join(f"{shares[(held_out, k)][0]:>8.0%} ({shares[(held_out, k)][1]:+5.1f})"
                            for k in AFTER_SEARCH_KINDS)

@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question-follow-ups", action="store_true",
                         help="question batches also hold each group's last step after its search (answer from the "
                              "hits, also after a cautious search, or say there is none)")
+    parser.add_argument("--runtime-retrieval", action="store_true",
+                        help="simulated sessions rank memories with the runtime's own embedder (all-MiniLM-L6-v2), "
+                             "as the runtime's retrieval does, not by word overlap (the data of runs before it)")
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     parser.add_argument("--eval-examples", type=int, default=defaults.eval_examples,
                         help="held-out sessions scored at each evaluation")
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                              mhc=args.mhc, stop_after=args.stop_after, short_batch_size=args.short_batch_size,
                              copy_batch_size=args.copy_batch_size, checkpoint_every=args.checkpoint_every,
                              question_batch_size=args.question_batch_size,
-                             question_follow_ups=args.question_follow_ups,
+                             question_follow_ups=args.question_follow_ups, runtime_retrieval=args.runtime_retrieval,
                              eval_examples=args.eval_examples, copy_warmup_steps=args.copy_warmup_steps,
                              warmup_steps=args.warmup_steps, full_every=args.full_every,
                              kind_weights=args.kind_weights, piece_words=not args.syllable_words_only,

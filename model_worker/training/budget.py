@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from model_worker.training.retrieval import retrieval_for
 from model_worker.training.trainer import Trainer, TrainSettings, evaluate, held_out_batches
 
 COPY_SAMPLES = 6
@@ -51,8 +52,8 @@ def steps_for_budget(settings: TrainSettings, seconds: float, note: Callable[[st
         copy_s = _seconds_per_step(trainer, 0, COPY_SAMPLES)
         agent_s = _seconds_per_step(trainer, settings.copy_warmup_steps, AGENT_SAMPLES)
         tick = time.perf_counter()
-        evaluate(trainer.model, held_out_batches(trainer.tokenizer, settings.eval_examples, settings.batch_size),
-                 trainer.formatting)
+        evaluate(trainer.model, held_out_batches(trainer.tokenizer, settings.eval_examples, settings.batch_size,
+                                                 retrieval_for(settings.runtime_retrieval)), trainer.formatting)
         eval_s = time.perf_counter() - tick
         tick = time.perf_counter()
         trainer.save_state()

@@ -27,6 +27,7 @@ from model_worker.demo_tokenizer import ASSISTANT, SPECIAL_TOKENS, build_demo_to
 from model_worker.tokenizer import Tokenizer
 from model_worker.training import pools, traces
 from model_worker.training.forward import PrefixBatch
+from model_worker.training.retrieval import WORD_OVERLAP, Retrieval
 
 TOKENIZER_CORPUS_EXAMPLES = 4000
 
@@ -103,11 +104,13 @@ def step_sequences(steps: list[traces.Example]) -> list[traces.Example]:
 
 def session_examples(count: int, seed: int, held_out: bool = False, short: bool = False,
                      weights: tuple[float, ...] = traces.KIND_WEIGHTS,
-                     pieces: pools.WordPieces | None = None) -> list[traces.Example]:
+                     pieces: pools.WordPieces | None = None,
+                     retrieval: Retrieval = WORD_OVERLAP) -> list[traces.Example]:
     """`count` training sequences from whole sessions (`step_sequences`: usually one per session, two where a
     step's memories change); `short` gives their short_form; `weights` (one per traces.KINDS) the task mix;
-    `pieces` lets made-up names and values be built from the tokenizer's own tokens (`word_pieces`)."""
-    generator = traces.TraceGenerator(seed, held_out, weights, pieces)
+    `pieces` lets made-up names and values be built from the tokenizer's own tokens (`word_pieces`);
+    `retrieval` how the sessions rank memories (retrieval.py)."""
+    generator = traces.TraceGenerator(seed, held_out, weights, pieces, retrieval)
     examples: list[traces.Example] = []
     while len(examples) < count:
         examples.extend(step_sequences(generator.session()))
@@ -116,7 +119,7 @@ def session_examples(count: int, seed: int, held_out: bool = False, short: bool 
 
 
 def question_groups(count: int, seed: int, pieces: pools.WordPieces | None = None,
-                    follow_ups: bool = False) -> list[traces.Example]:
+                    follow_ups: bool = False, retrieval: Retrieval = WORD_OVERLAP) -> list[traces.Example]:
     """`count` training sequences (full form) from `TraceGenerator.question_group`s. Per group the first steps,
     in a pair: the same question over the same store, once with the fact stored and retrieved (answer it;
     search when retrieval ranked it below the block's k) and once never stored (search): the step where a
@@ -124,7 +127,7 @@ def question_groups(count: int, seed: int, pieces: pools.WordPieces | None = Non
     steps of two of its searching sessions, labelled on that step only: one that finds the fact (answer from
     the hits, also after a cautious search of a fact the block held) and the one where it was never stored
     (say there is none), so that only the hits tell the two apart."""
-    generator = traces.TraceGenerator(seed, pieces=pieces)
+    generator = traces.TraceGenerator(seed, pieces=pieces, retrieval=retrieval)
     examples: list[traces.Example] = []
     while len(examples) < count:
         direct, cautious, searched, refused = generator.question_group()

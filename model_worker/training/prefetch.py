@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from model_worker.tokenizer import Tokenizer
 from model_worker.training import data
+from model_worker.training.retrieval import retrieval_for
 
 if TYPE_CHECKING:
     from model_worker.training.trainer import TrainSettings
@@ -34,7 +35,8 @@ def chunk_batches(tokenizer: Tokenizer, settings: TrainSettings, chunk: int,
     size = settings.short_batch_size if short else settings.batch_size
     pool = data.session_examples(BATCHES_PER_CHUNK * size, seed=settings.seed * 1_000_003 + chunk * 2 + short,
                                  short=short, weights=settings.kind_weights,
-                                 pieces=data.word_pieces(tokenizer) if settings.piece_words else None)
+                                 pieces=data.word_pieces(tokenizer) if settings.piece_words else None,
+                                 retrieval=retrieval_for(settings.runtime_retrieval))
     items = sorted(data.tokenize(tokenizer, pool), key=lambda item: len(item.ids))
     batches = [items[i * size:(i + 1) * size] for i in range(BATCHES_PER_CHUNK)]
     random.Random(chunk).shuffle(batches)

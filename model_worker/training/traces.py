@@ -14,22 +14,24 @@ Task kinds (one policy, as a careful agent would follow it):
 - arithmetic: calculator -> "17 times 23 is 391."; with "Remember the result." it also memory_writes
   the sentence before answering. Asking later for "the result of 17 times 23" is a recall.
 
-Retrieval is simulated (word overlap with a little noise, top k like the agent's settings) over a store
-of prior memories that holds hard negatives: the same person with another attribute, another person
-with the same attribute, and the episode summaries the runtime writes when a session ends. Subjects and
-values come from `pools`, split so that held-out traces use names and facts no training trace has.
+Retrieval is simulated (`retrieval.py`: word overlap with a little noise by default, or the runtime's own
+embedder; top k like the agent's settings) over a store of prior memories that holds hard negatives: the
+same person with another attribute, another person with the same attribute, and the episode summaries the
+runtime writes when a session ends. Subjects and values come from `pools`, split so that held-out traces
+use names and facts no training trace has.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
-import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from model_worker.training import pools
+from model_worker.training.retrieval import WORD_OVERLAP, Retrieval
 from runtime.agents import DEFAULT_AGENT
 from runtime.prompts import build_messages, session_summary
 from runtime.tools.builtins import builtin_tools
@@ -58,7 +60,6 @@ COMPUTE_PHRASES = ("What is {k}?", "Compute {k}.", "Calculate {k}.", "How much i
 REMEMBER_SUFFIXES = (" Remember the result.", " Save the result to memory.", " Then remember it.",
                      " Please remember the answer.", " Remember the answer.")
 OPERATORS = {"+": ("plus",), "-": ("minus",), "*": ("times", "multiplied by"), "/": ("divided by",)}
-_WORD = re.compile(r"[a-z0-9]+")
 
 
 @dataclass(frozen=True)
@@ -99,20 +100,31 @@ class _Session:
     store: list[Memory]
     rng: random.Random
     hidden: set[str] = field(default_factory=set)  # memory ids retrieval misses (search still finds them)
+    retrieval: Retrieval = WORD_OVERLAP
     steps: list[dict[str, Any]] = field(default_factory=list)
     examples: list[Example] = field(default_factory=list)
     _block: tuple[int, list[dict[str, Any]]] | None = None
 
     def _query(self) -> str:
+        """What the orchestrator's retrieval queries with: the task and the last observation (as its str)."""
         if self.steps and self.steps[-1]["observations"]:
-            return f"{self.task}\n{self.steps[-1]['observations'][-1]}"
+            return f"{self.task}\n{self.steps[-1]['observations'][-1]}"[:4000]
         return self.task
+
+    def _call_key(self, index: int, call_index: int) -> str:
+        """The idempotency key the runtime gives a call (session id:step:call; it is part of the observation
+        the next step's retrieval queries with); the session id comes from the task's hash, not the rng."""
+        if not self.retrieval.refinds_later:
+            return f"s:{index}:{call_index}"  # the key of earlier runs' data
+        digest = hashlib.blake2b(f"{self.kind}\n{self.task}".encode(), digest_size=16).digest()
+        return f"{uuid.UUID(bytes=digest, version=4)}:{index}:{call_index}"
 
     def block(self) -> list[dict[str, Any]]:
         """The memories this step's retrieval puts in the prompt (drawn once per step)."""
         if self._block is None or self._block[0] != len(self.steps):
-            visible = [m for m in self.store if m.id not in self.hidden]
-            self._block = (len(self.steps), ranked(visible, self._query(), RETRIEVE_K, self.rng))
+            missed = self.hidden if not (self.steps and self.retrieval.refinds_later) else set()
+            visible = [m for m in self.store if m.id not in missed]
+            self._block = (len(self.steps), self.retrieval.ranked(visible, self._query(), RETRIEVE_K, self.rng))
         return self._block[1]
 
     def act(self, action: dict[str, Any]) -> list[dict[str, Any]]:
@@ -127,7 +139,7 @@ class _Session:
             result = self._run_tool(call["name"], call["arguments"])
             results.append(result)
             observations.append({"call_index": i, "tool": call["name"], "arguments": call["arguments"],
-                                 "idempotency_key": f"s:{index}:{i}", "result": result})
+                                 "idempotency_key": self._call_key(index, i), "result": result})
         self.steps.append({"index": index, "kind": "action", "action": action, "observations": observations})
         return results
 
@@ -139,25 +151,12 @@ class _Session:
             self.store.append(memory)
             return {"id": memory.id, "kind": memory.kind, "text": memory.text}
         if name == "memory_search":
-            return {"hits": ranked(self.store, args["query"], SEARCH_K, self.rng)}
+            return {"hits": self.retrieval.ranked(self.store, args["query"], SEARCH_K, self.rng)}
         raise ValueError(f"no simulated tool {name!r}")
 
 
 def new_id(rng: random.Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
-
-
-def ranked(memories: list[Memory], query: str, k: int, rng: random.Random) -> list[dict[str, Any]]:
-    """The top k memories for `query` as retrieval returns them ({"id", "kind", "text", "score"}), scored by
-    word overlap plus noise into the range a sentence embedder's cosine similarities take."""
-    words = set(_WORD.findall(query.lower()))
-    scored = []
-    for memory in memories:
-        own = set(_WORD.findall(memory.text.lower()))
-        overlap = len(words & own) / max(1, len(own))
-        scored.append((min(0.95, 0.12 + 0.7 * overlap + rng.uniform(-0.06, 0.06)), memory))
-    scored.sort(key=lambda pair: -pair[0])
-    return [{"id": m.id, "kind": m.kind, "text": m.text, "score": round(score, 4)} for score, m in scored[:k]]
 
 
 def _near_name(name: str, rng: random.Random) -> str:
@@ -181,7 +180,7 @@ class TraceGenerator:
     """Draws traces for one split (training or held-out); deterministic in the seed."""
 
     def __init__(self, seed: int, held_out: bool = False, weights: tuple[float, ...] = KIND_WEIGHTS,
-                 pieces: pools.WordPieces | None = None):
+                 pieces: pools.WordPieces | None = None, retrieval: Retrieval = WORD_OVERLAP):
         if len(weights) != len(KINDS) or min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(f"weights: expected {len(KINDS)} non-negative weights (one per kind of {KINDS})")
         self.rng = random.Random(seed)
@@ -189,6 +188,7 @@ class TraceGenerator:
         self.weights = tuple(weights)
         self.subject = pools.subject_sampler(held_out, pieces)
         self.attributes = pools.attribute_values(held_out, pieces)
+        self.retrieval = retrieval  # how the sessions' memory blocks and searches rank memories
 
     # ---- facts and questions ----------------------------------------------------------------------
     def person_fact(self, subject: str | None = None, attribute: str | None = None) -> Fact:
@@ -284,7 +284,7 @@ class TraceGenerator:
         fact = self.person_fact()
         subject, attribute = fact.key.split("'s ", 1)
         task = self.rng.choice(REMEMBER_PHRASES).format(s=subject, a=attribute, v=fact.value)
-        s = _Session(task, kind, self.prior_store(fact), self.rng)
+        s = _Session(task, kind, self.prior_store(fact), self.rng, retrieval=self.retrieval)
         s.act(call("memory_write", text=fact.sentence))
         s.act(final(f"Noted: {fact.sentence}"))
         return s.examples
@@ -298,7 +298,8 @@ class TraceGenerator:
         targets = self.stored_memories(fact, summary_only=self.rng.random() < 0.1) if stored else []
         for target in targets:
             store.insert(self.rng.randrange(len(store) + 1), target)
-        s = _Session(task, kind, store, self.rng, hidden=set() if in_block else {t.id for t in targets})
+        s = _Session(task, kind, store, self.rng, hidden=set() if in_block else {t.id for t in targets},
+                     retrieval=self.retrieval)
         if cautious or not any(fact.sentence in memory["text"] for memory in s.block()):
             results = s.act(call("memory_search", query=fact.key))
             found = any(fact.sentence in hit["text"] for hit in results[0]["hits"])
@@ -374,7 +375,7 @@ class TraceGenerator:
         task = self.rng.choice(COMPUTE_PHRASES).format(k=key)
         if remember:
             task += self.rng.choice(REMEMBER_SUFFIXES)
-        s = _Session(task, kind, self.prior_store(None), self.rng)
+        s = _Session(task, kind, self.prior_store(None), self.rng, retrieval=self.retrieval)
         result = json.dumps(s.act(call("calculator", expression=expression))[0]["result"])
         sentence = Fact(key, result).sentence
         if remember:

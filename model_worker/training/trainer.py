@@ -27,6 +27,7 @@ from model_worker.training import data
 from model_worker.training.forward import batch_loss
 from model_worker.training.model_setup import build_trainable, demo_model_config, export_checkpoint, load_exported
 from model_worker.training.prefetch import BATCHES_PER_CHUNK, ChunkPrefetcher, chunk_batches
+from model_worker.training.retrieval import WORD_OVERLAP, Retrieval, retrieval_for
 
 PRECISIONS = ("fp32", "bf16")
 HELD_OUT_SEED = 4242
@@ -66,6 +67,7 @@ class TrainSettings:
     piece_words: bool = True  # made-up names and values also built from the tokenizer's tokens (pools.fresh_word)
     question_batch_size: int = 0  # first steps of question groups (data.question_groups) added to every agent step
     question_follow_ups: bool = False  # question batches also hold a last step of each group (after its search)
+    runtime_retrieval: bool = False  # rank memories with the runtime's embedder (retrieval.py), not word overlap
 
     @property
     def last_step(self) -> int:
@@ -94,8 +96,10 @@ def learning_rate_factor(step: int, settings: TrainSettings) -> float:
     return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def held_out_batches(tokenizer: Tokenizer, count: int, batch_size: int) -> list[data.PrefixBatch]:
-    items = sorted(data.tokenize(tokenizer, data.session_examples(count, HELD_OUT_SEED, held_out=True)),
+def held_out_batches(tokenizer: Tokenizer, count: int, batch_size: int,
+                     retrieval: Retrieval = WORD_OVERLAP) -> list[data.PrefixBatch]:
+    items = sorted(data.tokenize(tokenizer, data.session_examples(count, HELD_OUT_SEED, held_out=True,
+                                                                  retrieval=retrieval)),
                    key=lambda item: len(item.ids))
     return [data.prefix_batch(items[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, count, batch_size)]
 
@@ -271,7 +275,7 @@ class Trainer:
             return None
         items = data.tokenize(self.tokenizer, data.question_groups(
             s.question_batch_size, seed=s.seed * 1_000_003 + QUESTION_SEEDS + step, pieces=self.pieces,
-            follow_ups=s.question_follow_ups))
+            follow_ups=s.question_follow_ups, retrieval=retrieval_for(s.runtime_retrieval)))
         return data.prefix_batch(items, self.tokenizer.pad_token_id).to(self.device)
 
     def autocast(self):
@@ -311,7 +315,7 @@ class Trainer:
         resumed = self.load_state()
         if resumed:
             self.log.note(f"resumed at step {self.step} from {self.state_dir}")
-        held_out = held_out_batches(self.tokenizer, s.eval_examples, s.batch_size)
+        held_out = held_out_batches(self.tokenizer, s.eval_examples, s.batch_size, retrieval_for(s.runtime_retrieval))
         started, recent, figures, stopped_early = time.perf_counter(), [], None, False
         while self.step < s.last_step:
             tick = time.perf_counter()
