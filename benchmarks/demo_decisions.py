@@ -80,15 +80,19 @@ def _answer(text: str) -> str:
     return json.dumps({"type": "final", "answer": text}, ensure_ascii=False)
 
 
+def top_hit_value(hits: list[dict]) -> str:
+    """The value the top hit states (its last "... is <value>."): what a careless answer copies."""
+    values = re.findall(r" is ([^.\n]+)\.", hits[0]["text"]) if hits else []
+    return values[-1] if values else "12"  # no hits: any made-up value is the wrong answer
+
+
 def _right_and_wrong(last: traces.Example) -> tuple[str, str]:
     """The last step's target and the tempting wrong final answer for it (see the module docstring)."""
     answer = json.loads(last.target)["answer"]
     if answer.startswith("I have no memory of "):
         key = answer.removeprefix("I have no memory of ").rstrip(".")
         hits = json.loads(last.messages[-1]["content"])[-1]["result"]["hits"]
-        values = re.findall(r" is ([^.\n]+)\.", hits[0]["text"]) if hits else []
-        value = values[-1] if values else "12"  # no hits: any made-up value is the wrong answer
-        return last.target, _answer(f"{key} is {value}.")
+        return last.target, _answer(f"{key} is {top_hit_value(hits)}.")
     key = answer.rsplit(" is ", 1)[0]
     return last.target, _answer(f"I have no memory of {key}.")
 

@@ -48,6 +48,7 @@ class AgentTask:
     setup: list[str] = field(default_factory=list)  # distractor memories written before the run
     store_task: str | None = None  # recall kinds: the earlier session that stores the fact
     memory_expect: str | None = None  # a memory of the tenant must contain this after the run
+    key: str | None = None  # question kinds: what the question names ("Alice's home city", "17 times 23")
 
 
 @dataclass
@@ -122,17 +123,38 @@ def held_out_tasks(count: int = 100, seed: int = 0) -> list[AgentTask]:
             tasks.append(AgentTask(kind, tenant, task, fact.value, memory_expect=fact.sentence))
         elif kind == "refusal":
             tasks.append(AgentTask(kind, tenant, rng.choice(traces.RECALL_PHRASES).format(k=fact.key), NO_MEMORY,
-                                   setup=setup))
+                                   setup=setup, key=fact.key))
         elif kind == "recall":
             subject, attribute = fact.key.split("'s ", 1)
             store = rng.choice(traces.REMEMBER_PHRASES).format(s=subject, a=attribute, v=fact.value)
             tasks.append(AgentTask(kind, tenant, rng.choice(traces.RECALL_PHRASES).format(k=fact.key), fact.value,
-                                   setup=setup, store_task=store))
+                                   setup=setup, store_task=store, key=fact.key))
         else:
             store = rng.choice(traces.COMPUTE_PHRASES).format(k=fact.key) + rng.choice(traces.REMEMBER_SUFFIXES)
             tasks.append(AgentTask(kind, tenant, rng.choice(traces.RESULT_RECALL_PHRASES).format(k=fact.key),
-                                   fact.value, setup=setup, store_task=store))
+                                   fact.value, setup=setup, store_task=store, key=fact.key))
     return tasks
+
+
+class _RecordingModel:
+    """A ModelClient passing every call through and keeping, for calls of the asked tasks, the prompt (the
+    messages as the orchestrator built them) and the reply, with the task's kind, key and expected answer."""
+
+    def __init__(self, model, tasks: list[AgentTask], sink: list[dict]):
+        self.model, self.sink = model, sink
+        self.tasks = {task.task: task for task in tasks}
+        self.context_window = model.context_window
+
+    def count_tokens(self, messages: list[dict]) -> int:
+        return self.model.count_tokens(messages)
+
+    async def complete(self, messages: list[dict], **options):
+        reply = await self.model.complete(messages, **options)
+        task = self.tasks.get(next((m["content"] for m in messages if m["role"] == "user"), ""))
+        if task is not None:
+            self.sink.append({"kind": task.kind, "task": task.task, "key": task.key, "expect": task.expect,
+                              "messages": messages, "reply": reply.text})
+        return reply
 
 
 async def _run(rt: LocalRuntime, tenant: str, task: str, *, interrupt_after_first_step: bool = False):
@@ -170,8 +192,9 @@ async def _score(rt: LocalRuntime, task: AgentTask, session_id: str) -> TaskOutc
 
 async def evaluate_agent(model_path: Path | None, tasks: list[AgentTask], *, data_dir: Path | None = None,
                          progress: Callable[[TaskOutcome], None] | None = None,
-                         redis_url: str | None = None) -> EvalReport:
-    """Run `tasks` through LocalRuntime on `model_path` (None: the shipped demo model) and score them."""
+                         redis_url: str | None = None, prompts: list[dict] | None = None) -> EvalReport:
+    """Run `tasks` through LocalRuntime on `model_path` (None: the shipped demo model) and score them;
+    `prompts` (when given) receives every model call of the asked tasks (_RecordingModel)."""
     with tempfile.TemporaryDirectory(prefix="engram-eval-") as tmp:
         settings = Settings(data_dir=data_dir or Path(tmp), model_path=model_path, redis_url=redis_url,
                             key_prefix=f"engram-eval-{random.getrandbits(32):08x}", lease_ms=1500, heartbeat_s=0.5)
@@ -185,6 +208,8 @@ async def evaluate_agent(model_path: Path | None, tasks: list[AgentTask], *, dat
         outcomes = []
         async with LocalRuntime(settings) as rt:  # second life: resume the interrupted ones, then ask
             await asyncio.sleep(settings.lease_ms / 1000)  # the abandoned leases run out
+            if prompts is not None:
+                rt.orchestrator.model = _RecordingModel(rt.orchestrator.model, tasks, prompts)
             for i, task in enumerate(tasks):
                 if i in stored:
                     state = await rt.store.state(stored[i])
@@ -217,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--transcripts", type=Path, default=None, metavar="FILE",
                         help="write every task's session (memories shown, actions, tool results) as JSON lines")
+    parser.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                        help="write every model call of the asked tasks (the prompt's messages, the reply, the "
+                             "task's kind, key and expected answer) as JSON lines")
     args = parser.parse_args(argv)
     if args.tasks < 1:
         parser.error("--tasks must be positive")
@@ -229,13 +257,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{mark} {outcome.task.kind:<20} {outcome.task.task[:60]!r} -> {outcome.answer[:70]!r} "
               f"{outcome.note[:60]}".rstrip(), flush=True)
 
-    if args.transcripts is not None and not args.transcripts.parent.is_dir():
-        print(f"error: no directory {args.transcripts.parent} for --transcripts", file=sys.stderr)
-        return 2
-    report = asyncio.run(evaluate_agent(args.model, held_out_tasks(args.tasks, args.seed), progress=show))
+    for option, path in (("--transcripts", args.transcripts), ("--prompts", args.prompts)):
+        if path is not None and not path.parent.is_dir():
+            print(f"error: no directory {path.parent} for {option}", file=sys.stderr)
+            return 2
+    prompts: list[dict] | None = [] if args.prompts is not None else None
+    report = asyncio.run(evaluate_agent(args.model, held_out_tasks(args.tasks, args.seed), progress=show,
+                                        prompts=prompts))
     if args.transcripts is not None:
         with args.transcripts.open("w") as out:
             out.writelines(transcript_line(o) for o in report.outcomes)
+    if args.prompts is not None:
+        with args.prompts.open("w") as out:
+            out.writelines(json.dumps(call, ensure_ascii=False) + "\n" for call in prompts)
     figures = ", ".join(f"{kind} {right}/{total}" for kind, (right, total) in sorted(report.by_kind().items()))
     print(f"{report.success_rate:.0%} of {len(report.outcomes)} held-out tasks correct ({figures}); every action "
           f"valid: {'yes' if report.all_actions_valid else 'NO'}")

@@ -51,7 +51,9 @@ def _expression_of(task: str, key: str | None) -> str:
 def test_a_run_through_the_whole_runtime_scores_every_task(tmp_path, redis_url):
     model = tiny_checkpoint(tmp_path / "model", seed=2)  # random weights: valid actions, wrong answers
     tasks = held_out_tasks(6)
-    report = asyncio.run(evaluate_agent(model, tasks, data_dir=tmp_path / "data", redis_url=redis_url))
+    prompts: list[dict] = []
+    report = asyncio.run(evaluate_agent(model, tasks, data_dir=tmp_path / "data", redis_url=redis_url,
+                                        prompts=prompts))
     assert [o.task for o in report.outcomes] == tasks
     assert report.all_actions_valid  # structured decoding: every action parses, whatever the weights
     assert all(o.status in ("completed", "failed") for o in report.outcomes)
@@ -64,3 +66,17 @@ def test_a_run_through_the_whole_runtime_scores_every_task(tmp_path, redis_url):
         for step in outcome.transcript:
             if step["kind"] == "action":
                 assert len(step["results"]) == len(step["action"]["calls"])
+    # --prompts: every model call of an asked task, in order, with the prompt the orchestrator built for it
+    for outcome in report.outcomes:
+        calls = [c for c in prompts if c["task"] == outcome.task.task]
+        if outcome.note.startswith("storing session"):  # the question was never asked
+            assert not calls
+            continue
+        assert calls and all(c["kind"] == outcome.task.kind and c["expect"] == outcome.task.expect for c in calls)
+        actions = [step["action"] for step in outcome.transcript if step["action"] is not None]
+        assert [json.loads(c["reply"]) for c in calls[:len(actions)]] == actions
+        for i, call in enumerate(calls[:len(actions)]):
+            assert [m["content"] for m in call["messages"] if m["role"] == "user"][0] == outcome.task.task
+            assert sum(m["role"] == "assistant" for m in call["messages"]) == i  # the steps before it
+        if outcome.task.kind in RECALL_KINDS or outcome.task.kind == "refusal":
+            assert outcome.task.key and outcome.task.key in outcome.task.task

@@ -1,0 +1,55 @@
+"""benchmarks/demo_runtime_decisions.py: which recorded calls it measures, the answers it weighs, and the
+recalls it sets apart because their hits lack the stored value (runtime.evaluation --prompts writes the
+lines; tests/runtime/test_evaluation.py checks that writer against the sessions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.benchmarks import load_script
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script("demo_runtime_decisions")
+
+
+def _call(kind: str, key: str, expect: str, hits: list[str], *, searched: bool = True) -> dict:
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": f"What is {key}?"}]
+    if searched:
+        search = {"type": "tool_calls", "calls": [{"name": "memory_search", "arguments": {"query": key}}]}
+        found = [{"id": str(i), "kind": "fact", "text": text, "score": 0.5} for i, text in enumerate(hits)]
+        messages += [{"role": "assistant", "content": json.dumps(search)},
+                     {"role": "tool", "content": json.dumps([{"call_index": 0, "tool": "memory_search",
+                                                              "result": {"hits": found}}])}]
+    return {"kind": kind, "task": f"What is {key}?", "key": key, "expect": expect, "messages": messages,
+            "reply": json.dumps({"type": "final", "answer": "x"})}
+
+
+def test_only_calls_after_a_search_of_a_question_are_measured(script):
+    calls = [_call("recall", "Ann's job", "baker", ["Ann's job is baker."]),
+             _call("recall", "Ann's job", "baker", [], searched=False),  # the first step: no search before it
+             _call("arithmetic", "2 plus 2", "4", ["2 plus 2 is 4."]),  # not a question kind
+             _call("refusal", "Bo's job", "no memory", [])]
+    assert [(c["kind"], c["key"]) for c in script.after_search_calls(calls)] == [("recall", "Ann's job"),
+                                                                                 ("refusal", "Bo's job")]
+
+
+def test_the_answers_weighed(script):
+    recall = _call("recall", "Ann's job", "baker", ["Task: x\nOutcome: Ann's job is baker.", "Ann's job is baker."])
+    assert script.right_and_wrong(recall) == ("Ann's job is baker.", "I have no memory of Ann's job.", True)
+    refusal = _call("refusal", "Ann's job", "no memory", ["Ann's home city is Oslo.", "Bo's job is pilot."])
+    assert script.right_and_wrong(refusal) == ("I have no memory of Ann's job.", "Ann's job is Oslo.", True)
+    garbled = _call("recall", "Ann's job", "baker", ["Ann's job is bakr."])  # saved garbled: no decision saves it
+    assert script.right_and_wrong(garbled)[2] is False
+
+
+def test_a_file_that_is_not_prompts_is_refused_in_one_line(script, tmp_path, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"kind": "recall"}\n')
+    assert script.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "p.jsonl:1: not a prompt line" in err
+    assert script.main([str(tmp_path / "missing.jsonl")]) == 2
