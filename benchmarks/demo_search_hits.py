@@ -1,15 +1,16 @@
 """What a memory search returns to the demo model: in the training simulator against the real runtime.
 
 The demo model decides after a `memory_search` whether the hits hold the fact asked for. It learned that
-from the trace simulator's searches (word-overlap scores, `model_worker/training/traces.py`); in the
-runtime the hits come from the sentence embedder and the agent's own store. This prints, side by side, the
-number of hits per search and the score of the hit holding the asked fact, from simulated recall sessions
-and from the recall tasks of a `python -m runtime.evaluation --transcripts FILE` run:
+from the trace simulator's searches (word-overlap scores, or with training's `--runtime-retrieval` the
+runtime's embedder: `model_worker/training/retrieval.py`); in the runtime the hits come from the sentence
+embedder and the agent's own store. This prints, side by side, the number of hits per search and the score
+of the hit holding the asked fact, from simulated recall sessions (both simulator retrievals) and from the
+recall tasks of a `python -m runtime.evaluation --transcripts FILE` run:
 
     python -m runtime.evaluation --seed 1 --transcripts /tmp/seed1.jsonl
     python benchmarks/demo_search_hits.py /tmp/seed1.jsonl [--sessions 200]
 
-It needs no model and no runtime of its own: it reads the transcripts and runs the simulator.
+It needs no demo model and no runtime of its own: it reads the transcripts and runs the simulator.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from model_worker.training import traces  # noqa: E402
+from model_worker.training.retrieval import WORD_OVERLAP, Retrieval, runtime_retrieval  # noqa: E402
 
 SEARCH_K = traces.SEARCH_K
 
@@ -39,10 +41,10 @@ def _summary(counts: Counter, scores: list[float]) -> str:
             f"median {statistics.median(scores):.2f} max {max(scores):.2f} (n={len(scores)})")
 
 
-def simulated(sessions: int, seed: int = 3) -> tuple[Counter, list[float]]:
+def simulated(sessions: int, seed: int = 3, retrieval: Retrieval = WORD_OVERLAP) -> tuple[Counter, list[float]]:
     """Hits per search and the found fact's score over the post-search steps of simulated held-out
     recall-by-search sessions."""
-    generator = traces.TraceGenerator(seed, held_out=True)
+    generator = traces.TraceGenerator(seed, held_out=True, retrieval=retrieval)
     counts, scores = Counter(), []
     for _ in range(sessions):
         for step in generator.session("recall_search")[1:]:
@@ -93,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.transcripts} is not a runtime.evaluation transcripts file ({type(exc).__name__}: {exc})",
               file=sys.stderr)
         return 2
-    print(f"simulator {_summary(*simulated(args.sessions))}")
-    print(f"runtime   {_summary(*runtime)}")
+    print(f"simulator, word overlap     {_summary(*simulated(args.sessions))}")
+    print(f"simulator, runtime embedder {_summary(*simulated(args.sessions, retrieval=runtime_retrieval()))}")
+    print(f"runtime                     {_summary(*runtime)}")
     print("(hits n:share of searches returning n hits; the fact's score: the hit whose text is the asked fact)")
     return 0
 

@@ -37,4 +37,4 @@ def test_simulated_searches_are_the_simulators_and_score_in_its_range():
     script = load_script("demo_search_hits")
     counts, scores = script.simulated(20)
     assert sum(counts.values()) >= 20 and set(counts) <= set(range(1, script.SEARCH_K + 1))
-    assert scores and all(0.0 <= s <= 0.95 for s in scores)  # traces.ranked caps its scores at 0.95
+    assert scores and all(0.0 <= s <= 0.95 for s in scores)  # WordOverlap caps its scores at 0.95
