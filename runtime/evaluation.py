@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         if path is not None and not path.parent.is_dir():
             print(f"error: no directory {path.parent} for {option}", file=sys.stderr)
             return 2
+        if path is not None and path.is_dir():  # found now, not after the whole run when the file is written
+            print(f"error: {option} {path} is a directory; give a file name", file=sys.stderr)
+            return 2
     prompts: list[dict] | None = [] if args.prompts is not None else None
     report = asyncio.run(evaluate_agent(args.model, held_out_tasks(args.tasks, args.seed), progress=show,
                                         prompts=prompts))

@@ -80,3 +80,13 @@ def test_a_run_through_the_whole_runtime_scores_every_task(tmp_path, redis_url):
             assert sum(m["role"] == "assistant" for m in call["messages"]) == i  # the steps before it
         if outcome.task.kind in RECALL_KINDS or outcome.task.kind == "refusal":
             assert outcome.task.key and outcome.task.key in outcome.task.task
+
+
+def test_output_paths_are_checked_before_the_run(tmp_path, capsys):
+    """A bad --transcripts or --prompts path is refused in one line before any task runs, not after."""
+    from runtime.evaluation import main
+
+    for argv in (["--prompts", str(tmp_path)], ["--transcripts", str(tmp_path / "missing" / "t.jsonl")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ")
