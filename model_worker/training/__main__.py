@@ -38,6 +38,17 @@ def _kind_weights(text: str) -> tuple[float, ...]:
     return tuple(weights[kind] for kind in KINDS)
 
 
+def _share(text: str) -> float:
+    """A share of sessions in [0, 1]."""
+    try:
+        share = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a share between 0 and 1") from None
+    if not 0.0 <= share <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a share must be between 0 and 1")
+    return share
+
+
 def main(argv: list[str] | None = None) -> int:
     defaults = TrainSettings(out_dir=Path("."))
     parser = argparse.ArgumentParser(prog="python -m model_worker.training", description=__doc__.splitlines()[0])
@@ -59,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question-follow-ups", action="store_true",
                         help="question batches also hold each group's last step after its search (answer from the "
                              "hits, also after a cautious search, or say there is none)")
-    parser.add_argument("--runtime-retrieval", action="store_true",
+    parser.add_argument("--runtime-retrieval", type=_share, nargs="?", const=1.0, default=0.0, metavar="SHARE",
                         help="simulated sessions rank memories with the runtime's own embedder (all-MiniLM-L6-v2), "
-                             "as the runtime's retrieval does, not by word overlap (the data of runs before it)")
+                             "as the runtime's retrieval does, not by word overlap (the data of runs before it); "
+                             "with SHARE in (0, 1), that share of sessions does and the rest use word overlap")
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     parser.add_argument("--eval-examples", type=int, default=defaults.eval_examples,
                         help="held-out sessions scored at each evaluation")

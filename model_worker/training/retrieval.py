@@ -94,5 +94,26 @@ def runtime_retrieval() -> EmbedderRetrieval:
     return EmbedderRetrieval()
 
 
-def retrieval_for(runtime_like: bool) -> Retrieval:
-    return runtime_retrieval() if runtime_like else WORD_OVERLAP
+class MixedRetrieval:
+    """Each session ranks with the runtime's embedder with probability `share`, else by word overlap: data
+    that keeps the earlier runs' sessions beside runtime-like ones (a model tuned on runtime-like data alone
+    lost recalls it had made from word-overlap data; docs/training.md, stage 10)."""
+
+    def __init__(self, share: float, runtime: Retrieval, plain: Retrieval = WORD_OVERLAP) -> None:
+        if not 0.0 < share < 1.0:
+            raise ValueError(f"share of runtime-like sessions must be in (0, 1), got {share}")
+        self.share, self.runtime, self.plain = share, runtime, plain
+
+    def for_session(self, rng) -> Retrieval:
+        """The retrieval of one session (every step of a session ranks the same way)."""
+        return self.runtime if rng.random() < self.share else self.plain
+
+
+def retrieval_for(runtime_share: float) -> Retrieval | MixedRetrieval:
+    """Word overlap (0), the runtime's embedder (1, or True), or a per-session mix of the two."""
+    share = float(runtime_share)
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share of runtime-like sessions must be in [0, 1], got {runtime_share}")
+    if share == 0.0:
+        return WORD_OVERLAP
+    return runtime_retrieval() if share == 1.0 else MixedRetrieval(share, runtime_retrieval())

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model_worker.training import pools
-from model_worker.training.retrieval import WORD_OVERLAP, Retrieval
+from model_worker.training.retrieval import WORD_OVERLAP, MixedRetrieval, Retrieval
 from runtime.agents import DEFAULT_AGENT
 from runtime.prompts import build_messages, session_summary
 from runtime.tools.builtins import builtin_tools
@@ -180,7 +180,7 @@ class TraceGenerator:
     """Draws traces for one split (training or held-out); deterministic in the seed."""
 
     def __init__(self, seed: int, held_out: bool = False, weights: tuple[float, ...] = KIND_WEIGHTS,
-                 pieces: pools.WordPieces | None = None, retrieval: Retrieval = WORD_OVERLAP):
+                 pieces: pools.WordPieces | None = None, retrieval: Retrieval | MixedRetrieval = WORD_OVERLAP):
         if len(weights) != len(KINDS) or min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(f"weights: expected {len(KINDS)} non-negative weights (one per kind of {KINDS})")
         self.rng = random.Random(seed)
@@ -189,6 +189,11 @@ class TraceGenerator:
         self.subject = pools.subject_sampler(held_out, pieces)
         self.attributes = pools.attribute_values(held_out, pieces)
         self.retrieval = retrieval  # how the sessions' memory blocks and searches rank memories
+
+    def session_retrieval(self) -> Retrieval:
+        """How the next session ranks memories: the generator's retrieval, or one drawn from a mixture."""
+        draw = getattr(self.retrieval, "for_session", None)
+        return draw(self.rng) if draw is not None else self.retrieval
 
     # ---- facts and questions ----------------------------------------------------------------------
     def person_fact(self, subject: str | None = None, attribute: str | None = None) -> Fact:
@@ -284,7 +289,7 @@ class TraceGenerator:
         fact = self.person_fact()
         subject, attribute = fact.key.split("'s ", 1)
         task = self.rng.choice(REMEMBER_PHRASES).format(s=subject, a=attribute, v=fact.value)
-        s = _Session(task, kind, self.prior_store(fact), self.rng, retrieval=self.retrieval)
+        s = _Session(task, kind, self.prior_store(fact), self.rng, retrieval=self.session_retrieval())
         s.act(call("memory_write", text=fact.sentence))
         s.act(final(f"Noted: {fact.sentence}"))
         return s.examples
@@ -299,7 +304,7 @@ class TraceGenerator:
         for target in targets:
             store.insert(self.rng.randrange(len(store) + 1), target)
         s = _Session(task, kind, store, self.rng, hidden=set() if in_block else {t.id for t in targets},
-                     retrieval=self.retrieval)
+                     retrieval=self.session_retrieval())
         if cautious or not any(fact.sentence in memory["text"] for memory in s.block()):
             results = s.act(call("memory_search", query=fact.key))
             found = any(fact.sentence in hit["text"] for hit in results[0]["hits"])
@@ -375,7 +380,7 @@ class TraceGenerator:
         task = self.rng.choice(COMPUTE_PHRASES).format(k=key)
         if remember:
             task += self.rng.choice(REMEMBER_SUFFIXES)
-        s = _Session(task, kind, self.prior_store(None), self.rng, retrieval=self.retrieval)
+        s = _Session(task, kind, self.prior_store(None), self.rng, retrieval=self.session_retrieval())
         result = json.dumps(s.act(call("calculator", expression=expression))[0]["result"])
         sentence = Fact(key, result).sentence
         if remember:

@@ -67,7 +67,7 @@ class TrainSettings:
     piece_words: bool = True  # made-up names and values also built from the tokenizer's tokens (pools.fresh_word)
     question_batch_size: int = 0  # first steps of question groups (data.question_groups) added to every agent step
     question_follow_ups: bool = False  # question batches also hold a last step of each group (after its search)
-    runtime_retrieval: bool = False  # rank memories with the runtime's embedder (retrieval.py), not word overlap
+    runtime_retrieval: float = 0.0  # share of sessions ranking memories with the runtime's embedder (retrieval.py)
 
     @property
     def last_step(self) -> int:

@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
+
 from memory_service.agent_memory import AgentMemoryStore
 from memory_service.agent_memory.embedder import HashingEmbedder
 from model_worker.training import traces
-from model_worker.training.retrieval import WORD_OVERLAP, EmbedderRetrieval
+from model_worker.training.retrieval import WORD_OVERLAP, EmbedderRetrieval, MixedRetrieval, retrieval_for
 
 
 def _store_memories(seed: int) -> list[traces.Memory]:
@@ -93,3 +95,54 @@ def test_word_overlap_keeps_its_range_and_draws():
     for _ in memories:  # one noise draw per memory, as the data of earlier runs
         rng_b.uniform(-0.06, 0.06)
     assert rng_a.random() == rng_b.random()
+
+
+class _Logged:
+    """A retrieval that notes its name in a shared log each time it ranks."""
+
+    def __init__(self, inner, name: str, log: list[str]) -> None:
+        self.inner, self.name, self.log = inner, name, log
+        self.refinds_later = inner.refinds_later
+
+    def ranked(self, memories, query, k, rng=None):
+        self.log.append(self.name)
+        return self.inner.ranked(memories, query, k, rng)
+
+
+def test_mixed_retrieval_draws_one_retrieval_per_session():
+    """About the share of sessions ranks with the runtime-like retrieval, the rest with word overlap, and a
+    session never switches between its steps (its block, its search and the next block rank alike)."""
+    log: list[str] = []
+    runtime = _Logged(EmbedderRetrieval(HashingEmbedder(64)), "runtime", log)
+    plain = _Logged(WORD_OVERLAP, "plain", log)
+    generator = traces.TraceGenerator(6, retrieval=MixedRetrieval(0.3, runtime, plain))
+    drawn = []
+    for _ in range(80):
+        log.clear()
+        generator.session("refusal")
+        assert len(log) >= 2 and len(set(log)) == 1, log
+        drawn.append(log[0])
+    assert 12 <= drawn.count("runtime") <= 36, drawn.count("runtime")
+
+
+def test_retrieval_for_a_share():
+    assert retrieval_for(0) is WORD_OVERLAP
+    assert retrieval_for(False) is WORD_OVERLAP
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="share"):
+            retrieval_for(bad)
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match="share"):
+            MixedRetrieval(bad, WORD_OVERLAP)
+
+
+def test_the_training_command_takes_a_share(tmp_path, capsys):
+    from model_worker.training.__main__ import _share, main
+
+    assert _share("0.5") == 0.5 and _share("1") == 1.0
+    for bad in ("2", "-0.1", "half"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--out", str(tmp_path / "run"), "--runtime-retrieval", bad])
+        assert exit_info.value.code == 2
+        assert "--runtime-retrieval" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()
