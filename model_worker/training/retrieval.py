@@ -97,7 +97,7 @@ def runtime_retrieval() -> EmbedderRetrieval:
 class MixedRetrieval:
     """Each session ranks with the runtime's embedder with probability `share`, else by word overlap: data
     that keeps the earlier runs' sessions beside runtime-like ones (a model tuned on runtime-like data alone
-    lost recalls it had made from word-overlap data; docs/training.md, stage 10)."""
+    lost recalls it had made from word-overlap data; docs/training.md, stage 10; stage 11 tried this mix)."""
 
     def __init__(self, share: float, runtime: Retrieval, plain: Retrieval = WORD_OVERLAP) -> None:
         if not 0.0 < share < 1.0:
