@@ -39,12 +39,12 @@ def interpolate(first: Path, second: Path, weight: float, out_dir: Path) -> None
     for checkpoint in (first, second):
         if not (checkpoint / "model.safetensors").is_file():
             raise ValueError(f"{checkpoint}: no exported checkpoint (model.safetensors missing)")
-    if ModelConfig.from_pretrained(first) != ModelConfig.from_pretrained(second):
+    config = ModelConfig.from_pretrained(first)
+    if config != ModelConfig.from_pretrained(second):
         raise ValueError(f"{first} and {second} have different configs (config.json)")
     if any((first / name).read_bytes() != (second / name).read_bytes() for name in TOKENIZER_FILES):
         raise ValueError(f"{first} and {second} have different tokenizers")
     tokenizer = Tokenizer.from_pretrained(first)
-    config = ModelConfig.from_pretrained(first)
     model, tables = _load(first, config, tokenizer)
     other_model, other_tables = _load(second, config, tokenizer)
     with torch.no_grad():
