@@ -1,19 +1,20 @@
-"""Decode tokens/s with Engram rows (a) in-process and (b) from the memory-service deployment, on Ray Serve.
+"""Decode tokens/s with Engram rows (a) in-process and from the memory-service deployment, on Ray Serve.
 
 One random checkpoint of our architecture (MLA + mHC n=4 + MoE, Engram on two layers with V4.1's hash layout
-scaled down: n-grams 2..4, 8 heads, FP8 rows) served by two `ModelWorkerDeployment`s on one local Ray
-instance: (a) engram="local" (the checkpoint's tables in the replica) and (b) engram="remote" (rows from
-`MemoryServiceDeployment` shard(s) through `HandleEngramClient`: one `engram_lookup_many` per engine step for
-both Engram layers). At 1 and 16 concurrent requests (one `generate_ids` call carrying them, batched by the
-engine), short prompts, N new tokens each, greedy; tokens/s = generated tokens / wall time of the call
-(prefill is 1 step of N+1). (a) and (b) alternate round by round and each figure is the median, so drift
-of this shared host hits both alike. Goal (issue 15): (b) costs at most 3% over (a); the Engram paper lost
-1.9-2.8% with tables in host DRAM on an H800.
+scaled down: n-grams 2..4, 8 heads, FP8 rows) served by three `ModelWorkerDeployment`s on one local Ray
+instance: (a) engram="local" (the checkpoint's tables in the replica); engram="remote" with rows from
+`MemoryServiceDeployment` shard(s) through `HandleEngramClient`, one request per engine step for both Engram
+layers, (b) sent straight to the shards' row-server actors with FP8 rows (the default transport) or (c) as a
+Serve request with fp32 rows (the earlier path). At 1 and 16 concurrent requests (one `generate_ids` call
+carrying them, batched by the engine), short prompts, N new tokens each, greedy; tokens/s = generated tokens /
+wall time of the call (prefill is 1 step of N+1). The three take turns round by round and each figure is the
+median, so drift of this shared host hits all alike. Goal (issue 15): remote rows cost at most 3% over (a);
+the Engram paper lost 1.9-2.8% with tables in host DRAM on an H800.
 
-Also measured, to explain the ratio: the round trip of one step's `engram_lookup_many` through a handle
-(from this driver, same path as the worker's), of a no-op handle call (Serve's floor), and the same lookup
-in-process; and what the shard's lookups carried (counted in the shard replica: requests, ids, row bytes),
-against the capacity model's formula (benchmarks/engram_capacity.py, docs/capacity.md).
+Also measured, to explain the ratios: the round trip of one step's lookup over each path (inside the worker
+replicas and from this driver), of a no-op Serve handle call (Serve's floor), and the same lookup in-process;
+and what the lookups carried (counted in the shards' row servers: requests, ids, row bytes), against the
+capacity model's formula (benchmarks/engram_capacity.py, docs/capacity.md).
 
     python benchmarks/engram_remote.py [--quick] [--rounds N] [--new-tokens N] [--shards N]
 """
@@ -72,32 +73,17 @@ def build_checkpoint(path: Path, quick: bool):
     return model.config, (n_params, table_rows), tokenizer.vocab_size
 
 
-def counted_shard_deployment():
-    """MemoryServiceDeployment, counting in the replica what its Engram lookups carry."""
+def shard_deployment():
+    """MemoryServiceDeployment plus a no-op method (Serve's own floor); its row server counts the traffic."""
     from ray import serve
 
     from runtime.serve import MemoryServiceDeployment
 
-    class CountedEngramShard(MemoryServiceDeployment.func_or_class):
-        def engram_lookup_many(self, model, requests):
-            rows = super().engram_lookup_many(model, requests)
-            counts = self.__dict__.setdefault("counts", dict(requests=0, ids=0, id_bytes=0, row_bytes=0))
-            counts["requests"] += 1
-            for ids in requests.values():
-                counts["ids"] += ids.numel()
-                counts["id_bytes"] += ids.numel() * ids.element_size()
-            counts["row_bytes"] += sum(r.numel() * r.element_size() for r in rows.values())
-            return rows
-
-        def traffic(self) -> dict:
-            counts = dict(self.__dict__.get("counts", dict(requests=0, ids=0, id_bytes=0, row_bytes=0)))
-            self.counts = dict.fromkeys(counts, 0)
-            return counts
-
+    class EngramShardWithNoop(MemoryServiceDeployment.func_or_class):
         def noop(self) -> None:
             return None
 
-    return serve.deployment(CountedEngramShard, ray_actor_options={"num_cpus": 0.2})
+    return serve.deployment(EngramShardWithNoop, ray_actor_options={"num_cpus": 0.2})
 
 
 def timed_worker_deployment():
@@ -120,6 +106,17 @@ def timed_worker_deployment():
     return serve.deployment(TimedModelWorker, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32)
 
 
+def holder_deployment():
+    """An ingress that only holds the two remote workers, so that both share one app and its shards."""
+    from ray import serve
+
+    class Holder:
+        def __init__(self, *workers):
+            self.workers = workers
+
+    return serve.deployment(Holder, ray_actor_options={"num_cpus": 0})
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -139,20 +136,23 @@ def start_ray() -> None:
 
 
 def deploy(path: Path, shards: int, switch_interval_s: float | None):
-    """-> (local worker handle, remote worker handle, shard handles)."""
+    """-> ({"local", "direct", "serve": worker handle}, shard handles). "direct" and "serve" share the shards."""
     from ray import serve
 
     worker = timed_worker_deployment()
     local = serve.run(worker.options(name="LocalEngramWorker").bind(
         str(path), engram="local", switch_interval_s=switch_interval_s), name="bench-local", route_prefix=None)
-    shard = counted_shard_deployment()
+    shard = shard_deployment()
     bound = [shard.options(name=f"EngramShard{i}").bind(engram_path=str(path), engram_model=MODEL_NAME, shard=i,
                                                          num_shards=shards) for i in range(shards)]
-    remote = serve.run(worker.options(name="RemoteEngramWorker").bind(
-        str(path), engram="remote", engram_shards=bound, engram_model=MODEL_NAME, switch_interval_s=switch_interval_s),
-        name="bench-remote", route_prefix=None)
+    remote = {transport: worker.options(name=f"RemoteEngramWorker-{transport}").bind(
+        str(path), engram="remote", engram_shards=bound, engram_model=MODEL_NAME, engram_transport=transport,
+        switch_interval_s=switch_interval_s) for transport in ("direct", "serve")}
+    serve.run(holder_deployment().bind(*remote.values()), name="bench-remote", route_prefix=None)
+    workers = {"local": local, **{t: serve.get_deployment_handle(f"RemoteEngramWorker-{t}", "bench-remote")
+                                  for t in remote}}
     handles = [serve.get_deployment_handle(f"EngramShard{i}", "bench-remote") for i in range(shards)]
-    return local, remote, handles
+    return workers, handles
 
 
 def timed_generate(handle, prompts: list[list[int]], new_tokens: int) -> float:
@@ -164,23 +164,41 @@ def timed_generate(handle, prompts: list[list[int]], new_tokens: int) -> float:
     return len(prompts) * new_tokens / seconds
 
 
-def decode_rates(local, remote, vocab: int, new_tokens: int, rounds: int) -> dict[int, dict]:
-    """{concurrency: {"local", "remote": median tokens/s, "samples": per-round pairs}}; the two workers take
-    turns (and swap who goes first each round)."""
+WORKERS = ("local", "direct", "serve")
+
+
+def decode_rates(workers: dict, vocab: int, new_tokens: int, rounds: int) -> dict[int, dict]:
+    """{concurrency: {worker: median tokens/s, "ratios": {remote worker: per-round ratio to local}}}; the
+    workers take turns (in a rotated order each round, so drift hits all alike)."""
     gen = torch.Generator().manual_seed(0)
     results = {}
     for level in LEVELS:
         prompts = [torch.randint(5, vocab, (PROMPT_TOKENS,), generator=gen).tolist() for _ in range(level)]
-        for handle in (local, remote):  # warm-up: first-call costs, cache pages, hot rows
-            timed_generate(handle, prompts, max(4, new_tokens // 4))
-        samples = {"local": [], "remote": []}
+        for name in WORKERS:  # warm-up: first-call costs, cache pages, hot rows
+            timed_generate(workers[name], prompts, max(4, new_tokens // 4))
+        samples: dict[str, list[float]] = {name: [] for name in WORKERS}
+        before = {name: fetch_counters(workers[name]) for name in WORKERS[1:]}
         for r in range(rounds):
-            order = (("local", local), ("remote", remote)) if r % 2 == 0 else (("remote", remote), ("local", local))
-            for name, handle in order:
-                samples[name].append(timed_generate(handle, prompts, new_tokens))
+            for name in WORKERS[r % 3:] + WORKERS[:r % 3]:
+                samples[name].append(timed_generate(workers[name], prompts, new_tokens))
         results[level] = {name: statistics.median(values) for name, values in samples.items()}
-        results[level]["ratios"] = [b / a for a, b in zip(samples["local"], samples["remote"])]
+        results[level]["ratios"] = {name: [b / a for a, b in zip(samples["local"], samples[name])]
+                                    for name in WORKERS[1:]}
+        results[level]["per_step"] = {name: per_step(before[name], fetch_counters(workers[name]))
+                                      for name in WORKERS[1:]}
     return results
+
+
+def fetch_counters(worker) -> dict:
+    info = worker.info.remote().result(timeout_s=60)
+    return {key: info[key] for key in ("engram_requests", "engram_wait_s", "engram_fetch_s")}
+
+
+def per_step(before: dict, after: dict) -> dict[str, float]:
+    """ms per engine step the model waited for rows (exposed) and the fetch took, between two snapshots."""
+    steps = max(1, after["engram_requests"] - before["engram_requests"])
+    return {"wait": 1e3 * (after["engram_wait_s"] - before["engram_wait_s"]) / steps,
+            "fetch": 1e3 * (after["engram_fetch_s"] - before["engram_fetch_s"]) / steps}
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -193,11 +211,16 @@ def median_ms(fn, repeats: int) -> float:
     return 1e3 * statistics.median(samples)
 
 
-def round_trips(path: Path, config, shard, remote, num_shards: int, repeats: int) -> dict[int, dict[str, float]]:
-    """ms per call, for one step's ids at each concurrency level (ids in shard 0's rows): a no-op handle call,
-    engram_lookup_many through shard 0's handle, the same lookup on an in-process EngramTableStore (the shard's
-    work) and on the checkpoint's in-process tables (what worker (a) does). One torch thread, as the replicas."""
+def round_trips(path: Path, config, shard, workers: dict, num_shards: int, repeats: int) -> dict[int, dict]:
+    """ms per call, for one step's ids at each concurrency level (ids in shard 0's rows): a no-op Serve handle
+    call; the lookup as a Serve request (fp32 rows) and as a direct call to the shard's row-server actor (FP8
+    rows, decoded here), both from this driver; through each remote worker's own client inside its replica;
+    on an in-process EngramTableStore (the shard's work) and on the checkpoint's in-process tables (what
+    worker (a) does). One torch thread, as the replicas."""
+    import ray
+
     from memory_service.engram_tables import EngramTableStore
+    from memory_service.engram_wire import decode_rows
     from memory_service.sharding import shard_ranges
     from model_worker.loading import load_engram_tables
 
@@ -206,9 +229,15 @@ def round_trips(path: Path, config, shard, remote, num_shards: int, repeats: int
     store = EngramTableStore()
     store.add_model(MODEL_NAME, path)
     tables = load_engram_tables(path, config)
+    row_server = shard.engram_info.remote(MODEL_NAME).result(timeout_s=60)["row_server"]
     geo = geometry(config)
     gen = torch.Generator().manual_seed(1)
     out = {}
+
+    def actor_lookup(requests):
+        got = ray.get(row_server.lookup_many.remote(MODEL_NAME, requests, True), timeout=60)
+        return {layer: decode_rows(rows) for layer, rows in got.items()}
+
     for level in LEVELS:
         requests = {layer: torch.randint(*shard_ranges(rows, num_shards)[0], (level * geo.cols,), generator=gen)
                     for layer, rows in store.layer_rows(MODEL_NAME).items()}
@@ -216,7 +245,9 @@ def round_trips(path: Path, config, shard, remote, num_shards: int, repeats: int
             "noop": median_ms(lambda: shard.noop.remote().result(timeout_s=60), repeats),
             "handle": median_ms(lambda r=requests: shard.engram_lookup_many.remote(MODEL_NAME, r).result(
                 timeout_s=60), repeats),
-            "replica": remote.time_lookup.remote(requests, repeats).result(timeout_s=120),
+            "actor": median_ms(lambda r=requests: actor_lookup(r), repeats),
+            **{f"replica_{t}": workers[t].time_lookup.remote(requests, repeats).result(timeout_s=120)
+               for t in WORKERS[1:]},
             "store": median_ms(lambda r=requests: [store.lookup(MODEL_NAME, layer, ids)
                                                    for layer, ids in r.items()], repeats),
             "in_process": median_ms(lambda r=requests: [tables.lookup(layer, ids) for layer, ids in r.items()],
@@ -231,36 +262,42 @@ def geometry(config) -> EngramGeometry:
                           config.engram_head_dim)
 
 
-def traffic_check(remote, shards, config, vocab: int, new_tokens: int) -> dict:
-    """One 16-request generate_ids on the remote worker with the shards' counters reset: what crossed the
-    handles per computed token and per step, beside the capacity model's formula."""
-    for shard in shards:
-        shard.traffic.remote().result(timeout_s=60)
-    before = remote.info.remote().result(timeout_s=60)["engram_requests"]
+def traffic_check(workers: dict, shards, config, vocab: int, new_tokens: int) -> dict:
+    """One 16-request generate_ids on each remote worker with the shards' counters reset: what crossed the
+    wire per computed token and per step, beside the capacity model's formula. -> {transport: figures}."""
     level = LEVELS[-1]
-    gen = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(5, vocab, (PROMPT_TOKENS,), generator=gen).tolist() for _ in range(level)]
-    remote.generate_ids.remote(prompts, new_tokens).result(timeout_s=600)
-    steps = remote.info.remote().result(timeout_s=60)["engram_requests"] - before
-    counts = [shard.traffic.remote().result(timeout_s=60) for shard in shards]
-    total = {key: sum(c[key] for c in counts) for key in counts[0]}
     computed = level * (PROMPT_TOKENS + new_tokens - 1)  # every token fed to the model: prompt + all but the last
     geo = geometry(config)
-    return {"steps": steps, "requests": total["requests"], "computed": computed,
-            "row_bytes_per_token": total["row_bytes"] / computed, "id_bytes_per_token": total["id_bytes"] / computed,
-            "formula_fp32": geo.bytes_per_token("fp32"), "formula_fp8": geo.bytes_per_token("fp8"),
-            "formula_ids": geo.id_bytes_per_token}
+    out = {}
+    for transport in WORKERS[1:]:
+        worker = workers[transport]
+        for shard in shards:
+            shard.engram_traffic.remote(reset=True).result(timeout_s=60)
+        before = worker.info.remote().result(timeout_s=60)["engram_requests"]
+        gen = torch.Generator().manual_seed(2)
+        prompts = [torch.randint(5, vocab, (PROMPT_TOKENS,), generator=gen).tolist() for _ in range(level)]
+        worker.generate_ids.remote(prompts, new_tokens).result(timeout_s=600)
+        steps = worker.info.remote().result(timeout_s=60)["engram_requests"] - before
+        counts = [shard.engram_traffic.remote().result(timeout_s=60) for shard in shards]
+        total = {key: sum(c[key] for c in counts) for key in counts[0]}
+        out[transport] = {"steps": steps, "requests": total["requests"], "computed": computed,
+                          "row_bytes_per_token": total["row_bytes"] / computed,
+                          "id_bytes_per_token": total["id_bytes"] / computed}
+    out["formula"] = {"fp32": geo.bytes_per_token("fp32"), "fp8": geo.bytes_per_token("fp8"),
+                      "ids": geo.id_bytes_per_token}
+    return out
 
 
-def predicted_cost(local_tokens_per_s: float, level: int, trip: dict[str, float]) -> float:
+def predicted_cost(local_tokens_per_s: float, level: int, trip: float, in_process: float) -> float:
     """Cost if every step waits the in-replica round trip minus worker (a)'s own lookup (nothing hidden)."""
-    extra = trip["replica"] - trip["in_process"]
+    extra = trip - in_process
     return extra / (1e3 * level / local_tokens_per_s + extra)
 
 
 def report(args, config, sizes: tuple[int, int], rates: dict, trips: dict, traffic: dict, wall: float) -> None:
     geo = geometry(config)
-    print(f"Engram rows in-process (a) vs from the memory-service deployment (b), Ray Serve on one local Ray "
+    print(f"Engram rows in-process (a) vs from the memory-service deployment: (b) direct calls to the shards' "
+          f"row-server actors, FP8 rows; (c) a Serve request per step, fp32 rows. Ray Serve on one local Ray "
           f"instance, {args.shards} shard(s)")
     n_params, table_rows = sizes
     print(f"model: our architecture, {n_params / 1e6:.1f}M parameters, {config.num_hidden_layers} layers, hidden "
@@ -269,44 +306,56 @@ def report(args, config, sizes: tuple[int, int], rates: dict, trips: dict, traff
           f"{table_rows * (config.engram_head_dim + config.engram_head_dim // 32) / 2**20:.0f} MiB")
     switch = f"{args.switch_interval_ms:g} ms" if args.switch_interval_ms else "Python's default 5 ms"
     print(f"{machine_line()} (driver); worker replicas num_cpus=0.5 (1 torch thread), GIL switch interval "
-          f"{switch}; a long CPU-bound job shares this host, all of this ran at nice 19; load average at start "
-          f"{args.load:.2f}, at end {os.getloadavg()[0]:.2f}")
+          f"{switch}; load average at start {args.load:.2f}, at end {os.getloadavg()[0]:.2f}")
     print(f"{PROMPT_TOKENS}-token prompts, {args.new_tokens} new tokens each, greedy; median of {args.rounds} "
-          f"alternating rounds")
+          f"rounds, the three workers in rotated order each round")
     print()
-    print(f"{'concurrent':>10}{'(a) tok/s':>11}{'(b) tok/s':>11}{'(b)/(a)':>9}{'paired':>8}{'cost':>8}"
-          f"{'goal 3%':>12}{'predicted cost':>16}   per-round (b)/(a)")
+    print(f"{'concurrent':>10}{'path':>8}{'tok/s':>9}{'/(a)':>8}{'paired':>8}{'cost':>8}{'goal 3%':>12}"
+          f"{'predicted':>11}   per-round ratio to (a)")
     for level in LEVELS:
-        a, b = rates[level]["local"], rates[level]["remote"]
-        ratios = rates[level]["ratios"]
-        paired = statistics.median(ratios)
-        cost = 1 - paired
-        verdict = "met" if cost <= GOAL else f"miss x{cost / GOAL:.1f}"
-        print(f"{level:>10}{a:>11.1f}{b:>11.1f}{b / a:>9.3f}{paired:>8.3f}{cost:>8.1%}{verdict:>12}"
-              f"{predicted_cost(a, level, trips[level]):>16.1%}   {' '.join(f'{r:.2f}' for r in ratios)}")
-    print(f"(a), (b): median tok/s; (b)/(a): their ratio; paired: median of the rounds' (b)/(a) (each round runs "
-          f"(a) and (b) back to back, so drift cancels best); cost = 1 - paired; goal <= {GOAL:.0%} (issue 15; the "
-          "Engram paper: 1.9-2.8% with tables in host DRAM, H800). predicted cost = (RTT in replica - (a) lookup) / "
-          "(step (a) + the same): the step waits the whole round trip (the CPU worker overlaps it only with the "
-          "layers below the first Engram layer, here layer 0)")
+        a = rates[level]["local"]
+        print(f"{level:>10}{'(a)':>8}{a:>9.1f}")
+        for label, name in (("(b)", "direct"), ("(c)", "serve")):
+            ratios = rates[level]["ratios"][name]
+            paired = statistics.median(ratios)
+            cost = 1 - paired
+            verdict = "met" if cost <= GOAL else f"miss x{cost / GOAL:.1f}"
+            predicted = predicted_cost(a, level, trips[level][f"replica_{name}"], trips[level]["in_process"])
+            print(f"{'':>10}{label:>8}{rates[level][name]:>9.1f}{rates[level][name] / a:>8.3f}{paired:>8.3f}"
+                  f"{cost:>8.1%}{verdict:>12}{predicted:>11.1%}   {' '.join(f'{r:.2f}' for r in ratios)}")
+    print(f"tok/s: median; /(a): ratio of medians; paired: median of the rounds' own ratios (drift cancels "
+          f"best); cost = 1 - paired; goal <= {GOAL:.0%} (issue 15; the Engram paper: 1.9-2.8% with tables in "
+          "host DRAM, H800). predicted = (RTT in replica - (a) lookup) / (step (a) + the same): the cost if a "
+          "step waited the whole round trip (the fetch overlaps only the layers below the first Engram layer, "
+          "here layer 0)")
     print()
-    print(f"{'concurrent':>10}{'step (a)':>10}{'step (b)':>10}{'extra':>8}{'RTT in replica':>16}{'RTT driver':>12}"
-          f"{'no-op RTT':>11}{'shard work':>12}{'(a) lookup':>12}   (ms per step)")
+    print(f"{'concurrent':>10}{'step (a)':>10}{'(b)':>7}{'(c)':>7}{'fetch (b)':>11}{'(c)':>7}{'waited (b)':>12}"
+          f"{'(c)':>7}{'RTT (b)':>9}{'(c)':>7}{'driver actor':>14}{'driver Serve':>14}{'no-op Serve':>13}"
+          f"{'shard work':>12}{'(a) lookup':>12}   (ms per step)")
     for level in LEVELS:
-        step_a, step_b = 1e3 * level / rates[level]["local"], 1e3 * level / rates[level]["remote"]
-        trip = trips[level]
-        print(f"{level:>10}{step_a:>10.1f}{step_b:>10.1f}{step_b - step_a:>8.1f}{trip['replica']:>16.2f}"
-              f"{trip['handle']:>12.2f}{trip['noop']:>11.2f}{trip['store']:>12.2f}{trip['in_process']:>12.2f}")
-    print("step = concurrent / tok/s; RTT in replica: one step's engram_lookup_many through the remote worker's "
-          "HandleEngramClient, timed in its replica while no request runs; RTT driver: the same call from this "
-          "driver; no-op RTT: a handle call that does nothing (Serve's floor here); shard work: the same lookup "
-          "on an in-process EngramTableStore; (a) lookup: on worker (a)'s in-process tables")
+        step = {name: 1e3 * level / rates[level][name] for name in WORKERS}
+        trip, counted = trips[level], rates[level]["per_step"]
+        print(f"{level:>10}{step['local']:>10.1f}{step['direct']:>7.1f}{step['serve']:>7.1f}"
+              f"{counted['direct']['fetch']:>11.2f}{counted['serve']['fetch']:>7.2f}"
+              f"{counted['direct']['wait']:>12.2f}{counted['serve']['wait']:>7.2f}"
+              f"{trip['replica_direct']:>9.2f}{trip['replica_serve']:>7.2f}{trip['actor']:>14.2f}"
+              f"{trip['handle']:>14.2f}{trip['noop']:>13.2f}{trip['store']:>12.2f}{trip['in_process']:>12.2f}")
+    print("step = concurrent / tok/s; fetch: a step's lookup in the worker's fetch thread while it decodes, "
+          "waited: how long of it the model had to wait (both counted by the engine over the timed rounds); "
+          "RTT (b), (c): one step's lookup through that worker's own client, timed in "
+          "its replica while no request runs; driver actor / Serve: the same lookup from this driver straight "
+          "to shard 0's row-server actor (FP8, decoded) / as a Serve request (fp32); no-op Serve: a handle call "
+          "that does nothing (Serve's floor here); shard work: the lookup on an in-process EngramTableStore; "
+          "(a) lookup: on worker (a)'s in-process tables")
     print()
-    t = traffic
-    print(f"traffic counted in the shard replica(s), one {LEVELS[-1]}-request call: {t['requests']} requests for "
-          f"{t['steps']} engine steps; per computed token {t['row_bytes_per_token']:,.0f} B of rows "
-          f"(formula, fp32 rows: {t['formula_fp32']:,}; FP8 rows would be {t['formula_fp8']:,}) and "
-          f"{t['id_bytes_per_token']:,.0f} B of ids (formula {t['formula_ids']:,})")
+    formula = traffic["formula"]
+    for label, name in (("(b)", "direct"), ("(c)", "serve")):
+        t = traffic[name]
+        print(f"traffic {label}, counted in the shards' row servers, one {LEVELS[-1]}-request call: {t['requests']} "
+              f"requests for {t['steps']} engine steps; per computed token {t['row_bytes_per_token']:,.0f} B of rows "
+              f"and {t['id_bytes_per_token']:,.0f} B of ids")
+    print(f"formula (benchmarks/engram_capacity.py): rows {formula['fp8']:,} B FP8 / {formula['fp32']:,} B fp32 "
+          f"per token, ids {formula['ids']:,} B")
     print(f"wall time {wall:.0f} s")
 
 
@@ -331,10 +380,10 @@ def main() -> None:
         config, sizes, vocab = build_checkpoint(path, args.quick)
         start_ray()
         try:
-            local, remote, shards = deploy(path, args.shards, args.switch_interval_ms and args.switch_interval_ms / 1e3)
-            rates = decode_rates(local, remote, vocab, args.new_tokens, args.rounds)
-            trips = round_trips(path, config, shards[0], remote, args.shards, repeats=15 if args.quick else 40)
-            traffic = traffic_check(remote, shards, config, vocab, args.new_tokens)
+            workers, shards = deploy(path, args.shards, args.switch_interval_ms and args.switch_interval_ms / 1e3)
+            rates = decode_rates(workers, vocab, args.new_tokens, args.rounds)
+            trips = round_trips(path, config, shards[0], workers, args.shards, repeats=15 if args.quick else 40)
+            traffic = traffic_check(workers, shards, config, vocab, args.new_tokens)
         finally:
             serve.shutdown()
             ray.shutdown()

@@ -4,7 +4,8 @@
 (`shard_ranges`, as `ShardedEngramClient` does), starts one request per shard that holds any of them
 (`shard.start_many(model, {layer: global ids [n]})`, which returns something with `.result()` -> {layer:
 rows [n, head_dim] fp32}), then waits for all and puts each layer's rows back in the order of its ids. The
-requests run at the same time when the shards' `start_many` does not block (remote handles). `lookup(layer,
+requests run at the same time when the shards' `start_many` does not block (remote handles);
+`start_lookup_many` returns after sending them, so a caller can compute while they are in flight. `lookup(layer,
 ids)` is `lookup_many` with one layer, so the client also works where per-layer calls are made.
 
 `StoreShard` adapts an in-process `EngramTableStore` / `MemoryService` (anything with `lookup(model, layer,
@@ -53,6 +54,27 @@ class StoreShard:
         return done
 
 
+class PendingLookup:
+    """A `start_lookup_many` in flight: `result()` waits for every shard's answer and puts each layer's rows
+    back in the order of its ids (once; later calls return the same rows or raise the same error)."""
+
+    def __init__(self, client: BatchedEngramClient, requests: dict, plans: dict, pending: dict) -> None:
+        self.client, self.requests, self.plans, self.pending = client, requests, plans, pending
+        self._rows: dict[int, torch.Tensor] | None = None
+        self._error: BaseException | None = None
+
+    def result(self) -> dict[int, torch.Tensor]:
+        if self._rows is None and self._error is None:
+            try:
+                answers = {i: p.result() for i, p in self.pending.items()}
+                self._rows = self.client._assemble(self.requests, self.plans, answers)
+            except BaseException as exc:
+                self._error = exc
+        if self._error is not None:
+            raise self._error
+        return self._rows
+
+
 class BatchedEngramClient:
     """EngramTableClient (`lookup`, `lookup_many`) for one model whose tables are split by row range over
     `shards` (shard i holds rows `shard_ranges(rows, len(shards))[i]` of every layer)."""
@@ -81,12 +103,21 @@ class BatchedEngramClient:
 
     def lookup_many(self, requests: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """{layer: hash_ids int64 [...]} -> {layer: rows fp32 [..., head_dim]}: one request per shard involved."""
+        return self.start_lookup_many(requests).result()
+
+    def start_lookup_many(self, requests: Mapping[int, torch.Tensor]) -> PendingLookup:
+        """`lookup_many` in two halves: send the shards their requests now (without waiting, where the shards'
+        `start_many` does not block) and return what `.result()` waits on and reassembles."""
         for layer, hash_ids in requests.items():
             self._check(layer, hash_ids)
         per_shard: dict[int, dict[int, torch.Tensor]] = {}
-        plans = {}  # layer: (order, counts)
+        plans = {}  # layer: (order, counts); order None: one shard, rows come back in the ids' order
         for layer, hash_ids in requests.items():
             flat = hash_ids.reshape(-1).to(device="cpu", dtype=torch.int64)
+            if len(self.shards) == 1:
+                per_shard.setdefault(0, {})[layer] = flat
+                plans[layer] = (None, [flat.numel()])
+                continue
             shard_index = shard_of(flat, self.ranges[layer])  # [n]
             order = torch.argsort(shard_index, stable=True)
             counts = torch.bincount(shard_index, minlength=len(self.shards)).tolist()
@@ -99,10 +130,16 @@ class BatchedEngramClient:
         pending = {i: self.shards[i].start_many(self.model, reqs) for i, reqs in sorted(per_shard.items())}
         self.requests += 1
         self.shard_requests += len(pending)
-        answers = {i: p.result() for i, p in pending.items()}
+        return PendingLookup(self, dict(requests), plans, pending)
+
+    def _assemble(self, requests: Mapping[int, torch.Tensor], plans: dict, answers: dict) -> dict[int, torch.Tensor]:
         out = {}
         for layer, hash_ids in requests.items():
             order, counts = plans[layer]
+            if order is None:
+                rows = self._rows_of(answers, 0, layer, counts[0])  # [n, head_dim]
+                out[layer] = rows.reshape(*hash_ids.shape, rows.shape[-1]).to(hash_ids.device)
+                continue
             parts = []
             for i, count in enumerate(counts):
                 if count or (not order.numel() and i == 0):

@@ -27,6 +27,7 @@ import torch
 from engram_kernels.engram import engram_gather
 from engram_kernels.engram.gather import OUT_DTYPES, SCALE_BLOCK
 from memory_service.engram_client import ShardedEngramClient, check_id_type
+from memory_service.engram_wire import encode_rows
 from memory_service.hot_cache import HotRowCache
 from memory_service.sharding import shard_ranges
 from memory_service.table_file import (
@@ -222,6 +223,27 @@ class EngramTableStore:
             table.lookups += 1
             table.ids += flat.numel()
         return rows.to(hash_ids.device).reshape(*hash_ids.shape, table.head_dim)
+
+    def lookup_encoded(self, model: str, layer: int, hash_ids: torch.Tensor) -> dict:
+        """Rows of one layer in the table's own format, for the wire (`memory_service.engram_wire`).
+        hash_ids int64 [n] (global row ids in this shard's range) -> `encode_rows` output for n rows. Reads
+        the table, not the hot-row cache (which holds dequantized rows); counted as a lookup."""
+        table = self._table(model, layer)
+        file = self._served(model).file
+        if file is not None:
+            file.check_unchanged()
+        _check_ids(hash_ids, table.row_range, model, layer)
+        if hash_ids.dim() != 1:
+            raise ValueError(f"hash_ids: expected a flat [n] tensor, got shape {list(hash_ids.shape)}")
+        local = hash_ids.long().cpu() - table.row_range[0]
+        encoded = encode_rows(table.data, table.scales, local)
+        if self.resident_budget_bytes is not None and file is not None:
+            touched = sum(_fault_windows(t, local) for t in (table.data, table.scales) if t is not None)
+            self._charge(touched * FAULT_WINDOW_BYTES)
+        with self._lock:
+            table.lookups += 1
+            table.ids += local.numel()
+        return encoded
 
     def _gather(self, table: ServedTable, ids: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """Rows of global ids [n] straight from the mapped table -> [n, head_dim]."""

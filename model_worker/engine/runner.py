@@ -9,13 +9,15 @@ layers. Engram rows for the step are looked up as soon as the step's tokens are 
 layer runs: on a background thread when the model runs on a GPU, so the fetch overlaps the layers
 below the first Engram layer; inline on CPU-only hosts, where a second thread of torch work only
 competes with the intra-op thread pool. A table client with `lookup_many({layer: hash_ids})` (rows served
-by another process) gets one request for all Engram layers per step, always from the background thread,
-so the transfer overlaps the layers below the first Engram layer on any host. The runner returns the
+by another process) gets one request for all Engram layers per step, sent before the layers run so the
+transfer overlaps the layers below the first Engram layer: from the engine thread itself on a CPU host when
+the client can send without waiting (`start_lookup_many`), else from a background thread. The runner returns the
 logits of each sequence whose computation reached its last token; sampling is the engine's job.
 """
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -161,18 +163,35 @@ class ModelRunner:
         self.computed_tokens = 0  # tokens run through the model since start (prefix-cache hits excluded)
         self.engram_lookups = 0  # Engram table lookups issued (one per Engram layer per step)
         self.engram_lookup_tokens = 0  # tokens whose Engram rows were looked up, summed over layers
+        self.engram_wait_s = 0.0  # time the model waited for Engram rows not there yet (the exposed fetch)
+        self.engram_fetch_s = 0.0  # batched client: time from a step's request to its rows, summed over steps
+        self._unresolved = None  # the current step's lookup sent from the engine thread, not yet waited for
 
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
         """-> (sequences to sample for, their logits [S, vocab] fp32)."""
+        engram = self._prefetch_engram_rows(batch)  # first: the rows travel while the step is planned
         plan = build_plan(batch, self.cache.block_size, self.device)
         self.cache.check_slot_range(plan.slot_mapping)  # once for every layer's write
-        engram = self._prefetch_engram_rows(batch)
         logits_index = torch.tensor(plan.logits_rows, dtype=torch.int64, device=self.device)
         logits = self.model.forward_step(
             plan.input_ids, plan.positions, lambda layer: LayerPagedAttention(self.cache, layer, plan),
-            lambda layer: engram[layer].result(), logits_index)
+            lambda layer: self._engram_rows(engram[layer]), logits_index)
         self.computed_tokens += len(plan.input_ids)
         return plan.sampled_seqs, logits
+
+    def _engram_rows(self, future: Future) -> torch.Tensor:
+        """A layer's rows (waiting for a request the engine thread sent, if that is how they come), counting
+        the time the model had to wait for them."""
+        if future.done():
+            return future.result()
+        start = time.perf_counter()
+        try:
+            resolve, self._unresolved = self._unresolved, None
+            if resolve is not None:
+                resolve()
+            return future.result()
+        finally:
+            self.engram_wait_s += time.perf_counter() - start
 
     def _prefetch_engram_rows(self, batch: ScheduledBatch) -> dict[int, Future]:
         """Start the Engram lookups of every Engram layer for this step's tokens. -> {layer: Future[N, C*hd]}.
@@ -181,6 +200,7 @@ class ModelRunner:
         window of its new tokens plus the (max_ngram - 1) tokens before them, right-padded (padding comes
         after real tokens, so it never enters a real token's n-grams)."""
         model, cfg = self.model, self.model.config
+        self._unresolved = None
         if not cfg.uses_engram:
             return {}
         context = cfg.engram_max_ngram_size - 1
@@ -221,19 +241,24 @@ class ModelRunner:
 
     def _prefetch_batched(self, compressed: torch.Tensor, valid: torch.Tensor,
                           pick: tuple[torch.Tensor, torch.Tensor]) -> dict[int, Future]:
-        """One `lookup_many` request for every Engram layer, on the background thread. Hashing runs there too
-        on a GPU (its ids go to the host for the transfer); on a CPU it runs here, leaving the thread only the
-        transfer. -> {layer: Future[N, C*hd]}, all settled together (with the rows, or the request's error)."""
+        """One `lookup_many` request for every Engram layer. -> {layer: Future[N, C*hd]}, all settled together
+        (with the rows, or the request's error).
+
+        On a CPU host, with a client that can send without waiting (`start_lookup_many`), the engine thread
+        hashes, sends and goes on; the first Engram layer waits for the answer (`_engram_rows`). No second
+        thread: on a CPU its Python work (sending, decoding) took the GIL and cores from the layers, which
+        cost more than the wait it hid (benchmarks/engram_remote.py, docs/capacity.md §8). Otherwise the
+        request runs on a background thread, hashing there too on a GPU (its ids go to the host for the
+        transfer)."""
         model = self.model
         layers = list(model.config.engram_layer_ids)
+        tables = model.engram_tables
+        futures = {layer: Future() for layer in layers}
 
         def hash_all() -> dict[int, torch.Tensor]:
             return {layer: model.engram_hasher.hash(layer, compressed, valid)[pick] for layer in layers}  # [N, C]
 
-        def fetch(hash_ids: dict[int, torch.Tensor] | None) -> dict[int, torch.Tensor]:
-            if hash_ids is None:
-                hash_ids = hash_all()
-            got = model.engram_tables.lookup_many(hash_ids)
+        def checked(got: dict, hash_ids: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
             missing = [layer for layer in layers if layer not in got]
             if missing:  # never compute with missing rows
                 raise RuntimeError(f"Engram lookup_many returned no rows for layer(s) {missing}")
@@ -246,20 +271,45 @@ class ModelRunner:
                 out[layer] = rows.to(self.device).flatten(-2)  # [N, C * head_dim]
             return out
 
-        if self._batch_pool is None:
-            self._batch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-fetch")
-        step = self._batch_pool.submit(fetch, None if self.device.type == "cuda" else hash_all())
-        futures = {layer: Future() for layer in layers}
-
-        def settle(done: Future) -> None:
-            error = done.exception()
+        def settle(rows: dict[int, torch.Tensor] | None, error: BaseException | None) -> None:
             for layer, future in futures.items():
                 if error is not None:
                     future.set_exception(error)
                 else:
-                    future.set_result(done.result()[layer])
+                    future.set_result(rows[layer])
 
-        step.add_done_callback(settle)
+        if self.device.type != "cuda" and callable(getattr(tables, "start_lookup_many", None)):
+            hash_ids = hash_all()
+            sent = time.perf_counter()
+            pending = tables.start_lookup_many(hash_ids)
+
+            def resolve() -> None:
+                try:
+                    rows = checked(pending.result(), hash_ids)
+                except Exception as exc:
+                    settle(None, exc)
+                else:
+                    settle(rows, None)
+                finally:
+                    self.engram_fetch_s += time.perf_counter() - sent
+
+            self._unresolved = resolve
+            return futures
+
+        def fetch(hash_ids: dict[int, torch.Tensor] | None) -> dict[int, torch.Tensor]:
+            start = time.perf_counter()
+            if hash_ids is None:
+                hash_ids = hash_all()
+            try:
+                return checked(tables.lookup_many(hash_ids), hash_ids)
+            finally:
+                self.engram_fetch_s += time.perf_counter() - start
+
+        if self._batch_pool is None:
+            self._batch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-fetch")
+        step = self._batch_pool.submit(fetch, None if self.device.type == "cuda" else hash_all())
+        step.add_done_callback(lambda done: settle(None, done.exception()) if done.exception() is not None
+                               else settle(done.result(), None))
         return futures
 
     def forget(self, request_id: str) -> None:

@@ -1,14 +1,15 @@
 """The runtime as a Ray Serve application: memory service, model worker and API ingress as deployments.
 
-The one package that imports Ray (`handles`: calls across replicas and the Engram client; `adapters`:
-the ingress's memory, model and OpenAI clients over handles; `router`: session affinity;
+The one package that imports Ray (`handles`: calls across replicas; `engram_rows`: Engram rows across the split;
+`adapters`: the ingress's memory, model and OpenAI clients over handles; `router`: session affinity;
 `deployments`). Each deployment is a thin shell over the plain classes `LocalRuntime` composes in one process:
 
 - `MemoryServiceDeployment`: a `MemoryService` over an `AgentMemoryStore` (the SQL database + faiss);
   async `write/search/get/list/update/delete/forget_agent` forward to it. Optionally it also serves the
-  Engram tables of a checkpoint (`engram_path`), whole or one row-range shard of `num_shards`:
-  `engram_lookup_many(model, {layer: hash_ids}) -> {layer: rows}` (tensors, through Ray's object store)
-  and `engram_info(model)`. A replica may serve only Engram tables (no `database_url`).
+  Engram tables of a checkpoint (`engram_path`), whole or one row-range shard of `num_shards`, from a
+  row-server actor it starts on its node (`engram_rows`): `engram_info(model)` names that actor, which
+  workers call directly; `engram_lookup_many(model, {layer: hash_ids}) -> {layer: rows}` is the same
+  lookup as a Serve request. A replica may serve only Engram tables (no `database_url`).
 - `ModelWorkerDeployment`: one `ModelWorker`; `stream_complete` (an async generator of text deltas and a
   final record, for the orchestrator), the OpenAI handlers (`chat_completions`/`completions` answer
   one response; `*_stream` are async generators of chunks), `generate_ids`, `models()` and `info()`.
@@ -18,7 +19,8 @@ the ingress's memory, model and OpenAI clients over handles; `router`: session a
   the least loaded (`affinity.rank_replicas`, Ray-free).
   With `engram="remote"` it loads the checkpoint without its Engram tables and gets the rows from the
   memory deployment(s) given as `engram_shards` (shard i of N at index i) through a `HandleEngramClient`:
-  one request per shard per engine step for all Engram layers, started before the layers run. A lookup
+  one call per shard per engine step for all Engram layers, started before the layers run, to the shard's
+  row-server actor (FP8 rows on the wire; `engram_transport="serve"`: a Serve request, fp32 rows). A lookup
   that cannot reach the memory service raises a RuntimeError naming it, which fails the step's requests
   (nothing is computed with missing rows); `check_health` then fails while the service stays unreachable.
 - `ApiIngress`: the FastAPI app of `runtime.api.create_app` through `serve.ingress`, over a
@@ -48,7 +50,8 @@ from runtime.serve.deployments import (
     deploy,
     shutdown,
 )
-from runtime.serve.handles import ErrorRecord, HandleEngramClient, MemoryServiceUnavailable
+from runtime.serve.engram_rows import HandleEngramClient, MemoryServiceUnavailable
+from runtime.serve.handles import ErrorRecord
 from runtime.serve.router import SessionAffinityRouter
 
 __all__ = ["ApiIngress", "ErrorRecord", "HandleEngramClient", "HandleMemory", "HandleModelClient",

@@ -14,13 +14,15 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from model_worker.openai_protocol import OpenAIError
 from runtime.model_client import _usage_dict
 from runtime.serve.adapters import HandleMemory, HandleModelClient, SessionOrchestrator, WorkerProxy
-from runtime.serve.handles import ErrorRecord, HandleEngramClient, call
+from runtime.serve.engram_rows import HandleEngramClient, start_row_server
+from runtime.serve.handles import ErrorRecord, call
 from runtime.serve.router import DEFAULT_MAX_QUEUE, SessionAffinityRouter
 from runtime.settings import Settings
 
@@ -35,7 +37,8 @@ WORKER_ARGS = ("model_path", "model_dtype", "kv_cache_dtype", "cache_budget_mib"
 # ---- memory service ------------------------------------------------------------------------------------
 @serve.deployment(ray_actor_options={"num_cpus": 0.2}, health_check_period_s=10, health_check_timeout_s=30)
 class MemoryServiceDeployment:
-    """Long-term agent memory: SQL source of truth + faiss indexes, in one replica."""
+    """Long-term agent memory (SQL source of truth + faiss indexes) and/or one shard of a model's Engram tables
+    (served by a row-server actor this replica starts and owns), in one replica."""
 
     def __init__(self, database_url: str | None = None, embedder: str = "minilm", *, engram_path: str | None = None,
                  engram_model: str | None = None, shard: int = 0, num_shards: int = 1,
@@ -48,7 +51,7 @@ class MemoryServiceDeployment:
 
         if database_url is None and engram_path is None:
             raise ValueError("database_url, engram_path: give at least one (agent memory, Engram tables)")
-        agent_memory, engram = None, None
+        agent_memory = None
         self._engine = None
         if database_url is not None:
             from sqlalchemy import create_engine
@@ -62,26 +65,51 @@ class MemoryServiceDeployment:
                                             else HashingEmbedder())
             self._engine = create_engine(database_url, pool_pre_ping=True)
         self.engram_shard, self.engram_num_shards = shard, num_shards
-        if engram_path is not None:
-            from memory_service.engram_tables import EngramTableStore
-
+        self.row_server, self._row_server_args, self._row_server_lock = None, None, asyncio.Lock()
+        if engram_path is not None:  # the tables live in this replica's row-server actor (engram_rows)
             path = Path(engram_path)
             name = engram_model or (path.name if path.is_dir() else path.parent.name)
-            engram = EngramTableStore(hot_cache_rows=hot_cache_rows)
-            engram.add_model(name, path, shard=shard, num_shards=num_shards)
-        self.service = MemoryService(agent_memory, engram=engram)
+            self._row_server_args = ((path, name), dict(shard=shard, num_shards=num_shards,
+                                                        hot_cache_rows=hot_cache_rows))
+            self.row_server = start_row_server(*self._row_server_args[0], **self._row_server_args[1])
+        self.service = MemoryService(agent_memory)
 
-    def engram_lookup_many(self, model: str, requests: dict[int, Any]) -> dict[int, Any]:
+    async def engram_lookup_many(self, model: str, requests: dict[int, Any]) -> dict[int, Any]:
         """{layer: global row ids int64 [n] of this shard} -> {layer: rows fp32 [n, head_dim]} (tensors both
-        ways: Ray's object store carries them). A sync method: Serve runs it on the replica's thread pool."""
-        return {int(layer): self.service.engram_lookup(model, int(layer), ids) for layer, ids in requests.items()}
+        ways: Ray's object store carries them): a Serve request per step, through the row-server actor. Workers
+        call that actor directly instead (`engram_info`'s "row_server"); this path is kept for comparison."""
+        return await self._row_server().lookup_many.remote(model, requests)
 
-    def engram_info(self, model: str) -> dict:
-        """{"shard", "num_shards", "layer_rows": {layer: rows of the whole table}} of a served model."""
-        if self.service.engram is None:
+    async def engram_info(self, model: str) -> dict:
+        """{"shard", "num_shards", "layer_rows": {layer: rows of the whole table}, "row_server": the actor that
+        serves the rows} of a served model; a row server found dead is started again first."""
+        actor = await self._live_row_server()
+        return {**await actor.info.remote(model), "row_server": actor}
+
+    async def engram_traffic(self, reset: bool = False) -> dict:
+        """What the row server served: {requests, ids, id_bytes, row_bytes} (since the start or last reset)."""
+        return await self._row_server().traffic.remote(reset)
+
+    def _row_server(self):
+        if self.row_server is None:
             raise RuntimeError("this memory service serves no Engram tables")
-        return {"shard": self.engram_shard, "num_shards": self.engram_num_shards,
-                "layer_rows": self.service.engram.layer_rows(model)}
+        return self.row_server
+
+    async def _live_row_server(self):
+        """The row-server actor, started again (tables mapped anew) if it died or stopped answering."""
+        actor = self._row_server()
+        try:
+            await asyncio.wait_for(actor.ping.remote(), 10.0)
+            return actor
+        except (TimeoutError, RayActorError) as exc:
+            async with self._row_server_lock:
+                if self.row_server is actor:
+                    serve_log.warning("Engram row server gone (%s: %s); starting a new one", type(exc).__name__, exc)
+                    with contextlib.suppress(Exception):
+                        ray.kill(actor)
+                    args, kwargs = self._row_server_args
+                    self.row_server = await asyncio.to_thread(start_row_server, *args, **kwargs)
+                return self.row_server
 
     async def write(self, tenant: str, agent: str, text: str, **kwargs):
         return await self.service.write(tenant, agent, text, **kwargs)
@@ -117,12 +145,14 @@ class MemoryServiceDeployment:
 
     async def check_health(self) -> None:
         await self.ping()
+        if self.row_server is not None:  # restarts a dead row server; unhealthy if that fails
+            await self._live_row_server()
 
     def __del__(self):
         with contextlib.suppress(Exception):
             self.service.close()
-            if self.service.engram is not None:
-                self.service.engram.close()
+            if self.row_server is not None:
+                ray.kill(self.row_server)
             if self._engine is not None:
                 self._engine.dispose()
 
@@ -139,10 +169,12 @@ class ModelWorkerDeployment:
     async def __init__(self, model_path: str, model_dtype: str = "float32", kv_cache_dtype: str = "auto",
                        cache_budget_mib: int = 256, *, engram: str = "local",
                        engram_shards: list[DeploymentHandle] | None = None, engram_model: str | None = None,
-                       engram_timeout_s: float = 30.0):
+                       engram_timeout_s: float = 30.0, engram_transport: str = "direct"):
         """engram: "local" (the checkpoint's Engram tables in this process) or "remote" (rows from the memory
         deployments `engram_shards`, shard i of len(engram_shards) at index i, serving the tables as model
-        `engram_model`, default the checkpoint directory's name; a lookup waits at most engram_timeout_s)."""
+        `engram_model`, default the checkpoint directory's name; a lookup waits at most engram_timeout_s).
+        engram_transport: "direct" (each step calls the shards' row-server actors, FP8 rows) or "serve" (a
+        Serve request per step, fp32 rows); see runtime/serve/engram_rows.py."""
         from model_worker.worker import ModelWorker
 
         if engram not in ("local", "remote"):
@@ -153,7 +185,8 @@ class ModelWorkerDeployment:
         self.engram_client: HandleEngramClient | None = None
         if engram == "remote":
             self.engram_client = await HandleEngramClient.connect(
-                engram_model or Path(model_path).name, list(engram_shards), timeout_s=engram_timeout_s)
+                engram_model or Path(model_path).name, list(engram_shards), timeout_s=engram_timeout_s,
+                transport=engram_transport)
         self.worker = ModelWorker.from_pretrained(model_path, dtype=model_dtype, kv_cache_dtype=kv_cache_dtype,
                                                   cache_budget_bytes=cache_budget_mib * 2**20,
                                                   engram_tables=self.engram_client)
@@ -167,6 +200,10 @@ class ModelWorkerDeployment:
                 "engram_lookups": self.worker.engine.runner.engram_lookups}  # one per Engram layer per step
         if self.engram_client is not None:  # requests to the memory service: one lookup_many per step
             info["engram_requests"] = self.engram_client.client.requests
+            info["engram_transport"] = self.engram_client.transport
+            info["engram_row_server_refreshes"] = sum(getattr(s, "refreshes", 0) for s in self.engram_client.shards)
+            runner = self.worker.engine.runner  # seconds summed over steps: the model waiting, the fetch
+            info["engram_wait_s"], info["engram_fetch_s"] = runner.engram_wait_s, runner.engram_fetch_s
         return info
 
     def models(self):

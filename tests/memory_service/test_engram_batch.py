@@ -3,6 +3,9 @@ request per shard per engine step for all Engram layers, and a failing shard fai
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -36,10 +39,20 @@ class CountingShard(StoreShard):
     def __init__(self, store):
         super().__init__(store)
         self.calls = []
+        self.threads = []
 
     def start_many(self, model, requests):
         self.calls.append(sorted(requests))
-        return super().start_many(model, requests)
+        done = super().start_many(model, requests)
+        threads = self.threads
+
+        class Noted:  # which threads send and wait
+            def result(self):
+                threads.append((threading.current_thread().name, "wait"))
+                return done.result()
+
+        self.threads.append((threading.current_thread().name, "send"))
+        return Noted()
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +92,29 @@ def test_lookup_many_matches_in_process_tables(saved_model, num_shards):
         store.close()
 
 
-@pytest.mark.parametrize("num_shards", [1, 3])
-def test_engine_sends_one_request_per_shard_per_step(saved_model, num_shards):
+class BlockingOnly:
+    """A client that can only look up and wait (no `start_lookup_many`): the engine uses its fetch thread."""
+
+    def __init__(self, client: BatchedEngramClient):
+        self.client, self.layers_rows = client, client.layers_rows
+
+    def lookup(self, layer, ids):
+        return self.client.lookup(layer, ids)
+
+    def lookup_many(self, requests):
+        return self.client.lookup_many(requests)
+
+
+@pytest.mark.parametrize("num_shards,sender", [(1, "engine"), (3, "engine"), (3, "fetch thread")])
+def test_engine_sends_one_request_per_shard_per_step(saved_model, num_shards, sender):
+    """Same tokens whether the engine thread sends the step's request itself (a client with
+    `start_lookup_many`, on a CPU) or its fetch thread does; one request per shard per step either way."""
     model, path, want = saved_model
     in_process = model.engram_tables
     stores = stores_for(path, num_shards)
     shards = [CountingShard(s) for s in stores]
     client = BatchedEngramClient("tiny", shards, engram_layer_rows(path))
-    model.attach_engram_tables(client)
+    model.attach_engram_tables(client if sender == "engine" else BlockingOnly(client))
     try:
         got, steps = generate(model)
     finally:
@@ -96,18 +124,61 @@ def test_engine_sends_one_request_per_shard_per_step(saved_model, num_shards):
     for shard in shards:
         assert len(shard.calls) <= steps and all(len(layers) <= 2 for layers in shard.calls)
         assert shard.calls and [1, 2] in shard.calls  # both layers travel in one request
+        threads = {name for name, _ in shard.threads}
+        assert threads == ({threading.current_thread().name} if sender == "engine" else {"engram-fetch_0"})
     for store in stores:
         store.close()
 
 
-def test_failing_shard_fails_the_step(saved_model):
+def test_rows_sent_by_the_engine_are_waited_for_at_the_first_engram_layer(saved_model):
+    """The engine thread sends the request before the layers run and waits for the rows only when layer 1
+    needs them; that wait is what `engram_wait_s` counts (here at least the shard's 20 ms delay per step)."""
+    model, path, want = saved_model
+    in_process = model.engram_tables
+    (store,) = stores_for(path, 1)
+
+    class Slow(StoreShard):
+        def start_many(self, model_name, requests):
+            done = super().start_many(model_name, requests)
+
+            class Later:
+                def result(self):
+                    time.sleep(0.02)
+                    return done.result()
+
+            return Later()
+
+    model.attach_engram_tables(BatchedEngramClient("tiny", [Slow(store)], engram_layer_rows(path)))
+    engine = make_engine(model)
+    try:
+        for i, n in enumerate(PROMPT_LENGTHS):
+            engine.add_request(f"r{i}", random_prompt(n, seed=20 + i), greedy(NEW_TOKENS))
+        got = {rid: tokens_of(outs) for rid, outs in run_to_completion(engine).items()}
+        steps = engine.runner.engram_lookups // 2
+        assert got == want
+        assert engine.runner.engram_fetch_s >= engine.runner.engram_wait_s >= 0.02 * steps
+    finally:
+        engine.runner.close()
+        model.attach_engram_tables(in_process)
+        store.close()
+
+
+@pytest.mark.parametrize("when", ["send", "wait"])
+def test_failing_shard_fails_the_step(saved_model, when):
     model, path, _ = saved_model
     in_process = model.engram_tables
     (store,) = stores_for(path, 1)
 
     class Broken(StoreShard):
         def start_many(self, model_name, requests):
-            raise RuntimeError("memory service unreachable")
+            if when == "send":
+                raise RuntimeError("memory service unreachable")
+
+            class Failing:
+                def result(self):
+                    raise RuntimeError("memory service unreachable")
+
+            return Failing()
 
     model.attach_engram_tables(BatchedEngramClient("tiny", [Broken(store)], engram_layer_rows(path)))
     engine = make_engine(model)

@@ -1,7 +1,9 @@
 """Must-show: Engram across the split is exact. A tiny Engram checkpoint served by a remote-Engram model-worker
 deployment whose tables live in 1, 2 and 3 memory-service shard deployments gives the same greedy tokens, token
-for token, as the same checkpoint in an in-process `ModelWorker`; and a worker whose memory service is gone fails
-its requests with an error naming the memory service (and its health check fails) instead of computing."""
+for token, as the same checkpoint in an in-process `ModelWorker`, over either transport (the shards' row-server
+actors with FP8 rows, or a Serve request per step with fp32 rows: the bytes counted in the shards); a killed row
+server is started again without failing a step; and a worker whose memory service is gone fails its requests
+with an error naming the memory service (and its health check fails) instead of computing."""
 
 from __future__ import annotations
 
@@ -50,8 +52,18 @@ def shard_deployment(path, shard: int, num_shards: int, name: str):
         engram_path=str(path), shard=shard, num_shards=num_shards, hot_cache_rows=64)
 
 
-@pytest.mark.parametrize("num_shards", [1, 2, 3])
-def test_remote_engram_equals_in_process(ray_serve, engram_checkpoint, num_shards):
+def fp8_head_dim(path) -> int:
+    """Values per row of the checkpoint's (FP8) Engram tables."""
+    from safetensors import safe_open
+
+    with safe_open(str(path / "engram_tables.safetensors"), "pt") as tables:
+        table = tables.get_slice(next(key for key in tables.keys() if key.endswith(".table")))
+        assert table.get_dtype() == "F8_E4M3"
+        return table.get_shape()[1]
+
+
+@pytest.mark.parametrize("num_shards,transport", [(1, "direct"), (2, "direct"), (3, "direct"), (2, "serve")])
+def test_remote_engram_equals_in_process(ray_serve, engram_checkpoint, num_shards, transport):
     from ray import serve
 
     from runtime.serve import ModelWorkerDeployment
@@ -59,17 +71,50 @@ def test_remote_engram_equals_in_process(ray_serve, engram_checkpoint, num_shard
     path, want = engram_checkpoint
     shards = [shard_deployment(path, i, num_shards, f"EngramShard{i}") for i in range(num_shards)]
     app = ModelWorkerDeployment.options(name="RemoteEngramWorker", ray_actor_options={"num_cpus": 0.3}).bind(
-        str(path), engram="remote", engram_shards=shards)
-    name = f"engram-split-{num_shards}"
+        str(path), engram="remote", engram_shards=shards, engram_transport=transport)
+    name = f"engram-split-{num_shards}-{transport}"
     handle = serve.run(app, name=name, route_prefix=None)
     try:
         got = handle.generate_ids.remote(PROMPTS, NEW_TOKENS).result(timeout_s=120)
         assert got == want  # token for token
         info = handle.info.remote().result(timeout_s=30)
-        assert info["engram"] == "remote"
+        assert info["engram"] == "remote" and info["engram_transport"] == transport
         steps = info["engram_lookups"] // 2  # two Engram layers: one request per step carried both
         assert steps > 0 and info["engram_requests"] == steps
+        traffic = [serve.get_deployment_handle(f"EngramShard{i}", name).engram_traffic.remote().result(timeout_s=30)
+                   for i in range(num_shards)]
+        ids, row_bytes = sum(t["ids"] for t in traffic), sum(t["row_bytes"] for t in traffic)
+        assert ids > 0 and steps <= sum(t["requests"] for t in traffic) <= steps * num_shards
+        # per row: FP8 bytes + one e8m0 scale per 32 values on the direct path, fp32 values through Serve
+        head_dim = fp8_head_dim(path)
+        assert row_bytes == ids * (head_dim + head_dim // 32 if transport == "direct" else 4 * head_dim)
         handle.check_health.remote().result(timeout_s=30)  # healthy while the memory service answers
+    finally:
+        serve.delete(name)
+
+
+def test_lost_row_server_is_started_again_and_no_step_fails(ray_serve, engram_checkpoint):
+    """Killing a shard's row-server actor: the worker's next lookup finds it gone, asks the shard deployment,
+    which starts a new one, and retries; the request completes with the same tokens."""
+    import ray
+    from ray import serve
+
+    from runtime.serve import ModelWorkerDeployment
+
+    path, want = engram_checkpoint
+    app = ModelWorkerDeployment.options(name="RemoteEngramWorker", ray_actor_options={"num_cpus": 0.3}).bind(
+        str(path), engram="remote", engram_shards=[shard_deployment(path, 0, 1, "KilledRowsShard")])
+    name = "engram-killed-rows"
+    handle = serve.run(app, name=name, route_prefix=None)
+    try:
+        assert handle.generate_ids.remote(PROMPTS[:1], NEW_TOKENS).result(timeout_s=120) == want[:1]
+        shard = serve.get_deployment_handle("KilledRowsShard", name)
+        first = shard.engram_info.remote("split-model").result(timeout_s=30)["row_server"]
+        ray.kill(first)
+        assert handle.generate_ids.remote(PROMPTS, NEW_TOKENS).result(timeout_s=120) == want
+        assert handle.info.remote().result(timeout_s=30)["engram_row_server_refreshes"] == 1
+        second = shard.engram_info.remote("split-model").result(timeout_s=30)["row_server"]
+        assert second != first
     finally:
         serve.delete(name)
 
