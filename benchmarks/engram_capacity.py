@@ -7,7 +7,8 @@ last table, a simulation of our own hot-row cache):
    max n-gram 4, 8 heads, head_dim 256, engram_vocab_size 16,000,000, e4m3 rows with one e8m0 scale per 32
    values) and the row counts of our own hash layout (`EngramHasher.table_rows`: sum of the primes).
 2. Bytes per decode token over the network, and Gbit/s at given aggregate decode rates: FP8 rows (what the
-   table stores) and fp32 rows (what `MemoryServiceDeployment.engram_lookup_many` returns today).
+   table stores, and what the workers' direct calls to the row servers carry) and fp32 rows (what the
+   Serve-request path, `engram_transport="serve"`, returns).
 3. Hot-row cache hit rates under a Zipf(s) row popularity, for an ideal static cache of the K most used
    rows (the bound for any cache of K rows): exact partial sums of k^-s up to 10^6 terms, an integral for
    the rest.
@@ -216,8 +217,8 @@ def main() -> None:
     print()
     print("2. Bytes per decode token over the network (rows back; ids out are "
           f"{geo.id_bytes_per_token} B/token)")
-    print(f"   fp8 rows: {geo.bytes_per_token('fp8'):,} B/token; fp32 rows (as engram_lookup_many returns them "
-          f"today): {geo.bytes_per_token('fp32'):,} B/token ({geo.row_bytes('fp32') / geo.row_bytes('fp8'):.2f}x)")
+    print(f"   fp8 rows: {geo.bytes_per_token('fp8'):,} B/token; fp32 rows (the Serve-request "
+          f"path): {geo.bytes_per_token('fp32'):,} B/token ({geo.row_bytes('fp32') / geo.row_bytes('fp8'):.2f}x)")
     print(f"   {'tokens/s':>12}{'fp8 Gbit/s':>12}{'fp32 Gbit/s':>13}{'rows/s':>14}")
     for rate in rates:
         print(f"   {rate:>12,.0f}{gbit(rate * geo.bytes_per_token('fp8')):>12.2f}"

@@ -1,13 +1,15 @@
-"""The transport floor under a remote Engram lookup: a Ray Serve handle call beside a plain Ray actor call.
+"""The transport floor under a remote Engram lookup: a Ray Serve handle call, a plain Ray actor call and a
+Ray compiled graph.
 
 docs/capacity.md (sections 5-6) found the remote-Engram cost bound by the per-step round trip: a no-op Serve
 handle call took 3-6 ms on this host, while the 3% goal allows an exposed wait of about 0.5-1 ms at the
 measured step times. A direct actor path (the worker calling the shard's actor, skipping Serve's router) is
-the alternative named there. This measures both in one run on one local Ray instance, with no payload and
-with one engine step's Engram rows (the engram_remote.py geometry: 2 layers x 24 rows of 64 values per token;
-fp32 at 1 and 16 tokens, as that benchmark's shard sends them, and FP8 at 16), beside a plain in-process call
-and the 3% budget at the step times engram_remote.py measured. Each figure is a median (and p90) of N calls,
-the kinds interleaved.
+the alternative named there (built since: runtime/serve/engram_rows.py); a Ray compiled graph (channels set
+up once, no task submission per call) is the next step below it. This measures the three in one run on one
+local Ray instance, with no payload and with one engine step's Engram rows (the engram_remote.py geometry: 2
+layers x 24 rows of 64 values per token; fp32 at 1 and 16 tokens, and FP8 at 16), as torch tensors, beside a
+plain in-process call and the 3% budget at the step times engram_remote.py measured. Each figure is a median
+(and p90) of N calls, the kinds interleaved.
 
     python benchmarks/ray_call_floor.py [--calls N]
 """
@@ -53,6 +55,21 @@ class RowServer:
     def step_rows(self, tokens: int, dtype: torch.dtype) -> dict[int, torch.Tensor]:
         return self.rows[tokens, dtype]
 
+    def dispatch(self, call: tuple) -> dict[int, torch.Tensor] | None:
+        """One method for a compiled graph to bind: ("noop",) or ("step_rows", tokens, dtype)."""
+        return getattr(self, call[0])(*call[1:])
+
+
+def compiled_graph(actor):
+    """A Ray compiled graph over the actor's `dispatch` (Ray's low-overhead path for a repeated call: channels
+    set up once instead of a task submission per call). Only the compiling process may call it, and an actor
+    serves one compiled graph at a time."""
+    from ray.dag import InputNode
+
+    with InputNode() as call:
+        dag = actor.dispatch.bind(call)
+    return dag.experimental_compile()
+
 
 def timings_ms(call, calls: int) -> list[float]:
     out = []
@@ -74,13 +91,16 @@ def main() -> int:
 
     print(machine_line())
     start_ray()
+    graph = None
     try:
         handle = serve.run(serve.deployment(RowServer, ray_actor_options={"num_cpus": 0.2}).bind(),
                            name="row-server", route_prefix=None)
         actor = ray.remote(num_cpus=0.2)(RowServer).remote()
+        graph = compiled_graph(ray.remote(num_cpus=0)(RowServer).remote())
         local = RowServer()
         paths = {"in-process": lambda method, *a: getattr(local, method)(*a),
                  "Ray actor": lambda method, *a: ray.get(getattr(actor, method).remote(*a)),
+                 "compiled graph": lambda method, *a: graph.execute((method, *a)).get(),
                  "Serve handle": lambda method, *a: getattr(handle, method).remote(*a).result(timeout_s=60)}
         kinds = {kind: {"noop": (lambda p=path: p("noop")),
                         **{payload: (lambda p=path, t=payload: p("step_rows", *t)) for payload in PAYLOADS}}
@@ -94,9 +114,11 @@ def main() -> int:
                 for what, call in calls.items():
                     samples[kind, what] += timings_ms(call, 10)
     finally:
+        if graph is not None:
+            graph.teardown()
         serve.shutdown()
         ray.shutdown()
-    print(f"{'transport':<14}{'payload':>36}{'median ms':>11}{'p90 ms':>9}{'vs actor':>10}")
+    print(f"{'transport':<16}{'payload':>36}{'median ms':>11}{'p90 ms':>9}{'vs actor':>10}")
     for (kind, what), times in samples.items():
         payload = "none"
         if what != "noop":
@@ -106,7 +128,7 @@ def main() -> int:
         median = statistics.median(times)
         actor_median = statistics.median(samples["Ray actor", what])
         p90 = statistics.quantiles(times, n=10)[-1]
-        print(f"{kind:<14}{payload:>36}{median:>11.3f}{p90:>9.3f}{median / actor_median:>9.1f}x")
+        print(f"{kind:<16}{payload:>36}{median:>11.3f}{p90:>9.3f}{median / actor_median:>9.1f}x")
     budgets = ", ".join(f"{step:g} ms step: {step * GOAL / (1 - GOAL):.2f} ms" for step in STEP_MS)
     print(f"3% budget for an exposed wait (cost = wait / (step + wait)): {budgets}")
     print(f"({args.calls} calls per row, in blocks of 10 interleaved across kinds)")

@@ -26,6 +26,8 @@ def test_payloads_are_a_steps_engram_rows():
             assert sent == tokens * geometry.rows_per_token * floor.ROW_VALUES
         else:
             assert sent == tokens * geometry.bytes_per_token("fp32")
+        assert server.dispatch(("step_rows", tokens, dtype)) is rows  # the compiled graph's entry point
+    assert server.dispatch(("noop",)) is None
 
 
 def test_fp8_rows_travel_as_their_bytes():
