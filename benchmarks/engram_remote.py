@@ -340,8 +340,9 @@ def report(args, config, sizes: tuple[int, int], rates: dict, trips: dict, traff
               f"{counted['direct']['wait']:>12.2f}{counted['serve']['wait']:>7.2f}"
               f"{trip['replica_direct']:>9.2f}{trip['replica_serve']:>7.2f}{trip['actor']:>14.2f}"
               f"{trip['handle']:>14.2f}{trip['noop']:>13.2f}{trip['store']:>12.2f}{trip['in_process']:>12.2f}")
-    print("step = concurrent / tok/s; fetch: a step's lookup in the worker's fetch thread while it decodes, "
-          "waited: how long of it the model had to wait (both counted by the engine over the timed rounds); "
+    print("step = concurrent / tok/s; fetch: from sending a step's request to having its rows, waited: how much "
+          "of it the model had to wait (both counted by the engine over the timed rounds; on this CPU host the "
+          "engine thread sends and waits itself); "
           "RTT (b), (c): one step's lookup through that worker's own client, timed in "
           "its replica while no request runs; driver actor / Serve: the same lookup from this driver straight "
           "to shard 0's row-server actor (FP8, decoded) / as a Serve request (fp32); no-op Serve: a handle call "

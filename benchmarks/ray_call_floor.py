@@ -4,12 +4,13 @@ Ray compiled graph.
 docs/capacity.md (sections 5-6) found the remote-Engram cost bound by the per-step round trip: a no-op Serve
 handle call took 3-6 ms on this host, while the 3% goal allows an exposed wait of about 0.5-1 ms at the
 measured step times. A direct actor path (the worker calling the shard's actor, skipping Serve's router) is
-the alternative named there (built since: runtime/serve/engram_rows.py); a Ray compiled graph (channels set
-up once, no task submission per call) is the next step below it. This measures the three in one run on one
-local Ray instance, with no payload and with one engine step's Engram rows (the engram_remote.py geometry: 2
-layers x 24 rows of 64 values per token; fp32 at 1 and 16 tokens, and FP8 at 16), as torch tensors, beside a
-plain in-process call and the 3% budget at the step times engram_remote.py measured. Each figure is a median
-(and p90) of N calls, the kinds interleaved.
+the alternative named there (built since: runtime/serve/engram_rows.py); a Ray compiled graph (channels set up
+once, no task submission per call) is faster still, but its actor polls a core while it waits (measured here
+too), so the runtime does not use it. This measures the three in one run on one local Ray instance, with no
+payload and with one engine step's Engram rows (the engram_remote.py geometry: 2 layers x 24 rows of 64 values
+per token; fp32 at 1 and 16 tokens, and FP8 at 16), as torch tensors, beside a plain in-process call and the
+3% budget at the step times engram_remote.py measured. Each figure is a median (and p90) of N calls, the kinds
+interleaved. Also: the CPU an idle actor uses, plain and in a compiled graph.
 
     python benchmarks/ray_call_floor.py [--calls N]
 """
@@ -34,6 +35,7 @@ ROWS_PER_TOKEN, ROW_VALUES, LAYERS = 24, 64, 2  # engram_remote.py's geometry: 8
 PAYLOADS = ((1, torch.float32), (16, torch.float32), (16, torch.uint8))
 STEP_MS = (15.0, 34.0)  # engram_remote.py run 1's step times at 1 and 16 requests (docs/capacity.md §6)
 GOAL = 0.03
+IDLE_S = 5.0  # seconds of nothing called, to see what an idle actor costs
 
 
 def _rows(tokens: int, dtype: torch.dtype) -> torch.Tensor:
@@ -55,6 +57,10 @@ class RowServer:
     def step_rows(self, tokens: int, dtype: torch.dtype) -> dict[int, torch.Tensor]:
         return self.rows[tokens, dtype]
 
+    def cpu_seconds(self) -> float:
+        """CPU time this actor's process has used (all its threads)."""
+        return time.process_time()
+
     def dispatch(self, call: tuple) -> dict[int, torch.Tensor] | None:
         """One method for a compiled graph to bind: ("noop",) or ("step_rows", tokens, dtype)."""
         return getattr(self, call[0])(*call[1:])
@@ -69,6 +75,16 @@ def compiled_graph(actor):
     with InputNode() as call:
         dag = actor.dispatch.bind(call)
     return dag.experimental_compile()
+
+
+def idle_cpu(actor, graph_actor, seconds: float) -> dict[str, float]:
+    """CPU seconds each actor's process used while nobody called it for `seconds`."""
+    import ray
+
+    actors = {"Ray actor": actor, "compiled graph": graph_actor}
+    before = {kind: ray.get(a.cpu_seconds.remote()) for kind, a in actors.items()}
+    time.sleep(seconds)
+    return {kind: ray.get(a.cpu_seconds.remote()) - before[kind] for kind, a in actors.items()}
 
 
 def timings_ms(call, calls: int) -> list[float]:
@@ -96,7 +112,8 @@ def main() -> int:
         handle = serve.run(serve.deployment(RowServer, ray_actor_options={"num_cpus": 0.2}).bind(),
                            name="row-server", route_prefix=None)
         actor = ray.remote(num_cpus=0.2)(RowServer).remote()
-        graph = compiled_graph(ray.remote(num_cpus=0)(RowServer).remote())
+        graph_actor = ray.remote(num_cpus=0)(RowServer).remote()
+        graph = compiled_graph(graph_actor)
         local = RowServer()
         paths = {"in-process": lambda method, *a: getattr(local, method)(*a),
                  "Ray actor": lambda method, *a: ray.get(getattr(actor, method).remote(*a)),
@@ -108,6 +125,7 @@ def main() -> int:
         for calls in kinds.values():  # warm up every path
             for call in calls.values():
                 timings_ms(call, 5)
+        idle = idle_cpu(actor, graph_actor, IDLE_S)
         samples = {(kind, what): [] for kind, calls in kinds.items() for what in calls}
         for _ in range(args.calls // 10):  # interleaved blocks, so drift of the host hits every kind alike
             for kind, calls in kinds.items():
@@ -132,6 +150,9 @@ def main() -> int:
     budgets = ", ".join(f"{step:g} ms step: {step * GOAL / (1 - GOAL):.2f} ms" for step in STEP_MS)
     print(f"3% budget for an exposed wait (cost = wait / (step + wait)): {budgets}")
     print(f"({args.calls} calls per row, in blocks of 10 interleaved across kinds)")
+    print(f"CPU used by an idle actor over {IDLE_S:g} s, nothing called: plain actor {idle['Ray actor']:.2f} s, "
+          f"the compiled graph's actor {idle['compiled graph']:.2f} s (its loop waits for input by polling); "
+          "that actor ran through the whole measurement, so every figure above had one core less")
     return 0
 
 
