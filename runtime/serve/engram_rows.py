@@ -129,7 +129,7 @@ class _DirectShard:
         return _PendingActorRows(self, model, requests, actor, ref)
 
     def refresh(self, gone) -> Any:
-        """The actor to use now that `gone` failed: ask the deployment again (from the engine's fetch thread),
+        """The actor to use now that `gone` failed: ask the deployment again (from the engine's thread),
         unless another step already did."""
         with self._lock:
             if self.actor is gone:
