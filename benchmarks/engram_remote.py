@@ -191,14 +191,14 @@ def decode_rates(workers: dict, vocab: int, new_tokens: int, rounds: int) -> dic
 
 def fetch_counters(worker) -> dict:
     info = worker.info.remote().result(timeout_s=60)
-    return {key: info[key] for key in ("engram_requests", "engram_wait_s", "engram_fetch_s")}
+    return {key: info[key] for key in ("engram_requests", "engram_wait_s", "engram_fetch_s", "engram_send_s")}
 
 
 def per_step(before: dict, after: dict) -> dict[str, float]:
     """ms per engine step the model waited for rows (exposed) and the fetch took, between two snapshots."""
     steps = max(1, after["engram_requests"] - before["engram_requests"])
-    return {"wait": 1e3 * (after["engram_wait_s"] - before["engram_wait_s"]) / steps,
-            "fetch": 1e3 * (after["engram_fetch_s"] - before["engram_fetch_s"]) / steps}
+    return {key: 1e3 * (after[f"engram_{key}_s"] - before[f"engram_{key}_s"]) / steps
+            for key in ("wait", "fetch", "send")}
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -329,20 +329,22 @@ def report(args, config, sizes: tuple[int, int], rates: dict, trips: dict, traff
           "step waited the whole round trip (the fetch overlaps only the layers below the first Engram layer, "
           "here layer 0)")
     print()
-    print(f"{'concurrent':>10}{'step (a)':>10}{'(b)':>7}{'(c)':>7}{'fetch (b)':>11}{'(c)':>7}{'waited (b)':>12}"
-          f"{'(c)':>7}{'RTT (b)':>9}{'(c)':>7}{'driver actor':>14}{'driver Serve':>14}{'no-op Serve':>13}"
-          f"{'shard work':>12}{'(a) lookup':>12}   (ms per step)")
+    print(f"{'concurrent':>10}{'step (a)':>10}{'(b)':>7}{'(c)':>7}{'send (b)':>10}{'(c)':>7}{'fetch (b)':>11}"
+          f"{'(c)':>7}{'waited (b)':>12}{'(c)':>7}{'RTT (b)':>9}{'(c)':>7}{'driver actor':>14}{'driver Serve':>14}"
+          f"{'no-op Serve':>13}{'shard work':>12}{'(a) lookup':>12}   (ms per step)")
     for level in LEVELS:
         step = {name: 1e3 * level / rates[level][name] for name in WORKERS}
         trip, counted = trips[level], rates[level]["per_step"]
         print(f"{level:>10}{step['local']:>10.1f}{step['direct']:>7.1f}{step['serve']:>7.1f}"
+              f"{counted['direct']['send']:>10.2f}{counted['serve']['send']:>7.2f}"
               f"{counted['direct']['fetch']:>11.2f}{counted['serve']['fetch']:>7.2f}"
               f"{counted['direct']['wait']:>12.2f}{counted['serve']['wait']:>7.2f}"
               f"{trip['replica_direct']:>9.2f}{trip['replica_serve']:>7.2f}{trip['actor']:>14.2f}"
               f"{trip['handle']:>14.2f}{trip['noop']:>13.2f}{trip['store']:>12.2f}{trip['in_process']:>12.2f}")
-    print("step = concurrent / tok/s; fetch: from sending a step's request to having its rows, waited: how much "
-          "of it the model had to wait (both counted by the engine over the timed rounds; on this CPU host the "
-          "engine thread sends and waits itself); "
+    print("step = concurrent / tok/s; send: the engine thread's time handing a step's request over; fetch: from "
+          "sending it to having its rows; waited: how much of that the model had to wait, receiving and decoding "
+          "included (all counted by the engine over the timed rounds; on this CPU host the engine thread sends "
+          "and waits itself); "
           "RTT (b), (c): one step's lookup through that worker's own client, timed in "
           "its replica while no request runs; driver actor / Serve: the same lookup from this driver straight "
           "to shard 0's row-server actor (FP8, decoded) / as a Serve request (fp32); no-op Serve: a handle call "

@@ -165,6 +165,7 @@ class ModelRunner:
         self.engram_lookup_tokens = 0  # tokens whose Engram rows were looked up, summed over layers
         self.engram_wait_s = 0.0  # time the model waited for Engram rows not there yet (the exposed fetch)
         self.engram_fetch_s = 0.0  # batched client: time from a step's request to its rows, summed over steps
+        self.engram_send_s = 0.0  # batched client sent from the engine thread: its time spent sending
         self._unresolved = None  # the current step's lookup sent from the engine thread, not yet waited for
 
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
@@ -282,6 +283,7 @@ class ModelRunner:
             hash_ids = hash_all()
             sent = time.perf_counter()
             pending = tables.start_lookup_many(hash_ids)
+            self.engram_send_s += time.perf_counter() - sent
 
             def resolve() -> None:
                 try:

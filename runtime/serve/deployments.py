@@ -204,6 +204,7 @@ class ModelWorkerDeployment:
             info["engram_row_server_refreshes"] = sum(getattr(s, "refreshes", 0) for s in self.engram_client.shards)
             runner = self.worker.engine.runner  # seconds summed over steps: the model waiting, the fetch
             info["engram_wait_s"], info["engram_fetch_s"] = runner.engram_wait_s, runner.engram_fetch_s
+            info["engram_send_s"] = runner.engram_send_s
         return info
 
     def models(self):
