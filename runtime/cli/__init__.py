@@ -16,6 +16,7 @@ import logging
 import sys
 
 import redis.exceptions
+from pydantic import ValidationError
 
 from runtime.cli import embedded, remote
 from runtime.sdk.errors import ConnectionFailed, EngramError
@@ -123,6 +124,14 @@ def _dispatch(args) -> int:
     return asyncio.run(handler(args))
 
 
+def one_line(exc: ValidationError) -> str:
+    """A settings ValidationError as one line naming the environment variables: `ENGRAM_X: why (got 'v')`."""
+    if exc.title != "Settings":
+        return f"{exc.title}: " + "; ".join(error["msg"] for error in exc.errors())
+    return "; ".join(f"ENGRAM_{'_'.join(str(part) for part in error['loc']).upper()}: {error['msg']} "
+                     f"(got {error.get('input')!r})" for error in exc.errors())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # a server logs its warnings; a one-shot command's failure is its one error line
@@ -138,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc} (is `engram serve` running there?)", file=sys.stderr)
     except EngramError as exc:
         print(f"error: {exc}", file=sys.stderr)
+    except ValidationError as exc:  # a bad ENGRAM_* setting (the commands' own input is checked where it is used)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # the reader went away (e.g. `| head`): nothing left to say
         sys.stderr.close()
         return 0

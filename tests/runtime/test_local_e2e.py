@@ -78,3 +78,18 @@ def test_cli_runs_a_task_and_shows_the_session(tmp_path, redis_url, monkeypatch,
     assert main(["show", "no-such-task"]) == 1
     assert "error: no task or session 'no-such-task'" in capsys.readouterr().err
     assert out.splitlines()[out.splitlines().index(first) + 1] == f"model: {model_dir}"  # ids first, then the model
+
+
+def test_cli_names_a_bad_setting_in_one_line(monkeypatch, capsys):
+    """A bad ENGRAM_* variable: one error line naming each variable and the value it had, exit 2, nothing
+    started."""
+    from runtime.cli import main
+
+    monkeypatch.setenv("ENGRAM_ENGRAM_SHARDS", "-1")
+    monkeypatch.setenv("ENGRAM_PORT", "abc")
+    for argv in (["run", "Add 2 and 2."], ["serve", "--port", "1"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert err.startswith("error: ") and "ENGRAM_ENGRAM_SHARDS: Input should be greater than or equal to 0 " \
+            "(got '-1')" in err and "ENGRAM_PORT:" in err and "(got 'abc')" in err
