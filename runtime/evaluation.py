@@ -14,8 +14,9 @@ and checks the final answers:
   are interrupted after their first step and resumed from Redis by the reopened runtime;
 - refusal: asked for a fact never stored, the answer says there is no such memory.
 
-Every tenant is fresh, so memories never leak between tasks. It deliberately does not judge wording,
-only the facts an answer must hold.
+Every tenant is fresh, so memories never leak between tasks; arithmetic tasks start with an empty memory
+unless `--arithmetic-with-memories` gives them earlier memories (other results, facts, session summaries).
+It deliberately does not judge wording, only the facts an answer must hold.
 """
 
 from __future__ import annotations
@@ -95,9 +96,12 @@ class EvalReport:
         return {kind: (right[kind], total[kind]) for kind in total}
 
 
-def held_out_tasks(count: int = 100, seed: int = 0) -> list[AgentTask]:
-    """`count` tasks in the proportions of MIX, from the held-out split."""
+def held_out_tasks(count: int = 100, seed: int = 0, *, arithmetic_memories: bool = False) -> list[AgentTask]:
+    """`count` tasks in the proportions of MIX, from the held-out split. arithmetic_memories: arithmetic tasks
+    start with earlier memories too (other results, facts, session summaries; at least one), as a user's
+    agent has after the quickstart, instead of an empty memory; the other tasks stay the same."""
     gen = traces.TraceGenerator(seed=10_000 + seed, held_out=True)
+    earlier = traces.TraceGenerator(seed=20_000 + seed, held_out=True)  # its own draws: the rest is unchanged
     rng = random.Random(seed)
     # interleaved by each kind's share, so that any prefix (fewer than 100 tasks) keeps the proportions
     per_hundred = sorted(((j + 0.5) / n, kind) for kind, n in MIX.items() for j in range(n))
@@ -112,7 +116,10 @@ def held_out_tasks(count: int = 100, seed: int = 0) -> list[AgentTask]:
             remember = kind == "arithmetic_remember"
             if remember:
                 task += rng.choice(traces.REMEMBER_SUFFIXES)
-            tasks.append(AgentTask(kind, tenant, task, result,
+            setup = []
+            while arithmetic_memories and not setup:
+                setup = [m.text for m in earlier.prior_store(None)]
+            tasks.append(AgentTask(kind, tenant, task, result, setup=setup,
                                    memory_expect=f"{key} is {result}." if remember else None))
             continue
         fact = gen.arithmetic_fact() if kind == "recall_result" else gen.person_fact()
@@ -240,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the demo model)")
     parser.add_argument("--tasks", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arithmetic-with-memories", action="store_true",
+                        help="arithmetic tasks start with earlier memories (other results, facts, session "
+                             "summaries) instead of an empty memory; the other tasks are unchanged")
     parser.add_argument("--transcripts", type=Path, default=None, metavar="FILE",
                         help="write every task's session (memories shown, actions, tool results) as JSON lines")
     parser.add_argument("--prompts", type=Path, default=None, metavar="FILE",
@@ -265,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {option} {path} is a directory; give a file name", file=sys.stderr)
             return 2
     prompts: list[dict] | None = [] if args.prompts is not None else None
-    report = asyncio.run(evaluate_agent(args.model, held_out_tasks(args.tasks, args.seed), progress=show,
-                                        prompts=prompts))
+    tasks = held_out_tasks(args.tasks, args.seed, arithmetic_memories=args.arithmetic_with_memories)
+    report = asyncio.run(evaluate_agent(args.model, tasks, progress=show, prompts=prompts))
     if args.transcripts is not None:
         with args.transcripts.open("w") as out:
             out.writelines(transcript_line(o) for o in report.outcomes)

@@ -23,6 +23,20 @@ def test_any_number_of_tasks_keeps_the_mix():
             assert abs(got[kind] - share * count / 100) <= 1, (count, got)
 
 
+def test_arithmetic_memories_add_earlier_memories_to_arithmetic_tasks_only():
+    plain, seeded = held_out_tasks(100, seed=1), held_out_tasks(100, seed=1, arithmetic_memories=True)
+    for before, after in zip(plain, seeded):
+        if before.kind.startswith("arithmetic"):
+            assert before.setup == [] and after.setup, after  # at least one earlier memory
+            assert (after.kind, after.task, after.expect, after.memory_expect) == \
+                (before.kind, before.task, before.expect, before.memory_expect)
+        else:
+            assert after == before
+    texts = [text for task in seeded if task.kind.startswith("arithmetic") for text in task.setup]
+    assert any(re.search(r"\d+ (times|plus|minus|divided by|multiplied by) \d+ is ", t) for t in texts)  # results
+    assert any(t.startswith("Task: ") for t in texts)  # session summaries
+
+
 def test_expectations_come_from_the_calculator_and_the_held_out_split():
     tasks = held_out_tasks(100)
     held_out_people = {pools.subject_sampler(True)(random.Random(i)) for i in range(2000)}  # all ~90 of them
