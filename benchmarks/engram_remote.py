@@ -41,6 +41,7 @@ LEVELS = (1, 16)
 PROMPT_TOKENS = 8
 GOAL = 0.03  # issue 15: (b) costs at most 3% over (a)
 MODEL_NAME = "bench-engram"
+WORKER_CPUS, SHARD_CPUS, MAX_SHARDS = 0.5, 0.1, 4  # the three workers and the shards fit Ray's 2 CPUs
 
 
 def bench_config(tokenizer, quick: bool):
@@ -83,7 +84,7 @@ def shard_deployment():
         def noop(self) -> None:
             return None
 
-    return serve.deployment(EngramShardWithNoop, ray_actor_options={"num_cpus": 0.2})
+    return serve.deployment(EngramShardWithNoop, ray_actor_options={"num_cpus": SHARD_CPUS})
 
 
 def timed_worker_deployment():
@@ -103,7 +104,8 @@ def timed_worker_deployment():
             """ms per engram_lookup_many through the worker's own HandleEngramClient (remote worker only)."""
             return median_ms(lambda: self.engram_client.lookup_many(requests), repeats)
 
-    return serve.deployment(TimedModelWorker, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32)
+    return serve.deployment(TimedModelWorker, ray_actor_options={"num_cpus": WORKER_CPUS},
+                            max_ongoing_requests=32)
 
 
 def holder_deployment():
@@ -371,6 +373,11 @@ def main() -> None:
     parser.add_argument("--switch-interval-ms", type=float, default=None,
                         help="set the worker replicas' GIL switch interval (Python's default: 5 ms); a diagnostic")
     args = parser.parse_args()
+    if not 1 <= args.shards <= MAX_SHARDS:
+        parser.error(f"--shards must be 1 to {MAX_SHARDS} (the deployments must fit the 2 CPUs given to Ray)")
+    for name in ("rounds", "new_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     args.rounds = args.rounds or (3 if args.quick else 7)
     args.new_tokens = args.new_tokens or (24 if args.quick else 64)
     args.load = os.getloadavg()[0]
