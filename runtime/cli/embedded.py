@@ -73,13 +73,45 @@ async def _started_runtime(settings: Settings, tenant: str):
     return runtime
 
 
+async def _drive_when_free(runtime, task_id: str) -> None:
+    """Run the task here; while another process holds its lease (it runs the task, or died less than a lease
+    ago), wait and take over once the lease is free. Returns when the task is over, whoever finished it."""
+    from runtime.sessions import LeaseLost, SessionFinished
+
+    told = False
+    while True:
+        try:
+            await runtime.orchestrator.run_session(task_id)
+            return
+        except SessionFinished:
+            return
+        except LeaseLost:
+            if not told:
+                print(f"task {task_id} is held by another process: following it; this one takes over if that "
+                      f"one has died (its lease runs out within {runtime.settings.lease_ms / 1000:g}s)",
+                      file=sys.stderr, flush=True)
+                told = True
+            await asyncio.sleep(min(1.0, runtime.settings.lease_ms / 4000))
+
+
 async def _follow(runtime, task_id: str) -> None:
-    """Drive the task here and print its events as they happen."""
-    driver = asyncio.create_task(runtime.orchestrator.run_session(task_id))
+    """Drive the task here and print its events as they happen; an error of the driving (model, database)
+    ends the following at once, not after the task it stopped."""
     printer = EventPrinter()
-    async for event in runtime.tasks.events(task_id):
-        printer.show(event)
-    await driver
+
+    async def show() -> None:
+        async for event in runtime.tasks.events(task_id):
+            printer.show(event)
+
+    driver, shower = asyncio.create_task(_drive_when_free(runtime, task_id)), asyncio.create_task(show())
+    try:
+        done, _ = await asyncio.wait({driver, shower}, return_when=asyncio.FIRST_EXCEPTION)
+        for finished in done:
+            finished.result()
+    finally:
+        for job in (driver, shower):
+            job.cancel()
+        await asyncio.gather(driver, shower, return_exceptions=True)
 
 
 async def run(args) -> int:
@@ -103,29 +135,29 @@ async def run(args) -> int:
         await runtime.close()
 
 
-async def _unfinished(store: SessionStore, settings: Settings, ident: str) -> list[str]:
-    """Task ids to resume for a task or session id (NotFoundError before anything else is loaded)."""
+async def _unfinished(store: SessionStore, settings: Settings, ident: str) -> tuple[str, list[str]]:
+    """(tenant, task ids to resume) for a task or session id (NotFoundError before anything else is loaded)."""
     board = TaskBoard(store, None, key_prefix=settings.key_prefix)
     try:
         state = await store.state(ident)
-        return [] if state.finished else [ident]
+        return state.tenant, [] if state.finished else [ident]
     except (SessionNotFound, ValueError):
         pass
     tenant = (await store.redis.hget(f"{settings.key_prefix}:conversation:{ident}", "tenant"))
     if tenant is None:
         raise NotFoundError(f"no task or session {ident!r}")
     session = await board.conversation(tenant, ident)
-    return [task.id for task in session.tasks if not task.done]
+    return tenant, [task.id for task in session.tasks if not task.done]
 
 
 async def resume(args) -> int:
     settings = Settings()
     async with open_store(settings) as store:
-        pending = await _unfinished(store, settings, args.id)
+        tenant, pending = await _unfinished(store, settings, args.id)
     if not pending:
         print(f"{args.id}: nothing left to run (finished)")
         return 0
-    runtime = await _started_runtime(settings, "default")
+    runtime = await _started_runtime(settings, tenant)
     try:
         for task_id in pending:
             print(f"resuming task {task_id}", flush=True)

@@ -93,3 +93,68 @@ def test_cli_names_a_bad_setting_in_one_line(monkeypatch, capsys):
         assert len(err.splitlines()) == 1, err
         assert err.startswith("error: ") and "ENGRAM_ENGRAM_SHARDS: Input should be greater than or equal to 0 " \
             "(got '-1')" in err and "ENGRAM_PORT:" in err and "(got 'abc')" in err
+
+
+def _resume_env(tmp_path, redis_url, monkeypatch) -> Settings:
+    model_dir = tiny_checkpoint(tmp_path / "model", seed=3)
+    env = {"DATA_DIR": tmp_path / "data", "REDIS_URL": redis_url, "MODEL_PATH": model_dir, "EMBEDDER": "hashing",
+           "LEASE_MS": 1500, "KEY_PREFIX": f"resume-{tmp_path.name}"}
+    for name, value in env.items():
+        monkeypatch.setenv(f"ENGRAM_{name}", str(value))
+    return Settings()
+
+
+def _submitted(settings: Settings, tenant: str, holder: str | None) -> str:
+    """A task of `tenant` submitted and not run; `holder`: a process that claimed its lease, then died."""
+    async def submit():
+        async with LocalRuntime(settings, tenant=tenant) as runtime:
+            task, _ = await runtime.service.tasks.submit(tenant, "assistant", "Add 2 and 2.")
+            if holder:
+                await runtime.store.claim(task.id, holder, settings.lease_ms)
+            return task.id
+
+    return asyncio.run(submit())
+
+
+def test_cli_resume_takes_over_a_dead_processs_task_of_any_tenant(tmp_path, redis_url, monkeypatch, capsys):
+    """`engram resume` right after a crash: the dead process's lease still runs, so it follows the task, takes
+    it over when the lease runs out, and finishes it; the task's tenant is its own, not 'default'."""
+    from runtime.cli import main
+
+    settings = _resume_env(tmp_path, redis_url, monkeypatch)
+    task_id = _submitted(settings, "me", holder="killed-process")
+    assert main(["resume", task_id]) == 0
+    captured = capsys.readouterr()
+    assert f"task {task_id} is held by another process" in captured.err
+    assert captured.out.splitlines()[0] == f"resuming task {task_id}"
+    assert "final answer" in captured.out or "error" in captured.out  # the task's end, followed live
+
+    async def state():
+        async with LocalRuntime(settings, tenant="me") as runtime:
+            return await runtime.tasks.get(task_id)
+
+    assert asyncio.run(state()).done
+    assert main(["resume", task_id]) == 0 and "nothing left to run" in capsys.readouterr().out
+
+
+def test_cli_resume_stops_at_an_error_of_the_driving_instead_of_waiting(tmp_path, redis_url, monkeypatch, capsys):
+    """The orchestrator failing (a dead model, a database error) ends `engram resume` with its error line; it
+    used to wait on the task's events forever."""
+    import threading
+
+    from runtime.cli import main
+    from runtime.orchestrator import Orchestrator
+
+    settings = _resume_env(tmp_path, redis_url, monkeypatch)
+    task_id = _submitted(settings, "default", holder=None)
+
+    async def broken(self, session_id):
+        raise RuntimeError("the model worker died")
+
+    monkeypatch.setattr(Orchestrator, "run_session", broken)
+    result = []
+    runner = threading.Thread(target=lambda: result.append(main(["resume", task_id])), daemon=True)
+    runner.start()
+    runner.join(timeout=120)
+    assert not runner.is_alive(), "engram resume hung after the orchestrator failed"
+    assert result == [2] and "error: RuntimeError: the model worker died" in capsys.readouterr().err
