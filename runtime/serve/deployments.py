@@ -411,6 +411,11 @@ def deploy(settings: Settings, *, host: str, port: int, address: str | None = No
     serve.run(build_app(fields), name="engram", route_prefix="/")
 
 
-def shutdown() -> None:
-    serve.shutdown()
+def shutdown(address: str | None = None) -> None:
+    """Undo `deploy`: on a cluster it joined (`address`), delete only this app and disconnect, leaving the
+    cluster's other applications running; on the local instance it started, stop Serve and Ray."""
+    if address:
+        serve.delete("engram")
+    else:
+        serve.shutdown()
     ray.shutdown()

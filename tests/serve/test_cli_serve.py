@@ -4,8 +4,11 @@ tests/e2e runs the embedded one for real and tests/serve/test_serve_app.py the R
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
+from tests.runtime.conftest import delete_keys
 from tests.serve.conftest import free_port
 
 
@@ -53,3 +56,62 @@ def test_serve_help_names_both_modes(capsys):
         build_parser().parse_args(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "Ray Serve application" in text and "--embedded" in text and "--address" in text
+
+
+def _serve_on_ray_failing(monkeypatch, tmp_path, redis_url, address, prefix):
+    """`serve_on_ray` with Ray replaced by a deploy that fails (a bad checkpoint, Ctrl-C mid-deploy)."""
+    import runtime.serve
+    from runtime.cli.on_ray import serve_on_ray
+    from runtime.settings import Settings
+
+    def failing_deploy(settings, **kwargs):
+        raise RuntimeError("no checkpoint at /nonexistent")
+
+    monkeypatch.setattr(runtime.serve, "deploy", failing_deploy)
+    settings = Settings(data_dir=tmp_path, redis_url=redis_url, key_prefix=prefix)
+    args = type("Args", (), {"address": address})()
+    with pytest.raises(RuntimeError, match="no checkpoint"):
+        serve_on_ray(args, settings, "127.0.0.1", free_port())
+    return settings
+
+
+def test_the_first_key_is_shown_even_when_the_deploy_fails(monkeypatch, tmp_path, redis_url, capsys):
+    """The key is created before deploying; shown only after a successful deploy, a failed one lost it for good
+    (later starts find a key and create none)."""
+    prefix = f"cli-serve-{uuid.uuid4().hex[:12]}"
+    try:
+        _serve_on_ray_failing(monkeypatch, tmp_path, redis_url, None, prefix)
+        out = capsys.readouterr().out.splitlines()
+        at = next(i for i, line in enumerate(out) if "created the first API key" in line)
+        assert out[at + 1].startswith("engram_")
+        _serve_on_ray_failing(monkeypatch, tmp_path, redis_url, None, prefix)
+        assert "created the first API key" not in capsys.readouterr().out  # one first key, already shown
+    finally:
+        delete_keys(redis_url, prefix)
+
+
+def test_joining_a_cluster_warns_of_state_only_this_machine_holds(monkeypatch, tmp_path, redis_url, capsys):
+    from runtime.cli.on_ray import _shared_state_warnings
+    from runtime.settings import Settings
+
+    args = type("Args", (), {"address": "ray://head:10001"})()
+    warnings = _shared_state_warnings(args, Settings(data_dir=tmp_path))
+    assert [w.split(" is unset")[0] for w in warnings] == ["engram: warning: ENGRAM_REDIS_URL",
+                                                           "engram: warning: ENGRAM_DATABASE_URL"]
+    shared = Settings(data_dir=tmp_path, redis_url=redis_url, database_url="postgresql://db/engram")
+    assert _shared_state_warnings(args, shared) == []
+    assert _shared_state_warnings(type("Args", (), {"address": None})(), Settings(data_dir=tmp_path)) == []
+
+
+def test_stopping_deletes_only_this_app_on_a_joined_cluster(monkeypatch):
+    import runtime.serve.deployments as deployments
+
+    calls = []
+    monkeypatch.setattr(deployments.serve, "delete", lambda name: calls.append(("delete", name)))
+    monkeypatch.setattr(deployments.serve, "shutdown", lambda: calls.append(("serve.shutdown",)))
+    monkeypatch.setattr(deployments.ray, "shutdown", lambda: calls.append(("ray.shutdown",)))
+    deployments.shutdown("ray://head:10001")
+    assert calls == [("delete", "engram"), ("ray.shutdown",)]  # the cluster's other apps keep running
+    calls.clear()
+    deployments.shutdown(None)
+    assert calls == [("serve.shutdown",), ("ray.shutdown",)]  # the local instance this command started
