@@ -35,9 +35,11 @@ async def ensure_first_key(service, on_new_key: Callable[[str], None] | None) ->
 
 
 def create_app(settings: Settings | None = None, *, service=None,
-               on_new_key: Callable[[str], None] | None = None, on_ready: Callable[[], None] | None = None) -> FastAPI:
+               on_new_key: Callable[[str], None] | None = None, on_ready: Callable[[], None] | None = None,
+               on_start_failed: Callable[[BaseException], None] | None = None) -> FastAPI:
     """The app. With `service` (a started RuntimeService) it serves that; else its lifespan starts and
-    stops an embedded LocalRuntime that runs submitted tasks (`on_ready` is called once it is up)."""
+    stops an embedded LocalRuntime that runs submitted tasks (`on_ready` is called once it is up,
+    `on_start_failed` with the error when it cannot start, before the server reports it)."""
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
@@ -49,10 +51,15 @@ def create_app(settings: Settings | None = None, *, service=None,
         from runtime.local import LocalRuntime
 
         runtime = LocalRuntime(settings)
-        await runtime.start(run_tasks=True)
-        app.state.service = runtime.service
         try:
-            await ensure_first_key(runtime.service, on_new_key)
+            try:
+                await runtime.start(run_tasks=True)
+                app.state.service = runtime.service
+                await ensure_first_key(runtime.service, on_new_key)  # the first call that needs Redis
+            except BaseException as exc:
+                if on_start_failed is not None:
+                    on_start_failed(exc)
+                raise
             if on_ready is not None:
                 on_ready()
             yield

@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a dependency failed (Redis, database, checkpoint): one line, not a traceback
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        lines = str(exc).strip().splitlines()  # a driver's message may run on (hints, a "Background" link)
+        print(f"error: {type(exc).__name__}: {lines[0] if lines else 'no message'}", file=sys.stderr)
         return 2
     return 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import sys
 import threading
@@ -237,9 +238,32 @@ def serve(args) -> int:
         print(f"engram: created the first API key (admin, tenant 'default'); it is shown only now:\n{key}",
               flush=True)
 
-    app = create_app(settings, on_new_key=first_key, on_ready=lambda: print(f"engram: ready at {url}", flush=True))
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    failed: list[BaseException] = []  # the runtime's start failed: its error is our one line, not uvicorn's traceback
+    quiet = _QuietAfter(failed)
+    logging.getLogger("uvicorn.error").addFilter(quiet)
+    app = create_app(settings, on_new_key=first_key, on_ready=lambda: print(f"engram: ready at {url}", flush=True),
+                     on_start_failed=failed.append)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    except SystemExit:
+        if failed:
+            raise failed[0] from None
+        raise
+    finally:
+        logging.getLogger("uvicorn.error").removeFilter(quiet)
     return 0
+
+
+class _QuietAfter(logging.Filter):
+    """Drops the server's log records once `failed` holds the error that stopped the start (uvicorn would log it
+    as a traceback and 'Application startup failed')."""
+
+    def __init__(self, failed: list[BaseException]) -> None:
+        super().__init__()
+        self.failed = failed
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.failed
 
 
 def _model_note(settings: Settings) -> str:

@@ -158,3 +158,27 @@ def test_cli_resume_stops_at_an_error_of_the_driving_instead_of_waiting(tmp_path
     runner.join(timeout=120)
     assert not runner.is_alive(), "engram resume hung after the orchestrator failed"
     assert result == [2] and "error: RuntimeError: the model worker died" in capsys.readouterr().err
+
+
+def test_cli_a_dependency_that_fails_at_start_is_one_error_line(tmp_path, monkeypatch, capsys):
+    """`engram serve --embedded` with Redis unreachable used to print uvicorn's traceback and exit 3; a database
+    driver's multi-line message used to come out whole. Now: one line, exit 2."""
+    import socket
+
+    from runtime.cli import main
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("ENGRAM_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ENGRAM_EMBEDDER", "hashing")
+    monkeypatch.setenv("ENGRAM_MODEL_PATH", str(tiny_checkpoint(tmp_path / "model", seed=3)))
+    monkeypatch.setenv("ENGRAM_REDIS_URL", "redis://127.0.0.1:1")
+    assert main(["serve", "--embedded", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot reach Redis") and len(err.splitlines()) == 1, err
+    monkeypatch.delenv("ENGRAM_REDIS_URL")
+    monkeypatch.setenv("ENGRAM_DATABASE_URL", "postgresql+psycopg://nobody@127.0.0.1:1/none")
+    assert main(["run", "Add 2 and 2."]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the progress line, then the error
+    assert err[-1].startswith("error: OperationalError: ") and not err[-2].startswith("error"), err
