@@ -77,7 +77,7 @@ async def update_agent(name: str, body: AgentUpdate, request: Request, key: Key)
 
 @router.delete("/agents/{name}", status_code=204, tags=["agents"])
 async def delete_agent(name: str, request: Request, key: Key) -> Response:
-    await _service(request).catalog.delete(key.tenant, name)
+    await _service(request).delete_agent(key.tenant, name)
     return Response(status_code=204)
 
 

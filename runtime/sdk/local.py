@@ -81,7 +81,7 @@ class LocalAgents(_Scoped):
 
     @_sdk_errors
     async def delete(self, name: str) -> None:
-        await self._service.catalog.delete(self._tenant, name)
+        await self._service.delete_agent(self._tenant, name)
 
 
 class LocalTasks(_Scoped):
