@@ -35,6 +35,12 @@ from runtime.sessions.lua import CREATE_SESSION, PRELUDE
 from runtime.sessions.models import validate_session_id
 
 EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")
+_STREAM_ID_PART_MAX = 2**64 - 1  # a Redis stream id is two unsigned 64-bit numbers
+
+
+def is_event_id(text: str) -> bool:
+    """Whether `text` can be a task event's id ("<ms>-<seq>", each part a 64-bit unsigned number)."""
+    return EVENT_ID.fullmatch(text) is not None and all(int(part) <= _STREAM_ID_PART_MAX for part in text.split("-"))
 CONTEXT_TURNS = 8  # earlier tasks of a conversation shown to the model
 CONTEXT_CHARS_PER_TURN = 600
 IDEMPOTENCY_TTL_S = 24 * 3600
@@ -252,7 +258,7 @@ class TaskBoard:
         caller already confirmed the task is the tenant's (a stream checks once, not per read)."""
         if not tenant_checked:
             await self.state(tenant, task_id)
-        if not EVENT_ID.fullmatch(after):
+        if not is_event_id(after):
             raise ValueError(f"Last-Event-ID: not an event id like '1700000000000-0': {after!r}")
         try:
             raw = await self.store.events(task_id, after_id=after, block_ms=block_ms, count=count)

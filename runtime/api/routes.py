@@ -42,7 +42,7 @@ from runtime.resources import (
     TaskTranscript,
 )
 from runtime.resources import ApiKey as Caller
-from runtime.tasks import EVENT_ID
+from runtime.tasks import is_event_id
 
 router = APIRouter(prefix="/v1", responses=error_responses(400, 401, 404, 409, 413, 422, 429, 503))
 Key = Annotated[Caller, Depends(caller)]
@@ -132,7 +132,7 @@ async def task_events(task_id: str, request: Request, key: Key,
     service = _service(request)
     start = last_event_id or after or "0-0"
     tasks = service.tasks
-    if not EVENT_ID.fullmatch(start):
+    if not is_event_id(start):
         raise ApiError(422, f"Last-Event-ID: not an event id like '1700000000000-0': {start!r}", field="Last-Event-ID")
     await tasks.state(key.tenant, task_id)  # 404 before the stream opens
     release = request.app.state.stream_slots.acquire(key.id)  # 429 over the per-key bound

@@ -258,6 +258,11 @@ def test_validation_errors_name_the_field(open_api):
                                       content=b"{not json"), 422)
             assert_error(await c.post("/v1/agents", headers=bearer(key), json={"name": "ok", "instructions": "x"}),
                          409, type_="conflict_error")
+            for bad in ("abc", "99999999999999999999-0", "1-18446744073709551616"):  # past 64 bits: not a stream id
+                assert_error(await c.get("/v1/tasks/task_x/events", headers={**bearer(key), "Last-Event-ID": bad}),
+                             422, field="Last-Event-ID")
+            assert_error(await c.get("/v1/tasks/task_x/events", headers={  # the largest id passes, the task is unknown
+                **bearer(key), "Last-Event-ID": "18446744073709551615-18446744073709551615"}), 404)
             assert_error(await c.get("/v1/no-such-route", headers=bearer(key)), 404)
             assert_error(await c.put("/v1/agents", headers=bearer(key), json={}), 405)
 
