@@ -19,7 +19,21 @@ class _Loop:
         self.thread.start()
 
     def run(self, coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+        """Run `coroutine` on the loop thread and wait for it. Interrupted here (Ctrl-C), it is cancelled and
+        waited for (its cleanup runs on the loop thread), so what it used (a stream) is free again at once."""
+        finished = threading.Event()
+
+        async def tracked():
+            asyncio.current_task().add_done_callback(lambda _: finished.set())
+            return await coroutine
+
+        future = asyncio.run_coroutine_threadsafe(tracked(), self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            if future.cancel():
+                finished.wait(timeout=5)
+            raise
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)

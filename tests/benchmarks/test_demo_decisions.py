@@ -59,8 +59,8 @@ def test_token_likelihoods_agree_with_the_trainers_loss(decisions):
     # each row labels only its final answer (the earlier search turn is context), so the rows differ
     assert [len(ids) for ids, _ in rows] == [len(tokenizer.encode(t, add_special_tokens=False)) + 1  # + EOS
                                           for t in decisions._right_and_wrong(last)]
-    # the margin is taken where the answers part (after "<key> is": "not" of the no-memory answer against the value's first token),
-    # as log p(right) - log p(wrong) there
+    # the margin is taken where the answers part (after "<key> is": "not" of the no-memory answer against the
+    # value's first token), as log p(right) - log p(wrong) there
     (right_ids, right_nll), (wrong_ids, wrong_nll) = rows
     j = int((right_ids[: len(wrong_ids)] != wrong_ids[: len(right_ids)]).nonzero()[0])
     assert torch.equal(right_ids[:j], wrong_ids[:j]) and right_ids[j] != wrong_ids[j]
