@@ -20,10 +20,10 @@ from runtime.api_keys import ApiKeyStore
 from runtime.cli.render import EventPrinter, print_session, print_transcript
 from runtime.redis_server import embedded_or_url
 from runtime.resources import TaskCreate
-from runtime.sdk.errors import NotFoundError, error_for_status
+from runtime.sdk.errors import ConflictError, NotFoundError, error_for_status
 from runtime.sessions import SessionNotFound, SessionStore
 from runtime.settings import Settings
-from runtime.tasks import ConversationNotFound, TaskBoard
+from runtime.tasks import ConversationBusy, ConversationNotFound, TaskBoard
 
 
 @contextlib.asynccontextmanager
@@ -124,7 +124,14 @@ async def run(args) -> int:
     runtime = await _started_runtime(settings, args.tenant)
     try:
         await runtime.agents.get(args.agent)  # NotFoundError for an unknown agent
-        task, _ = await runtime.service.tasks.submit(args.tenant, args.agent, args.task, conversation_id=args.session)
+        try:
+            task, _ = await runtime.service.tasks.submit(args.tenant, args.agent, args.task,
+                                                         conversation_id=args.session)
+        except ConversationNotFound as exc:
+            raise NotFoundError(str(exc.args[0])) from None
+        except ConversationBusy as exc:
+            raise ConflictError(f"{exc}; if the process running it died, `engram resume "
+                                f"{args.session}` finishes it") from None
         print(f"session {task.session_id}  task {task.id}", flush=True)
         print(_model_note(settings), flush=True)
         await _follow(runtime, task.id)

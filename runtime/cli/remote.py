@@ -6,15 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 
 from runtime.cli.render import EventPrinter, print_session, print_transcript, task_line
-from runtime.sdk.async_client import AsyncClient
-from runtime.sdk.errors import AuthenticationError
-from runtime.settings import Settings
+from runtime.sdk.async_client import AsyncClient, default_url
+from runtime.sdk.errors import AuthenticationError, InvalidRequestError
 
 
 def client_for(args) -> AsyncClient:
-    url = args.url or os.environ.get("ENGRAM_URL") or f"http://{Settings().host}:{Settings().port}"
+    url = args.url or default_url()
     key = args.api_key or os.environ.get("ENGRAM_API_KEY")
     if not key:
         raise AuthenticationError("no API key: pass --api-key or set ENGRAM_API_KEY (`engram serve` prints one on "
@@ -23,13 +23,20 @@ def client_for(args) -> AsyncClient:
 
 
 async def _follow(client: AsyncClient, task_id: str, follow: bool) -> None:
+    """Print the task's events: to its end with `follow`, else those so far (until a 2 s pause)."""
     printer = EventPrinter()
     stream = client.tasks.events(task_id)
     try:
         while True:
             try:
                 event = await (stream.__anext__() if follow else asyncio.wait_for(stream.__anext__(), 2.0))
-            except (TimeoutError, StopAsyncIteration):
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                task = await client.tasks.get(task_id)
+                if not task.done:
+                    print(f"(task {task_id} is still {task.status}; `engram tasks logs -f {task_id}` follows it)",
+                          file=sys.stderr)
                 return
             printer.show(event)
     finally:
@@ -54,8 +61,12 @@ async def tasks(args) -> int:
             if args.follow:
                 await _follow(client, task.id, True)
         elif args.tasks_command == "cancel":
-            task = await client.tasks.cancel(args.task_id)
-            print(f"cancellation requested for {task.id} ({task.status})")
+            before = await client.tasks.get(args.task_id)
+            if before.done:
+                print(f"task {before.id} already {before.status}: nothing to cancel")
+            else:
+                task = await client.tasks.cancel(args.task_id)
+                print(f"cancellation requested for {task.id} ({task.status}); it stops at its next step")
     return 0
 
 
@@ -76,7 +87,11 @@ async def memories(args) -> int:
             for hit in await client.memories.search(args.agent, args.query, k=args.k):
                 print(f"{hit.score:.3f}  {hit.memory.id}  [{hit.memory.kind}] {hit.memory.text}")
         elif args.memories_command == "add":
-            metadata = json.loads(args.metadata) if args.metadata else None
+            try:
+                metadata = json.loads(args.metadata) if args.metadata else None
+            except json.JSONDecodeError as exc:
+                raise InvalidRequestError(f"--metadata: not JSON ({exc.msg} at character {exc.pos}): "
+                                          f"{args.metadata!r}") from None
             memory = await client.memories.add(args.agent, args.text, kind=args.kind, metadata=metadata)
             print(f"added {memory.id}")
         else:

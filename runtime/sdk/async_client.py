@@ -91,12 +91,21 @@ class AsyncTasks(Tasks):
         return await self.get(task_id)
 
 
+def default_url() -> str:
+    """$ENGRAM_URL, else the server `engram serve` starts with the same environment: $ENGRAM_HOST:$ENGRAM_PORT
+    (127.0.0.1:8080 unless set; a server on every interface is reached on loopback)."""
+    if os.environ.get("ENGRAM_URL"):
+        return os.environ["ENGRAM_URL"]
+    host = os.environ.get("ENGRAM_HOST") or "127.0.0.1"
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{os.environ.get('ENGRAM_PORT') or 8080}"
+
+
 class AsyncClient:
-    """`AsyncClient(base_url, api_key)`; both default to $ENGRAM_URL / $ENGRAM_API_KEY."""
+    """`AsyncClient(base_url, api_key)`; they default to `default_url()` and $ENGRAM_API_KEY."""
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 30.0,
                  max_retries: int = 3, backoff_base_s: float = 0.25, transport: httpx.AsyncBaseTransport | None = None):
-        self.base_url = (base_url or os.environ.get("ENGRAM_URL") or DEFAULT_URL).rstrip("/")
+        self.base_url = (base_url or default_url()).rstrip("/")
         api_key = api_key or os.environ.get("ENGRAM_API_KEY")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)

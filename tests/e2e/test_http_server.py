@@ -268,6 +268,15 @@ def test_cli_against_server(engram_server):
     found = cli("memories", "search", "helper", "sky", env=env)
     assert found.returncode == 0, found.stderr
     assert "the sky is blue" in found.stdout, found.stdout
+    line = _one_error_line(cli("memories", "add", "helper", "x", "--metadata", "{bad", env=env))
+    assert line.startswith("error: --metadata: not JSON"), line
+
+    cancelled = cli("tasks", "cancel", task.id, env=env)  # it finished above
+    assert cancelled.returncode == 0 and cancelled.stdout.strip().endswith("nothing to cancel"), cancelled.stdout
+    logs = cli("tasks", "logs", task.id, env=env)  # without -f: the events so far, here to the end
+    ending = ("final answer: ", "  ended ")  # its final or error event
+    assert logs.returncode == 0 and any(e in logs.stdout for e in ending) and logs.stderr == "", (logs.stdout,
+                                                                                                  logs.stderr)
 
 
 def test_cli_group_level_url_option_is_honoured():

@@ -78,6 +78,9 @@ def test_cli_runs_a_task_and_shows_the_session(tmp_path, redis_url, monkeypatch,
     assert main(["show", "no-such-task"]) == 1
     assert "error: no task or session 'no-such-task'" in capsys.readouterr().err
     assert out.splitlines()[out.splitlines().index(first) + 1] == f"model: {model_dir}"  # ids first, then the model
+    assert main(["run", "--session", "sess_nosuchsession", "Add 2 and 2."]) == 1  # not found: 1, as `show`
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "sess_nosuchsession" in err and "ConversationNotFound" not in err, err
 
 
 def test_cli_names_a_bad_setting_in_one_line(monkeypatch, capsys):

@@ -1,5 +1,6 @@
 """The synchronous client's event-loop thread: an interrupted call (Ctrl-C in the caller's thread) stops its
-coroutine before the caller goes on, so the caller's cleanup (closing an event stream) works."""
+coroutine before the caller goes on, so the caller's cleanup (closing an event stream) works. And where a client
+connects by default: where `engram serve` listens with the same environment, as the CLI does."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import threading
 
 import pytest
 
+from runtime.sdk import AsyncClient
 from runtime.sdk.client import _Loop
 
 
@@ -36,3 +38,20 @@ def test_ctrl_c_during_a_call_stops_it_so_the_stream_can_close():
         assert loop.run(asyncio.sleep(0, result="still usable")) == "still usable"
     finally:
         loop.stop()
+
+
+@pytest.mark.parametrize(("env", "url"), [
+    ({}, "http://127.0.0.1:8080"),
+    ({"ENGRAM_PORT": "9000"}, "http://127.0.0.1:9000"),
+    ({"ENGRAM_HOST": "0.0.0.0", "ENGRAM_PORT": "9000"}, "http://127.0.0.1:9000"),  # every interface: loopback
+    ({"ENGRAM_HOST": "10.1.2.3"}, "http://10.1.2.3:8080"),
+    ({"ENGRAM_URL": "https://engram.example/", "ENGRAM_PORT": "9000"}, "https://engram.example"),  # the URL wins
+])
+def test_the_default_url_is_where_engram_serve_listens(monkeypatch, env, url):
+    for name in ("ENGRAM_URL", "ENGRAM_HOST", "ENGRAM_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    client = AsyncClient(api_key="engram_x_y")
+    assert client.base_url == url
+    asyncio.run(client.http.aclose())
