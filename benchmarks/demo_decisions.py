@@ -89,12 +89,12 @@ def top_hit_value(hits: list[dict]) -> str:
 def _right_and_wrong(last: traces.Example) -> tuple[str, str]:
     """The last step's target and the tempting wrong final answer for it (see the module docstring)."""
     answer = json.loads(last.target)["answer"]
-    key = traces.refused_key(answer)
-    if key is not None:
+    if answer.startswith("I have no memory of "):
+        key = answer.removeprefix("I have no memory of ").rstrip(".")
         hits = json.loads(last.messages[-1]["content"])[-1]["result"]["hits"]
         return last.target, _answer(f"{key} is {top_hit_value(hits)}.")
     key = answer.rsplit(" is ", 1)[0]
-    return last.target, _answer(traces.no_memory_answer(key))
+    return last.target, _answer(f"I have no memory of {key}.")
 
 
 @torch.no_grad()

@@ -48,7 +48,7 @@ def right_and_wrong(call: dict) -> tuple[str, str, bool]:
     """(right final answer, tempting wrong one, whether the hits hold what the right one needs)."""
     key = call["key"]
     hits = json.loads(call["messages"][-1]["content"])[-1]["result"]["hits"]
-    no_memory = traces.no_memory_answer(key)
+    no_memory = f"I have no memory of {key}."
     if call["kind"] == "refusal":
         return no_memory, f"{key} is {top_hit_value(hits)}.", True
     sentence = f"{key} is {call['expect']}."

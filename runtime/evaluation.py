@@ -37,8 +37,7 @@ from runtime.settings import Settings
 RECALL_KINDS = ("recall", "recall_result")
 MIX = {"arithmetic": 20, "arithmetic_remember": 15, "remember": 15, "recall": 25, "recall_result": 10,
        "refusal": 15}
-NO_MEMORY = "no memory"  # a refusal's expect: the answer says the memory holds no such fact, in either wording
-REFUSAL_WORDINGS = ("no memory", "not in my memory")
+NO_MEMORY = "no memory"
 
 
 @dataclass
@@ -46,7 +45,7 @@ class AgentTask:
     kind: str
     tenant: str
     task: str
-    expect: str  # a string the final answer must contain (NO_MEMORY: one of REFUSAL_WORDINGS)
+    expect: str  # a string the final answer must contain
     setup: list[str] = field(default_factory=list)  # distractor memories written before the run
     store_task: str | None = None  # recall kinds: the earlier session that stores the fact
     memory_expect: str | None = None  # a memory of the tenant must contain this after the run
@@ -185,17 +184,11 @@ def _actions_valid(state, steps) -> bool:
         "could not be parsed" not in (state.error or "")
 
 
-def _answers(expect: str, answer: str) -> bool:
-    """Whether `answer` holds what the task expects (a refusal: any wording of one)."""
-    wanted = REFUSAL_WORDINGS if expect == NO_MEMORY else (expect,)
-    return any(w.lower() in answer.lower() for w in wanted)
-
-
 async def _score(rt: LocalRuntime, task: AgentTask, session_id: str) -> TaskOutcome:
     state, steps = await rt.store.load(session_id)
     answer = state.final_answer or ""
     valid = _actions_valid(state, steps)
-    correct = valid and state.status == "completed" and _answers(task.expect, answer)
+    correct = valid and state.status == "completed" and task.expect.lower() in answer.lower()
     note = state.error or ""
     if correct and task.memory_expect is not None:
         memories = (await rt.memory.list(task.tenant, "assistant", limit=50)).items

@@ -59,7 +59,6 @@ COMPUTE_PHRASES = ("What is {k}?", "Compute {k}.", "Calculate {k}.", "How much i
                    "Use the calculator: {k}", "What do you get for {k}?")
 REMEMBER_SUFFIXES = (" Remember the result.", " Save the result to memory.", " Then remember it.",
                      " Please remember the answer.", " Remember the answer.")
-NO_MEMORY_TAIL = "is not in my memory."
 OPERATORS = {"+": ("plus",), "-": ("minus",), "*": ("times", "multiplied by"), "/": ("divided by",)}
 
 
@@ -167,22 +166,6 @@ def _near_name(name: str, rng: random.Random) -> str:
         near = (name[:cut] + rng.choice(pools.SYLLABLES) + name[cut + 1:]) if rng.random() < 0.6 else name[:cut]
         if len(near) > 1 and near != name:
             return near
-
-
-def no_memory_answer(key: str) -> str:
-    """The answer to a question no memory holds the fact of. It opens as the found answer does ("<key> is"), so
-    the two part at the value, where the model copies the found fact or finds none to copy (not at the first
-    token, before it has written which key it looked for)."""
-    return f"{key} {NO_MEMORY_TAIL}"
-
-
-def refused_key(answer: str) -> str | None:
-    """The key a no-memory answer names (this format or the earlier "I have no memory of <key>."), else None."""
-    if answer.endswith(f" {NO_MEMORY_TAIL}"):
-        return answer.removesuffix(f" {NO_MEMORY_TAIL}")
-    if answer.startswith("I have no memory of "):
-        return answer.removeprefix("I have no memory of ").rstrip(".")
-    return None
 
 
 def final(answer: str) -> dict[str, Any]:
@@ -326,7 +309,7 @@ class TraceGenerator:
             results = s.act(call("memory_search", query=fact.key))
             found = any(fact.sentence in hit["text"] for hit in results[0]["hits"])
             if not found:
-                s.act(final(no_memory_answer(fact.key)))
+                s.act(final(f"I have no memory of {fact.key}."))
                 return s.examples
         s.act(final(fact.sentence))
         return s.examples

@@ -31,8 +31,8 @@ def _last_after_search(kind: str, seed: int = 4) -> traces.Example:
 def test_a_refusal_is_weighed_against_the_top_hits_value(decisions):
     last = _last_after_search("refusal")
     right, wrong = decisions._right_and_wrong(last)
-    key = traces.refused_key(json.loads(right)["answer"])
-    assert right == last.target and json.loads(right)["answer"] == traces.no_memory_answer(key)
+    assert right == last.target and json.loads(right)["answer"].startswith("I have no memory of ")
+    key = json.loads(right)["answer"].removeprefix("I have no memory of ").rstrip(".")
     top = json.loads(last.messages[-1]["content"])[-1]["result"]["hits"][0]["text"]
     value = json.loads(wrong)["answer"].removeprefix(f"{key} is ").rstrip(".")
     assert json.loads(wrong)["answer"].startswith(f"{key} is ") and top.rstrip(".").endswith(f" is {value}")
@@ -42,7 +42,7 @@ def test_a_found_fact_is_weighed_against_no_memory(decisions):
     last = _last_after_search("recall_search")
     right, wrong = decisions._right_and_wrong(last)
     key = json.loads(right)["answer"].rsplit(" is ", 1)[0]
-    assert right == last.target and json.loads(wrong) == {"type": "final", "answer": traces.no_memory_answer(key)}
+    assert right == last.target and json.loads(wrong) == {"type": "final", "answer": f"I have no memory of {key}."}
 
 
 def test_token_likelihoods_agree_with_the_trainers_loss(decisions):
@@ -59,8 +59,8 @@ def test_token_likelihoods_agree_with_the_trainers_loss(decisions):
     # each row labels only its final answer (the earlier search turn is context), so the rows differ
     assert [len(ids) for ids, _ in rows] == [len(tokenizer.encode(t, add_special_tokens=False)) + 1  # + EOS
                                           for t in decisions._right_and_wrong(last)]
-    # the margin is taken where the answers part (after "<key> is": "not" of the no-memory answer against the
-    # value's first token), as log p(right) - log p(wrong) there
+    # the margin is taken where the answers part ("I" of "I have no memory" against the key's first token),
+    # as log p(right) - log p(wrong) there
     (right_ids, right_nll), (wrong_ids, wrong_nll) = rows
     j = int((right_ids[: len(wrong_ids)] != wrong_ids[: len(right_ids)]).nonzero()[0])
     assert torch.equal(right_ids[:j], wrong_ids[:j]) and right_ids[j] != wrong_ids[j]

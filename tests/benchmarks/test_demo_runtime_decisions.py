@@ -39,9 +39,9 @@ def test_only_calls_after_a_search_of_a_question_are_measured(script):
 
 def test_the_answers_weighed(script):
     recall = _call("recall", "Ann's job", "baker", ["Task: x\nOutcome: Ann's job is baker.", "Ann's job is baker."])
-    assert script.right_and_wrong(recall) == ("Ann's job is baker.", "Ann's job is not in my memory.", True)
+    assert script.right_and_wrong(recall) == ("Ann's job is baker.", "I have no memory of Ann's job.", True)
     refusal = _call("refusal", "Ann's job", "no memory", ["Ann's home city is Oslo.", "Bo's job is pilot."])
-    assert script.right_and_wrong(refusal) == ("Ann's job is not in my memory.", "Ann's job is Oslo.", True)
+    assert script.right_and_wrong(refusal) == ("I have no memory of Ann's job.", "Ann's job is Oslo.", True)
     garbled = _call("recall", "Ann's job", "baker", ["Ann's job is bakr."])  # saved garbled: no decision saves it
     assert script.right_and_wrong(garbled)[2] is False
 

@@ -9,8 +9,8 @@ import random
 import re
 from collections import Counter
 
-from model_worker.training import pools, traces
-from runtime.evaluation import MIX, NO_MEMORY, RECALL_KINDS, _answers, evaluate_agent, held_out_tasks
+from model_worker.training import pools
+from runtime.evaluation import MIX, RECALL_KINDS, evaluate_agent, held_out_tasks
 from runtime.tools.calculator import calculate
 from tests.model_worker.engine.engine_fixtures import tiny_checkpoint
 
@@ -35,13 +35,6 @@ def test_arithmetic_memories_add_earlier_memories_to_arithmetic_tasks_only():
     texts = [text for task in seeded if task.kind.startswith("arithmetic") for text in task.setup]
     assert any(re.search(r"\d+ (times|plus|minus|divided by|multiplied by) \d+ is ", t) for t in texts)  # results
     assert any(t.startswith("Task: ") for t in texts)  # session summaries
-
-
-def test_a_refusal_counts_in_either_wording_and_a_value_only_where_stated():
-    assert _answers(NO_MEMORY, traces.no_memory_answer("Ann's job"))  # the demo model's wording now
-    assert _answers(NO_MEMORY, "I have no memory of Ann's job.")  # its earlier one
-    assert not _answers(NO_MEMORY, "Ann's job is baker.")
-    assert _answers("baker", "Ann's job is Baker.") and not _answers("baker", "Ann's job is not in my memory.")
 
 
 def test_expectations_come_from_the_calculator_and_the_held_out_split():
