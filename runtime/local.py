@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import create_engine, text
 
@@ -30,7 +31,7 @@ from runtime.redis_server import RedisServer, embedded_or_url
 from runtime.service import CountingMemory, RuntimeService
 from runtime.sessions import SessionState, SessionStore, Step
 from runtime.settings import Settings
-from runtime.tools import ToolRegistry, builtin_tools
+from runtime.tools.loading import load_tools, runtime_registry, tools_of
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,12 @@ def demo_model_path(settings: Settings) -> Path:
 
 class LocalRuntime:
     def __init__(self, settings: Settings | None = None, *, agents: list[AgentDefinition] | None = None,
-                 model: ModelClient | None = None, tenant: str = "default"):
+                 model: ModelClient | None = None, tenant: str = "default", tools: Any = ()):
+        """`tools`: your own tools beside the built-ins (a ToolRegistry, Tools, typed functions or a list of
+        them), added to those ENGRAM_TOOLS names; agents list them by name."""
         self.settings = settings or Settings()
         self.builtin_agents = list(agents or [DEFAULT_AGENT])
+        self._own_tools = tools_of(tools)
         self.tenant = tenant  # whose agents, tasks and memories the SDK-style namespaces act on
         self._model_override = model
         self.redis_server: RedisServer | None = None
@@ -87,7 +91,7 @@ class LocalRuntime:
             counters: collections.Counter = collections.Counter()
             self.memory = CountingMemory(MemoryService(AgentMemoryStore(database_url, embedder)), counters)
             model = self._model_override or WorkerModelClient(self._start_worker())
-            tools = ToolRegistry(builtin_tools())
+            tools = runtime_registry([*self._own_tools, *(load_tools(s.tools) if s.tools else [])])
             for agent in self.builtin_agents:
                 agent.check_tools(tools.names())
             self.catalog = AgentCatalog(self.store.redis, key_prefix=s.key_prefix, builtin=self.builtin_agents,

@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     kv_cache_dtype: str = "auto"
     cache_budget_mib: int = 256
     embedder: str = "minilm"  # "minilm" (the bundled all-MiniLM-L6-v2) or "hashing" (fast, no model)
+    tools: str | None = None  # your tools beside the built-ins: "module:attribute[,...]" (runtime.tools.loading)
     lease_ms: int = 15_000
     heartbeat_s: float = 3.0
     finished_session_ttl_s: int = 7 * 86400

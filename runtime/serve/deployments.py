@@ -313,7 +313,7 @@ class ApiIngress:
         from runtime.orchestrator import OrchestratorSettings
         from runtime.service import CountingMemory, RuntimeService
         from runtime.sessions import SessionStore
-        from runtime.tools import ToolRegistry, builtin_tools
+        from runtime.tools.loading import load_tools, runtime_registry
 
         self.settings = s = Settings(**settings)
         if not s.redis_url:
@@ -327,7 +327,7 @@ class ApiIngress:
             counting = CountingMemory(self.memory, counters)
             model = HandleModelClient(worker, context_window=info["context_window"],
                                       model_path=s.model_path or info["model_path"])
-            tools = ToolRegistry(builtin_tools())
+            tools = runtime_registry(load_tools(s.tools) if s.tools else ())
             DEFAULT_AGENT.check_tools(tools.names())
             catalog = AgentCatalog(self.store.redis, key_prefix=s.key_prefix, builtin=[DEFAULT_AGENT],
                                    tool_names=tools.names())

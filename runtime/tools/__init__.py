@@ -10,6 +10,7 @@ _EXPORTS = {
     "BUILTIN_TOOL_NAMES": "builtins", "builtin_tools": "builtins",
     "Calculator": "calculator", "CalculatorError": "calculator", "calculate": "calculator", "evaluate": "calculator",
     "CurrentTime": "clock", "FunctionTool": "functions", "SqlEffects": "idempotent_sql",
+    "load_tools": "loading", "runtime_registry": "loading", "tools_of": "loading",
     "MemoryForget": "memory", "MemorySearch": "memory", "MemoryWrite": "memory",
     "Tool": "registry", "ToolArgumentError": "registry", "ToolContext": "registry", "ToolError": "registry",
     "ToolRegistry": "registry", "UnknownToolError": "registry", "idempotency_key_for": "registry",

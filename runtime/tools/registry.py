@@ -200,6 +200,10 @@ class ToolRegistry:
         """Registered tool names, in registration order."""
         return list(self._tools)
 
+    def tools(self) -> list[Tool]:
+        """The registered tools, in registration order."""
+        return list(self._tools.values())
+
     def schemas(self, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """JSON schemas of the named tools (all by default), in the given order."""
         chosen = self.names() if names is None else list(names)
