@@ -47,7 +47,7 @@ from runtime.tasks import is_event_id
 router = APIRouter(prefix="/v1", responses=error_responses(400, 401, 404, 409, 413, 422, 429, 503))
 Key = Annotated[Caller, Depends(caller)]
 AgentName = Annotated[str, Query(pattern=AGENT_NAME_PATTERN)]
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=256)]
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=256)]
 
 
 def _service(request: Request):

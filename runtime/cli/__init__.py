@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     create = keys_sub.add_parser("create")
     create.add_argument("--tenant", required=True)
     create.add_argument("--name", default="")
-    create.add_argument("--admin", action="store_true", help="may manage keys over the API")
+    create.add_argument("--admin", action="store_true",
+                        help="an operator key: may create, list and revoke the keys of every tenant over the API")
     keys_sub.add_parser("revoke").add_argument("key_id")
     keys_sub.add_parser("list").add_argument("--tenant")
 

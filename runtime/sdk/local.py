@@ -122,7 +122,10 @@ class LocalTasks(_Scoped):
         while True:
             batch = await self._events(task_id, after)
             if not batch and (await self.get(task_id)).done:
-                return
+                # its last events, if it ended between the two reads (no wait: nothing more comes)
+                batch = await self._service.tasks.events(self._tenant, task_id, after=after)
+                if not batch:
+                    return
             for event in batch:
                 yield event
                 after = event.id

@@ -249,6 +249,8 @@ def test_validation_errors_name_the_field(open_api):
             assert_error(await c.patch("/v1/agents/ok", headers=bearer(key), json={"limits": {"max_steps": -3}}),
                          422, field="limits.max_steps")
             assert_error(await c.post("/v1/tasks", headers=bearer(key), json={"input": ""}), 422, field="input")
+            assert_error(await c.post("/v1/tasks", headers={**bearer(key), "Idempotency-Key": ""},  # would merge
+                                      json={"input": "x"}), 422, field="Idempotency-Key")  # unrelated tasks
             assert_error(await c.get("/v1/tasks", headers=bearer(key), params={"limit": 0}), 422, field="limit")
             assert_error(await c.get("/v1/tasks", headers=bearer(key), params={"cursor": "abc"}), 422,
                          field="cursor")

@@ -1,6 +1,7 @@
 """The synchronous client's event-loop thread: an interrupted call (Ctrl-C in the caller's thread) stops its
 coroutine before the caller goes on, so the caller's cleanup (closing an event stream) works. And where a client
-connects by default: where `engram serve` listens with the same environment, as the CLI does."""
+connects by default: where `engram serve` listens with the same environment, as the CLI does. And the in-process
+event stream never loses a final event to a race."""
 
 from __future__ import annotations
 
@@ -55,3 +56,29 @@ def test_the_default_url_is_where_engram_serve_listens(monkeypatch, env, url):
     client = AsyncClient(api_key="engram_x_y")
     assert client.base_url == url
     asyncio.run(client.http.aclose())
+
+
+def test_the_in_process_stream_keeps_the_final_event_of_a_task_that_ends_between_two_reads():
+    """The stream reads events, then asks whether the task is done: a task that ended in between has its final
+    event unread; the stream reads once more instead of stopping without it (the HTTP stream always did)."""
+    from types import SimpleNamespace
+
+    from runtime.resources import TaskEvent
+    from runtime.sdk.local import LocalTasks
+
+    final = TaskEvent(id="2-0", type="final", data={"answer": "4"}, task_id="t")
+    reads = iter([[TaskEvent(id="1-0", type="step_started", task_id="t")], [], [final]])
+
+    async def events(tenant, task_id, *, after="0-0", block_ms=None):
+        return next(reads)
+
+    async def get(tenant, task_id):
+        return SimpleNamespace(done=True)  # it ended right after the empty read
+
+    service = SimpleNamespace(tasks=SimpleNamespace(events=events, get=get))
+    tasks = LocalTasks(SimpleNamespace(service=service, tenant="default"))
+
+    async def collect():
+        return [event.type async for event in tasks.events("t")]
+
+    assert asyncio.run(collect()) == ["step_started", "final"]
