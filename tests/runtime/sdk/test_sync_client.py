@@ -17,12 +17,14 @@ from runtime.sdk.client import _Loop
 
 
 def test_ctrl_c_during_a_call_stops_it_so_the_stream_can_close():
+    # Ctrl-C raises KeyboardInterrupt here, whatever handler an earlier test (a server, Ray) left installed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     loop, cleaned = _Loop(), []
 
     async def events():
         try:
             yield 1
-            await asyncio.sleep(3600)  # a stream waiting for the next event
+            await asyncio.sleep(30)  # a stream waiting for the next event (bounded: a missed Ctrl-C fails, not hangs)
             yield 2
         finally:
             await asyncio.sleep(0.05)  # its own async cleanup (closing the connection)
@@ -39,6 +41,7 @@ def test_ctrl_c_during_a_call_stops_it_so_the_stream_can_close():
         assert loop.run(asyncio.sleep(0, result="still usable")) == "still usable"
     finally:
         loop.stop()
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize(("env", "url"), [
