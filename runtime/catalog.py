@@ -86,11 +86,16 @@ class AgentCatalog:
         await self._redis.hset(self.key(tenant), name, agent.model_dump_json())
         return agent
 
+    async def check_deletable(self, tenant: str, name: str) -> None:
+        """AgentConflict for a built-in agent, AgentNotFound for no agent of that name."""
+        if name in self.builtin:
+            raise AgentConflict(f"agent {name!r} is built in and cannot be deleted")
+        if not await self._redis.hexists(self.key(tenant), name):
+            raise AgentNotFound(f"agent {name!r} not found")
+
     async def delete(self, tenant: str, name: str) -> None:
         if not await self._redis.hdel(self.key(tenant), name):
-            if name in self.builtin:
-                raise AgentConflict(f"agent {name!r} is built in and cannot be deleted")
-            raise AgentNotFound(f"agent {name!r} not found")
+            await self.check_deletable(tenant, name)
 
     async def resolve(self, tenant: str, name: str) -> AgentDefinition | None:
         """The orchestrator's lookup: the definition, or None."""

@@ -21,7 +21,7 @@ from typing import Any
 from memory_service.agent_memory.records import MemoryNotFound
 from memory_service.service import MemoryService
 from runtime.api_keys import ApiKeyStore
-from runtime.catalog import AgentCatalog, AgentConflict
+from runtime.catalog import AgentCatalog
 from runtime.orchestrator import Orchestrator
 from runtime.resources import (
     Agent,
@@ -128,9 +128,7 @@ class RuntimeService:
     async def delete_agent(self, tenant: str, name: str) -> None:
         """Delete the agent and forget its long-term memories (a new agent of the same name starts empty). The
         memories go first: if that fails the agent is still there, so deleting again finishes the job."""
-        agent = await self.catalog.get(tenant, name)  # AgentNotFound
-        if agent.builtin:
-            raise AgentConflict(f"agent {name!r} is built in and cannot be deleted")
+        await self.catalog.check_deletable(tenant, name)
         await self.memory.forget_agent(tenant, name)
         await self.catalog.delete(tenant, name)
 

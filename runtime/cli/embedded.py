@@ -241,15 +241,11 @@ def serve(args) -> int:
     url = f"http://{host}:{port}"
     print(f"engram: serving {url} (API docs at {url}/docs); starting the runtime...", flush=True)
 
-    def first_key(key: str) -> None:
-        print(f"engram: created the first API key (admin, tenant 'default'); it is shown only now:\n{key}",
-              flush=True)
-
     failed: list[BaseException] = []  # the runtime's start failed: its error is our one line, not uvicorn's traceback
     quiet = _QuietAfter(failed)
     logging.getLogger("uvicorn.error").addFilter(quiet)
-    app = create_app(settings, on_new_key=first_key, on_ready=lambda: print(f"engram: ready at {url}", flush=True),
-                     on_start_failed=failed.append)
+    app = create_app(settings, on_new_key=announce_first_key, on_start_failed=failed.append,
+                     on_ready=lambda: print(f"engram: ready at {url}", flush=True))
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     except SystemExit:
@@ -271,6 +267,10 @@ class _QuietAfter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not self.failed
+
+
+def announce_first_key(key: str) -> None:
+    print(f"engram: created the first API key (admin, tenant 'default'); it is shown only now:\n{key}", flush=True)
 
 
 def _model_note(settings: Settings) -> str:

@@ -39,7 +39,7 @@ def _shared_state_warnings(args, settings: Settings) -> list[str]:
 
 def serve_on_ray(args, settings: Settings, host: str, port: int) -> int:
     from runtime import serve as on_serve
-    from runtime.cli.embedded import progress
+    from runtime.cli.embedded import announce_first_key, progress
 
     for warning in _shared_state_warnings(args, settings):
         print(warning, file=sys.stderr, flush=True)
@@ -49,8 +49,7 @@ def serve_on_ray(args, settings: Settings, host: str, port: int) -> int:
     try:
         key = asyncio.run(_first_key(settings))
         if key:  # printed at once: a deploy that fails or is interrupted must not take the only admin key with it
-            print(f"engram: created the first API key (admin, tenant 'default'); it is shown only now:\n{key}",
-                  flush=True)
+            announce_first_key(key)
         url = f"http://{host}:{port}"
         with progress(f"engram: deploying on Ray ({args.address or 'a local instance'}); serving {url} when ready"):
             on_serve.deploy(settings, host=host, port=port, address=args.address)
