@@ -68,14 +68,26 @@ class ApiError(Exception):
         self.status, self.message, self.field, self.code, self.headers = status, message, field, code, headers
 
 
-def error_body(status: int, message: str, field: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"type": ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
-                      "message": message, "field": field, "param": field, "code": code}}
+def error_body(status: int, message: str, field: str | None = None, code: str | None = None, *,
+               openai: bool = False) -> dict:
+    """The error shape; `openai`: typed as OpenAI types its errors (every 4xx is "invalid_request_error" but
+    401's, an unknown model's 404 included), for the OpenAI-compatible routes and their clients."""
+    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    if openai and 400 <= status < 500 and status not in (401, 429):
+        kind = "invalid_request_error"
+    return {"error": {"type": kind, "message": message, "field": field, "param": field, "code": code}}
 
 
 def error_response(status: int, message: str, field: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, field, code), status_code=status, headers=headers)
+                   headers: dict[str, str] | None = None, *, openai: bool = False) -> JSONResponse:
+    return JSONResponse(error_body(status, message, field, code, openai=openai), status_code=status, headers=headers)
+
+
+OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions")  # bodies in OpenAI's format, errors in its types
+
+
+def _openai_route(request: Request) -> bool:
+    return request.url.path.endswith(OPENAI_ROUTES)
 
 
 def _field_of(message: str) -> str | None:
@@ -98,7 +110,10 @@ def _describe(errors: list) -> tuple[str, str | None]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
-    async def _request_invalid(_request: Request, exc: RequestValidationError):
+    async def _request_invalid(request: Request, exc: RequestValidationError):
+        if _openai_route(request):  # a body that is no JSON object: OpenAI answers 400, not 422
+            message, _ = _describe(list(exc.errors()))
+            return error_response(400, f"the request body must be a JSON object ({message})", openai=True)
         return error_response(422, *_describe(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
@@ -147,7 +162,8 @@ async def _known(request: Request, exc: Exception):
         return await _unexpected(request, exc)
     status, message, field = known
     code = exc.code if isinstance(exc, OpenAIError) else None  # e.g. model_not_found: OpenAI clients read it
-    return error_response(status, message, field, code, headers={"Retry-After": "1"} if status == 503 else None)
+    return error_response(status, message, field, code, headers={"Retry-After": "1"} if status == 503 else None,
+                          openai=isinstance(exc, OpenAIError))
 
 
 async def _unexpected(request: Request, exc: Exception):

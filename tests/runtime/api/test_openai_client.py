@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -95,6 +96,7 @@ def test_errors_reach_the_client_as_openai_errors(client, model_server):
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model="no-such-model", messages=MESSAGES, max_tokens=4)
     assert caught.value.code == "model_not_found" and "no-such-model" in caught.value.message
+    assert caught.value.type == "invalid_request_error"  # as OpenAI types it; its clients may read it
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=MODEL_NAME, prompt="x", max_tokens=1_000_000)
     assert caught.value.param == "max_tokens"
@@ -105,3 +107,17 @@ def test_errors_reach_the_client_as_openai_errors(client, model_server):
     with openai.OpenAI(base_url=f"{model_server.base_url}/v1", api_key="engram_wrong_key", max_retries=0) as other:
         with pytest.raises(openai.AuthenticationError):
             other.models.list()
+
+
+def test_a_body_that_is_no_json_object_is_a_400_as_openai_answers(model_server):
+    key = model_server.key("openai-tenant")
+    with httpx.Client(base_url=model_server.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+        for path in ("/v1/chat/completions", "/v1/completions"):
+            for body in ({"json": [1, 2]}, {"json": "text"}, {"content": b"{not json",
+                                                               "headers": {"Content-Type": "application/json"}}):
+                refused = http.post(path, **body)
+                assert refused.status_code == 400, (path, body, refused.text)
+                error = refused.json()["error"]
+                assert error["type"] == "invalid_request_error" and "JSON object" in error["message"], error
+        runtime_route = http.post("/v1/tasks", json=[1, 2])  # the runtime's own routes keep their 422
+        assert runtime_route.status_code == 422, runtime_route.text
