@@ -15,7 +15,10 @@ and checks the final answers:
 - refusal: asked for a fact never stored, the answer says there is no such memory.
 
 Every tenant is fresh, so memories never leak between tasks; arithmetic tasks start with an empty memory
-unless `--arithmetic-with-memories` gives them earlier memories (other results, facts, session summaries).
+unless `--arithmetic-with-memories` gives them earlier memories (other results, facts, session summaries),
+or `--arithmetic-after-quickstart` has the tenant's agent first run a session that computes and saves a
+result of the same form ("What is 17 times 23? Remember the result." before "What is 12 times 11?"), as
+after `make demo`.
 It deliberately does not judge wording, only the facts an answer must hold.
 """
 
@@ -47,7 +50,7 @@ class AgentTask:
     task: str
     expect: str  # a string the final answer must contain
     setup: list[str] = field(default_factory=list)  # distractor memories written before the run
-    store_task: str | None = None  # recall kinds: the earlier session that stores the fact
+    store_task: str | None = None  # the earlier session storing the fact (recall; arithmetic after the quickstart)
     memory_expect: str | None = None  # a memory of the tenant must contain this after the run
     key: str | None = None  # question kinds: what the question names ("Alice's home city", "17 times 23")
 
@@ -96,10 +99,13 @@ class EvalReport:
         return {kind: (right[kind], total[kind]) for kind in total}
 
 
-def held_out_tasks(count: int = 100, seed: int = 0, *, arithmetic_memories: bool = False) -> list[AgentTask]:
+def held_out_tasks(count: int = 100, seed: int = 0, *, arithmetic_memories: bool = False,
+                    after_quickstart: bool = False) -> list[AgentTask]:
     """`count` tasks in the proportions of MIX, from the held-out split. arithmetic_memories: arithmetic tasks
-    start with earlier memories too (other results, facts, session summaries; at least one), as a user's
-    agent has after the quickstart, instead of an empty memory; the other tasks stay the same."""
+    start with earlier memories too (other results, facts, session summaries; at least one) instead of an
+    empty memory. after_quickstart: an earlier session of the arithmetic task's agent computed and saved a
+    result of the same form, as `make demo` does (its memories are what the runtime writes). Either way the
+    other tasks stay the same."""
     gen = traces.TraceGenerator(seed=10_000 + seed, held_out=True)
     earlier = traces.TraceGenerator(seed=20_000 + seed, held_out=True)  # its own draws: the rest is unchanged
     rng = random.Random(seed)
@@ -111,7 +117,7 @@ def held_out_tasks(count: int = 100, seed: int = 0, *, arithmetic_memories: bool
     for i, kind in enumerate(kinds):
         tenant = f"eval-{seed}-{i}"
         if kind in ("arithmetic", "arithmetic_remember"):
-            key, _, result = gen.arithmetic()
+            key, expression, result = gen.arithmetic()
             task = rng.choice(traces.COMPUTE_PHRASES).format(k=key)
             remember = kind == "arithmetic_remember"
             if remember:
@@ -119,7 +125,9 @@ def held_out_tasks(count: int = 100, seed: int = 0, *, arithmetic_memories: bool
             setup = []
             while arithmetic_memories and not setup:
                 setup = [m.text for m in earlier.prior_store(None)]
-            tasks.append(AgentTask(kind, tenant, task, result, setup=setup,
+            earlier_task = f"What is {earlier.same_form(key, expression)[0]}? Remember the result." \
+                if after_quickstart else None
+            tasks.append(AgentTask(kind, tenant, task, result, setup=setup, store_task=earlier_task,
                                    memory_expect=f"{key} is {result}." if remember else None))
             continue
         fact = gen.arithmetic_fact() if kind == "recall_result" else gen.person_fact()
@@ -250,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arithmetic-with-memories", action="store_true",
                         help="arithmetic tasks start with earlier memories (other results, facts, session "
                              "summaries) instead of an empty memory; the other tasks are unchanged")
+    parser.add_argument("--arithmetic-after-quickstart", action="store_true",
+                        help="each arithmetic task's agent first ran an earlier session that computed and saved "
+                             "a result of the same form ('What is 17 times 23? Remember the result.'), as after "
+                             "`make demo`; the other tasks are unchanged")
     parser.add_argument("--transcripts", type=Path, default=None, metavar="FILE",
                         help="write every task's session (memories shown, actions, tool results) as JSON lines")
     parser.add_argument("--prompts", type=Path, default=None, metavar="FILE",
@@ -275,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {option} {path} is a directory; give a file name", file=sys.stderr)
             return 2
     prompts: list[dict] | None = [] if args.prompts is not None else None
-    tasks = held_out_tasks(args.tasks, args.seed, arithmetic_memories=args.arithmetic_with_memories)
+    tasks = held_out_tasks(args.tasks, args.seed, arithmetic_memories=args.arithmetic_with_memories,
+                           after_quickstart=args.arithmetic_after_quickstart)
     report = asyncio.run(evaluate_agent(args.model, tasks, progress=show, prompts=prompts))
     if args.transcripts is not None:
         with args.transcripts.open("w") as out:

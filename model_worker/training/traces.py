@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -180,7 +181,8 @@ class TraceGenerator:
     """Draws traces for one split (training or held-out); deterministic in the seed."""
 
     def __init__(self, seed: int, held_out: bool = False, weights: tuple[float, ...] = KIND_WEIGHTS,
-                 pieces: pools.WordPieces | None = None, retrieval: Retrieval | MixedRetrieval = WORD_OVERLAP):
+                 pieces: pools.WordPieces | None = None, retrieval: Retrieval | MixedRetrieval = WORD_OVERLAP,
+                 same_form_results: float = 0.0):
         if len(weights) != len(KINDS) or min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(f"weights: expected {len(KINDS)} non-negative weights (one per kind of {KINDS})")
         self.rng = random.Random(seed)
@@ -189,6 +191,8 @@ class TraceGenerator:
         self.subject = pools.subject_sampler(held_out, pieces)
         self.attributes = pools.attribute_values(held_out, pieces)
         self.retrieval = retrieval  # how the sessions' memory blocks and searches rank memories
+        # share of arithmetic sessions whose store holds a saved result of the same form (see _arithmetic)
+        self.same_form_results = same_form_results
 
     def session_retrieval(self) -> Retrieval:
         """How the next session ranks memories: the generator's retrieval, or one drawn from a mixture."""
@@ -225,6 +229,25 @@ class TraceGenerator:
             key = f"{a} {word} {b}"
         result = json.dumps(calculate(expression)["result"])
         return key, expression, result
+
+    def same_form(self, key: str, expression: str) -> tuple[str, str, str]:
+        """Another computation worded as `key` is ("12 times 11" -> "17 times 23"): other numbers, the same
+        operator words; (key, expression, result) as `arithmetic` gives them. What a user's memory holds after
+        the quickstart when the next question is another product."""
+        old = [int(n) for n in re.findall(r"\d+", expression)]
+        new = [self.rng.randint(max(2, n // 2), min(9999, max(9, n + n // 2))) for n in old]  # about as large
+        if "/" in expression:  # keep the divisor, and a quotient of the usual size
+            new[-1] = old[-1]
+            new[0] = old[-1] * self.rng.randint(2, 300)
+        if new == old:
+            new[0] += 1
+
+        def renumber(text: str) -> str:
+            numbers = iter(new)
+            return re.sub(r"\d+", lambda _: str(next(numbers)), text)
+
+        other = renumber(expression)
+        return renumber(key), other, json.dumps(calculate(other)["result"])
 
     def arithmetic_fact(self) -> Fact:
         key, _, result = self.arithmetic()
@@ -380,7 +403,14 @@ class TraceGenerator:
         task = self.rng.choice(COMPUTE_PHRASES).format(k=key)
         if remember:
             task += self.rng.choice(REMEMBER_SUFFIXES)
-        s = _Session(task, kind, self.prior_store(None), self.rng, retrieval=self.session_retrieval())
+        store = self.prior_store(None)
+        if self.same_form_results and self.rng.random() < self.same_form_results:
+            # as after the quickstart: "17 times 23 is 391." and its session's summary are in memory, and the
+            # question is another product; the calculator answers it, not the memory of a look-alike
+            other_key, _, other_result = self.same_form(key, expression)
+            for memory in self.stored_memories(Fact(other_key, other_result)):
+                store.insert(self.rng.randrange(len(store) + 1), memory)
+        s = _Session(task, kind, store, self.rng, retrieval=self.session_retrieval())
         result = json.dumps(s.act(call("calculator", expression=expression))[0]["result"])
         sentence = Fact(key, result).sentence
         if remember:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -416,6 +417,31 @@ def test_training_continues_from_an_exported_checkpoint(tmp_path, tokenizer, tok
     other, other_tables = build_trainable(demo_model_config(tokenizer, engram=False, mhc=False), tokenizer, seed=6)
     with pytest.raises(ValueError, match="not a checkpoint of this architecture"):
         load_exported(other, other_tables, tmp_path / "exported")
+
+
+def test_same_form_results_keep_the_wording_and_change_the_numbers():
+    generator = traces.TraceGenerator(3)
+    for _ in range(200):
+        key, expression, _ = generator.arithmetic()
+        other_key, other_expression, other_result = generator.same_form(key, expression)
+        assert re.sub(r"\d+", "N", other_key) == re.sub(r"\d+", "N", key) and other_key != key
+        assert re.sub(r"\d+", "N", other_expression) == re.sub(r"\d+", "N", expression)
+        assert other_result == json.dumps(calculate(other_expression)["result"])
+
+
+def test_arithmetic_with_a_look_alike_result_in_memory_still_calls_the_calculator():
+    generator, shown_look_alike = traces.TraceGenerator(5, same_form_results=1.0), 0
+    for _ in range(40):
+        first = generator.session("arithmetic")[0]
+        block = next(m["content"] for m in first.messages if m["role"] == "system")
+        question = re.sub(r"\d+", "N", next(m["content"] for m in first.messages if m["role"] == "user"))
+        saved = re.findall(r"\] (.+?) is -?[\d.]+\.$", block, flags=re.MULTILINE)  # "17 times 23 is 391."
+        shown_look_alike += any(re.sub(r"\d+", "N", key) in question for key in saved)
+        assert json.loads(first.target)["calls"][0]["name"] == "calculator"
+    assert shown_look_alike >= 30  # retrieval shows the saved look-alike in most prompts
+    plain = traces.TraceGenerator(5).session("arithmetic")  # off by default: the data of earlier runs
+    assert plain == traces.TraceGenerator(5, same_form_results=0.0).session("arithmetic")
+    assert traces.TraceGenerator(5, same_form_results=1.0).session("arithmetic") != plain
 
 
 def test_kind_weights_choose_the_task_mix():

@@ -37,6 +37,23 @@ def test_arithmetic_memories_add_earlier_memories_to_arithmetic_tasks_only():
     assert any(t.startswith("Task: ") for t in texts)  # session summaries
 
 
+def test_after_the_quickstart_an_earlier_session_saved_a_result_of_the_same_form():
+    plain, after = held_out_tasks(100, seed=1), held_out_tasks(100, seed=1, after_quickstart=True)
+    asked = 0
+    for before, task in zip(plain, after):
+        if not before.kind.startswith("arithmetic"):
+            assert task == before
+            continue
+        asked += 1
+        assert (task.kind, task.task, task.expect, task.memory_expect, task.setup) == \
+            (before.kind, before.task, before.expect, before.memory_expect, before.setup)
+        earlier = re.fullmatch(r"What is (.+)\? Remember the result\.", task.store_task)
+        assert earlier, task.store_task
+        words = re.sub(r"\d+", "N", earlier.group(1))
+        assert words in re.sub(r"\d+", "N", task.task) and earlier.group(1) not in task.task  # other numbers
+    assert asked == 35
+
+
 def test_expectations_come_from_the_calculator_and_the_held_out_split():
     tasks = held_out_tasks(100)
     held_out_people = {pools.subject_sampler(True)(random.Random(i)) for i in range(2000)}  # all ~90 of them
