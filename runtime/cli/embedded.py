@@ -16,7 +16,9 @@ from collections.abc import AsyncIterator
 from pydantic import ValidationError
 
 from runtime.api.errors import classify
+from runtime.agents import DEFAULT_AGENT
 from runtime.api_keys import ApiKeyStore
+from runtime.catalog import AgentCatalog, AgentNotFound
 from runtime.cli.render import EventPrinter, print_session, print_transcript
 from runtime.redis_server import embedded_or_url
 from runtime.resources import TaskCreate
@@ -115,12 +117,26 @@ async def _follow(runtime, task_id: str) -> None:
         await asyncio.gather(driver, shower, return_exceptions=True)
 
 
+async def _check_names(settings: Settings, args) -> None:
+    """An unknown agent or session is one error line before the model loads (seconds), not after it."""
+    async with open_store(settings) as store:
+        try:
+            catalog = AgentCatalog(store.redis, key_prefix=settings.key_prefix, builtin=[DEFAULT_AGENT])
+            await catalog.get(args.tenant, args.agent)
+            if args.session is not None:
+                await TaskBoard(store, None, key_prefix=settings.key_prefix).conversation_agent(args.tenant,
+                                                                                                args.session)
+        except (AgentNotFound, ConversationNotFound) as exc:
+            raise NotFoundError(str(exc.args[0])) from None
+
+
 async def run(args) -> int:
     try:  # the API's checks of a task (size, blank input, ids), before anything starts
         TaskCreate(agent=args.agent, input=args.task, session_id=args.session)
     except ValidationError as exc:
         raise error_for_status(*classify(exc)) from None
     settings = Settings()
+    await _check_names(settings, args)
     runtime = await _started_runtime(settings, args.tenant)
     try:
         await runtime.agents.get(args.agent)  # NotFoundError for an unknown agent

@@ -83,6 +83,19 @@ def test_cli_runs_a_task_and_shows_the_session(tmp_path, redis_url, monkeypatch,
     assert err.startswith("error: ") and "sess_nosuchsession" in err and "ConversationNotFound" not in err, err
 
 
+def test_cli_run_names_an_unknown_agent_or_session_before_loading_a_model(tmp_path, redis_url, monkeypatch, capsys):
+    from runtime.cli import main
+
+    for name, value in {"DATA_DIR": tmp_path / "data", "REDIS_URL": redis_url, "EMBEDDER": "hashing",
+                        "MODEL_PATH": tmp_path / "no-model-here"}.items():  # loading it would fail
+        monkeypatch.setenv(f"ENGRAM_{name}", str(value))
+    for argv, named in ((["run", "--agent", "nope", "Hi."], "agent 'nope' not found"),
+                        (["run", "--session", "sess_nosuchsession", "Hi."], "session 'sess_nosuchsession' not found")):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.strip() == f"error: {named}" and "starting the runtime" not in err, err
+
+
 def test_cli_names_a_bad_setting_in_one_line(monkeypatch, capsys):
     """A bad ENGRAM_* variable: one error line naming each variable and the value it had, exit 2, nothing
     started."""
