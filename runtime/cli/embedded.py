@@ -152,7 +152,7 @@ async def run(args) -> int:
         print(_model_note(settings), flush=True)
         await _follow(runtime, task.id)
         done = await runtime.tasks.get(task.id)
-        print(f"task {done.status} in {done.step_count} steps. Show it: engram show {done.id}  "
+        print(f"task {done.status} in {done.step_count} step{'' if done.step_count == 1 else 's'}. Show it: engram show {done.id}  "
               f"Continue: engram run --session {done.session_id} \"...\"")
         return 0 if done.status == "completed" or not args.strict else 1
     finally:
