@@ -440,7 +440,6 @@ def test_arithmetic_with_a_look_alike_result_in_memory_still_calls_the_calculato
         assert json.loads(first.target)["calls"][0]["name"] == "calculator"
     assert shown_look_alike >= 30  # retrieval shows the saved look-alike in most prompts
     plain = traces.TraceGenerator(5).session("arithmetic")  # off by default: the data of earlier runs
-    assert plain == traces.TraceGenerator(5, same_form_results=0.0).session("arithmetic")
     assert traces.TraceGenerator(5, same_form_results=1.0).session("arithmetic") != plain
 
 
