@@ -35,7 +35,8 @@ class EventPrinter:
                 self.out.flush()
         elif event.type == "memory_hits":
             texts = "; ".join(_short(m.get("text", ""), 40) for m in data.get("memories", [])[:3])
-            self._line(f"  step {data.get('index')}: recalled {len(data.get('memories', []))} memories: {texts}")
+            count = len(data.get("memories", []))
+            self._line(f"  step {data.get('index')}: recalled {count} memor{'y' if count == 1 else 'ies'}: {texts}")
         elif event.type == "tool_call":
             self._line(f"  step {data.get('index')}: {data.get('tool')}({_short(data.get('arguments'), 80)})")
         elif event.type == "tool_result":
