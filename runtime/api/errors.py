@@ -70,8 +70,8 @@ class ApiError(Exception):
 
 def error_body(status: int, message: str, field: str | None = None, code: str | None = None, *,
                openai: bool = False) -> dict:
-    """The error shape; `openai`: typed as OpenAI types its errors (every 4xx is "invalid_request_error" but
-    401's, an unknown model's 404 included), for the OpenAI-compatible routes and their clients."""
+    """The error shape; `openai`: typed as OpenAI types its errors (every 4xx but 401 and 429 is
+    "invalid_request_error", an unknown model's 404 included), for the OpenAI-compatible routes and their clients."""
     kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     if openai and 400 <= status < 500 and status not in (401, 429):
         kind = "invalid_request_error"

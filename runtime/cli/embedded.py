@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 
 from pydantic import ValidationError
 
-from runtime.api.errors import classify
 from runtime.agents import DEFAULT_AGENT
+from runtime.api.errors import classify
 from runtime.api_keys import ApiKeyStore
 from runtime.catalog import AgentCatalog, AgentNotFound
 from runtime.cli.render import EventPrinter, print_session, print_transcript
@@ -139,7 +139,6 @@ async def run(args) -> int:
     await _check_names(settings, args)
     runtime = await _started_runtime(settings, args.tenant)
     try:
-        await runtime.agents.get(args.agent)  # NotFoundError for an unknown agent
         try:
             task, _ = await runtime.service.tasks.submit(args.tenant, args.agent, args.task,
                                                          conversation_id=args.session)
@@ -152,7 +151,8 @@ async def run(args) -> int:
         print(_model_note(settings), flush=True)
         await _follow(runtime, task.id)
         done = await runtime.tasks.get(task.id)
-        print(f"task {done.status} in {done.step_count} step{'' if done.step_count == 1 else 's'}. Show it: engram show {done.id}  "
+        steps = f"{done.step_count} step{'' if done.step_count == 1 else 's'}"
+        print(f"task {done.status} in {steps}. Show it: engram show {done.id}  "
               f"Continue: engram run --session {done.session_id} \"...\"")
         return 0 if done.status == "completed" or not args.strict else 1
     finally:
