@@ -136,7 +136,8 @@ async def run(args) -> int:
     except ValidationError as exc:
         raise error_for_status(*classify(exc)) from None
     settings = Settings()
-    await _check_names(settings, args)
+    if args.agent != DEFAULT_AGENT.name or args.session is not None:  # the built-in agent alone is always there
+        await _check_names(settings, args)
     runtime = await _started_runtime(settings, args.tenant)
     try:
         try:
