@@ -140,6 +140,7 @@ class ModelWorker:
         the memory service) to serve the Engram rows; the checkpoint's own tables are then not loaded."""
         from model_worker import load_model, load_tokenizer
 
+        check_device(device)
         known = {f.name for f in dataclasses.fields(EngineConfig)}
         unknown = sorted(set(engine_settings) - known)
         if unknown:
@@ -396,6 +397,25 @@ class ModelWorker:
                 self.engine.abort(request_id)
             _call_soon(handle.loop, handle.queue.put_nowait, error)
         self._handles.clear()
+
+
+def check_device(device: str) -> None:
+    """ValueError, before anything loads, for a device torch cannot use here ("cuda" on a CPU build, a GPU
+    index past the last one, a name torch does not know)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: {device!r} is not a device torch knows ({exc})") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} asked for, but torch sees no CUDA GPU here (a CPU build of torch, "
+                             f"or no GPU); use 'cpu'")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    elif parsed.type != "cpu":
+        raise ValueError(f"device: {device!r}: the model worker runs on 'cpu' or 'cuda[:N]'")
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from runtime.tools.registry import TOOL_NAME
 
 AGENT_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"  # a slug: usable in URLs, keys and memory scopes
+DEFAULT_MODEL = "default"  # an agent's model when it names none: whichever model the runtime serves
 MemoryKind = Literal["fact", "episode", "summary"]
 
 
@@ -55,7 +56,7 @@ class AgentDefinition(BaseModel):
 
     name: str = Field(pattern=AGENT_NAME_PATTERN)
     instructions: str = Field(min_length=1, max_length=100_000)
-    model: str = Field("default", min_length=1, max_length=256)
+    model: str = Field(DEFAULT_MODEL, min_length=1, max_length=256)  # a served model's name, or the served one
     tools: list[str] = Field(default_factory=list)
     memory: MemorySettings = Field(default_factory=MemorySettings)
     limits: AgentLimits = Field(default_factory=AgentLimits)

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import redis.asyncio as aioredis
 
-from runtime.agents import AgentDefinition
+from runtime.agents import DEFAULT_MODEL, AgentDefinition
 from runtime.resources import Agent, AgentUpdate
 
 
@@ -34,11 +34,15 @@ def _now_ms() -> int:
 
 class AgentCatalog:
     def __init__(self, redis: aioredis.Redis, *, key_prefix: str = "engram",
-                 builtin: Iterable[AgentDefinition] = (), tool_names: Iterable[str] | None = None):
+                 builtin: Iterable[AgentDefinition] = (), tool_names: Iterable[str] | None = None,
+                 model_names: Iterable[str] | None = None):
+        """tool_names / model_names: what this runtime offers, so that an agent naming anything else is refused
+        when it is defined (None: not checked)."""
         self._redis = redis
         self._prefix = key_prefix
         self.builtin = {agent.name: Agent(**agent.model_dump(), builtin=True) for agent in builtin}
         self.tool_names = None if tool_names is None else frozenset(tool_names)
+        self.model_names = None if model_names is None else frozenset(model_names)
 
     def key(self, tenant: str) -> str:
         """The Redis hash of the tenant's own agents (name -> Agent JSON)."""
@@ -52,8 +56,15 @@ class AgentCatalog:
             raise ValueError(f"tools: not registered: {', '.join(missing)} "
                              f"(available: {', '.join(sorted(self.tool_names)) or 'none'})")
 
+    def _check_model(self, model: str) -> None:
+        if self.model_names is None or model == DEFAULT_MODEL or model in self.model_names:
+            return
+        raise ValueError(f"model: {model!r} is not served here (served: {', '.join(sorted(self.model_names))}; "
+                         f"{DEFAULT_MODEL!r} names the served one)")
+
     async def create(self, tenant: str, definition: AgentDefinition) -> Agent:
         self._check_tools(definition.tools)
+        self._check_model(definition.model)
         if definition.name in self.builtin:
             raise AgentConflict(f"agent {definition.name!r} is built in; choose another name")
         now = _now_ms()
@@ -82,6 +93,7 @@ class AgentCatalog:
         merged = {**current.model_dump(include=set(AgentDefinition.model_fields)), **fields}
         definition = AgentDefinition.model_validate(merged)  # the whole definition stays valid
         self._check_tools(definition.tools)
+        self._check_model(definition.model)
         agent = Agent(**definition.model_dump(), created_ms=current.created_ms, updated_ms=_now_ms())
         await self._redis.hset(self.key(tenant), name, agent.model_dump_json())
         return agent

@@ -90,16 +90,18 @@ class LocalRuntime:
             database_url = s.resolved_database_url()
             counters: collections.Counter = collections.Counter()
             self.memory = CountingMemory(MemoryService(AgentMemoryStore(database_url, embedder)), counters)
-            model = self._model_override or WorkerModelClient(self._start_worker())
-            tools = runtime_registry([*self._own_tools, *(load_tools(s.tools) if s.tools else [])])
+            tools = runtime_registry([*self._own_tools, *(load_tools(s.tools) if s.tools else [])])  # before the
+            model = self._model_override or WorkerModelClient(self._start_worker())  # model: a bad one fails fast
             for agent in self.builtin_agents:
                 agent.check_tools(tools.names())
             self.catalog = AgentCatalog(self.store.redis, key_prefix=s.key_prefix, builtin=self.builtin_agents,
-                                        tool_names=tools.names())
+                                        tool_names=tools.names(),
+                                        model_names=None if self.worker is None else [self.worker.model_name])
             self.orchestrator = Orchestrator(self.store, model, tools, self.catalog, self.memory, settings=(
                 OrchestratorSettings(lease_ms=s.lease_ms, heartbeat_s=s.heartbeat_s,
                                      max_concurrent_sessions=s.max_concurrent_sessions,
-                                     max_string_chars=s.max_action_string_chars)))
+                                     max_string_chars=s.max_action_string_chars,
+                                     max_items=s.max_action_items)))
             keys = ApiKeyStore(self.store.redis, key_prefix=s.key_prefix, cache_s=s.api_key_cache_s)
             self.service = RuntimeService(self.store, self.orchestrator, self.catalog, self.memory, keys,
                                           worker=self.worker, database_check=_database_check(database_url),
@@ -116,7 +118,7 @@ class LocalRuntime:
 
     def _start_worker(self) -> ModelWorker:
         s = self.settings
-        self.worker = ModelWorker.from_pretrained(demo_model_path(s), dtype=s.model_dtype,
+        self.worker = ModelWorker.from_pretrained(demo_model_path(s), dtype=s.model_dtype, device=s.device,
                                                   kv_cache_dtype=s.kv_cache_dtype,
                                                   cache_budget_bytes=s.cache_budget_mib * 2**20)
         return self.worker

@@ -48,6 +48,7 @@ from runtime.prompts import (
     ActionParseError,
     action_schema,
     build_messages,
+    cut_text,
     parse_action,
     repair_prompt,
     session_summary,
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 TERMINAL = ("completed", "failed", "cancelled")
 SUMMARY_SCHEMA = {"type": "object", "properties": {"summary": {"type": "string", "maxLength": 2000}},
                   "required": ["summary"], "additionalProperties": False}
+UNSUMMARIZED_CHARS = 2000  # folded steps kept as they were when the model's summary of them is unusable
 
 
 def now_ms() -> int:
@@ -82,8 +84,10 @@ class OrchestratorSettings:
     max_concurrent_sessions: int = 8
     context_margin_tokens: int = 64  # head-room kept below the context window
     summary_max_tokens: int = 192
-    max_string_chars: int | None = 200  # bounds on constrained actions, so a weak model's output fits
-    max_items: int | None = 8  # the per-step token budget
+    # bounds on a constrained action: every string's length (None: none of its own, the step's token budget
+    # ends a reply) and every array's and object's size
+    max_string_chars: int | None = None
+    max_items: int | None = None
     retry_backoff_s: float = 1.0  # after a dependency failure, before the session is tried again
 
 
@@ -355,8 +359,12 @@ class Orchestrator:
             try:
                 return parse_action(reply.text, agent.tools, max_calls=max_calls), reply.text, reply.usage
             except ActionParseError as exc:
-                problem = f"{exc} (output: {reply.text[:200]!r})"
-                messages = [*messages, repair_prompt(reply.text, str(exc))]
+                error = str(exc)
+                if reply.finish_reason == "length":  # cut off, not malformed: say so, and ask for less
+                    error = (f"it reached this step's limit of {agent.limits.max_tokens_per_step} tokens before "
+                             f"its JSON ended ({exc}); reply more briefly")
+                problem = f"{error} (output: {reply.text[:200]!r})"
+                messages = [*messages, repair_prompt(reply.text, error)]
         return f"model output could not be parsed after {agent.limits.max_parse_repairs} repairs: {problem}"
 
     async def _call_tool(self, run: _Run, index: int, call_index: int, call: dict) -> dict:
@@ -403,7 +411,8 @@ class Orchestrator:
         """This step's (messages, memories) within the context budget; None when the oldest unsummarized
         turns were folded into a summary step instead (the caller's step is then over; the next one builds
         its prompt again); the reason, when nothing is left to fold and even without the retrieved
-        memories the prompt does not fit (the session cannot go on)."""
+        memories the prompt does not fit (the session cannot go on). With nothing left to fold, retrieved
+        memories are left out, the least relevant first, until it fits."""
         budget = self._budget(run.agent)
         messages, tokens = self._messages(run, memories)
         if tokens > budget:  # the cached count is an upper bound: decide on the exact one
@@ -412,11 +421,11 @@ class Orchestrator:
             return messages, memories
         if await self._summarize(run):
             return None
-        if memories:
-            messages, _ = self._messages(run, [])
+        for keep in range(len(memories) - 1, -1, -1):  # the least relevant retrieved memories go first
+            messages, _ = self._messages(run, memories[:keep])
             tokens = self.model.count_tokens(messages)
             if tokens <= budget:
-                return messages, []
+                return messages, memories[:keep]
         return (f"the prompt cannot fit the model's context: {tokens} tokens, more than the {budget} that a "
                 f"{self.model.context_window}-token context window leaves ({self._reserve(run.agent)}), with "
                 f"the history already folded into a summary")
@@ -440,11 +449,11 @@ class Orchestrator:
             reply = await self.model.complete(request, json_schema=SUMMARY_SCHEMA,
                                               max_tokens=self.settings.summary_max_tokens)
         try:
-            summary = json.loads(reply.text)["summary"]
-        except (ValueError, KeyError, TypeError):
-            summary = reply.text
-        if state.summary:
-            summary = f"{state.summary}\n{summary}"
+            new = json.loads(reply.text)["summary"]
+        except (ValueError, KeyError, TypeError):  # cut off at summary_max_tokens, or not JSON: keep the steps
+            summary = self._unsummarized(run, fold, transcript)
+        else:
+            summary = f"{state.summary}\n{new}" if state.summary else new
         if self.memory is not None:
             await self.memory.write(state.tenant, state.agent, summary[:7000], kind="episode",
                                     idempotency_key=f"{state.session_id}:summary:{state.step_count}",
@@ -453,6 +462,25 @@ class Orchestrator:
         step = run.step("summary", model_output=reply.text, usage=reply.usage)
         await self._commit(run, step, {"summary": summary, "summarized_through": through})
         return True
+
+    def _unsummarized(self, run: _Run, fold: list[Step], transcript: str) -> str:
+        """The whole summary when the model's summary of `fold` is unusable: the earlier summary, then the folded
+        steps as they were, cut to UNSUMMARIZED_CHARS at most and so that all of it stays within an eighth of a
+        step's prompt budget (the steps cut further first, then the oldest lines of the earlier summary go)."""
+        lines = run.state.summary.split("\n") if run.state.summary else []
+        head = f"steps {fold[0].index}-{fold[-1].index} (not summarized): "
+        budget = self._budget(run.agent) // 8
+
+        def fits(parts: list[str]) -> bool:
+            return self.model.count_tokens([{"role": "user", "content": "\n".join(parts)}]) <= budget
+
+        limit = UNSUMMARIZED_CHARS
+        while limit > 50 and not fits([*lines, head + cut_text(transcript, limit)]):
+            limit //= 2
+        new = head + cut_text(transcript, limit if limit > 50 else 0)
+        while lines and not fits([*lines, new]):
+            lines.pop(0)
+        return "\n".join([*lines, new])
 
     async def _finish(self, run: _Run, action: dict, model_output, memories, usage) -> None:
         state = run.state

@@ -171,11 +171,16 @@ def parse_action(text: str, tool_names: Iterable[str], *, max_calls: int | None 
     return {"type": "tool_calls", "calls": _parse_calls(value["calls"], names, max_calls)}
 
 
+def cut_text(text: str, limit: int) -> str:
+    """`text`, or its first `limit` characters marked " [...]" when it is longer (the model sees it was cut)."""
+    return text if len(text) <= limit else text[:limit] + " [...]"
+
+
 def repair_prompt(bad_text: str, error: str) -> dict[str, str]:
     """A user message asking for a corrected action after `bad_text` failed to parse with `error`."""
     if not isinstance(bad_text, str) or not isinstance(error, str):
         raise TypeError("bad_text and error must be str")
-    echo = bad_text if len(bad_text) <= MAX_ECHO_CHARS else bad_text[:MAX_ECHO_CHARS] + " [...]"
+    echo = cut_text(bad_text, MAX_ECHO_CHARS)
     return {"role": "user", "content": (
         f"Your last reply could not be used: {error}.\nYour reply was:\n{echo}\n"
         "Answer again with exactly one JSON object and nothing else: "

@@ -22,6 +22,8 @@ class Settings(BaseSettings):
     database_url: str | None = None  # None: sqlite file under data_dir
     model_path: Path | None = None  # None: the shipped demo agent model, else a random demo checkpoint
     model_dtype: str = "float32"
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:[0-9]+)?)$")  # where the model worker runs (on Ray: a GPU
+    # per worker replica); a GPU torch does not see is refused when the worker starts
     kv_cache_dtype: str = "auto"
     cache_budget_mib: int = 256
     embedder: str = "minilm"  # "minilm" (the bundled all-MiniLM-L6-v2) or "hashing" (fast, no model)
@@ -42,8 +44,12 @@ class Settings(BaseSettings):
     rate_limit_burst: int = 100
     max_streams_per_key: int = 16  # concurrent event streams per API key
     api_key_cache_s: float = 2.0  # a verified key is trusted this long per process (revocation elsewhere lags by it)
-    max_action_string_chars: int = 48  # bound on strings in constrained actions (keeps a weak model's
-    # output inside the per-step token budget)
+    # bounds on a constrained action (the model's replies): every string's length (answers, memory texts, tool
+    # arguments) and every array's and open object's size. None: no bound of their own, the agent's per-step
+    # token budget ends a reply (a cut-off reply gets a repair prompt saying so). A very weak model (a random
+    # checkpoint in tests) needs them to finish its actions at all.
+    max_action_string_chars: int | None = Field(None, ge=1)
+    max_action_items: int | None = Field(None, ge=1)
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 
 from runtime.catalog import AgentCatalog, AgentNotFound
+from runtime.prompts import cut_text
 from runtime.resources import (
     TERMINAL_TASK_STATUSES,
     Session,
@@ -42,7 +43,7 @@ def is_event_id(text: str) -> bool:
     """Whether `text` can be a task event's id ("<ms>-<seq>", each part a 64-bit unsigned number)."""
     return EVENT_ID.fullmatch(text) is not None and all(int(part) <= _STREAM_ID_PART_MAX for part in text.split("-"))
 CONTEXT_TURNS = 8  # earlier tasks of a conversation shown to the model
-CONTEXT_CHARS_PER_TURN = 600
+CONTEXT_CHARS_PER_TURN = 600  # of each side of a turn; a longer one shows cut, marked " [...]"
 IDEMPOTENCY_TTL_S = 24 * 3600
 
 # One atomic submission. KEYS: 1 idempotency record, 2 the tenant's agents hash, 3 the new task's state,
@@ -198,8 +199,8 @@ class TaskBoard:
             except SessionNotFound:
                 continue  # expired
             outcome = state.final_answer if state.status == "completed" else f"({state.status}: {state.error})"
-            turns.append(f"User: {state.task[:CONTEXT_CHARS_PER_TURN]}\n"
-                         f"Assistant: {str(outcome)[:CONTEXT_CHARS_PER_TURN]}")
+            turns.append(f"User: {cut_text(state.task, CONTEXT_CHARS_PER_TURN)}\n"
+                         f"Assistant: {cut_text(str(outcome), CONTEXT_CHARS_PER_TURN)}")
         return "\n".join(turns) or None
 
     async def _conversation_meta(self, tenant: str, conversation_id: str) -> dict[str, str]:

@@ -149,7 +149,8 @@ async def run(args) -> int:
             raise ConflictError(f"{exc}; if the process running it died, `engram resume "
                                 f"{args.session}` finishes it") from None
         print(f"session {task.session_id}  task {task.id}", flush=True)
-        print(_model_note(settings), flush=True)
+        worker = runtime.worker
+        print(_model_note(settings, worker.max_sequence_tokens if worker is not None else None), flush=True)
         await _follow(runtime, task.id)
         done = await runtime.tasks.get(task.id)
         steps = f"{done.step_count} step{'' if done.step_count == 1 else 's'}"
@@ -290,12 +291,17 @@ def announce_first_key(key: str) -> None:
     print(f"engram: created the first API key (admin, tenant 'default'); it is shown only now:\n{key}", flush=True)
 
 
-def _model_note(settings: Settings) -> str:
-    """One line on what the served model can do (the demo models are not general assistants)."""
+def _model_note(settings: Settings, context_window: int | None = None) -> str:
+    """One line on what the served model can do (the demo models are not general assistants); for a checkpoint
+    of the user's, its context window, which the KV cache's budget may cap below the model's own."""
     from runtime.local import trained_demo_model
 
     if settings.model_path is not None:
-        return f"model: {settings.model_path}"
+        if context_window is None:
+            return f"model: {settings.model_path}"
+        return (f"model: {settings.model_path} (context window {context_window} tokens, prompt and reply: the "
+                f"model's own or what the KV cache holds, ENGRAM_CACHE_BUDGET_MIB={settings.cache_budget_mib} with "
+                f"ENGRAM_KV_CACHE_DTYPE={settings.kv_cache_dtype}, whichever is less)")
     if trained_demo_model() is not None:
         return ("model: the demo model, a small model we trained on synthetic traces: it does arithmetic with the "
                 "calculator, saves results and facts and recalls them, says when it has none (it gets one or two "

@@ -167,7 +167,7 @@ class ModelWorkerDeployment:
     session's calls to the replica that served it before (its prefix cache), see `router`."""
 
     async def __init__(self, model_path: str, model_dtype: str = "float32", kv_cache_dtype: str = "auto",
-                       cache_budget_mib: int = 256, *, engram: str = "local",
+                       cache_budget_mib: int = 256, *, device: str = "cpu", engram: str = "local",
                        engram_shards: list[DeploymentHandle] | None = None, engram_model: str | None = None,
                        engram_timeout_s: float = 30.0, engram_transport: str = "direct"):
         """engram: "local" (the checkpoint's Engram tables in this process) or "remote" (rows from the memory
@@ -187,7 +187,8 @@ class ModelWorkerDeployment:
             self.engram_client = await HandleEngramClient.connect(
                 engram_model or Path(model_path).name, list(engram_shards), timeout_s=engram_timeout_s,
                 transport=engram_transport)
-        self.worker = ModelWorker.from_pretrained(model_path, dtype=model_dtype, kv_cache_dtype=kv_cache_dtype,
+        self.worker = ModelWorker.from_pretrained(model_path, dtype=model_dtype, device=device,
+                                                  kv_cache_dtype=kv_cache_dtype,
                                                   cache_budget_bytes=cache_budget_mib * 2**20,
                                                   engram_tables=self.engram_client)
         if self.engram_client is not None:
@@ -330,11 +331,12 @@ class ApiIngress:
             tools = runtime_registry(load_tools(s.tools) if s.tools else ())
             DEFAULT_AGENT.check_tools(tools.names())
             catalog = AgentCatalog(self.store.redis, key_prefix=s.key_prefix, builtin=[DEFAULT_AGENT],
-                                   tool_names=tools.names())
+                                   tool_names=tools.names(), model_names=[m.id for m in info["models"].data])
             orchestrator = SessionOrchestrator(self.store, model, tools, catalog, counting, settings=(
                 OrchestratorSettings(lease_ms=s.lease_ms, heartbeat_s=s.heartbeat_s,
                                      max_concurrent_sessions=s.max_concurrent_sessions,
-                                     max_string_chars=s.max_action_string_chars)))
+                                     max_string_chars=s.max_action_string_chars,
+                                     max_items=s.max_action_items)))
             keys = ApiKeyStore(self.store.redis, key_prefix=s.key_prefix, cache_s=s.api_key_cache_s)
             self.service = RuntimeService(self.store, orchestrator, catalog, counting, keys,
                                           worker=WorkerProxy(worker, info["models"]),
@@ -394,8 +396,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             MemoryServiceDeployment.options(name=f"EngramShard{i}").bind(engram_path=model_path, shard=i,
                                                                         num_shards=count)
             for i in range(count)]}
-    worker = ModelWorkerDeployment.bind(model_path, settings.model_dtype, settings.kv_cache_dtype,
-                                        settings.cache_budget_mib, **engram)
+    on_gpu = settings.device.startswith("cuda")  # each worker replica then holds a GPU of its own (device cuda:0)
+    worker = (ModelWorkerDeployment.options(ray_actor_options={"num_cpus": 0.5, "num_gpus": 1}) if on_gpu
+              else ModelWorkerDeployment).bind(model_path, settings.model_dtype, settings.kv_cache_dtype,
+                                               settings.cache_budget_mib, device="cuda" if on_gpu else "cpu",
+                                               **engram)
     return ApiIngress.bind(memory, worker, ingress_settings)
 
 

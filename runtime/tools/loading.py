@@ -7,6 +7,8 @@ function (registered as `FunctionTool`), or a list of those."""
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,6 +31,20 @@ def tools_of(value: Any) -> list[Tool]:
     raise TypeError(f"not a tool: {value!r} (expected a ToolRegistry, a Tool, a function, or a list of them)")
 
 
+def _import_from_path_or_cwd(module_name: str):
+    """Import `module_name`; one not found on sys.path is looked for in the current directory too (last, so it
+    shadows nothing), as `python -m` would: `engram` is a console script, whose path lacks the directory it
+    is run from, where a user's `bank.py` sits."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        cwd = os.getcwd()
+        if exc.name != module_name.partition(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        return importlib.import_module(module_name)
+
+
 def load_tools(spec: str) -> list[Tool]:
     """Import the tools `spec` names ("module:attribute[,module:attribute...]"); ValueError in one line."""
     out: list[Tool] = []
@@ -37,7 +53,7 @@ def load_tools(spec: str) -> list[Tool]:
         if not module_name or not attribute:
             raise ValueError(f"ENGRAM_TOOLS: expected 'module:attribute', got {part!r}")
         try:
-            module = importlib.import_module(module_name)
+            module = _import_from_path_or_cwd(module_name)
         except ImportError as exc:
             raise ValueError(f"ENGRAM_TOOLS: cannot import {module_name!r} ({exc}); is it on PYTHONPATH?") from None
         try:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.random_model import RANDOM_MODEL_ENV
 from tests.runtime.conftest import key_prefix, redis_url  # noqa: F401  (the shared-Redis fixtures, reused here)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -147,7 +148,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def server_env(tmp_path, redis_url, key_prefix, tiny_model_dir) -> dict[str, str]:  # noqa: F811
     return {**base_env(), "ENGRAM_DATA_DIR": str(tmp_path / "data"), "ENGRAM_REDIS_URL": redis_url,
             "ENGRAM_KEY_PREFIX": key_prefix, "ENGRAM_EMBEDDER": "hashing", "ENGRAM_MODEL_PATH": str(tiny_model_dir),
-            "ENGRAM_LEASE_MS": "2000", "ENGRAM_HEARTBEAT_S": "0.5"}
+            "ENGRAM_LEASE_MS": "2000", "ENGRAM_HEARTBEAT_S": "0.5", **RANDOM_MODEL_ENV}
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ from model_worker.loading import load_model
 from model_worker.tokenizer import Tokenizer
 from model_worker.training.model_setup import demo_model_config
 from runtime.evaluation import evaluate_agent, held_out_tasks
-from runtime.local import DEMO_MODEL_DIR, trained_demo_model
+from runtime.local import DEMO_MODEL_DIR, LocalRuntime, trained_demo_model
+from runtime.settings import Settings
 
 MAX_BYTES = 30 * 1024 * 1024  # the issue's ceiling for a shipped demo checkpoint
 
@@ -36,3 +37,20 @@ def test_it_computes_with_the_calculator_and_remembers_the_result(tmp_path, redi
     assert report.all_actions_valid
     failures = [(o.task.task, o.answer, o.note) for o in report.outcomes if not o.correct]
     assert len(failures) <= 1, failures
+
+
+def test_an_answer_is_not_cut_by_a_bound_of_the_runtime(tmp_path, redis_url, key_prefix):
+    """With the runtime's defaults, a string in an action has no length bound of its own: the demo's answer of
+    52 characters and its saved result come whole. (A bound of 48 characters once cut this very answer to
+    "50 multiplied by 916 is 45800. I saved it to  is": the grammar closed the string where it had to.)"""
+    settings = Settings(data_dir=tmp_path, redis_url=redis_url, key_prefix=key_prefix)
+
+    async def scenario():
+        async with LocalRuntime(settings) as runtime:
+            state, _ = await runtime.run_task("Calculate 50 multiplied by 916. Remember the result.", tenant="t")
+            memories = await runtime.memory.list("t", "assistant", limit=10)
+            return state, [m.text for m in memories.items]
+
+    state, memories = asyncio.run(scenario())
+    assert state.final_answer == "50 multiplied by 916 is 45800. I saved it to memory."
+    assert "50 multiplied by 916 is 45800." in memories

@@ -13,6 +13,7 @@ from model_worker.training import pools
 from runtime.evaluation import MIX, RECALL_KINDS, evaluate_agent, held_out_tasks
 from runtime.tools.calculator import calculate
 from tests.model_worker.engine.engine_fixtures import tiny_checkpoint
+from tests.random_model import RANDOM_MODEL_ENV
 
 
 def test_any_number_of_tasks_keeps_the_mix():
@@ -79,8 +80,10 @@ def _expression_of(task: str, key: str | None) -> str:
     return text.split("?")[0].split(". ")[0].rstrip(".").strip()
 
 
-def test_a_run_through_the_whole_runtime_scores_every_task(tmp_path, redis_url):
+def test_a_run_through_the_whole_runtime_scores_every_task(tmp_path, redis_url, monkeypatch):
     model = tiny_checkpoint(tmp_path / "model", seed=2)  # random weights: valid actions, wrong answers
+    for name, value in RANDOM_MODEL_ENV.items():  # its strings end only at a bound (tests/random_model.py)
+        monkeypatch.setenv(name, value)
     tasks = held_out_tasks(6)
     prompts: list[dict] = []
     report = asyncio.run(evaluate_agent(model, tasks, data_dir=tmp_path / "data", redis_url=redis_url,

@@ -12,6 +12,7 @@ from model_worker.demo_tokenizer import build_demo_tokenizer
 from runtime.local import LocalRuntime
 from runtime.settings import Settings
 from tests.model_worker.engine.engine_fixtures import demo_tokenizer, tiny_checkpoint, tiny_model
+from tests.random_model import RANDOM_MODEL_BOUNDS
 
 
 def test_agent_loop_runs_end_to_end_with_the_real_worker_and_memory(tmp_path, redis_url):
@@ -19,7 +20,8 @@ def test_agent_loop_runs_end_to_end_with_the_real_worker_and_memory(tmp_path, re
     save_model(tiny_model(seed=2, max_position_embeddings=4096), model_dir)
     tokenizer = build_demo_tokenizer(model_dir)  # deterministic: the same tokenizer the tiny model was built for
     assert tokenizer.vocab_size == demo_tokenizer().vocab_size
-    settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url, model_path=model_dir, embedder="hashing")
+    settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url, model_path=model_dir, embedder="hashing",
+                        **RANDOM_MODEL_BOUNDS)
 
     async def scenario():
         async with LocalRuntime(settings) as runtime:
@@ -61,7 +63,7 @@ def test_cli_runs_a_task_and_shows_the_session(tmp_path, redis_url, monkeypatch,
 
     model_dir = tiny_checkpoint(tmp_path / "model", seed=3)
     for name, value in {"DATA_DIR": tmp_path / "data", "REDIS_URL": redis_url, "MODEL_PATH": model_dir,
-                        "EMBEDDER": "hashing"}.items():
+                        "EMBEDDER": "hashing", **{k.upper(): v for k, v in RANDOM_MODEL_BOUNDS.items()}}.items():
         monkeypatch.setenv(f"ENGRAM_{name}", str(value))
     assert main(["run", "Add 2 and 2."]) == 0
     out = capsys.readouterr().out
@@ -77,7 +79,9 @@ def test_cli_runs_a_task_and_shows_the_session(tmp_path, redis_url, monkeypatch,
     assert capsys.readouterr().out.startswith(f"session {session_id} (agent assistant): 1 task(s)")
     assert main(["show", "no-such-task"]) == 1
     assert "error: no task or session 'no-such-task'" in capsys.readouterr().err
-    assert out.splitlines()[out.splitlines().index(first) + 1] == f"model: {model_dir}"  # ids first, then the model
+    model_line = out.splitlines()[out.splitlines().index(first) + 1]  # ids first, then the model and its window
+    assert model_line.startswith(f"model: {model_dir} (context window ") and "ENGRAM_CACHE_BUDGET_MIB=256" in model_line
+    assert int(model_line.split("context window ")[1].split()[0]) == 4096  # the tiny model's own; the cache holds more
     assert main(["run", "--session", "sess_nosuchsession", "Add 2 and 2."]) == 1  # not found: 1, as `show`
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "sess_nosuchsession" in err and "ConversationNotFound" not in err, err
@@ -114,7 +118,8 @@ def test_cli_names_a_bad_setting_in_one_line(monkeypatch, capsys):
 def _resume_env(tmp_path, redis_url, monkeypatch) -> Settings:
     model_dir = tiny_checkpoint(tmp_path / "model", seed=3)
     env = {"DATA_DIR": tmp_path / "data", "REDIS_URL": redis_url, "MODEL_PATH": model_dir, "EMBEDDER": "hashing",
-           "LEASE_MS": 1500, "KEY_PREFIX": f"resume-{tmp_path.name}"}
+           "LEASE_MS": 1500, "KEY_PREFIX": f"resume-{tmp_path.name}",
+           **{name.upper(): value for name, value in RANDOM_MODEL_BOUNDS.items()}}
     for name, value in env.items():
         monkeypatch.setenv(f"ENGRAM_{name}", str(value))
     return Settings()

@@ -4,6 +4,7 @@ beside the built-ins, agents can list them, and a task calls them (with the call
 from __future__ import annotations
 
 import asyncio
+import sys
 import textwrap
 import uuid
 
@@ -45,6 +46,19 @@ def bank(tmp_path, monkeypatch):
     (tmp_path / f"{name}.py").write_text(BANK)
     monkeypatch.syspath_prepend(str(tmp_path))
     return name
+
+
+def test_a_module_in_the_current_directory_loads_as_under_python_dash_m(tmp_path, monkeypatch):
+    """`engram` is a console script: its sys.path lacks the directory it runs in, where a user's `bank.py` is.
+    ENGRAM_TOOLS finds it there too (after everything on sys.path), as the README's example needs."""
+    name = f"bank_cwd_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(BANK)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert [t.name for t in load_tools(f"{name}:tools")] == ["credit"]
+    assert sys.path[-1] == str(tmp_path)
+    with pytest.raises(ValueError, match="cannot import 'no_such_module_here'"):
+        load_tools("no_such_module_here:tools")
 
 
 def test_the_runtime_offers_the_builtins_and_yours_and_refuses_a_taken_name(bank):

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from tests.model_worker.engine.engine_fixtures import tiny_checkpoint
+from tests.random_model import RANDOM_MODEL_BOUNDS
 from tests.runtime.conftest import delete_keys, redis_url  # noqa: F401  (the shared-Redis fixture)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,7 +109,7 @@ def deploy_config_app(http_port: int, redis_url: str, prefix: str, model_dir: Pa
     (app,) = config["applications"]
     app["args"].update(redis_url=redis_url, key_prefix=prefix, model_path=str(model_dir),
                        database_url=f"sqlite:///{data_dir / 'memory.sqlite3'}", data_dir=str(data_dir),
-                       embedder="hashing", lease_ms=2000, heartbeat_s=0.5, **(args or {}))
+                       embedder="hashing", lease_ms=2000, heartbeat_s=0.5, **RANDOM_MODEL_BOUNDS, **(args or {}))
     listed = {options["name"] for options in app["deployments"]}
     app["deployments"] += [{"name": name} for name in (deployments or {}) if name not in listed]
     for options in app["deployments"]:

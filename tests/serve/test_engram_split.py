@@ -13,6 +13,7 @@ import time
 import pytest
 
 from tests.model_worker.engine.engine_fixtures import random_prompt
+from tests.random_model import RANDOM_MODEL_BOUNDS
 from tests.runtime.conftest import delete_keys
 
 PROMPTS = [random_prompt(n, seed=40 + n) for n in (4, 19, 33)]
@@ -163,7 +164,7 @@ def test_build_app_serves_engram_from_memory_shards(ray_serve, engram_checkpoint
     path, want = engram_checkpoint
     prefix = f"test-built-{time.time_ns()}"
     app = build_app({"redis_url": redis_url, "key_prefix": prefix, "model_path": str(path),
-                     "embedder": "hashing", "data_dir": str(tmp_path), "engram_shards": 2})
+                     "embedder": "hashing", "data_dir": str(tmp_path), "engram_shards": 2, **RANDOM_MODEL_BOUNDS})
     serve.run(app, name="engram-built", route_prefix=None)
     try:
         worker = serve.get_deployment_handle("ModelWorkerDeployment", "engram-built")

@@ -18,12 +18,13 @@ import pytest
 from runtime.api import create_app
 from runtime.local import LocalRuntime
 from runtime.settings import Settings
+from tests.random_model import RANDOM_MODEL_BOUNDS
 from tests.runtime.api.support import ServedApi, served
 from tests.runtime.conftest import delete_keys
 from tests.runtime.crash_worker import ScriptedModel
 
 # generous by default, so tests that are not about limits never meet them
-DEFAULT_LIMITS = {"rate_limit_per_s": 1000.0, "rate_limit_burst": 10_000}
+DEFAULT_LIMITS = {"rate_limit_per_s": 1000.0, "rate_limit_burst": 10_000, **RANDOM_MODEL_BOUNDS}
 
 
 @dataclass

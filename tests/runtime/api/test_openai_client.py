@@ -121,3 +121,21 @@ def test_a_body_that_is_no_json_object_is_a_400_as_openai_answers(model_server):
                 assert error["type"] == "invalid_request_error" and "JSON object" in error["message"], error
         runtime_route = http.post("/v1/tasks", json=[1, 2])  # the runtime's own routes keep their 422
         assert runtime_route.status_code == 422, runtime_route.text
+
+
+def test_an_agent_may_name_only_the_served_model(model_server):
+    """An agent's `model` is the served model's name or "default"; any other name is refused when the agent is
+    defined or changed (it used to be accepted and then ignored: the agent ran on the served model)."""
+    key = model_server.key("agents-model-tenant")
+    with httpx.Client(base_url=model_server.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+        refused = http.post("/v1/agents", json={"name": "elsewhere", "instructions": "Help.", "model": "gpt-4o"})
+        assert refused.status_code == 422, refused.text
+        error = refused.json()["error"]
+        assert error["field"] == "model" and "'gpt-4o' is not served here" in error["message"], error
+        assert MODEL_NAME in error["message"]
+        for name, model in (("named", MODEL_NAME), ("plain", "default")):
+            created = http.post("/v1/agents", json={"name": name, "instructions": "Help.", "model": model})
+            assert created.status_code == 201, created.text
+        changed = http.patch("/v1/agents/named", json={"model": "gpt-4o"})
+        assert changed.status_code == 422 and changed.json()["error"]["field"] == "model", changed.text
+        assert http.get("/v1/agents/named").json()["model"] == MODEL_NAME  # unchanged

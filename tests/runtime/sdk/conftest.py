@@ -26,13 +26,14 @@ import pytest
 from runtime.local import LocalRuntime
 from runtime.sdk import AsyncClient
 from runtime.settings import Settings
+from tests.random_model import RANDOM_MODEL_BOUNDS
 from tests.runtime.api.support import ServedApi
 from tests.runtime.crash_worker import ScriptedModel
 
 TENANT = "sdk-tenant"
 SCENARIO_TIMEOUT_S = 60.0
 # generous, so scenarios that poll or stream never meet the per-key rate limit
-LIMITS = {"rate_limit_per_s": 1000.0, "rate_limit_burst": 10_000}
+LIMITS = {"rate_limit_per_s": 1000.0, "rate_limit_burst": 10_000, **RANDOM_MODEL_BOUNDS}
 
 
 class SlowModel(ScriptedModel):
