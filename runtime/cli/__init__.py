@@ -151,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:  # a bad ENGRAM_* setting (the commands' own input is checked where it is used)
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except ValueError as exc:  # a setting the runtime refused as it started (ENGRAM_TOOLS, the device, ...)
+        lines = str(exc).strip().splitlines()
+        print(f"error: {lines[0] if lines else 'ValueError'}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # the reader went away (e.g. `| head`): nothing left to say
         sys.stderr.close()
         return 0

@@ -39,4 +39,4 @@ def test_engram_run_with_cuda_on_a_cpu_host_is_one_error_line(tmp_path, redis_ur
     assert main(["run", "What is 2 plus 2?"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()  # the progress line, then the error
     assert [line for line in lines if line.startswith("error")] == lines[-1:], lines
-    assert "device: 'cuda' asked for, but torch sees no CUDA GPU here" in lines[-1], lines
+    assert lines[-1].startswith("error: device: 'cuda' asked for, but torch sees no CUDA GPU here"), lines
