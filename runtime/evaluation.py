@@ -100,15 +100,18 @@ class EvalReport:
 
 
 def held_out_tasks(count: int = 100, seed: int = 0, *, arithmetic_memories: bool = False,
-                    after_quickstart: bool = False) -> list[AgentTask]:
+                    after_quickstart: bool = False, remember_after_quickstart: bool = False) -> list[AgentTask]:
     """`count` tasks in the proportions of MIX, from the held-out split. arithmetic_memories: arithmetic tasks
     start with earlier memories too (other results, facts, session summaries; at least one) instead of an
     empty memory. after_quickstart: an earlier session of the arithmetic task's agent computed and saved a
-    result of the same form, as `make demo` does (its memories are what the runtime writes). Either way the
-    other tasks stay the same."""
+    result of the same form, as `make demo` does (its memories are what the runtime writes).
+    remember_after_quickstart: the same for the tasks that ask to remember a fact, with a computation of
+    the quickstart's form ("What is 17 times 23? Remember the result."). Either way the other tasks stay the
+    same."""
     gen = traces.TraceGenerator(seed=10_000 + seed, held_out=True)
     earlier = traces.TraceGenerator(seed=20_000 + seed, held_out=True)  # its own draws: the rest is unchanged
     rng = random.Random(seed)
+    quickstart_rng = random.Random(30_000 + seed)  # its own draws too
     # interleaved by each kind's share, so that any prefix (fewer than 100 tasks) keeps the proportions
     per_hundred = sorted(((j + 0.5) / n, kind) for kind, n in MIX.items() for j in range(n))
     kinds = [kind for _, kind in per_hundred]
@@ -135,7 +138,10 @@ def held_out_tasks(count: int = 100, seed: int = 0, *, arithmetic_memories: bool
         if kind == "remember":
             subject, attribute = fact.key.split("'s ", 1)
             task = rng.choice(traces.REMEMBER_PHRASES).format(s=subject, a=attribute, v=fact.value)
-            tasks.append(AgentTask(kind, tenant, task, fact.value, memory_expect=fact.sentence))
+            quickstart = f"What is {quickstart_rng.randint(11, 99)} times {quickstart_rng.randint(11, 99)}? " \
+                         "Remember the result." if remember_after_quickstart else None
+            tasks.append(AgentTask(kind, tenant, task, fact.value, store_task=quickstart,
+                                   memory_expect=fact.sentence))
         elif kind == "refusal":
             tasks.append(AgentTask(kind, tenant, rng.choice(traces.RECALL_PHRASES).format(k=fact.key), NO_MEMORY,
                                    setup=setup, key=fact.key))
@@ -262,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="each arithmetic task's agent first ran an earlier session that computed and saved "
                              "a result of the same form ('What is 17 times 23? Remember the result.'), as after "
                              "`make demo`; the other tasks are unchanged")
+    parser.add_argument("--remember-after-quickstart", action="store_true",
+                        help="each task asking to remember a fact comes after an earlier session of its agent "
+                             "that computed and saved a product ('What is 17 times 23? Remember the result.'), "
+                             "as after `make demo`; the other tasks are unchanged")
     parser.add_argument("--transcripts", type=Path, default=None, metavar="FILE",
                         help="write every task's session (memories shown, actions, tool results) as JSON lines")
     parser.add_argument("--prompts", type=Path, default=None, metavar="FILE",
@@ -288,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     prompts: list[dict] | None = [] if args.prompts is not None else None
     tasks = held_out_tasks(args.tasks, args.seed, arithmetic_memories=args.arithmetic_with_memories,
-                           after_quickstart=args.arithmetic_after_quickstart)
+                           after_quickstart=args.arithmetic_after_quickstart,
+                           remember_after_quickstart=args.remember_after_quickstart)
     report = asyncio.run(evaluate_agent(args.model, tasks, progress=show, prompts=prompts))
     if args.transcripts is not None:
         with args.transcripts.open("w") as out:

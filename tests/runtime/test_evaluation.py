@@ -4,6 +4,7 @@ calculator and the training split, and a run through the whole embedded runtime 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import re
@@ -53,6 +54,19 @@ def test_after_the_quickstart_an_earlier_session_saved_a_result_of_the_same_form
         words = re.sub(r"\d+", "N", earlier.group(1))
         assert words in re.sub(r"\d+", "N", task.task) and earlier.group(1) not in task.task  # other numbers
     assert asked == 35
+
+
+def test_remembering_after_the_quickstart_follows_a_session_that_saved_a_product():
+    plain, after = held_out_tasks(100, seed=1), held_out_tasks(100, seed=1, remember_after_quickstart=True)
+    earlier = []
+    for before, task in zip(plain, after):
+        if before.kind != "remember":
+            assert task == before
+            continue
+        assert task.store_task is not None and before.store_task is None
+        assert task == dataclasses.replace(before, store_task=task.store_task)
+        earlier.append(re.fullmatch(r"What is (\d\d) times (\d\d)\? Remember the result\.", task.store_task))
+    assert len(earlier) == 15 and all(earlier) and len({m.group(0) for m in earlier}) > 10  # various products
 
 
 def test_expectations_come_from_the_calculator_and_the_held_out_split():
