@@ -78,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="that share of arithmetic sessions has a saved result of the same form in memory "
                              "('17 times 23 is 391.' and its session's summary, asked 'What is 12 times 11?'), as "
                              "after the quickstart; the calculator must answer it (0: the data of runs before it)")
+    parser.add_argument("--saved-results", type=_share, default=0.0, metavar="SHARE",
+                        help="that share of remember and question sessions has a computed and saved result in "
+                             "memory (the result and its session's summary, as `make demo` leaves them); asked to "
+                             "remember a fact, the model must not blend the two (0: the data of runs before it)")
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     parser.add_argument("--eval-examples", type=int, default=defaults.eval_examples,
                         help="held-out sessions scored at each evaluation")
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                              copy_batch_size=args.copy_batch_size, checkpoint_every=args.checkpoint_every,
                              question_batch_size=args.question_batch_size,
                              question_follow_ups=args.question_follow_ups, runtime_retrieval=args.runtime_retrieval,
-                             same_form_results=args.same_form_results,
+                             same_form_results=args.same_form_results, saved_results=args.saved_results,
                              eval_examples=args.eval_examples, copy_warmup_steps=args.copy_warmup_steps,
                              warmup_steps=args.warmup_steps, full_every=args.full_every,
                              kind_weights=args.kind_weights, piece_words=not args.syllable_words_only,

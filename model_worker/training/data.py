@@ -105,13 +105,15 @@ def step_sequences(steps: list[traces.Example]) -> list[traces.Example]:
 def session_examples(count: int, seed: int, held_out: bool = False, short: bool = False,
                      weights: tuple[float, ...] = traces.KIND_WEIGHTS,
                      pieces: pools.WordPieces | None = None,
-                     retrieval: Retrieval = WORD_OVERLAP, same_form_results: float = 0.0) -> list[traces.Example]:
+                     retrieval: Retrieval = WORD_OVERLAP, same_form_results: float = 0.0,
+                     saved_results: float = 0.0) -> list[traces.Example]:
     """`count` training sequences from whole sessions (`step_sequences`: usually one per session, two where a
     step's memories change); `short` gives their short_form; `weights` (one per traces.KINDS) the task mix;
     `pieces` lets made-up names and values be built from the tokenizer's own tokens (`word_pieces`);
     `retrieval` how the sessions rank memories (retrieval.py); `same_form_results` the share of arithmetic
-    sessions with a saved result of the same form in memory."""
-    generator = traces.TraceGenerator(seed, held_out, weights, pieces, retrieval, same_form_results)
+    sessions with a saved result of the same form in memory; `saved_results` the share of remember and question
+    sessions with a saved result (and its session's summary) in memory, as after the quickstart."""
+    generator = traces.TraceGenerator(seed, held_out, weights, pieces, retrieval, same_form_results, saved_results)
     examples: list[traces.Example] = []
     while len(examples) < count:
         examples.extend(step_sequences(generator.session()))

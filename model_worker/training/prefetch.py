@@ -37,7 +37,8 @@ def chunk_batches(tokenizer: Tokenizer, settings: TrainSettings, chunk: int,
                                  short=short, weights=settings.kind_weights,
                                  pieces=data.word_pieces(tokenizer) if settings.piece_words else None,
                                  retrieval=retrieval_for(settings.runtime_retrieval),
-                                 same_form_results=settings.same_form_results)
+                                 same_form_results=settings.same_form_results,
+                                 saved_results=settings.saved_results)
     items = sorted(data.tokenize(tokenizer, pool), key=lambda item: len(item.ids))
     batches = [items[i * size:(i + 1) * size] for i in range(BATCHES_PER_CHUNK)]
     random.Random(chunk).shuffle(batches)

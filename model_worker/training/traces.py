@@ -182,7 +182,7 @@ class TraceGenerator:
 
     def __init__(self, seed: int, held_out: bool = False, weights: tuple[float, ...] = KIND_WEIGHTS,
                  pieces: pools.WordPieces | None = None, retrieval: Retrieval | MixedRetrieval = WORD_OVERLAP,
-                 same_form_results: float = 0.0):
+                 same_form_results: float = 0.0, saved_results: float = 0.0):
         if len(weights) != len(KINDS) or min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(f"weights: expected {len(KINDS)} non-negative weights (one per kind of {KINDS})")
         self.rng = random.Random(seed)
@@ -193,6 +193,9 @@ class TraceGenerator:
         self.retrieval = retrieval  # how the sessions' memory blocks and searches rank memories
         # share of arithmetic sessions whose store holds a saved result of the same form (see _arithmetic)
         self.same_form_results = same_form_results
+        # share of remember and question sessions whose store holds a computed and saved result as the runtime
+        # leaves it (the written result and its session's summary), as after the quickstart (see _with_saved_result)
+        self.saved_results = saved_results
 
     def session_retrieval(self) -> Retrieval:
         """How the next session ranks memories: the generator's retrieval, or one drawn from a mixture."""
@@ -308,11 +311,23 @@ class TraceGenerator:
         kind = kind or self.rng.choices(KINDS, self.weights)[0]
         return getattr(self, f"_{kind}")(kind)
 
+    def _with_saved_result(self, store: list[Memory]) -> list[Memory]:
+        """`store`, and in `saved_results` of the sessions also a product computed and saved by an earlier session
+        ("17 times 23 is 391." and that session's summary, as `make demo` leaves them), placed at random."""
+        if not self.saved_results or self.rng.random() >= self.saved_results:
+            return store
+        a, b = self.rng.randint(11, 99), self.rng.randint(11, 99)
+        store = list(store)
+        for memory in self.stored_memories(Fact(f"{a} times {b}", str(a * b))):
+            store.insert(self.rng.randrange(len(store) + 1), memory)
+        return store
+
     def _remember(self, kind: str) -> list[Example]:
         fact = self.person_fact()
         subject, attribute = fact.key.split("'s ", 1)
         task = self.rng.choice(REMEMBER_PHRASES).format(s=subject, a=attribute, v=fact.value)
-        s = _Session(task, kind, self.prior_store(fact), self.rng, retrieval=self.session_retrieval())
+        s = _Session(task, kind, self._with_saved_result(self.prior_store(fact)), self.rng,
+                     retrieval=self.session_retrieval())
         s.act(call("memory_write", text=fact.sentence))
         s.act(final(f"Noted: {fact.sentence}"))
         return s.examples
@@ -321,7 +336,7 @@ class TraceGenerator:
                      in_block: bool, store: list[Memory] | None = None, cautious: bool = False) -> list[Example]:
         """A question's session; `cautious`: it searches even when the block holds the fact (a step a model
         may take; only what follows it is for training)."""
-        store = self.prior_store(fact) if store is None else list(store)
+        store = self._with_saved_result(self.prior_store(fact)) if store is None else list(store)
         task = self.rng.choice(phrases).format(k=fact.key)
         targets = self.stored_memories(fact, summary_only=self.rng.random() < 0.1) if stored else []
         for target in targets:

@@ -69,6 +69,7 @@ class TrainSettings:
     question_follow_ups: bool = False  # question batches also hold a last step of each group (after its search)
     runtime_retrieval: float = 0.0  # share of sessions ranking memories with the runtime's embedder (retrieval.py)
     same_form_results: float = 0.0  # share of arithmetic sessions with a saved look-alike result in memory
+    saved_results: float = 0.0  # share of remember and question sessions with a saved result in memory
 
     @property
     def last_step(self) -> int:

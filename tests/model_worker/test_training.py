@@ -443,6 +443,27 @@ def test_arithmetic_with_a_look_alike_result_in_memory_still_calls_the_calculato
     assert traces.TraceGenerator(5, same_form_results=1.0).session("arithmetic") != plain
 
 
+def test_a_saved_result_in_memory_leaves_remembering_a_fact_unchanged():
+    """--saved-results: remember (and question) sessions with a product saved as the runtime leaves it (the result
+    and its session's summary) in their store; the action is still to write the fact asked for, word for word."""
+    generator, shown, summaries = traces.TraceGenerator(5, saved_results=1.0), 0, 0
+    for _ in range(40):
+        first = generator.session("remember")[0]
+        block = next(m["content"] for m in first.messages if m["role"] == "system")
+        task = next(m["content"] for m in first.messages if m["role"] == "user")
+        product = re.search(r"\] (\d\d) times (\d\d) is (\d+)\.$", block, flags=re.MULTILINE)
+        if product:
+            shown += 1
+            assert int(product.group(1)) * int(product.group(2)) == int(product.group(3))
+            summaries += f"Outcome after 3 steps: {product.group(0)[2:]} I saved it to memory." in block  # runtime's
+        call = json.loads(first.target)["calls"][0]
+        assert call["name"] == "memory_write" and call["arguments"]["text"].rstrip(".").split(" is ")[-1] in task
+    assert shown >= 16 and summaries >= 8  # word-overlap retrieval shows the saved result in over half the prompts
+    plain = traces.TraceGenerator(5).session("remember")  # off by default: the data of earlier runs
+    assert traces.TraceGenerator(5, saved_results=0.0).session("remember") == plain
+    assert traces.TraceGenerator(5, saved_results=1.0).session("remember") != plain
+
+
 def test_kind_weights_choose_the_task_mix():
     only_remember = tuple(1.0 if kind == "remember" else 0.0 for kind in traces.KINDS)
     assert {e.kind for e in data.session_examples(20, seed=1, weights=only_remember)} == {"remember"}
