@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -20,6 +19,7 @@ from runtime.resources import Task, TaskEvent
 from runtime.sdk.calls import Agents, Call, Memories, Sessions, Tasks, _p
 from runtime.sdk.errors import ConnectionFailed, EngramError, TaskTimeout, error_for_status
 from runtime.sdk.sse import EventParser
+from runtime.sdk.waiting import ended_within
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -78,16 +78,13 @@ class AsyncTasks(Tasks):
 
     async def wait(self, task_id: str, *, timeout: float | None = None) -> Task:
         """Block until the task finishes; returns it (TaskTimeout after `timeout` seconds)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
 
         async def follow() -> None:
             async for _event in self.events(task_id):
                 pass
 
-        try:
-            await asyncio.wait_for(follow(), None if deadline is None else max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            raise TaskTimeout(f"task {task_id} did not finish within {timeout}s") from None
+        if not await ended_within(follow(), timeout):
+            raise TaskTimeout(f"task {task_id} did not finish within {timeout}s")
         return await self.get(task_id)
 
 

@@ -6,8 +6,6 @@ either. Submitting a task starts the runtime's background runner, as a server wo
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import time
 import uuid
@@ -27,6 +25,7 @@ from runtime.resources import (
     TaskQuery,
 )
 from runtime.sdk.errors import TaskTimeout, error_for_status
+from runtime.sdk.waiting import ended_within
 
 
 def _sdk_errors(method):
@@ -135,10 +134,10 @@ class LocalTasks(_Scoped):
     async def wait(self, task_id: str, *, timeout: float | None = None) -> Task:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not (task := await self.get(task_id)).done:
-            if deadline is not None and time.monotonic() >= deadline:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
                 raise TaskTimeout(f"task {task_id} did not finish within {timeout}s")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._until_terminal(task_id), 1.0)
+            await ended_within(self._until_terminal(task_id), 1.0 if remaining is None else min(1.0, remaining))
         return task
 
     async def _until_terminal(self, task_id: str) -> None:
