@@ -49,6 +49,13 @@ def _share(text: str) -> float:
     return share
 
 
+def _piece_count(text: str) -> int:
+    """Tokens in a made-up word, at most: a whole number from 1 to 12."""
+    if not text.isdigit() or not 1 <= int(text) <= 12:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number from 1 to 12")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     defaults = TrainSettings(out_dir=Path("."))
     parser = argparse.ArgumentParser(prog="python -m model_worker.training", description=__doc__.splitlines()[0])
@@ -97,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="every N-th agent batch is full-form sessions, the others short-form")
     parser.add_argument("--kind-weights", type=_kind_weights, default=defaults.kind_weights, metavar="KIND=W,...",
                         help=f"task mix (kinds: {', '.join(KINDS)}; unnamed kinds keep their default weight)")
+    parser.add_argument("--piece-max-count", type=_piece_count, default=defaults.piece_max_count, metavar="N",
+                        help="made-up names and values of up to N of the tokenizer's tokens (default "
+                             f"{defaults.piece_max_count}; held-out words such as 'electrician' break into 5-6)")
     parser.add_argument("--syllable-words-only", action="store_true",
                         help="make up names and values from syllables only, not also from the tokenizer's tokens "
                              "(the data of runs before this option)")
@@ -131,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                              eval_examples=args.eval_examples, copy_warmup_steps=args.copy_warmup_steps,
                              warmup_steps=args.warmup_steps, full_every=args.full_every,
                              kind_weights=args.kind_weights, piece_words=not args.syllable_words_only,
+                             piece_max_count=args.piece_max_count,
                              init_from=None if args.init_from is None else str(args.init_from),
                              device=args.device, precision=args.precision, workers=args.workers)
     deadline = None

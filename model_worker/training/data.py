@@ -54,9 +54,11 @@ def train_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int, seed: int,
     return build_demo_tokenizer(Path(out_dir), vocab_size=vocab_size, corpus=corpus, isolate_spaces=True)
 
 
-def word_pieces(tokenizer: Tokenizer) -> pools.WordPieces:
-    """The tokenizer's alphabetic tokens (byte-level BPE spells ASCII letters as themselves)."""
-    return pools.WordPieces.from_vocab(tokenizer.id_to_token(i) or "" for i in range(tokenizer.vocab_size))
+def word_pieces(tokenizer: Tokenizer, max_count: int = pools.PIECE_MAX_COUNT) -> pools.WordPieces:
+    """The tokenizer's alphabetic tokens (byte-level BPE spells ASCII letters as themselves), made-up words
+    taking up to `max_count` of them."""
+    return pools.WordPieces.from_vocab((tokenizer.id_to_token(i) or "" for i in range(tokenizer.vocab_size)),
+                                       max_count)
 
 
 def tokenize(tokenizer: Tokenizer, examples: list[traces.Example]) -> list[Tokenized]:

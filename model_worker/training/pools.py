@@ -84,33 +84,38 @@ def held_out_words() -> frozenset[str]:
 PIECE_MAX_LETTERS = 4  # the pieces an unknown word breaks into: a vocabulary trained on these traces merges
 # longer runs only for its own syllable names and pool words
 PIECE_SHARE = 0.7  # made-up words: the share built from the tokenizer's pieces (when given) rather than syllables
+PIECE_MAX_COUNT = 3  # pieces in a made-up word, at most (held-out words such as "electrician" break into 5-6)
 
 
 @dataclass(frozen=True)
 class WordPieces:
     """The tokenizer's alphabetic tokens of up to PIECE_MAX_LETTERS letters, to make words from: `lower`
-    ("re", "arch"), `upper` ("Mon")."""
+    ("re", "arch"), `upper` ("Mon"); a made-up word takes 1 to `max_count` of them."""
 
     lower: tuple[str, ...]
     upper: tuple[str, ...]
+    max_count: int = PIECE_MAX_COUNT
 
     @classmethod
-    def from_vocab(cls, tokens: Iterable[str]) -> WordPieces:
+    def from_vocab(cls, tokens: Iterable[str], max_count: int = PIECE_MAX_COUNT) -> WordPieces:
+        if max_count < 1:
+            raise ValueError(f"a word needs at least one piece, got max_count={max_count}")
         alphabetic = sorted(t for t in set(tokens) if t.isascii() and t.isalpha() and len(t) <= PIECE_MAX_LETTERS)
         return cls(tuple(t for t in alphabetic if t.islower()),
-                   tuple(t for t in alphabetic if t[0].isupper() and (len(t) == 1 or t[1:].islower())))
+                   tuple(t for t in alphabetic if t[0].isupper() and (len(t) == 1 or t[1:].islower())), max_count)
 
 
 def fresh_word(rng: random.Random, reserved: frozenset[str], pieces: WordPieces | None = None,
                capital: bool = False) -> str:
     """A made-up word, not in `reserved` (training only): with tens of thousands of them, a name cannot be
     memorised, only copied from where the prompt states it. From syllables, or (PIECE_SHARE of the time,
-    given `pieces`) from 1-3 of the tokenizer's short alphabetic tokens: a word of any such tokens, so each
-    is one the model has copied into an action (an unseen word like "Montreal" breaks into tokens no
-    syllable word has, and a model that never wrote them into an action does not copy them there)."""
+    given `pieces`) from 1 to `pieces.max_count` of the tokenizer's short alphabetic tokens: a word of any
+    such tokens, so each is one the model has copied into an action (an unseen word like "Montreal" breaks
+    into tokens no syllable word has, and a model that never wrote them into an action does not copy them
+    there; nor, measured, a word of more of them than it ever wrote: "electrician" came out "electrici")."""
     while True:
         if pieces is not None and rng.random() < PIECE_SHARE:
-            count = rng.randint(1, 3)
+            count = rng.randint(1, pieces.max_count)
             head = rng.choice(pieces.upper) if capital else rng.choice(pieces.lower)
             word = head + "".join(rng.choice(pieces.lower) for _ in range(count - 1))
         else:

@@ -33,9 +33,10 @@ def chunk_batches(tokenizer: Tokenizer, settings: TrainSettings, chunk: int,
     generator seeded by (seed, chunk, form), sorted by length (less padding), split, and put in a seeded
     random order."""
     size = settings.short_batch_size if short else settings.batch_size
+    pieces = data.word_pieces(tokenizer, settings.piece_max_count) if settings.piece_words else None
     pool = data.session_examples(BATCHES_PER_CHUNK * size, seed=settings.seed * 1_000_003 + chunk * 2 + short,
                                  short=short, weights=settings.kind_weights,
-                                 pieces=data.word_pieces(tokenizer) if settings.piece_words else None,
+                                 pieces=pieces,
                                  retrieval=retrieval_for(settings.runtime_retrieval),
                                  same_form_results=settings.same_form_results,
                                  saved_results=settings.saved_results)

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model_worker.tokenizer import Tokenizer
-from model_worker.training import data
+from model_worker.training import data, pools
 from model_worker.training.forward import batch_loss
 from model_worker.training.model_setup import build_trainable, demo_model_config, export_checkpoint, load_exported
 from model_worker.training.prefetch import BATCHES_PER_CHUNK, ChunkPrefetcher, chunk_batches
@@ -65,6 +65,7 @@ class TrainSettings:
     kind_weights: tuple[float, ...] = data.traces.KIND_WEIGHTS  # the task mix, one weight per traces.KINDS
     init_from: str | None = None  # an exported checkpoint to continue from (its tokenizer too), not random weights
     piece_words: bool = True  # made-up names and values also built from the tokenizer's tokens (pools.fresh_word)
+    piece_max_count: int = pools.PIECE_MAX_COUNT  # tokens in such a word, at most
     question_batch_size: int = 0  # first steps of question groups (data.question_groups) added to every agent step
     question_follow_ups: bool = False  # question batches also hold a last step of each group (after its search)
     runtime_retrieval: float = 0.0  # share of sessions ranking memories with the runtime's embedder (retrieval.py)
@@ -170,7 +171,8 @@ class Trainer:
         self.step, self._last_tokens = 0, 0
         self.history: list[dict] = []
         self.formatting = format_tokens(self.tokenizer, settings.seed).to(self.device)
-        self.pieces = data.word_pieces(self.tokenizer) if settings.piece_words else None  # for question batches
+        self.pieces = (data.word_pieces(self.tokenizer, settings.piece_max_count)  # for question batches
+                       if settings.piece_words else None)
         self._chunks: dict[bool, tuple[int, list[list[data.Tokenized]]]] = {}
         self.prefetcher = (ChunkPrefetcher(self.tokenizer_dir, settings, settings.workers)
                            if settings.workers > 0 else None)
