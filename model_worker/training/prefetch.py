@@ -27,16 +27,20 @@ CHUNKS_AHEAD = 6  # chunks of each form kept in preparation
 _worker_tokenizer: Tokenizer | None = None
 
 
+def settings_pieces(tokenizer: Tokenizer, settings: TrainSettings) -> data.pools.WordPieces | None:
+    """The pieces made-up words are built from under `settings` (None: syllables only)."""
+    return data.word_pieces(tokenizer, settings.piece_max_count) if settings.piece_words else None
+
+
 def chunk_batches(tokenizer: Tokenizer, settings: TrainSettings, chunk: int,
                   short: bool = False) -> list[list[data.Tokenized]]:
     """Chunk `chunk` of a stream (full-form or short-form sessions): BATCHES_PER_CHUNK batches drawn from a
     generator seeded by (seed, chunk, form), sorted by length (less padding), split, and put in a seeded
     random order."""
     size = settings.short_batch_size if short else settings.batch_size
-    pieces = data.word_pieces(tokenizer, settings.piece_max_count) if settings.piece_words else None
     pool = data.session_examples(BATCHES_PER_CHUNK * size, seed=settings.seed * 1_000_003 + chunk * 2 + short,
                                  short=short, weights=settings.kind_weights,
-                                 pieces=pieces,
+                                 pieces=settings_pieces(tokenizer, settings),
                                  retrieval=retrieval_for(settings.runtime_retrieval),
                                  same_form_results=settings.same_form_results,
                                  saved_results=settings.saved_results)

@@ -26,7 +26,7 @@ from model_worker.tokenizer import Tokenizer
 from model_worker.training import data, pools
 from model_worker.training.forward import batch_loss
 from model_worker.training.model_setup import build_trainable, demo_model_config, export_checkpoint, load_exported
-from model_worker.training.prefetch import BATCHES_PER_CHUNK, ChunkPrefetcher, chunk_batches
+from model_worker.training.prefetch import BATCHES_PER_CHUNK, ChunkPrefetcher, chunk_batches, settings_pieces
 from model_worker.training.retrieval import WORD_OVERLAP, Retrieval, retrieval_for
 
 PRECISIONS = ("fp32", "bf16")
@@ -171,8 +171,7 @@ class Trainer:
         self.step, self._last_tokens = 0, 0
         self.history: list[dict] = []
         self.formatting = format_tokens(self.tokenizer, settings.seed).to(self.device)
-        self.pieces = (data.word_pieces(self.tokenizer, settings.piece_max_count)  # for question batches
-                       if settings.piece_words else None)
+        self.pieces = settings_pieces(self.tokenizer, settings)  # for question batches
         self._chunks: dict[bool, tuple[int, list[list[data.Tokenized]]]] = {}
         self.prefetcher = (ChunkPrefetcher(self.tokenizer_dir, settings, settings.workers)
                            if settings.workers > 0 else None)

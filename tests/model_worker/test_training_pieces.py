@@ -57,3 +57,12 @@ def test_the_training_command_takes_a_piece_count(tmp_path, capsys):
         assert exit_info.value.code == 2
         assert "--piece-max-count" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "run").exists()
+
+
+def test_training_settings_choose_the_pieces(tokenizer, tmp_path):
+    from model_worker.training.prefetch import settings_pieces
+    from model_worker.training.trainer import TrainSettings
+
+    assert settings_pieces(tokenizer, TrainSettings(out_dir=tmp_path)).max_count == pools.PIECE_MAX_COUNT
+    assert settings_pieces(tokenizer, TrainSettings(out_dir=tmp_path, piece_max_count=6)).max_count == 6
+    assert settings_pieces(tokenizer, TrainSettings(out_dir=tmp_path, piece_words=False)) is None
