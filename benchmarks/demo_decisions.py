@@ -46,22 +46,22 @@ def _model(checkpoint: Path):
     return tokenizer, model.eval()
 
 
-def _splits(tokenizer, seed: int, retrieval: Retrieval = WORD_OVERLAP):
+def _splits(tokenizer, seed: int, retrieval: Retrieval = WORD_OVERLAP, found_prefix: str = ""):
     """(held_out, trace generator) for the training split (made-up words from the tokenizer's pieces, as in
-    training) and for the held-out one."""
+    training) and for the held-out one; `found_prefix`: what the checkpoint's answers from a search open with."""
     pieces = data.word_pieces(tokenizer)
     for held_out in (False, True):
         yield held_out, traces.TraceGenerator(seed + held_out, held_out=held_out, pieces=None if held_out else pieces,
-                                              retrieval=retrieval)
+                                              retrieval=retrieval, found_prefix=found_prefix)
 
 
 @torch.no_grad()
 def decisions(checkpoint: Path, sessions: int, seed: int = 123,
-              retrieval: Retrieval = WORD_OVERLAP) -> dict[tuple[bool, str], float]:
+              retrieval: Retrieval = WORD_OVERLAP, found_prefix: str = "") -> dict[tuple[bool, str], float]:
     """(held_out, kind) -> the share of first steps whose action opening the model predicts right."""
     tokenizer, model = _model(checkpoint)
     out = {}
-    for held_out, generator in _splits(tokenizer, seed, retrieval):
+    for held_out, generator in _splits(tokenizer, seed, retrieval, found_prefix):
         for kind in KINDS:
             firsts = [generator.session(kind)[0] for _ in range(sessions)]
             right = 0
@@ -86,14 +86,14 @@ def top_hit_value(hits: list[dict]) -> str:
     return values[-1] if values else "12"  # no hits: any made-up value is the wrong answer
 
 
-def _right_and_wrong(last: traces.Example) -> tuple[str, str]:
+def _right_and_wrong(last: traces.Example, found_prefix: str = "") -> tuple[str, str]:
     """The last step's target and the tempting wrong final answer for it (see the module docstring)."""
     answer = json.loads(last.target)["answer"]
     if answer.startswith("I have no memory of "):
         key = answer.removeprefix("I have no memory of ").rstrip(".")
         hits = json.loads(last.messages[-1]["content"])[-1]["result"]["hits"]
-        return last.target, _answer(f"{key} is {top_hit_value(hits)}.")
-    key = answer.rsplit(" is ", 1)[0]
+        return last.target, _answer(f"{found_prefix}{key} is {top_hit_value(hits)}.")
+    key = answer.removeprefix(found_prefix).rsplit(" is ", 1)[0]
     return last.target, _answer(f"I have no memory of {key}.")
 
 
@@ -120,12 +120,13 @@ def decision_margin(model, tokenizer, pair: list[traces.Example]) -> float:
 
 
 def after_search(checkpoint: Path, sessions: int, seed: int = 321,
-                 retrieval: Retrieval = WORD_OVERLAP) -> dict[tuple[bool, str], tuple[float, float]]:
+                 retrieval: Retrieval = WORD_OVERLAP,
+                 found_prefix: str = "") -> dict[tuple[bool, str], tuple[float, float]]:
     """(held_out, kind) -> (share of last steps whose right final answer wins at the token where
     the two part, median margin there in nats)."""
     tokenizer, model = _model(checkpoint)
     out = {}
-    for held_out, generator in _splits(tokenizer, seed, retrieval):
+    for held_out, generator in _splits(tokenizer, seed, retrieval, found_prefix):
         for kind in AFTER_SEARCH_KINDS:
             margins = []
             while len(margins) < sessions:
@@ -134,7 +135,7 @@ def after_search(checkpoint: Path, sessions: int, seed: int = 321,
                     continue  # answered from the block: no search to decide after
                 prior_turns = sum(m["role"] == "assistant" for m in last.messages)
                 pair = [traces.Example(last.messages, target, kind, labelled_from=prior_turns)
-                        for target in _right_and_wrong(last)]
+                        for target in _right_and_wrong(last, found_prefix)]
                 margins.append(decision_margin(model, tokenizer, pair))
             out[(held_out, kind)] = (sum(m > 0 for m in margins) / sessions, statistics.median(margins))
     return out
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=60, help="sessions per split and kind")
     parser.add_argument("--runtime-retrieval", action="store_true",
                         help="sessions rank memories with the runtime's embedder (as training's --runtime-retrieval)")
+    parser.add_argument("--found-prefix", default="", metavar="TEXT",
+                        help="what the checkpoints' answers from a search open with (training's --found-prefix)")
     args = parser.parse_args(argv)
     if args.sessions < 1:
         parser.error("--sessions must be positive")
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"memories ranked by {'the runtime embedder' if args.runtime_retrieval else 'word overlap'}")
     print(f"{'checkpoint':<40} {'split':<9} " + " ".join(f"{k:>14}" for k in KINDS) + f" {'coin':>6}")
     for checkpoint in checkpoints:
-        shares = decisions(checkpoint, args.sessions, retrieval=retrieval)
+        shares = decisions(checkpoint, args.sessions, retrieval=retrieval, found_prefix=args.found_prefix)
         for held_out in (False, True):
             row = " ".join(f"{shares[(held_out, k)]:>14.0%}" for k in KINDS)
             print(f"{str(checkpoint)[-40:]:<40} {'held-out' if held_out else 'training':<9} {row} {0.5:>6.0%}",
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nafter the search: {'checkpoint':<23} {'split':<9} " + " ".join(f"{k:>18}" for k in AFTER_SEARCH_KINDS)
           + f" {'coin':>6}")
     for checkpoint in checkpoints:
-        shares = after_search(checkpoint, args.sessions, retrieval=retrieval)
+        shares = after_search(checkpoint, args.sessions, retrieval=retrieval, found_prefix=args.found_prefix)
         for held_out in (False, True):
             row = " ".join(f"{shares[(held_out, k)][0]:>8.0%} ({shares[(held_out, k)][1]:+5.1f})"
                            for k in AFTER_SEARCH_KINDS)

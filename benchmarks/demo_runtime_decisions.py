@@ -9,14 +9,19 @@ answer with the tempting wrong one at the token where the two part (recall: "<ke
 that shows what the model replied in the run. A recall whose value no hit holds (the storing session saved it
 garbled) is counted apart: no decision can get it right.
 
+`--swap-name NAME` measures each question about a person a second time with the person's name replaced by
+NAME everywhere (prompt and both answers): the same evidence, another name. Where the choice moves with the
+name, the model decides by the name, not by whether the hits hold the asked fact.
+
     python -m runtime.evaluation --seed 1 --prompts /tmp/prompts-1.jsonl
-    python benchmarks/demo_runtime_decisions.py /tmp/prompts-1.jsonl [--model DIR ...]
+    python benchmarks/demo_runtime_decisions.py /tmp/prompts-1.jsonl [--model DIR ...] [--swap-name Alice]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -44,15 +49,27 @@ def after_search_calls(lines: list[dict]) -> list[dict]:
     return out
 
 
-def right_and_wrong(call: dict) -> tuple[str, str, bool]:
-    """(right final answer, tempting wrong one, whether the hits hold what the right one needs)."""
+def right_and_wrong(call: dict, found_prefix: str = "") -> tuple[str, str, bool]:
+    """(right final answer, tempting wrong one, whether the hits hold what the right one needs); `found_prefix`:
+    what the checkpoint's answers from a search open with (training's --found-prefix)."""
     key = call["key"]
     hits = json.loads(call["messages"][-1]["content"])[-1]["result"]["hits"]
     no_memory = f"I have no memory of {key}."
     if call["kind"] == "refusal":
-        return no_memory, f"{key} is {top_hit_value(hits)}.", True
+        return no_memory, f"{found_prefix}{key} is {top_hit_value(hits)}.", True
     sentence = f"{key} is {call['expect']}."
-    return sentence, no_memory, any(sentence in hit["text"] for hit in hits)
+    return found_prefix + sentence, no_memory, any(sentence in hit["text"] for hit in hits)
+
+
+def with_name(call: dict, name: str) -> dict | None:
+    """`call` with the asked person's name replaced by `name` in every message and in the key (whole words only:
+    "Drata" is not replaced inside "Dratar"); None for a question about no person (a computed result)."""
+    if "'s " not in call["key"]:
+        return None
+    person = call["key"].split("'s ", 1)[0]
+    old = re.compile(rf"\b{re.escape(person)}\b")
+    messages = [dict(m, content=old.sub(name, m["content"])) for m in call["messages"]]
+    return dict(call, messages=messages, key=old.sub(name, call["key"]))
 
 
 def read_prompts(path: Path) -> list[dict]:
@@ -69,25 +86,34 @@ def read_prompts(path: Path) -> list[dict]:
 
 
 @torch.no_grad()
-def measure(checkpoint: Path, calls: list[dict]) -> dict[str, dict]:
+def measure(checkpoint: Path, calls: list[dict], found_prefix: str = "",
+            swap_name: str | None = None) -> dict[str, dict]:
     """kind -> {"calls", "likelier" (right wins at the parting token), "margins", "replied" (the run's reply
-    was the right answer), "value_missing" (recalls whose hits lack the stored value)}."""
+    was the right answer), "value_missing" (recalls whose hits lack the stored value), and with `swap_name`
+    "swapped" / "swapped_likelier" (questions about a person, measured again under that name)}."""
     tokenizer, model = _model(checkpoint)
-    out = {kind: {"calls": 0, "likelier": 0, "margins": [], "replied": 0, "value_missing": 0}
-           for kind in QUESTION_KINDS}
+    out = {kind: {"calls": 0, "likelier": 0, "margins": [], "replied": 0, "value_missing": 0, "swapped": 0,
+                  "swapped_likelier": 0} for kind in QUESTION_KINDS}
+
+    def margin(call: dict, right: str, wrong: str) -> float:
+        turns = sum(m["role"] == "assistant" for m in call["messages"])
+        pair = [traces.Example(call["messages"], _answer(t), call["kind"], labelled_from=turns) for t in (right, wrong)]
+        return decision_margin(model, tokenizer, pair)
+
     for call in calls:
         row = out[call["kind"]]
-        right, wrong, decidable = right_and_wrong(call)
+        right, wrong, decidable = right_and_wrong(call, found_prefix)
         if not decidable:
             row["value_missing"] += 1
             continue
-        turns = sum(m["role"] == "assistant" for m in call["messages"])
-        pair = [traces.Example(call["messages"], _answer(t), call["kind"], labelled_from=turns) for t in (right, wrong)]
-        margin = decision_margin(model, tokenizer, pair)
         row["calls"] += 1
-        row["likelier"] += margin > 0
-        row["margins"].append(margin)
+        row["margins"].append(margin(call, right, wrong))
+        row["likelier"] += row["margins"][-1] > 0
         row["replied"] += json.loads(call["reply"]).get("answer") == right
+        swapped = with_name(call, swap_name) if swap_name else None
+        if swapped is not None:
+            row["swapped"] += 1
+            row["swapped_likelier"] += margin(swapped, *right_and_wrong(swapped, found_prefix)[:2]) > 0
     return out
 
 
@@ -96,7 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("prompts", type=Path, help="a file written by python -m runtime.evaluation --prompts")
     parser.add_argument("--model", type=Path, action="append", default=None,
                         help="checkpoint directory (repeatable; default: the shipped demo model)")
+    parser.add_argument("--found-prefix", default="", metavar="TEXT",
+                        help="what the checkpoints' answers from a search open with (training's --found-prefix)")
+    parser.add_argument("--swap-name", default=None, metavar="NAME",
+                        help="also measure each question about a person with the name replaced by NAME")
     args = parser.parse_args(argv)
+    if args.swap_name is not None and not re.fullmatch(r"[A-Z][a-z]+", args.swap_name):
+        parser.error("--swap-name: one capitalised word of letters, such as Alice")
     checkpoints = args.model or [ROOT / "model_worker" / "demo_model"]
     for checkpoint in checkpoints:
         if not (checkpoint / "config.json").is_file():
@@ -111,17 +143,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     torch.manual_seed(0)
+    swapped = f"with {args.swap_name}" if args.swap_name else ""
     print(f"{'checkpoint':<40} {'kind':<14} {'searched':>8} {'right likelier':>14} {'median':>7} "
-          f"{'replied right':>13} {'value not in hits':>17} {'coin':>5}")
+          f"{'replied right':>13} {'value not in hits':>17} {'coin':>5}" + (f" {swapped:>14}" if swapped else ""))
     for checkpoint in checkpoints:
-        for kind, row in measure(checkpoint, calls).items():
+        for kind, row in measure(checkpoint, calls, args.found_prefix, args.swap_name).items():
             n = row["calls"]
             share = f"{row['likelier']}/{n}" if n else "-"
             median = f"{statistics.median(row['margins']):+.2f}" if n else "-"
+            cell = f"{row['swapped_likelier']}/{row['swapped']}" if row["swapped"] else "-"
+            swap = f" {cell:>14}" if swapped else ""
             print(f"{str(checkpoint)[-40:]:<40} {kind:<14} {n:>8} {share:>14} {median:>7} "
-                  f"{row['replied']:>13} {row['value_missing']:>17} {'50%':>5}", flush=True)
+                  f"{row['replied']:>13} {row['value_missing']:>17} {'50%':>5}{swap}", flush=True)
     print(f"(post-search calls recorded in {args.prompts}; the margin is log p(right) - log p(wrong) in nats at the "
-          "token where the two final answers part; 'replied right': the answer the run gave)")
+          "token where the two final answers part; 'replied right': the answer the run gave"
+          + (f"; '{swapped}': right likelier with the asked person renamed {args.swap_name}, the questions about a "
+             "person only)" if swapped else ")"))
     return 0
 
 

@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="that share of remember and question sessions has a computed and saved result in "
                              "memory (the result and its session's summary, as `make demo` leaves them); asked to "
                              "remember a fact, the model must not blend the two (0: the data of runs before it)")
+    parser.add_argument("--found-prefix", default=defaults.found_prefix, metavar="TEXT",
+                        help="what an answer from a memory search's hits opens with, e.g. 'From memory: ' (a fixed "
+                             "first word decides found against 'I have no memory of ...' before a name is copied; "
+                             "default '': the bare sentence, the data of runs before it)")
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     parser.add_argument("--eval-examples", type=int, default=defaults.eval_examples,
                         help="held-out sessions scored at each evaluation")
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                              eval_examples=args.eval_examples, copy_warmup_steps=args.copy_warmup_steps,
                              warmup_steps=args.warmup_steps, full_every=args.full_every,
                              kind_weights=args.kind_weights, piece_words=not args.syllable_words_only,
-                             piece_max_count=args.piece_max_count,
+                             piece_max_count=args.piece_max_count, found_prefix=args.found_prefix,
                              init_from=None if args.init_from is None else str(args.init_from),
                              device=args.device, precision=args.precision, workers=args.workers)
     deadline = None

@@ -182,7 +182,7 @@ class TraceGenerator:
 
     def __init__(self, seed: int, held_out: bool = False, weights: tuple[float, ...] = KIND_WEIGHTS,
                  pieces: pools.WordPieces | None = None, retrieval: Retrieval | MixedRetrieval = WORD_OVERLAP,
-                 same_form_results: float = 0.0, saved_results: float = 0.0):
+                 same_form_results: float = 0.0, saved_results: float = 0.0, found_prefix: str = ""):
         if len(weights) != len(KINDS) or min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(f"weights: expected {len(KINDS)} non-negative weights (one per kind of {KINDS})")
         self.rng = random.Random(seed)
@@ -196,6 +196,9 @@ class TraceGenerator:
         # share of remember and question sessions whose store holds a computed and saved result as the runtime
         # leaves it (the written result and its session's summary), as after the quickstart (see _with_saved_result)
         self.saved_results = saved_results
+        # what an answer from a search's hits opens with ("From memory: "; "": the bare sentence, as earlier runs):
+        # a fixed first word decides found against "I have no memory of ..." before any name is copied
+        self.found_prefix = found_prefix
 
     def session_retrieval(self) -> Retrieval:
         """How the next session ranks memories: the generator's retrieval, or one drawn from a mixture."""
@@ -346,9 +349,8 @@ class TraceGenerator:
         if cautious or not any(fact.sentence in memory["text"] for memory in s.block()):
             results = s.act(call("memory_search", query=fact.key))
             found = any(fact.sentence in hit["text"] for hit in results[0]["hits"])
-            if not found:
-                s.act(final(f"I have no memory of {fact.key}."))
-                return s.examples
+            s.act(final(self.found_prefix + fact.sentence if found else f"I have no memory of {fact.key}."))
+            return s.examples
         s.act(final(fact.sentence))
         return s.examples
 

@@ -71,6 +71,7 @@ class TrainSettings:
     runtime_retrieval: float = 0.0  # share of sessions ranking memories with the runtime's embedder (retrieval.py)
     same_form_results: float = 0.0  # share of arithmetic sessions with a saved look-alike result in memory
     saved_results: float = 0.0  # share of remember and question sessions with a saved result in memory
+    found_prefix: str = ""  # what an answer from a search's hits opens with ("": the bare sentence)
 
     @property
     def last_step(self) -> int:
@@ -100,9 +101,9 @@ def learning_rate_factor(step: int, settings: TrainSettings) -> float:
 
 
 def held_out_batches(tokenizer: Tokenizer, count: int, batch_size: int,
-                     retrieval: Retrieval = WORD_OVERLAP) -> list[data.PrefixBatch]:
+                     retrieval: Retrieval = WORD_OVERLAP, found_prefix: str = "") -> list[data.PrefixBatch]:
     items = sorted(data.tokenize(tokenizer, data.session_examples(count, HELD_OUT_SEED, held_out=True,
-                                                                  retrieval=retrieval)),
+                                                                  retrieval=retrieval, found_prefix=found_prefix)),
                    key=lambda item: len(item.ids))
     return [data.prefix_batch(items[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, count, batch_size)]
 
@@ -278,7 +279,8 @@ class Trainer:
             return None
         items = data.tokenize(self.tokenizer, data.question_groups(
             s.question_batch_size, seed=s.seed * 1_000_003 + QUESTION_SEEDS + step, pieces=self.pieces,
-            follow_ups=s.question_follow_ups, retrieval=retrieval_for(s.runtime_retrieval)))
+            follow_ups=s.question_follow_ups, retrieval=retrieval_for(s.runtime_retrieval),
+            found_prefix=s.found_prefix))
         return data.prefix_batch(items, self.tokenizer.pad_token_id).to(self.device)
 
     def autocast(self):
@@ -318,7 +320,8 @@ class Trainer:
         resumed = self.load_state()
         if resumed:
             self.log.note(f"resumed at step {self.step} from {self.state_dir}")
-        held_out = held_out_batches(self.tokenizer, s.eval_examples, s.batch_size, retrieval_for(s.runtime_retrieval))
+        held_out = held_out_batches(self.tokenizer, s.eval_examples, s.batch_size, retrieval_for(s.runtime_retrieval),
+                                    s.found_prefix)
         started, recent, figures, stopped_early = time.perf_counter(), [], None, False
         while self.step < s.last_step:
             tick = time.perf_counter()

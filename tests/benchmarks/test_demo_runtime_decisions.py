@@ -44,6 +44,21 @@ def test_the_answers_weighed(script):
     assert script.right_and_wrong(refusal) == ("I have no memory of Ann's job.", "Ann's job is Oslo.", True)
     garbled = _call("recall", "Ann's job", "baker", ["Ann's job is bakr."])  # saved garbled: no decision saves it
     assert script.right_and_wrong(garbled)[2] is False
+    prefix = "From memory: "  # a checkpoint trained with --found-prefix answers a found fact with it
+    assert script.right_and_wrong(recall, prefix) == (prefix + "Ann's job is baker.", "I have no memory of Ann's job.",
+                                                      True)
+    assert script.right_and_wrong(refusal, prefix)[1] == prefix + "Ann's job is Oslo."
+
+
+def test_a_swapped_name_replaces_the_asked_person_only_as_a_whole_word(script):
+    call = _call("refusal", "Drata's job", "no memory", ["Dratar's job is pilot.", "Drata's home city is Oslo."])
+    swapped = script.with_name(call, "Alice")
+    assert swapped["key"] == "Alice's job" and swapped["kind"] == "refusal"
+    hits = json.loads(swapped["messages"][-1]["content"])[0]["result"]["hits"]
+    assert [h["text"] for h in hits] == ["Dratar's job is pilot.", "Alice's home city is Oslo."]
+    assert swapped["messages"][1]["content"] == "What is Alice's job?" and call["key"] == "Drata's job"  # a copy
+    assert script.right_and_wrong(swapped) == ("I have no memory of Alice's job.", "Alice's job is pilot.", True)
+    assert script.with_name(_call("recall_result", "2 plus 2", "4", ["2 plus 2 is 4."]), "Alice") is None
 
 
 def test_a_file_that_is_not_prompts_is_refused_in_one_line(script, tmp_path, capsys):
@@ -53,3 +68,6 @@ def test_a_file_that_is_not_prompts_is_refused_in_one_line(script, tmp_path, cap
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "p.jsonl:1: not a prompt line" in err
     assert script.main([str(tmp_path / "missing.jsonl")]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([str(path), "--swap-name", "al ice"])
+    assert exit_info.value.code == 2 and "--swap-name" in capsys.readouterr().err
