@@ -31,6 +31,7 @@ from model_worker.training import data, traces  # noqa: E402
 from model_worker.training.forward import batch_loss, suffix_hidden  # noqa: E402
 from model_worker.training.model_setup import build_trainable, demo_model_config, load_exported  # noqa: E402
 from model_worker.training.retrieval import WORD_OVERLAP, Retrieval, retrieval_for  # noqa: E402
+from model_worker.training.traces import DEFAULT_ANSWERS, AnswerForms  # noqa: E402
 
 KINDS = ("recall", "recall_search", "refusal")
 AFTER_SEARCH_KINDS = ("recall_search", "recall_cautious", "refusal")
@@ -46,22 +47,23 @@ def _model(checkpoint: Path):
     return tokenizer, model.eval()
 
 
-def _splits(tokenizer, seed: int, retrieval: Retrieval = WORD_OVERLAP, found_prefix: str = ""):
+def _splits(tokenizer, seed: int, retrieval: Retrieval = WORD_OVERLAP, answers: AnswerForms = DEFAULT_ANSWERS):
     """(held_out, trace generator) for the training split (made-up words from the tokenizer's pieces, as in
-    training) and for the held-out one; `found_prefix`: what the checkpoint's answers from a search open with."""
+    training) and for the held-out one; `answers`: how the checkpoint words its answers after a search."""
     pieces = data.word_pieces(tokenizer)
     for held_out in (False, True):
         yield held_out, traces.TraceGenerator(seed + held_out, held_out=held_out, pieces=None if held_out else pieces,
-                                              retrieval=retrieval, found_prefix=found_prefix)
+                                              retrieval=retrieval, answers=answers)
 
 
 @torch.no_grad()
 def decisions(checkpoint: Path, sessions: int, seed: int = 123,
-              retrieval: Retrieval = WORD_OVERLAP, found_prefix: str = "") -> dict[tuple[bool, str], float]:
+              retrieval: Retrieval = WORD_OVERLAP,
+              answers: AnswerForms = DEFAULT_ANSWERS) -> dict[tuple[bool, str], float]:
     """(held_out, kind) -> the share of first steps whose action opening the model predicts right."""
     tokenizer, model = _model(checkpoint)
     out = {}
-    for held_out, generator in _splits(tokenizer, seed, retrieval, found_prefix):
+    for held_out, generator in _splits(tokenizer, seed, retrieval, answers):
         for kind in KINDS:
             firsts = [generator.session(kind)[0] for _ in range(sessions)]
             right = 0
@@ -86,15 +88,15 @@ def top_hit_value(hits: list[dict]) -> str:
     return values[-1] if values else "12"  # no hits: any made-up value is the wrong answer
 
 
-def _right_and_wrong(last: traces.Example, found_prefix: str = "") -> tuple[str, str]:
+def _right_and_wrong(last: traces.Example, answers: AnswerForms = DEFAULT_ANSWERS) -> tuple[str, str]:
     """The last step's target and the tempting wrong final answer for it (see the module docstring)."""
     answer = json.loads(last.target)["answer"]
-    if answer.startswith("I have no memory of "):
-        key = answer.removeprefix("I have no memory of ").rstrip(".")
+    key = answers.refused_key(answer)
+    if key is not None:
         hits = json.loads(last.messages[-1]["content"])[-1]["result"]["hits"]
-        return last.target, _answer(f"{found_prefix}{key} is {top_hit_value(hits)}.")
-    key = answer.removeprefix(found_prefix).rsplit(" is ", 1)[0]
-    return last.target, _answer(f"I have no memory of {key}.")
+        return last.target, _answer(answers.found(f"{key} is {top_hit_value(hits)}."))
+    key = answer.removeprefix(answers.found_prefix).rsplit(" is ", 1)[0]
+    return last.target, _answer(answers.not_found(key))
 
 
 @torch.no_grad()
@@ -121,12 +123,12 @@ def decision_margin(model, tokenizer, pair: list[traces.Example]) -> float:
 
 def after_search(checkpoint: Path, sessions: int, seed: int = 321,
                  retrieval: Retrieval = WORD_OVERLAP,
-                 found_prefix: str = "") -> dict[tuple[bool, str], tuple[float, float]]:
+                 answers: AnswerForms = DEFAULT_ANSWERS) -> dict[tuple[bool, str], tuple[float, float]]:
     """(held_out, kind) -> (share of last steps whose right final answer wins at the token where
     the two part, median margin there in nats)."""
     tokenizer, model = _model(checkpoint)
     out = {}
-    for held_out, generator in _splits(tokenizer, seed, retrieval, found_prefix):
+    for held_out, generator in _splits(tokenizer, seed, retrieval, answers):
         for kind in AFTER_SEARCH_KINDS:
             margins = []
             while len(margins) < sessions:
@@ -135,7 +137,7 @@ def after_search(checkpoint: Path, sessions: int, seed: int = 321,
                     continue  # answered from the block: no search to decide after
                 prior_turns = sum(m["role"] == "assistant" for m in last.messages)
                 pair = [traces.Example(last.messages, target, kind, labelled_from=prior_turns)
-                        for target in _right_and_wrong(last, found_prefix)]
+                        for target in _right_and_wrong(last, answers)]
                 margins.append(decision_margin(model, tokenizer, pair))
             out[(held_out, kind)] = (sum(m > 0 for m in margins) / sessions, statistics.median(margins))
     return out
@@ -150,9 +152,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="sessions rank memories with the runtime's embedder (as training's --runtime-retrieval)")
     parser.add_argument("--found-prefix", default="", metavar="TEXT",
                         help="what the checkpoints' answers from a search open with (training's --found-prefix)")
+    parser.add_argument("--refusal", default=AnswerForms.refusal, metavar="TEXT",
+                        help="the checkpoints' answer when a search finds nothing (training's --refusal)")
     args = parser.parse_args(argv)
     if args.sessions < 1:
         parser.error("--sessions must be positive")
+    try:
+        answers = AnswerForms(args.found_prefix, args.refusal)
+    except ValueError as exc:
+        parser.error(str(exc))
     checkpoints = args.model or [ROOT / "model_worker" / "demo_model"]
     for checkpoint in checkpoints:
         if not (checkpoint / "config.json").is_file():
@@ -163,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"memories ranked by {'the runtime embedder' if args.runtime_retrieval else 'word overlap'}")
     print(f"{'checkpoint':<40} {'split':<9} " + " ".join(f"{k:>14}" for k in KINDS) + f" {'coin':>6}")
     for checkpoint in checkpoints:
-        shares = decisions(checkpoint, args.sessions, retrieval=retrieval, found_prefix=args.found_prefix)
+        shares = decisions(checkpoint, args.sessions, retrieval=retrieval, answers=answers)
         for held_out in (False, True):
             row = " ".join(f"{shares[(held_out, k)]:>14.0%}" for k in KINDS)
             print(f"{str(checkpoint)[-40:]:<40} {'held-out' if held_out else 'training':<9} {row} {0.5:>6.0%}",
@@ -173,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nafter the search: {'checkpoint':<23} {'split':<9} " + " ".join(f"{k:>18}" for k in AFTER_SEARCH_KINDS)
           + f" {'coin':>6}")
     for checkpoint in checkpoints:
-        shares = after_search(checkpoint, args.sessions, retrieval=retrieval, found_prefix=args.found_prefix)
+        shares = after_search(checkpoint, args.sessions, retrieval=retrieval, answers=answers)
         for held_out in (False, True):
             row = " ".join(f"{shares[(held_out, k)][0]:>8.0%} ({shares[(held_out, k)][1]:+5.1f})"
                            for k in AFTER_SEARCH_KINDS)

@@ -5,7 +5,8 @@ say "no memory" of one never stored, when the prompt is exactly what the orchest
 the prompts `python -m runtime.evaluation --prompts FILE` recorded (memory block, search hits and all, as the
 runtime rendered them). Per question whose last call follows a memory_search, it compares the right final
 answer with the tempting wrong one at the token where the two part (recall: "<key> is <value>." against
-"I have no memory of <key>."; refusal the other way round, the wrong value being the top hit's), and beside
+"I have no memory of <key>." or the refusal the checkpoint was trained with, --refusal; refusal the other way
+round, the wrong value being the top hit's), and beside
 that shows what the model replied in the run. A recall whose value no hit holds (the storing session saved it
 garbled) is counted apart: no decision can get it right.
 
@@ -35,6 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from demo_decisions import _answer, _model, decision_margin, top_hit_value  # noqa: E402
 
 from model_worker.training import traces  # noqa: E402
+from model_worker.training.traces import DEFAULT_ANSWERS, AnswerForms  # noqa: E402
 
 QUESTION_KINDS = ("recall", "recall_result", "refusal")
 
@@ -49,16 +51,16 @@ def after_search_calls(lines: list[dict]) -> list[dict]:
     return out
 
 
-def right_and_wrong(call: dict, found_prefix: str = "") -> tuple[str, str, bool]:
-    """(right final answer, tempting wrong one, whether the hits hold what the right one needs); `found_prefix`:
-    what the checkpoint's answers from a search open with (training's --found-prefix)."""
+def right_and_wrong(call: dict, answers: AnswerForms = DEFAULT_ANSWERS) -> tuple[str, str, bool]:
+    """(right final answer, tempting wrong one, whether the hits hold what the right one needs); `answers`: how
+    the checkpoint words its answers after a search (training's --found-prefix and --refusal)."""
     key = call["key"]
     hits = json.loads(call["messages"][-1]["content"])[-1]["result"]["hits"]
-    no_memory = f"I have no memory of {key}."
+    no_memory = answers.not_found(key)
     if call["kind"] == "refusal":
-        return no_memory, f"{found_prefix}{key} is {top_hit_value(hits)}.", True
+        return no_memory, answers.found(f"{key} is {top_hit_value(hits)}."), True
     sentence = f"{key} is {call['expect']}."
-    return found_prefix + sentence, no_memory, any(sentence in hit["text"] for hit in hits)
+    return answers.found(sentence), no_memory, any(sentence in hit["text"] for hit in hits)
 
 
 def with_name(call: dict, name: str) -> dict | None:
@@ -86,7 +88,7 @@ def read_prompts(path: Path) -> list[dict]:
 
 
 @torch.no_grad()
-def measure(checkpoint: Path, calls: list[dict], found_prefix: str = "",
+def measure(checkpoint: Path, calls: list[dict], answers: AnswerForms = DEFAULT_ANSWERS,
             swap_name: str | None = None) -> dict[str, dict]:
     """kind -> {"calls", "likelier" (right wins at the parting token), "margins", "replied" (the run's reply
     was the right answer), "value_missing" (recalls whose hits lack the stored value), and with `swap_name`
@@ -102,7 +104,7 @@ def measure(checkpoint: Path, calls: list[dict], found_prefix: str = "",
 
     for call in calls:
         row = out[call["kind"]]
-        right, wrong, decidable = right_and_wrong(call, found_prefix)
+        right, wrong, decidable = right_and_wrong(call, answers)
         if not decidable:
             row["value_missing"] += 1
             continue
@@ -113,7 +115,7 @@ def measure(checkpoint: Path, calls: list[dict], found_prefix: str = "",
         swapped = with_name(call, swap_name) if swap_name else None
         if swapped is not None:
             row["swapped"] += 1
-            row["swapped_likelier"] += margin(swapped, *right_and_wrong(swapped, found_prefix)[:2]) > 0
+            row["swapped_likelier"] += margin(swapped, *right_and_wrong(swapped, answers)[:2]) > 0
     return out
 
 
@@ -124,11 +126,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="checkpoint directory (repeatable; default: the shipped demo model)")
     parser.add_argument("--found-prefix", default="", metavar="TEXT",
                         help="what the checkpoints' answers from a search open with (training's --found-prefix)")
+    parser.add_argument("--refusal", default=AnswerForms.refusal, metavar="TEXT",
+                        help="the checkpoints' answer when a search finds nothing (training's --refusal)")
     parser.add_argument("--swap-name", default=None, metavar="NAME",
                         help="also measure each question about a person with the name replaced by NAME")
     args = parser.parse_args(argv)
     if args.swap_name is not None and not re.fullmatch(r"[A-Z][a-z]+", args.swap_name):
         parser.error("--swap-name: one capitalised word of letters, such as Alice")
+    try:
+        answers = AnswerForms(args.found_prefix, args.refusal)
+    except ValueError as exc:
+        parser.error(str(exc))
     checkpoints = args.model or [ROOT / "model_worker" / "demo_model"]
     for checkpoint in checkpoints:
         if not (checkpoint / "config.json").is_file():
@@ -147,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'checkpoint':<40} {'kind':<14} {'searched':>8} {'right likelier':>14} {'median':>7} "
           f"{'replied right':>13} {'value not in hits':>17} {'coin':>5}" + (f" {swapped:>14}" if swapped else ""))
     for checkpoint in checkpoints:
-        for kind, row in measure(checkpoint, calls, args.found_prefix, args.swap_name).items():
+        for kind, row in measure(checkpoint, calls, answers, args.swap_name).items():
             n = row["calls"]
             share = f"{row['likelier']}/{n}" if n else "-"
             median = f"{statistics.median(row['margins']):+.2f}" if n else "-"

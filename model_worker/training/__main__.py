@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from model_worker.training.budget import steps_for_budget
-from model_worker.training.traces import KIND_WEIGHTS, KINDS
+from model_worker.training.traces import KIND_WEIGHTS, KINDS, AnswerForms
 from model_worker.training.trainer import PRECISIONS, Trainer, TrainSettings
 
 
@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="what an answer from a memory search's hits opens with, e.g. 'From memory: ' (a fixed "
                              "first word decides found against 'I have no memory of ...' before a name is copied; "
                              "default '': the bare sentence, the data of runs before it)")
+    parser.add_argument("--refusal", default=defaults.refusal, metavar="TEXT",
+                        help="the answer when a memory search finds nothing, with {key} where the asked key goes and "
+                             "'no memory' in it; '{key}: I have no memory of it.' makes the model write the key "
+                             "first, so found and not found part right after it (default: the data of runs before it)")
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     parser.add_argument("--eval-examples", type=int, default=defaults.eval_examples,
                         help="held-out sessions scored at each evaluation")
@@ -133,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--time-budget must be a positive number of seconds")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
+    try:
+        AnswerForms(args.found_prefix, args.refusal)
+    except ValueError as exc:
+        parser.error(str(exc))
     torch.set_num_threads(max(1, args.threads))
     torch.backends.cuda.matmul.allow_tf32 = True
     settings = TrainSettings(out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -146,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                              warmup_steps=args.warmup_steps, full_every=args.full_every,
                              kind_weights=args.kind_weights, piece_words=not args.syllable_words_only,
                              piece_max_count=args.piece_max_count, found_prefix=args.found_prefix,
-                             init_from=None if args.init_from is None else str(args.init_from),
+                             refusal=args.refusal, init_from=None if args.init_from is None else str(args.init_from),
                              device=args.device, precision=args.precision, workers=args.workers)
     deadline = None
     try:

@@ -108,16 +108,17 @@ def session_examples(count: int, seed: int, held_out: bool = False, short: bool 
                      weights: tuple[float, ...] = traces.KIND_WEIGHTS,
                      pieces: pools.WordPieces | None = None,
                      retrieval: Retrieval = WORD_OVERLAP, same_form_results: float = 0.0,
-                     saved_results: float = 0.0, found_prefix: str = "") -> list[traces.Example]:
+                     saved_results: float = 0.0,
+                     answers: traces.AnswerForms = traces.DEFAULT_ANSWERS) -> list[traces.Example]:
     """`count` training sequences from whole sessions (`step_sequences`: usually one per session, two where a
     step's memories change); `short` gives their short_form; `weights` (one per traces.KINDS) the task mix;
     `pieces` lets made-up names and values be built from the tokenizer's own tokens (`word_pieces`);
     `retrieval` how the sessions rank memories (retrieval.py); `same_form_results` the share of arithmetic
     sessions with a saved result of the same form in memory; `saved_results` the share of remember and question
-    sessions with a saved result (and its session's summary) in memory, as after the quickstart; `found_prefix`
-    what an answer from a search's hits opens with (TraceGenerator)."""
+    sessions with a saved result (and its session's summary) in memory, as after the quickstart; `answers`
+    how the answer after a search is worded (traces.AnswerForms)."""
     generator = traces.TraceGenerator(seed, held_out, weights, pieces, retrieval, same_form_results, saved_results,
-                                      found_prefix)
+                                      answers)
     examples: list[traces.Example] = []
     while len(examples) < count:
         examples.extend(step_sequences(generator.session()))
@@ -127,7 +128,7 @@ def session_examples(count: int, seed: int, held_out: bool = False, short: bool 
 
 def question_groups(count: int, seed: int, pieces: pools.WordPieces | None = None,
                     follow_ups: bool = False, retrieval: Retrieval = WORD_OVERLAP,
-                    found_prefix: str = "") -> list[traces.Example]:
+                    answers: traces.AnswerForms = traces.DEFAULT_ANSWERS) -> list[traces.Example]:
     """`count` training sequences (full form) from `TraceGenerator.question_group`s. Per group the first steps,
     in a pair: the same question over the same store, once with the fact stored and retrieved (answer it;
     search when retrieval ranked it below the block's k) and once never stored (search): the step where a
@@ -135,7 +136,7 @@ def question_groups(count: int, seed: int, pieces: pools.WordPieces | None = Non
     steps of two of its searching sessions, labelled on that step only: one that finds the fact (answer from
     the hits, also after a cautious search of a fact the block held) and the one where it was never stored
     (say there is none), so that only the hits tell the two apart."""
-    generator = traces.TraceGenerator(seed, pieces=pieces, retrieval=retrieval, found_prefix=found_prefix)
+    generator = traces.TraceGenerator(seed, pieces=pieces, retrieval=retrieval, answers=answers)
     examples: list[traces.Example] = []
     while len(examples) < count:
         direct, cautious, searched, refused = generator.question_group()

@@ -43,7 +43,7 @@ def chunk_batches(tokenizer: Tokenizer, settings: TrainSettings, chunk: int,
                                  pieces=settings_pieces(tokenizer, settings),
                                  retrieval=retrieval_for(settings.runtime_retrieval),
                                  same_form_results=settings.same_form_results,
-                                 saved_results=settings.saved_results, found_prefix=settings.found_prefix)
+                                 saved_results=settings.saved_results, answers=settings.answers)
     items = sorted(data.tokenize(tokenizer, pool), key=lambda item: len(item.ids))
     batches = [items[i * size:(i + 1) * size] for i in range(BATCHES_PER_CHUNK)]
     random.Random(chunk).shuffle(batches)

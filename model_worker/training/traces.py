@@ -85,6 +85,43 @@ class Example:
     labelled_from: int = 0  # the first assistant turn (0: the task's first action) a sequence of it trains on
 
 
+@dataclass(frozen=True)
+class AnswerForms:
+    """How the answer after a memory search is worded: a found fact opens with `found_prefix` ("From memory: ";
+    "": the bare sentence), and nothing found is `refusal` with the asked key in it. The default refusal opens
+    with "I", so the two answers part at the first token, before the key; a refusal that opens with the key
+    ("{key}: I have no memory of it.") makes the model write the key first, and the two then part right after
+    it, where the model copies what follows that key in the hits or finds no hit to copy from."""
+
+    found_prefix: str = ""
+    refusal: str = "I have no memory of {key}."
+
+    def __post_init__(self):
+        if "{key}" not in self.refusal or "no memory" not in self.refusal:
+            raise ValueError(f"refusal: expected a text holding '{{key}}' and 'no memory' (what the evaluation "
+                             f"scores a refusal by), got {self.refusal!r}")
+        try:
+            self.refusal.format(key="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"refusal: {self.refusal!r} is not a text with one '{{key}}' field ({exc})") from None
+
+    def found(self, sentence: str) -> str:
+        return self.found_prefix + sentence
+
+    def not_found(self, key: str) -> str:
+        return self.refusal.format(key=key)
+
+    def refused_key(self, answer: str) -> str | None:
+        """The key a refusal worded this way names ("I have no memory of Ann's job." -> "Ann's job"), else None."""
+        before, after = self.refusal.split("{key}", 1)
+        if len(answer) > len(before) + len(after) and answer.startswith(before) and answer.endswith(after):
+            return answer[len(before):len(answer) - len(after)]
+        return None
+
+
+DEFAULT_ANSWERS = AnswerForms()  # the wording of every run before --found-prefix and --refusal
+
+
 @dataclass
 class Memory:
     id: str
@@ -182,7 +219,7 @@ class TraceGenerator:
 
     def __init__(self, seed: int, held_out: bool = False, weights: tuple[float, ...] = KIND_WEIGHTS,
                  pieces: pools.WordPieces | None = None, retrieval: Retrieval | MixedRetrieval = WORD_OVERLAP,
-                 same_form_results: float = 0.0, saved_results: float = 0.0, found_prefix: str = ""):
+                 same_form_results: float = 0.0, saved_results: float = 0.0, answers: AnswerForms = DEFAULT_ANSWERS):
         if len(weights) != len(KINDS) or min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(f"weights: expected {len(KINDS)} non-negative weights (one per kind of {KINDS})")
         self.rng = random.Random(seed)
@@ -196,9 +233,8 @@ class TraceGenerator:
         # share of remember and question sessions whose store holds a computed and saved result as the runtime
         # leaves it (the written result and its session's summary), as after the quickstart (see _with_saved_result)
         self.saved_results = saved_results
-        # what an answer from a search's hits opens with ("From memory: "; "": the bare sentence, as earlier runs):
-        # a fixed first word decides found against "I have no memory of ..." before any name is copied
-        self.found_prefix = found_prefix
+        # how the answer after a search is worded, found or not (the default: the wording of earlier runs)
+        self.answers = answers
 
     def session_retrieval(self) -> Retrieval:
         """How the next session ranks memories: the generator's retrieval, or one drawn from a mixture."""
@@ -349,7 +385,7 @@ class TraceGenerator:
         if cautious or not any(fact.sentence in memory["text"] for memory in s.block()):
             results = s.act(call("memory_search", query=fact.key))
             found = any(fact.sentence in hit["text"] for hit in results[0]["hits"])
-            s.act(final(self.found_prefix + fact.sentence if found else f"I have no memory of {fact.key}."))
+            s.act(final(self.answers.found(fact.sentence) if found else self.answers.not_found(fact.key)))
             return s.examples
         s.act(final(fact.sentence))
         return s.examples

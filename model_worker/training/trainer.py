@@ -72,6 +72,12 @@ class TrainSettings:
     same_form_results: float = 0.0  # share of arithmetic sessions with a saved look-alike result in memory
     saved_results: float = 0.0  # share of remember and question sessions with a saved result in memory
     found_prefix: str = ""  # what an answer from a search's hits opens with ("": the bare sentence)
+    refusal: str = data.traces.AnswerForms.refusal  # the answer when a search finds nothing, with the asked {key} in it
+
+    @property
+    def answers(self) -> data.traces.AnswerForms:
+        """How the answer after a memory search is worded (raises ValueError for a refusal without {key})."""
+        return data.traces.AnswerForms(self.found_prefix, self.refusal)
 
     @property
     def last_step(self) -> int:
@@ -101,9 +107,10 @@ def learning_rate_factor(step: int, settings: TrainSettings) -> float:
 
 
 def held_out_batches(tokenizer: Tokenizer, count: int, batch_size: int,
-                     retrieval: Retrieval = WORD_OVERLAP, found_prefix: str = "") -> list[data.PrefixBatch]:
+                     retrieval: Retrieval = WORD_OVERLAP,
+                     answers: data.traces.AnswerForms = data.traces.DEFAULT_ANSWERS) -> list[data.PrefixBatch]:
     items = sorted(data.tokenize(tokenizer, data.session_examples(count, HELD_OUT_SEED, held_out=True,
-                                                                  retrieval=retrieval, found_prefix=found_prefix)),
+                                                                  retrieval=retrieval, answers=answers)),
                    key=lambda item: len(item.ids))
     return [data.prefix_batch(items[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, count, batch_size)]
 
@@ -280,7 +287,7 @@ class Trainer:
         items = data.tokenize(self.tokenizer, data.question_groups(
             s.question_batch_size, seed=s.seed * 1_000_003 + QUESTION_SEEDS + step, pieces=self.pieces,
             follow_ups=s.question_follow_ups, retrieval=retrieval_for(s.runtime_retrieval),
-            found_prefix=s.found_prefix))
+            answers=s.answers))
         return data.prefix_batch(items, self.tokenizer.pad_token_id).to(self.device)
 
     def autocast(self):
@@ -321,7 +328,7 @@ class Trainer:
         if resumed:
             self.log.note(f"resumed at step {self.step} from {self.state_dir}")
         held_out = held_out_batches(self.tokenizer, s.eval_examples, s.batch_size, retrieval_for(s.runtime_retrieval),
-                                    s.found_prefix)
+                                    s.answers)
         started, recent, figures, stopped_early = time.perf_counter(), [], None, False
         while self.step < s.last_step:
             tick = time.perf_counter()

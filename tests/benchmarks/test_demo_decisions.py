@@ -21,7 +21,7 @@ def decisions():
 
 
 def _last_after_search(kind: str, seed: int = 4, found_prefix: str = "") -> traces.Example:
-    generator = traces.TraceGenerator(seed, held_out=True, found_prefix=found_prefix)
+    generator = traces.TraceGenerator(seed, held_out=True, answers=traces.AnswerForms(found_prefix))
     while True:
         last = generator.session(kind)[-1]
         if "memory_search" in last.messages[-2]["content"]:
@@ -48,12 +48,12 @@ def test_a_found_fact_is_weighed_against_no_memory(decisions):
 def test_with_a_found_prefix_both_sides_carry_it_where_they_state_a_value(decisions):
     prefix = "From memory: "
     found = _last_after_search("recall_search", found_prefix=prefix)
-    right, wrong = decisions._right_and_wrong(found, prefix)
+    right, wrong = decisions._right_and_wrong(found, traces.AnswerForms(prefix))
     key = json.loads(right)["answer"].removeprefix(prefix).rsplit(" is ", 1)[0]
     assert right == found.target and json.loads(right)["answer"].startswith(prefix)
     assert json.loads(wrong)["answer"] == f"I have no memory of {key}."
     refused = _last_after_search("refusal", found_prefix=prefix)
-    right, wrong = decisions._right_and_wrong(refused, prefix)
+    right, wrong = decisions._right_and_wrong(refused, traces.AnswerForms(prefix))
     assert right == refused.target and json.loads(wrong)["answer"].startswith(prefix)
 
 

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from model_worker.training.traces import AnswerForms
 from tests.benchmarks import load_script
 
 
@@ -44,10 +45,13 @@ def test_the_answers_weighed(script):
     assert script.right_and_wrong(refusal) == ("I have no memory of Ann's job.", "Ann's job is Oslo.", True)
     garbled = _call("recall", "Ann's job", "baker", ["Ann's job is bakr."])  # saved garbled: no decision saves it
     assert script.right_and_wrong(garbled)[2] is False
-    prefix = "From memory: "  # a checkpoint trained with --found-prefix answers a found fact with it
-    assert script.right_and_wrong(recall, prefix) == (prefix + "Ann's job is baker.", "I have no memory of Ann's job.",
-                                                      True)
-    assert script.right_and_wrong(refusal, prefix)[1] == prefix + "Ann's job is Oslo."
+    prefix = AnswerForms("From memory: ")  # a checkpoint trained with --found-prefix answers a found fact with it
+    assert script.right_and_wrong(recall, prefix) == ("From memory: Ann's job is baker.",
+                                                      "I have no memory of Ann's job.", True)
+    assert script.right_and_wrong(refusal, prefix)[1] == "From memory: Ann's job is Oslo."
+    keyed = AnswerForms(refusal="{key}: I have no memory of it.")  # trained with --refusal: the key comes first
+    assert script.right_and_wrong(recall, keyed) == ("Ann's job is baker.", "Ann's job: I have no memory of it.", True)
+    assert script.right_and_wrong(refusal, keyed) == ("Ann's job: I have no memory of it.", "Ann's job is Oslo.", True)
 
 
 def test_a_swapped_name_replaces_the_asked_person_only_as_a_whole_word(script):
