@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the checkpoints' answer when a search finds nothing (training's --refusal)")
     parser.add_argument("--swap-name", default=None, metavar="NAME",
                         help="also measure each question about a person with the name replaced by NAME")
+    parser.add_argument("--each", action="store_true",
+                        help="also print every call's margin, sorted, per checkpoint and kind")
     args = parser.parse_args(argv)
     if args.swap_name is not None and not re.fullmatch(r"[A-Z][a-z]+", args.swap_name):
         parser.error("--swap-name: one capitalised word of letters, such as Alice")
@@ -163,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             swap = f" {cell:>14}" if swapped else ""
             print(f"{str(checkpoint)[-40:]:<40} {kind:<14} {n:>8} {share:>14} {median:>7} "
                   f"{row['replied']:>13} {row['value_missing']:>17} {'50%':>5}{swap}", flush=True)
+            if args.each and n:
+                print(f"{'':<40} {'':<14} margins: " + " ".join(f"{m:+.2f}" for m in sorted(row["margins"])))
     print(f"(post-search calls recorded in {args.prompts}; the margin is log p(right) - log p(wrong) in nats at the "
           "token where the two final answers part; 'replied right': the answer the run gave"
           + (f"; '{swapped}': right likelier with the asked person renamed {args.swap_name}, the questions about a "

@@ -75,3 +75,22 @@ def test_a_file_that_is_not_prompts_is_refused_in_one_line(script, tmp_path, cap
     with pytest.raises(SystemExit) as exit_info:
         script.main([str(path), "--swap-name", "al ice"])
     assert exit_info.value.code == 2 and "--swap-name" in capsys.readouterr().err
+
+
+def test_each_prints_every_margin_that_the_medians_come_from(script, tmp_path, capsys):
+    """`--each` lists the margins behind a row, sorted, as `measure` finds them (the shipped model, its wording)."""
+    calls = [_call("recall", "Ann's job", "baker", ["Ann's job is baker."]),
+             _call("refusal", "Bo's job", "no memory", ["Bo's home city is Oslo."]),
+             _call("refusal", "Cy's job", "no memory", ["Dee's job is pilot."])]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(call) + "\n" for call in calls))
+    assert script.main([str(path), "--each"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    printed = {line.split()[1]: line for line in lines if line.split()[0].endswith("demo_model")}
+    margins = [line.split("margins: ")[1].split() for line in lines if "margins: " in line]
+    rows = script.measure(script.ROOT / "model_worker" / "demo_model", calls)
+    assert margins == [[f"{m:+.2f}" for m in sorted(rows[kind]["margins"])] for kind in ("recall", "refusal")]
+    assert printed["refusal"].split()[3] == f"{rows['refusal']['likelier']}/2"
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([str(path), "--refusal", "I forgot {key}."])  # no "no memory": not a refusal the evaluation scores
+    assert exit_info.value.code == 2 and "refusal" in capsys.readouterr().err
