@@ -143,6 +143,22 @@ def after_search(checkpoint: Path, sessions: int, seed: int = 321,
     return out
 
 
+def add_answer_arguments(parser: argparse.ArgumentParser) -> None:
+    """--found-prefix and --refusal: how the checkpoints word their answers after a search (as trained)."""
+    parser.add_argument("--found-prefix", default="", metavar="TEXT",
+                        help="what the checkpoints' answers from a search open with (training's --found-prefix)")
+    parser.add_argument("--refusal", default=AnswerForms.refusal, metavar="TEXT",
+                        help="the checkpoints' answer when a search finds nothing (training's --refusal)")
+
+
+def answer_forms(parser: argparse.ArgumentParser, args: argparse.Namespace) -> AnswerForms:
+    """The wording `add_answer_arguments` read; a wording the trainer would refuse is a usage error."""
+    try:
+        return AnswerForms(args.found_prefix, args.refusal)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, action="append", default=None,
@@ -150,17 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=60, help="sessions per split and kind")
     parser.add_argument("--runtime-retrieval", action="store_true",
                         help="sessions rank memories with the runtime's embedder (as training's --runtime-retrieval)")
-    parser.add_argument("--found-prefix", default="", metavar="TEXT",
-                        help="what the checkpoints' answers from a search open with (training's --found-prefix)")
-    parser.add_argument("--refusal", default=AnswerForms.refusal, metavar="TEXT",
-                        help="the checkpoints' answer when a search finds nothing (training's --refusal)")
+    add_answer_arguments(parser)
     args = parser.parse_args(argv)
     if args.sessions < 1:
         parser.error("--sessions must be positive")
-    try:
-        answers = AnswerForms(args.found_prefix, args.refusal)
-    except ValueError as exc:
-        parser.error(str(exc))
+    answers = answer_forms(parser, args)
     checkpoints = args.model or [ROOT / "model_worker" / "demo_model"]
     for checkpoint in checkpoints:
         if not (checkpoint / "config.json").is_file():

@@ -33,7 +33,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from demo_decisions import _answer, _model, decision_margin, top_hit_value  # noqa: E402
+from demo_decisions import (  # noqa: E402
+    _answer,
+    _model,
+    add_answer_arguments,
+    answer_forms,
+    decision_margin,
+    top_hit_value,
+)
 
 from model_worker.training import traces  # noqa: E402
 from model_worker.training.traces import DEFAULT_ANSWERS, AnswerForms  # noqa: E402
@@ -124,10 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("prompts", type=Path, help="a file written by python -m runtime.evaluation --prompts")
     parser.add_argument("--model", type=Path, action="append", default=None,
                         help="checkpoint directory (repeatable; default: the shipped demo model)")
-    parser.add_argument("--found-prefix", default="", metavar="TEXT",
-                        help="what the checkpoints' answers from a search open with (training's --found-prefix)")
-    parser.add_argument("--refusal", default=AnswerForms.refusal, metavar="TEXT",
-                        help="the checkpoints' answer when a search finds nothing (training's --refusal)")
+    add_answer_arguments(parser)
     parser.add_argument("--swap-name", default=None, metavar="NAME",
                         help="also measure each question about a person with the name replaced by NAME")
     parser.add_argument("--each", action="store_true",
@@ -135,10 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.swap_name is not None and not re.fullmatch(r"[A-Z][a-z]+", args.swap_name):
         parser.error("--swap-name: one capitalised word of letters, such as Alice")
-    try:
-        answers = AnswerForms(args.found_prefix, args.refusal)
-    except ValueError as exc:
-        parser.error(str(exc))
+    answers = answer_forms(parser, args)
     checkpoints = args.model or [ROOT / "model_worker" / "demo_model"]
     for checkpoint in checkpoints:
         if not (checkpoint / "config.json").is_file():
